@@ -1,0 +1,36 @@
+# Every target creates the virtual environment on first use, so a fresh clone needs only
+# Python 3.11, pip and a C compiler.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A project-local Warp kernel cache keeps compiled kernels between runs (cold compile: seconds).
+export WARP_CACHE_PATH ?= $(CURDIR)/.cache/warp
+export MPLBACKEND ?= Agg
+export PYVISTA_OFF_SCREEN ?= true
+
+.PHONY: all demo test bench clean venv
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: the plain requirement would otherwise fetch a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diffworld optimize scenes/reconstruct_genus2.yaml --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/marching_cubes.py
+
+clean:
+	rm -rf build runs .cache .pytest_cache

@@ -1,0 +1,156 @@
+"""The torch <-> Warp bridge (ARCHITECTURE contract 2).
+
+Public API speaks torch; Warp arrays live only inside ops. Tensors are wrapped zero-copy with
+``wp.from_torch``. A differentiable op is one ``torch.autograd.Function`` whose forward launches
+kernels and whose backward launches their adjoints; the op owns its gradient buffers (Warp never
+accumulates into a torch leaf's ``.grad``).
+
+Two ways to write the backward are supported:
+
+* hand-written adjoint kernels (fast; used by marching cubes), launched with :func:`launch`;
+* :class:`TapeFunction`: record the forward on a ``wp.Tape`` and replay it backwards. The tape
+  re-reads the *current* contents of recorded arrays, so a forward must never overwrite an array
+  a recorded kernel read (contract 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from diffworld.engine.runtime import init_warp, warp_device
+
+__all__ = [
+    "TapeFunction",
+    "check_tensor",
+    "launch",
+    "scalar_type",
+    "tape_apply",
+    "to_warp",
+    "vec3_type",
+]
+
+
+def scalar_type(dtype: torch.dtype):
+    """Warp scalar type for a torch float dtype."""
+    wp = init_warp()
+    if dtype == torch.float32:
+        return wp.float32
+    if dtype == torch.float64:
+        return wp.float64
+    raise TypeError(f"expected a float32 or float64 tensor, got dtype {dtype}")
+
+
+def vec3_type(dtype: torch.dtype):
+    """Warp 3-vector type for a torch float dtype."""
+    wp = init_warp()
+    return wp.vec3d if dtype == torch.float64 else wp.vec3f
+
+
+def to_warp(t: torch.Tensor, dtype: Any = None, requires_grad: bool = False):
+    """Wrap a contiguous torch tensor as a Warp array without copying.
+
+    Args:
+        t: Tensor; made contiguous first if it is not (that copy is then what is wrapped).
+        dtype: Warp dtype to view it as (e.g. ``wp.vec3f`` for an (N, 3) float tensor).
+        requires_grad: Whether Warp should allocate an adjoint for it (tape ops only).
+
+    Returns:
+        A ``wp.array`` that shares memory with ``t``.
+    """
+    wp = init_warp()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return wp.from_torch(t, dtype=dtype, requires_grad=requires_grad)
+
+
+def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torch.device | str,
+           outputs: Sequence[Any] = (), adjoint: bool = False, adj_inputs=None, adj_outputs=None) -> None:
+    """Launch a Warp kernel on the torch device ``device``; a zero-size launch is skipped."""
+    wp = init_warp()
+    if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
+        return
+    kwargs = {}
+    if adjoint:
+        kwargs = dict(adjoint=True, adj_inputs=list(adj_inputs or []), adj_outputs=list(adj_outputs or []))
+    wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device), **kwargs)
+
+
+def check_tensor(name: str, t: Any, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
+                 floating: bool = True, finite: bool = True) -> torch.Tensor:
+    """Validate a user tensor at the Python boundary, with a message naming the argument.
+
+    Args:
+        name: Argument name used in the error message.
+        t: The value to check.
+        ndim: Required number of dimensions.
+        shape: Required shape; ``None`` entries match any size.
+        floating: Require float32 or float64.
+        finite: Reject NaN and Inf.
+
+    Returns:
+        ``t`` unchanged.
+
+    Raises:
+        TypeError: Not a tensor, or wrong dtype.
+        ValueError: Wrong shape or non-finite values.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"Expected '{name}' to be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"Expected '{name}' of dtype float32 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"Expected '{name}' with {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"Expected '{name}' of shape {want}, got {tuple(t.shape)}")
+    if finite and floating and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"'{name}' contains {bad} non-finite value(s) (NaN or Inf)")
+    return t
+
+
+class TapeFunction(torch.autograd.Function):
+    """Generic differentiable op around a Warp tape.
+
+    ``forward_fn(wp_inputs) -> list of wp output arrays`` launches kernels on Warp arrays wrapped
+    around *copies* of the inputs (so the tape's re-reads see the values of this call even if the
+    caller mutates its tensors later). Backward seeds the output adjoints with the incoming
+    gradients, replays the tape and clones the input adjoints out; the tape is then released.
+
+    Use through :func:`tape_apply`.
+    """
+
+    @staticmethod
+    def forward(ctx, forward_fn: Callable, n_inputs: int, *tensors: torch.Tensor):
+        wp = init_warp()
+        inputs = [t.detach().clone().contiguous() for t in tensors[:n_inputs]]
+        wp_inputs = [wp.from_torch(t, requires_grad=True) for t in inputs]
+        tape = wp.Tape()
+        with tape:
+            wp_outputs = forward_fn(wp_inputs)
+        ctx.tape, ctx.wp_inputs, ctx.wp_outputs = tape, wp_inputs, wp_outputs
+        # Outputs are cloned out so later writes by the caller cannot corrupt the tape.
+        return tuple(wp.to_torch(o).clone() for o in wp_outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wp = init_warp()
+        tape = ctx.tape
+        for out, g in zip(ctx.wp_outputs, grads):
+            if g is not None:
+                wp.to_torch(out.grad).copy_(g.reshape(wp.to_torch(out.grad).shape))
+        tape.backward()
+        in_grads = tuple(wp.to_torch(a.grad).clone() for a in ctx.wp_inputs)
+        tape.reset()
+        ctx.tape = ctx.wp_inputs = ctx.wp_outputs = None
+        return (None, None) + in_grads
+
+
+def tape_apply(forward_fn: Callable, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run ``forward_fn`` on Warp views of ``tensors`` under a tape; differentiable in torch."""
+    return TapeFunction.apply(forward_fn, len(tensors), *tensors)
+
+

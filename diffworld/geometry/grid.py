@@ -1,0 +1,81 @@
+"""Regular node grids over an axis-aligned box.
+
+A grid of resolution (nx, ny, nz) has (nx+1, ny+1, nz+1) nodes; node (i, j, k) sits at
+``lower + (i, j, k) * spacing`` and node (nx, ny, nz) at ``upper``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["Grid", "check_bounds"]
+
+Bounds = tuple[Sequence[float], Sequence[float]]
+
+
+def check_bounds(bounds, name: str = "bounds") -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Validate ``((x0, y0, z0), (x1, y1, z1))`` with lower < upper on every axis.
+
+    Raises:
+        ValueError: With the argument name, what was expected and what was given.
+    """
+    try:
+        lower, upper = bounds
+        lower = tuple(float(x) for x in lower)
+        upper = tuple(float(x) for x in upper)
+    except (TypeError, ValueError):
+        raise ValueError(f"Expected '{name}' as ((x0, y0, z0), (x1, y1, z1)), got {bounds!r}") from None
+    if len(lower) != 3 or len(upper) != 3:
+        raise ValueError(f"Expected '{name}' as ((x0, y0, z0), (x1, y1, z1)), got {bounds!r}")
+    for a in range(3):
+        if not lower[a] < upper[a]:
+            raise ValueError(f"'{name}': lower must be < upper on every axis, got lower={lower}, upper={upper}")
+    return lower, upper
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A node grid.
+
+    Attributes:
+        resolution: Cells per axis (nx, ny, nz), each >= 1.
+        lower: Box corner of node (0, 0, 0) [m].
+        upper: Box corner of node (nx, ny, nz) [m].
+    """
+
+    resolution: tuple[int, int, int]
+    lower: tuple[float, float, float]
+    upper: tuple[float, float, float]
+
+    @staticmethod
+    def make(resolution: int | Sequence[int], bounds: Bounds = ((-0.5,) * 3, (0.5,) * 3)) -> "Grid":
+        """Build a grid from a resolution (int or 3 ints) and bounds, validating both."""
+        res = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
+        if len(res) != 3 or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in res):
+            raise ValueError(f"Expected 'resolution' as a positive int or 3 positive ints, got {resolution!r}")
+        lower, upper = check_bounds(bounds)
+        return Grid(res, lower, upper)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Node-array shape (nx+1, ny+1, nz+1)."""
+        return tuple(r + 1 for r in self.resolution)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Cell size per axis [m]."""
+        return tuple((u - l) / r for l, u, r in zip(self.lower, self.upper, self.resolution))
+
+    def nodes(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Node positions [m], shape (nx+1, ny+1, nz+1, 3)."""
+        axes = [torch.linspace(l, u, r + 1, dtype=torch.float64) for l, u, r in zip(self.lower, self.upper, self.resolution)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).to(device=device, dtype=dtype)
+
+    @staticmethod
+    def from_values(values: torch.Tensor, bounds: Bounds) -> "Grid":
+        """The grid that a node-value tensor of shape (nx+1, ny+1, nz+1) spans over ``bounds``."""
+        lower, upper = check_bounds(bounds)
+        return Grid(tuple(int(n) - 1 for n in values.shape), lower, upper)
