@@ -133,13 +133,32 @@ def case_loops(case: int) -> tuple[tuple[int, ...], ...]:
     return tuple(loops)
 
 
+def _edge_faces() -> list[set[int]]:
+    """The two cube faces each edge lies on."""
+    out = []
+    for a, b in EDGE_CORNERS:
+        out.append({f for f, (_, corners) in enumerate(_FACES) if int(a) in corners and int(b) in corners})
+    return out
+
+
+_EDGE_FACES = _edge_faces()
+
+
 def _triangulate(loop: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Minimum total diagonal length triangulation of a loop (keeps loop orientation)."""
+    """Minimum total diagonal length triangulation of a loop (keeps loop orientation).
+
+    A diagonal between two edges on a common cube face is forbidden: the neighbouring cube
+    could pick the same one and the mesh edge would then have four triangles.
+    """
     n = len(loop)
     if n == 3:
         return [tuple(loop)]
     pts = _MID[list(loop)]
     dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    for a in range(n):
+        for b in range(n):
+            if abs(a - b) not in (1, n - 1) and _EDGE_FACES[loop[a]] & _EDGE_FACES[loop[b]]:
+                dist[a, b] = np.inf
     cost = np.zeros((n, n))
     split = np.zeros((n, n), dtype=np.int64)
     for gap in range(2, n):
@@ -151,6 +170,8 @@ def _triangulate(loop: tuple[int, ...]) -> list[tuple[int, int, int]]:
                 if c < best - 1e-12:
                     best, arg = c, k
             cost[i, j], split[i, j] = best, arg
+    if not np.isfinite(cost[0, n - 1]):
+        raise AssertionError(f"loop {loop} has no triangulation without same-face diagonals")
     tris: list[tuple[int, int, int]] = []
 
     def emit(i: int, j: int) -> None:
