@@ -79,3 +79,34 @@ class Grid:
         """The grid that a node-value tensor of shape (nx+1, ny+1, nz+1) spans over ``bounds``."""
         lower, upper = check_bounds(bounds)
         return Grid(tuple(int(n) - 1 for n in values.shape), lower, upper)
+
+
+def trilinear(values: torch.Tensor, bounds: Bounds, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of node values at points; differentiable in both.
+
+    Args:
+        values: Node values, shape (nx+1, ny+1, nz+1).
+        bounds: Box of the grid [m].
+        points: Query points [m], shape (N, 3); points outside are clamped to the border.
+
+    Returns:
+        Values at the points, shape (N,).
+    """
+    lower = torch.tensor(bounds[0], dtype=points.dtype, device=points.device)
+    upper = torch.tensor(bounds[1], dtype=points.dtype, device=points.device)
+    u = (points - lower) / (upper - lower) * 2.0 - 1.0
+    # grid_sample reads (x, y, z) as (W, H, D); our axes are (D, H, W) = (x, y, z).
+    coords = u.flip(-1).reshape(1, -1, 1, 1, 3).to(values.dtype)
+    out = torch.nn.functional.grid_sample(values[None, None], coords, mode="bilinear", padding_mode="border",
+                                          align_corners=True)
+    return out.reshape(-1)
+
+
+def trilinear_gradient(values: torch.Tensor, bounds: Bounds, points: torch.Tensor, step: float) -> torch.Tensor:
+    """Central-difference gradient of the trilinear interpolant, shape (N, 3); differentiable."""
+    offsets = torch.eye(3, dtype=points.dtype, device=points.device) * step
+    cols = [(trilinear(values, bounds, points + d) - trilinear(values, bounds, points - d)) / (2 * step) for d in offsets]
+    return torch.stack(cols, dim=-1)
+
+
+__all__ += ["trilinear", "trilinear_gradient"]

@@ -1,0 +1,152 @@
+"""The ``diffworld`` command line.
+
+Exit codes: 0 success, 1 a run failed (e.g. non-finite values; the last good checkpoint is kept),
+2 bad input (scene file, arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="diffworld: differentiable geometry and simulation. Scenes are YAML files.")
+
+__all__ = ["app", "main"]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(scene_path: Path, overrides: dict):
+    from diffworld.engine.scene import SceneError, load_scene
+
+    try:
+        return load_scene(scene_path, overrides)
+    except SceneError as exc:
+        _fail(str(exc))
+
+
+def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], iterations: Optional[int],
+             resume: bool, optimize: bool, progress: bool) -> None:
+    import yaml
+
+    from diffworld.engine.runtime import get_runtime
+    from diffworld.engine.scene import TASKS
+
+    overrides = {}
+    if iterations is not None:
+        overrides["optimizer.iterations"] = iterations
+    if device is not None:
+        overrides["runtime.device"] = device
+    scene = _load(scene_path, overrides)
+    try:
+        runtime = get_runtime(scene.runtime.device, scene.runtime.dtype)
+    except ValueError as exc:
+        _fail(f"{scene_path}: runtime.{exc}")
+    out_dir = out or Path("runs") / scene.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scene.yaml").write_text(yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False))
+    from diffworld.engine.driver import NonFiniteError
+
+    try:
+        metrics = TASKS.builder(scene.task.type)(scene, runtime, out_dir, resume=resume, progress=progress,
+                                                 optimize=optimize)
+    except NonFiniteError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"outputs in {out_dir}")
+
+
+@app.command()
+def optimize(scene: Path = typer.Argument(..., help="Scene YAML file."),
+             iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="Override optimizer.iterations."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<name>)."),
+             device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N."),
+             resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
+             progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
+    """Optimize a scene: progress, log, loss curve, metrics, renders and checkpoints in --out."""
+    if iterations is not None and iterations < 0:
+        _fail(f"--iterations: expected a number >= 0, got {iterations}")
+    _execute(scene, out, device, iterations, resume, True, progress)
+
+
+@app.command()
+def run(scene: Path = typer.Argument(..., help="Scene YAML file."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N.")) -> None:
+    """Build the scene and evaluate it as written (no optimization): metrics and renders."""
+    _execute(scene, out, device, None, False, False, False)
+
+
+@app.command()
+def validate(scene: Path = typer.Argument(..., help="Scene YAML file.")) -> None:
+    """Check a scene file; print the errors (file, key path, expected) or 'ok'."""
+    s = _load(scene, {})
+    typer.echo(f"{scene}: ok (task: {s.task.type})")
+
+
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout.")) -> None:
+    """Print the JSON Schema of the scene format."""
+    from diffworld.engine.scene import scene_json_schema
+
+    text = json.dumps(scene_json_schema(), indent=2)
+    if out:
+        out.write_text(text + "\n")
+    else:
+        typer.echo(text)
+
+
+@app.command()
+def render(mesh: Path = typer.Argument(..., help="Mesh file (obj/ply/stl/off/glb)."),
+           out: Path = typer.Option(Path("render.png"), "--out", "-o", help="PNG, or GIF/MP4 for a turntable."),
+           target: Optional[Path] = typer.Option(None, "--target", help="A second mesh drawn beside it.")) -> None:
+    """Render a mesh off-screen (beside a target, or as a turntable for .gif/.mp4)."""
+    from diffworld.engine import io, render as rd
+
+    try:
+        m = io.load_mesh(mesh)
+        if out.suffix in (".gif", ".mp4"):
+            path = rd.render_turntable(out, m.vertices, m.faces)
+        elif target is not None:
+            t = io.load_mesh(target)
+            path = rd.render_side_by_side(out, (m.vertices, m.faces), (t.vertices, t.faces))
+        else:
+            path = rd.render_mesh(out, m.vertices, m.faces)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def info() -> None:
+    """Print versions, devices and the kernel cache."""
+    import platform
+
+    import torch
+
+    from diffworld import __version__
+    from diffworld.engine.runtime import init_warp, resolve_device
+
+    wp = init_warp()
+    typer.echo(f"diffworld {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+               f"warp {wp.__version__}")
+    typer.echo(f"devices: {[str(d) for d in wp.get_devices()]}  auto -> {resolve_device('auto')}")
+    typer.echo(f"warp kernel cache: {wp.config.kernel_cache_dir}")
+    typer.echo(f"torch threads: {torch.get_num_threads()}  cuda (torch): {torch.cuda.is_available()}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

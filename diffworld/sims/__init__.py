@@ -1,0 +1,3 @@
+"""Differentiable simulators (roadmap: mpm/, fem/, tactile/, nclaw/). Empty until the MPM issue."""
+
+__all__: list[str] = []

@@ -1,0 +1,142 @@
+"""Every shipped scene validates, runs at a reduced size, and its loss decreases; scene errors."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffworld.engine.cli import app
+from diffworld.engine.scene import SceneError, load_scene, scene_json_schema
+
+SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("*.yaml"))
+runner = CliRunner()
+
+
+def reduced(scene_path: Path) -> dict:
+    scene = load_scene(scene_path)
+    over = {"optimizer.iterations": 12, "task.samples": 3000, "task.evaluation.n_points": 20000,
+            "output.render": False}
+    task = load_scene(scene_path).task
+    if task.representation.type == "grid":
+        over["task.representation.resolutions"] = [12, 20]
+    else:
+        over["task.representation.resolution"] = 20
+        over["optimizer.iterations"] = 25
+    if task.target.type != "points":
+        over["task.target.n_points"] = 10000
+    return over
+
+
+@pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
+def test_scene_validates(path):
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
+def test_scene_runs_reduced_and_loss_decreases(path, tmp_path):
+    from diffworld.engine.runtime import get_runtime
+    from diffworld.engine.scene import TASKS
+
+    scene = load_scene(path, reduced(path))
+    metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
+                                             progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    last_stage = rows[-1]["stage"]
+    losses = [float(r["loss"]) for r in rows if r["stage"] == last_stage]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "loss.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["result"]["faces"] > 0
+    assert metrics["result"]["watertight"]
+
+
+def test_cli_optimize_writes_outputs_and_resumes(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_genus2.yaml"
+    scene_file = tmp_path / "s.yaml"
+    text = path.read_text().replace("resolutions: [16, 32, 64]", "resolutions: [8, 12]").replace(
+        "n_points: 200000", "n_points: 5000")
+    scene_file.write_text(text)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["optimize", str(scene_file), "-n", "4", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for name in ("scene.yaml", "log.csv", "loss.png", "metrics.json", "result.ply", "render.png",
+                 "checkpoints/grid8.pt", "checkpoints/grid12.pt"):
+        assert (out / name).is_file(), name
+    first = json.loads((out / "metrics.json").read_text())["result"]
+    # Resuming finished stages reproduces the result without optimizing again.
+    result = runner.invoke(app, ["optimize", str(scene_file), "-n", "4", "--out", str(out), "--no-progress",
+                                 "--resume"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "metrics.json").read_text())["result"]
+    assert again["chamfer_l1"] == pytest.approx(first["chamfer_l1"])
+
+
+BASE = """version: 1
+task:
+  type: reconstruction
+  target: {type: shape, shape: sphere}
+  representation: {type: grid, resolutions: [8]}
+"""
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (BASE + "bogus: 1\n", "bogus: unknown key"),
+        (BASE + "optimizer: {lr: fast}\n", "optimizer.lr"),
+        (BASE + "optimizer: {iterations: -3}\n", "optimizer.iterations"),
+        (BASE.replace("resolutions: [8]", "resolutions: [8, 4]"), "task.representation.resolutions"),
+        (BASE.replace("shape: sphere", "shape: teapot"), "task.target.shape"),
+        (BASE.replace("type: grid", "type: voxels"), "task.representation"),
+        (BASE.replace("version: 1", "version: 7"), "version"),
+        (BASE.replace("target: {type: shape, shape: sphere}", "target: {type: mesh, path: missing.obj}"),
+         "task.target.path"),
+        ("version: 1\ntask: [1, 2\n", "invalid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_scene_errors_name_file_and_key(tmp_path, text, expected):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(SceneError) as info:
+        load_scene(f)
+    assert str(f) in str(info.value) and expected in str(info.value)
+    result = runner.invoke(app, ["validate", str(f)])
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_exponent_numbers_are_floats(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(BASE + "optimizer: {lr: 1e-3, schedule_gamma: 5E-2}\n")
+    s = load_scene(f)
+    assert s.optimizer.lr == pytest.approx(1e-3) and isinstance(s.optimizer.lr, float)
+    assert s.optimizer.schedule_gamma == pytest.approx(0.05)
+
+
+def test_relative_paths_resolve_against_scene_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    f = tmp_path / "sub" / "s.yaml"
+    f.write_text(BASE.replace("target: {type: shape, shape: sphere}", "target: {type: mesh, path: m.obj}"))
+    assert load_scene(f).task.target.path == str(tmp_path / "sub" / "m.obj")
+
+
+def test_missing_scene_file_exit_code(tmp_path):
+    result = runner.invoke(app, ["optimize", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_schema_lists_tasks():
+    schema = scene_json_schema()
+    assert "task" in schema["properties"]
+    assert "reconstruction" in json.dumps(schema)
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0 and json.loads(result.output)["title"] == "Scene"
+
+
+def test_help_everywhere():
+    for cmd in ([], ["optimize"], ["run"], ["validate"], ["schema"], ["render"], ["info"]):
+        result = runner.invoke(app, cmd + ["--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
