@@ -1,0 +1,298 @@
+"""Surface reconstruction metrics and a differentiable Chamfer loss, on KD-trees.
+
+Nearest neighbours come from ``scipy.spatial.cKDTree`` (queries on all cores, ``workers=-1``);
+a full metric set on 200k vs 200k points takes well under 2 s on two cores.
+
+Definitions (``P`` predicted points, ``G`` ground truth, ``d(x, S)`` the Euclidean distance from
+``x`` to its nearest neighbour in ``S``):
+
+* ``chamfer_l1 = (mean_{p in P} d(p, G) + mean_{g in G} d(g, P)) / 2`` [m],
+* ``chamfer_l2``: the same with squared distances [m^2],
+* ``precision = share of P with d(p, G) < threshold``, ``recall = share of G with d(g, P) <
+  threshold``, ``fscore`` their harmonic mean (0 when both are 0),
+* ``normal_consistency = (mean_P |n_p . n_nn(p)| + mean_G |n_g . n_nn(g)|) / 2`` (normals
+  normalized first; orientation-insensitive),
+* ``normals_off_5deg``: the same two-direction average of the share of points whose normal is
+  more than 5 degrees off the nearest neighbour's (orientation-insensitive),
+* ``hausdorff = max(max_P d(p, G), max_G d(g, P))`` [m].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from diffworld.engine.bridge import check_tensor
+from diffworld.geometry.sampling import sample_surface
+
+__all__ = [
+    "ChamferLoss",
+    "SurfaceMetrics",
+    "chamfer_loss",
+    "mesh_metrics",
+    "mesh_to_points_metrics",
+    "point_metrics",
+]
+
+_COS_5DEG = math.cos(math.radians(5.0))
+
+
+class SurfaceMetrics(NamedTuple):
+    """Distances between two sampled surfaces (see the module docstring for definitions).
+
+    With an empty side the distances are ``inf``, precision/recall/fscore 0 and the normal
+    metrics NaN; without normals the normal metrics are NaN.
+
+    Attributes:
+        chamfer_l1: [m].
+        chamfer_l2: [m^2].
+        precision: In [0, 1].
+        recall: In [0, 1].
+        fscore: In [0, 1].
+        normal_consistency: In [0, 1]; 1 is perfect.
+        normals_off_5deg: In [0, 1]; 0 is perfect.
+        hausdorff: [m].
+        threshold: The F-score distance threshold [m].
+    """
+
+    chamfer_l1: float
+    chamfer_l2: float
+    precision: float
+    recall: float
+    fscore: float
+    normal_consistency: float
+    normals_off_5deg: float
+    hausdorff: float
+    threshold: float
+
+    def as_dict(self) -> dict[str, float | None]:
+        """Plain floats for JSON; NaN and inf (not valid JSON) become ``None``."""
+        return {k: (float(v) if math.isfinite(v) else None) for k, v in self._asdict().items()}
+
+
+class ChamferLoss(NamedTuple):
+    """Terms of :func:`chamfer_loss`, each a 0-d tensor attached to the graph.
+
+    Attributes:
+        total: ``pred_to_target + target_to_pred + normal_weight * normal``.
+        pred_to_target: Mean squared distance from each predicted point to its nearest target [m^2].
+        target_to_pred: Mean squared distance from each target point to its nearest prediction [m^2].
+        normal: Mean of ``1 - |n_pred . n_target|`` over the matched pairs of both directions
+            (averaged like the distances); 0 when normals are not supplied.
+    """
+
+    total: torch.Tensor
+    pred_to_target: torch.Tensor
+    target_to_pred: torch.Tensor
+    normal: torch.Tensor
+
+
+def _check_threshold(threshold) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected 'threshold' to be a number, got {type(threshold).__name__}") from None
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"Expected 'threshold' to be a finite number > 0, got {threshold!r}")
+    return t
+
+
+def _as_numpy(name: str, t, n: int | None = None) -> np.ndarray:
+    check_tensor(name, t, shape=(n, 3))
+    return t.detach().cpu().numpy().astype(np.float64, copy=False)
+
+
+def _unit(n: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(n, axis=1, keepdims=True)
+    return n / np.where(norm > 0, norm, 1.0)
+
+
+def _nearest(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance from each ``src`` point to its nearest ``dst`` point, and that point's index.
+
+    The tree uses sliding-midpoint splits (``balanced_tree=False``, about twice as fast to build
+    as median splits) and 32-point leaves (about 25% faster queries than the default 16 when the
+    two sets are offset by more than their spacing, the usual case for metrics).
+    """
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(dst, leafsize=32, balanced_tree=False).query(src, k=1, workers=-1)
+    return d, i
+
+
+def point_metrics(pred_points: torch.Tensor, pred_normals: torch.Tensor | None, gt_points: torch.Tensor,
+                  gt_normals: torch.Tensor | None, threshold: float = 0.01) -> SurfaceMetrics:
+    """Metrics between two point sets (e.g. surface samples).
+
+    Args:
+        pred_points: [m], shape (N, 3).
+        pred_normals: Shape (N, 3) or ``None``; need not be unit or oriented.
+        gt_points: [m], shape (M, 3).
+        gt_normals: Shape (M, 3) or ``None``.
+        threshold: F-score distance threshold [m], > 0.
+
+    Returns:
+        :class:`SurfaceMetrics`; the normal metrics are NaN unless both normal sets are given.
+
+    Raises:
+        TypeError, ValueError: Bad tensors (naming the argument) or threshold.
+    """
+    threshold = _check_threshold(threshold)
+    p = _as_numpy("pred_points", pred_points)
+    g = _as_numpy("gt_points", gt_points)
+    pn = None if pred_normals is None else _as_numpy("pred_normals", pred_normals, p.shape[0])
+    gn = None if gt_normals is None else _as_numpy("gt_normals", gt_normals, g.shape[0])
+    nan = float("nan")
+    if p.shape[0] == 0 or g.shape[0] == 0:
+        inf = float("inf")
+        return SurfaceMetrics(inf, inf, 0.0, 0.0, 0.0, nan, nan, inf, threshold)
+
+    d_pg, i_pg = _nearest(p, g)
+    d_gp, i_gp = _nearest(g, p)
+    chamfer_l1 = 0.5 * (float(d_pg.mean()) + float(d_gp.mean()))
+    chamfer_l2 = 0.5 * (float(np.square(d_pg).mean()) + float(np.square(d_gp).mean()))
+    precision = float((d_pg < threshold).mean())
+    recall = float((d_gp < threshold).mean())
+    fscore = 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    hausdorff = max(float(d_pg.max()), float(d_gp.max()))
+
+    nc = off = nan
+    if pn is not None and gn is not None:
+        pn, gn = _unit(pn), _unit(gn)
+        cos_pg = np.abs(np.einsum("ij,ij->i", pn, gn[i_pg]))
+        cos_gp = np.abs(np.einsum("ij,ij->i", gn, pn[i_gp]))
+        nc = 0.5 * (float(cos_pg.mean()) + float(cos_gp.mean()))
+        off = 0.5 * (float((cos_pg < _COS_5DEG).mean()) + float((cos_gp < _COS_5DEG).mean()))
+    return SurfaceMetrics(chamfer_l1, chamfer_l2, precision, recall, fscore, nc, off, hausdorff, threshold)
+
+
+def _samples(vertices: torch.Tensor, faces: torch.Tensor, n: int, gen: torch.Generator, vname: str, fname: str):
+    from diffworld.geometry.mesh_ops import check_mesh
+
+    vertices, faces = check_mesh(vertices, faces, vertices_name=vname, faces_name=fname)
+    with torch.no_grad():
+        s = sample_surface(vertices.detach().cpu(), faces.cpu(), n, generator=gen)
+    return s.points, s.normals
+
+
+def _check_n_points(n_points) -> int:
+    if isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer)):
+        raise TypeError(f"Expected 'n_points' to be an int, got {type(n_points).__name__}")
+    if n_points < 1:
+        raise ValueError(f"Expected 'n_points' >= 1, got {n_points}")
+    return int(n_points)
+
+
+def mesh_metrics(pred_vertices: torch.Tensor, pred_faces: torch.Tensor, gt_vertices: torch.Tensor,
+                 gt_faces: torch.Tensor, n_points: int = 200_000, threshold: float = 0.01,
+                 seed: int = 0) -> SurfaceMetrics:
+    """Metrics between two meshes, each sampled uniformly by area with face normals.
+
+    Args:
+        pred_vertices: [m], shape (V, 3).
+        pred_faces: Integer indices, shape (F, 3).
+        gt_vertices: [m], shape (V', 3).
+        gt_faces: Integer indices, shape (F', 3).
+        n_points: Samples per mesh, >= 1.
+        threshold: F-score distance threshold [m], > 0.
+        seed: Seed of the (CPU) sampling generator; same inputs and seed give the same numbers.
+
+    Returns:
+        :class:`SurfaceMetrics`.
+    """
+    n_points = _check_n_points(n_points)
+    threshold = _check_threshold(threshold)
+    gen = torch.Generator().manual_seed(int(seed))
+    pp, pn = _samples(pred_vertices, pred_faces, n_points, gen, "pred_vertices", "pred_faces")
+    gp, gn = _samples(gt_vertices, gt_faces, n_points, gen, "gt_vertices", "gt_faces")
+    return point_metrics(pp, pn, gp, gn, threshold)
+
+
+def mesh_to_points_metrics(pred_vertices: torch.Tensor, pred_faces: torch.Tensor, gt_points: torch.Tensor,
+                           gt_normals: torch.Tensor | None = None, n_points: int = 200_000,
+                           threshold: float = 0.01, seed: int = 0) -> SurfaceMetrics:
+    """Metrics between a mesh (sampled uniformly by area) and a ground-truth point cloud.
+
+    Args:
+        pred_vertices: [m], shape (V, 3).
+        pred_faces: Integer indices, shape (F, 3).
+        gt_points: [m], shape (M, 3), used as given.
+        gt_normals: Shape (M, 3) or ``None`` (then the normal metrics are NaN).
+        n_points: Samples on the mesh, >= 1.
+        threshold: F-score distance threshold [m], > 0.
+        seed: Seed of the sampling generator.
+
+    Returns:
+        :class:`SurfaceMetrics`.
+    """
+    n_points = _check_n_points(n_points)
+    threshold = _check_threshold(threshold)
+    gen = torch.Generator().manual_seed(int(seed))
+    pp, pn = _samples(pred_vertices, pred_faces, n_points, gen, "pred_vertices", "pred_faces")
+    return point_metrics(pp, pn, gt_points, gt_normals, threshold)
+
+
+def chamfer_loss(pred_points: torch.Tensor, target_points: torch.Tensor, target_normals: torch.Tensor | None = None,
+                 pred_normals: torch.Tensor | None = None, normal_weight: float = 1.0) -> ChamferLoss:
+    """Differentiable symmetric squared Chamfer distance (plus an optional normal term).
+
+    Nearest neighbours are found on detached copies with KD-trees (both directions); the matched
+    distances are then recomputed in torch, so gradients flow to ``pred_points`` (and to
+    ``target_points`` / the normals if they require grad). The assignment itself is piecewise
+    constant and not differentiated, which is exact wherever it does not change.
+
+    Args:
+        pred_points: [m], shape (N, 3), N >= 1; differentiable.
+        target_points: [m], shape (M, 3), M >= 1; same dtype and device.
+        target_normals: Shape (M, 3) or ``None``.
+        pred_normals: Shape (N, 3) or ``None``; with ``target_normals`` it enables the normal term.
+            Both are normalized inside (safely), so unnormalized normals are fine.
+        normal_weight: Weight of the normal term in ``total``.
+
+    Returns:
+        :class:`ChamferLoss`.
+
+    Raises:
+        TypeError, ValueError: Bad tensors, empty point sets, mismatched dtype/device, or
+            ``pred_normals`` without ``target_normals``.
+    """
+    from diffworld.geometry.mesh_ops import _safe_normalize
+
+    check_tensor("pred_points", pred_points, shape=(None, 3))
+    check_tensor("target_points", target_points, shape=(None, 3))
+    for name, t in (("pred_points", pred_points), ("target_points", target_points)):
+        if t.shape[0] == 0:
+            raise ValueError(f"Expected '{name}' with at least one point, got shape {tuple(t.shape)}")
+    if target_points.dtype != pred_points.dtype or target_points.device != pred_points.device:
+        raise ValueError(f"Expected 'target_points' with the dtype/device of 'pred_points' "
+                         f"({pred_points.dtype}, {pred_points.device}), got ({target_points.dtype}, "
+                         f"{target_points.device})")
+    if pred_normals is not None:
+        check_tensor("pred_normals", pred_normals, shape=(pred_points.shape[0], 3))
+        if target_normals is None:
+            raise ValueError("'pred_normals' was given without 'target_normals'; the normal term needs both")
+    if target_normals is not None:
+        check_tensor("target_normals", target_normals, shape=(target_points.shape[0], 3))
+    normal_weight = float(normal_weight)
+
+    p = pred_points.detach().cpu().numpy()
+    g = target_points.detach().cpu().numpy()
+    _, i_pg = _nearest(p, g)
+    _, i_gp = _nearest(g, p)
+    i_pg = torch.from_numpy(i_pg.astype(np.int64)).to(pred_points.device)
+    i_gp = torch.from_numpy(i_gp.astype(np.int64)).to(pred_points.device)
+
+    pred_to_target = (pred_points - target_points[i_pg]).square().sum(-1).mean()
+    target_to_pred = (target_points - pred_points[i_gp]).square().sum(-1).mean()
+    if pred_normals is not None and target_normals is not None:
+        pn, tn = _safe_normalize(pred_normals), _safe_normalize(target_normals)
+        cos_pg = (pn * tn[i_pg]).sum(-1).abs()
+        cos_gp = (tn * pn[i_gp]).sum(-1).abs()
+        normal = 0.5 * ((1.0 - cos_pg).mean() + (1.0 - cos_gp).mean())
+    else:
+        normal = pred_to_target.new_zeros(())
+    total = pred_to_target + target_to_pred + normal_weight * normal
+    return ChamferLoss(total, pred_to_target, target_to_pred, normal)
