@@ -1,5 +1,6 @@
 """Engine layer: runtime, torch<->Warp bridge, optimization driver, scenes, I/O, rendering, CLI."""
 
+from diffworld.engine.driver import NonFiniteError, OptimizeResult, OptimizerSettings, optimize
 from diffworld.engine.runtime import (
     Runtime,
     get_runtime,
@@ -11,6 +12,10 @@ from diffworld.engine.runtime import (
 )
 
 __all__ = [
+    "NonFiniteError",
+    "OptimizeResult",
+    "OptimizerSettings",
+    "optimize",
     "Runtime",
     "get_runtime",
     "init_warp",

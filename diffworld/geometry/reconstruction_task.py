@@ -11,7 +11,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
@@ -97,17 +97,7 @@ class GridRepresentationConfig(StrictModel):
     type: Literal["grid"]
     resolutions: list[PositiveInt] = Field([16, 32, 64], min_length=1, description="Cells per axis per stage.")
     init_radius: float = Field(0.35, gt=0, description="Radius of the initial sphere [m].")
-    lr_scale: Optional[list[float]] = Field(None, description="Learning-rate factor per stage (default all 1).")
-
-    @model_validator(mode="after")
-    def _lr_scale_length(self):
-        if self.lr_scale is not None:
-            if len(self.lr_scale) != len(self.resolutions):
-                raise ValueError(f"lr_scale needs one factor per resolution ({len(self.resolutions)}), "
-                                 f"got {len(self.lr_scale)}")
-            if any(f <= 0 for f in self.lr_scale):
-                raise ValueError(f"lr_scale factors must be > 0, got {self.lr_scale}")
-        return self
+    final_lr_scale: float = Field(1.0, gt=0, description="Learning-rate factor of the finest stage.")
 
     @field_validator("resolutions")
     @classmethod
@@ -319,7 +309,7 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         # Grid learning rates are in cells per step, so every resolution moves alike.
         lr = base_settings["lr"]
         if rep_cfg.type == "grid":
-            lr *= rep.cell * (rep_cfg.lr_scale[i] if rep_cfg.lr_scale else 1.0)
+            lr *= rep.cell * (rep_cfg.final_lr_scale if i == len(stages) - 1 else 1.0)
         settings = OptimizerSettings(**{**base_settings, "lr": lr, "seed": scene.seed})
         result = run_optimizer(rep.parameters(),
                                lambda it: reconstruction_losses(rep, target, stage_weights, task.samples, gen),
