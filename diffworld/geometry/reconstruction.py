@@ -11,9 +11,9 @@ points (with or without normals). Losses, each in units that make weight 1 a sen
 * ``eikonal``: ``(|grad s| - 1)^2`` over the grid (or random points for a neural field): keeps
   the field a distance, which is what stops double layers and floaters;
 * ``smoothness``: squared Laplacian of the grid (grids only);
-* ``sign``: away from the target (more than one cell), the field must have the sign of the
-  side of the nearest target point's oriented normal and at least its distance minus a cell:
-  ``relu((d - h) - sign * s)^2`` over grid nodes (random box points for a neural field). This is
+* ``sign``: away from the target (more than half a cell), the field must have the sign of the
+  side of the nearest target point's oriented normal and at least its distance minus half a cell:
+  ``relu((d - h/2) - sign * s)^2`` over grid nodes (random box points for a neural field). This is
   what removes the remnants of the initial sphere and opens holes; it needs oriented normals.
 
 Chamfer alone from a sphere leaves double layers and extra handles; the field terms at the
@@ -251,9 +251,12 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         sgn, dist = _side_of_target(x, pts, nrm)
         if values is None:
             values = rep.field(x)
-        far = dist > rep.cell
+        # Within half a cell of a target point the sign is left to the surface and normal terms
+        # (sharp features); beyond it, the node must be on the right side by d - h/2.
+        half = 0.25 * rep.cell
+        far = dist > half
         if bool(far.any()):
-            terms["sign"] = torch.relu((dist[far] - rep.cell) - sgn[far] * values[far]).pow(2).mean() / h2
+            terms["sign"] = torch.relu((dist[far] - half) - sgn[far] * values[far]).pow(2).mean() / h2
     if weights.eikonal or weights.smoothness:
         reg = rep.regularizers()
         if weights.eikonal:
