@@ -140,3 +140,18 @@ def test_help_everywhere():
     for cmd in ([], ["optimize"], ["run"], ["validate"], ["schema"], ["render"], ["info"]):
         result = runner.invoke(app, cmd + ["--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_same_scene_and_seed_give_the_same_numbers(tmp_path):
+    """Contract 7: determinism on CPU."""
+    from diffworld.engine.runtime import get_runtime
+    from diffworld.engine.scene import TASKS
+
+    path = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_genus2.yaml"
+    over = {**reduced(path), "optimizer.iterations": 5, "output.save_mesh": False}
+    logs = []
+    for run in ("a", "b"):
+        scene = load_scene(path, over)
+        TASKS.builder("reconstruction")(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
+        logs.append([r["loss"] for r in csv.DictReader(open(tmp_path / run / "log.csv"))])
+    assert logs[0] == logs[1]
