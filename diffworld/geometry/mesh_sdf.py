@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from diffworld.engine.bridge import check_tensor, launch, to_warp
+from diffworld.engine.bridge import launch, to_warp
 from diffworld.engine.runtime import init_warp
 from diffworld.geometry.grid import Grid
 from diffworld.geometry.sdf import SDF, _register, sample_grid
@@ -82,25 +82,14 @@ def check_mesh(vertices: Any, faces: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ValueError: Wrong shapes, empty mesh, non-finite vertices, indices out of range, or only
             degenerate faces.
     """
-    check_tensor("vertices", vertices, shape=(None, 3))
+    from diffworld.geometry.mesh_ops import check_mesh as check_triangles
+
+    vertices, faces = check_triangles(vertices, faces)
     if vertices.shape[0] < 3:
         raise ValueError(f"Expected 'vertices' with at least 3 vertices (a non-empty mesh), got shape "
                          f"{tuple(vertices.shape)}")
-    if not isinstance(faces, torch.Tensor):
-        raise TypeError(f"Expected 'faces' to be a torch.Tensor, got {type(faces).__name__}")
-    if faces.is_floating_point() or faces.is_complex() or faces.dtype == torch.bool:
-        raise TypeError(f"Expected 'faces' of an integer dtype (int32 or int64), got {faces.dtype}")
-    if faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"Expected 'faces' of shape (F, 3), got {tuple(faces.shape)}")
     if faces.shape[0] == 0:
         raise ValueError("Expected 'faces' with at least one triangle, got shape (0, 3) (empty mesh)")
-    if faces.device != vertices.device:
-        raise ValueError(f"Expected 'faces' on the device of 'vertices' ({vertices.device}), got {faces.device}")
-    faces = faces.long()
-    lo, hi = int(faces.min()), int(faces.max())
-    n = vertices.shape[0]
-    if lo < 0 or hi >= n:
-        raise ValueError(f"Expected 'faces' indices in [0, {n - 1}] (V = {n} vertices), got values in [{lo}, {hi}]")
     v = vertices.detach()
     a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
     normal = torch.linalg.vector_norm(torch.cross(b - a, c - a, dim=-1), dim=-1)

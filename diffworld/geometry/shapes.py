@@ -21,6 +21,7 @@ import torch
 from diffworld.engine.bridge import check_tensor
 from diffworld.geometry.grid import Grid, check_bounds
 from diffworld.geometry.marching_cubes import marching_cubes
+from diffworld.geometry.sampling import sample_surface
 from diffworld.geometry.sdf import (
     SDF,
     Box,
@@ -95,21 +96,6 @@ class SurfaceSamples(NamedTuple):
     normals: torch.Tensor
 
 
-def _sample_triangles(vertices: torch.Tensor, faces: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n points uniform by area on a triangle mesh (generator on CPU; results on the mesh's device)."""
-    a, b, c = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    area = torch.linalg.vector_norm(torch.cross(b - a, c - a, dim=-1), dim=-1)
-    weights = area.double().cpu()
-    if not bool(weights.sum() > 0):
-        raise ValueError("the extracted surface has zero area; cannot sample it")
-    tri = torch.multinomial(weights, n, replacement=True, generator=gen).to(vertices.device)
-    uv = torch.rand((n, 2), generator=gen, dtype=torch.float64).to(device=vertices.device, dtype=vertices.dtype)
-    flip = uv.sum(-1) > 1.0
-    uv = torch.where(flip[:, None], 1.0 - uv, uv)
-    u, v = uv[:, :1], uv[:, 1:]
-    return a[tri] + u * (b[tri] - a[tri]) + v * (c[tri] - a[tri])
-
-
 def _value_grad(field: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
         x = p.detach().requires_grad_(True)
@@ -164,7 +150,7 @@ def surface_points(sdf: Callable[[torch.Tensor], torch.Tensor], n: int,
         raise ValueError(f"'sdf' has no zero crossing inside bounds {(lower, upper)} at resolution {resolution}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        p = _sample_triangles(mesh.vertices.detach(), mesh.faces, n, gen)
+        p = sample_surface(mesh.vertices.detach(), mesh.faces, n, generator=gen).points
     for _ in range(newton_steps):
         f, g = _value_grad(sdf, p)
         # The floor keeps a vanishing gradient (a point already on a kink) from throwing p away.

@@ -140,7 +140,7 @@ def test_empty_query_and_device_default(sphere_mesh):
 def test_errors_name_the_argument(sphere_mesh):
     v, f = sphere_mesh
     grid = Grid.make(4)
-    with pytest.raises(ValueError, match=r"'faces' indices in \[0, "):
+    with pytest.raises(ValueError, match=r"'faces' indices must lie in \[0, "):
         mesh_to_sdf(v, torch.cat([f, torch.tensor([[0, 1, len(v)]])]), grid)
     with pytest.raises(ValueError, match=r"'faces' indices"):
         mesh_to_sdf(v, torch.cat([f, torch.tensor([[0, -1, 2]])]), grid)
@@ -154,7 +154,7 @@ def test_errors_name_the_argument(sphere_mesh):
         mesh_to_sdf(torch.zeros((0, 3)), torch.zeros((0, 3), dtype=torch.int64), grid)
     with pytest.raises(ValueError, match=r"'vertices' of shape \(\*, 3\)"):
         mesh_to_sdf(v[:, :2], f, grid)
-    with pytest.raises(ValueError, match=r"'faces' of shape \(F, 3\)"):
+    with pytest.raises(ValueError, match=r"'faces' of shape \(\*, 3\)"):
         mesh_to_sdf(v, f[:, :2], grid)
     with pytest.raises(TypeError, match="'faces' of an integer dtype"):
         mesh_to_sdf(v, f.double(), grid)
