@@ -76,6 +76,8 @@ class GridSDF:
     def __init__(self, values: torch.Tensor, bounds) -> None:
         self.bounds = (tuple(bounds[0]), tuple(bounds[1]))
         self.values = values.detach().clone().requires_grad_(True)
+        self._nodes: torch.Tensor | None = None  # node positions, built on first use
+        self._side = None  # (target points, nodes, (side, distance)) for the sign term
 
     @staticmethod
     def from_field(field: Callable[[torch.Tensor], torch.Tensor], resolution: int, bounds,
@@ -121,7 +123,7 @@ class GridSDF:
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Points where the sign term is evaluated (all nodes) and the field values there."""
-        if getattr(self, "_nodes", None) is None:
+        if self._nodes is None:
             self._nodes = self.grid.nodes(self.values.device, self.values.dtype).reshape(-1, 3)
         return self._nodes, self.values.reshape(-1)
 
@@ -186,28 +188,24 @@ class NeuralSDFRepresentation:
         return {"eikonal": ((g.norm(dim=-1) - 1.0) ** 2).mean(), "smoothness": g.new_zeros(())}
 
 
-_SIDE_CACHE: dict = {}
-
-
 def _side_of_target(x: torch.Tensor, points: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign of the side of the nearest target point's normal, and the distance to it.
-
-    Cached for repeated probe sets (grid nodes do not move within a stage).
-    """
+    """Sign of the side of the nearest target point's normal (+1 outside), and the distance to it."""
     from scipy.spatial import cKDTree
 
-    key = (x.shape, x.data_ptr(), points.data_ptr())
-    hit = _SIDE_CACHE.get("key")
-    if hit is not None and hit[0] == key and hit[2] is x:
-        return hit[1]
-    p = points.detach().cpu().numpy()
-    d, i = cKDTree(p).query(x.detach().cpu().numpy(), k=1)
+    d, i = cKDTree(points.detach().cpu().numpy()).query(x.detach().cpu().numpy(), k=1)
     idx = torch.from_numpy(i).to(points.device)
     side = ((x.detach() - points[idx]) * normals[idx]).sum(-1)
-    out = (torch.where(side >= 0, 1.0, -1.0).to(x.dtype), torch.from_numpy(d).to(x))
-    if x.shape[0] > 50000:  # grid nodes: reuse for the whole stage
-        _SIDE_CACHE["key"] = (key, out, x)
-    return out
+    return torch.where(side >= 0, 1.0, -1.0).to(x.dtype), torch.from_numpy(d).to(x)
+
+
+def _cached_side(rep, x: torch.Tensor, points: torch.Tensor, normals: torch.Tensor):
+    """Grid nodes do not move within a stage: keep their side/distance on the representation."""
+    if not isinstance(rep, GridSDF):
+        return _side_of_target(x, points, normals)
+    hit = rep._side
+    if hit is None or hit[0] is not points or hit[1] is not x:
+        rep._side = (points, x, _side_of_target(x, points, normals))
+    return rep._side[2]
 
 
 def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeights, n_samples: int,
@@ -248,7 +246,7 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         terms["normal"] = (1.0 - cos).mean() if target.oriented else (1.0 - cos.abs()).mean()
     if weights.sign and n is not None and target.oriented:
         x, values = rep.probe()
-        sgn, dist = _side_of_target(x, pts, nrm)
+        sgn, dist = _cached_side(rep, x, pts, nrm)
         if values is None:
             values = rep.field(x)
         # Within half a cell of a target point the sign is left to the surface and normal terms
