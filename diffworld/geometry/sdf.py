@@ -462,36 +462,38 @@ def _check_children(name: str, children: Sequence, minimum: int) -> list[SDF]:
     return list(children)
 
 
-class Union(SDF):
+class _NaryCSG(SDF):
+    """Shared body of Union and Intersection: a reduction over the children's values."""
+
+    _reduce = staticmethod(torch.amin)
+
+    def __init__(self, *children: SDF):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(_check_children("children", children, 1))
+
+    def _eval(self, p: torch.Tensor) -> torch.Tensor:
+        vals = [c._eval(p) for c in self.parts]
+        return vals[0] if len(vals) == 1 else self._reduce(torch.stack(vals, 0), 0)
+
+
+class Union(_NaryCSG):
     """Union: minimum of the children (exact outside, a bound inside).
 
     Args:
         *children: One or more :class:`SDF` (stored in ``parts``).
     """
 
-    def __init__(self, *children: SDF):
-        super().__init__()
-        self.parts = torch.nn.ModuleList(_check_children("children", children, 1))
-
-    def _eval(self, p: torch.Tensor) -> torch.Tensor:
-        vals = [c._eval(p) for c in self.parts]
-        return vals[0] if len(vals) == 1 else torch.stack(vals, 0).amin(0)
+    _reduce = staticmethod(torch.amin)
 
 
-class Intersection(SDF):
+class Intersection(_NaryCSG):
     """Intersection: maximum of the children (a bound; exact where one child is closest).
 
     Args:
         *children: One or more :class:`SDF` (stored in ``parts``).
     """
 
-    def __init__(self, *children: SDF):
-        super().__init__()
-        self.parts = torch.nn.ModuleList(_check_children("children", children, 1))
-
-    def _eval(self, p: torch.Tensor) -> torch.Tensor:
-        vals = [c._eval(p) for c in self.parts]
-        return vals[0] if len(vals) == 1 else torch.stack(vals, 0).amax(0)
+    _reduce = staticmethod(torch.amax)
 
 
 class Difference(SDF):
