@@ -224,12 +224,13 @@ def marching_cubes_field(field: Callable[[torch.Tensor], torch.Tensor], resoluti
         raise ValueError("'field' returned non-finite values on the sampling grid")
     mesh = marching_cubes(values, (grid.lower, grid.upper), level)
     v = mesh.vertices.detach()
+    # One evaluation at the vertices gives both grad_x f (for the lift) and the graph to the
+    # field's parameters (kept for the lift's backward).
     with torch.enable_grad():
         x = v.clone().requires_grad_(True)
         f_x = _field_values(field, x)
-        (grad_f,) = torch.autograd.grad(f_x.sum(), x, retain_graph=False)
-    f_v = _field_values(field, v)  # graph to the field's parameters only
-    vertices = _DeepMeshLift.apply(f_v, v, grad_f.detach())
+        (grad_f,) = torch.autograd.grad(f_x.sum(), x, retain_graph=True)
+    vertices = _DeepMeshLift.apply(f_x, v, grad_f.detach())
     return IsoSurface(vertices, mesh.faces)
 
 

@@ -108,7 +108,8 @@ class GridSDF:
     def field_gradient(self, points: torch.Tensor) -> torch.Tensor:
         return trilinear_gradient(self.values, self.bounds, points, 0.5 * self.cell)
 
-    def regularizers(self) -> dict[str, torch.Tensor]:
+    def eikonal(self) -> torch.Tensor:
+        """Mean of (|grad s| - 1)^2 over the cells."""
         s = self.values
         h = self.grid.spacing
         # Forward differences at cell corners: unlike central differences they see the
@@ -117,9 +118,14 @@ class GridSDF:
         gy = (s[:-1, 1:, :-1] - s[:-1, :-1, :-1]) / h[1]
         gz = (s[:-1, :-1, 1:] - s[:-1, :-1, :-1]) / h[2]
         norm = torch.sqrt(gx * gx + gy * gy + gz * gz + 1e-12)
+        return ((norm - 1.0) ** 2).mean()
+
+    def smoothness(self) -> torch.Tensor:
+        """Mean squared Laplacian over interior nodes, in units of 1/cell."""
+        s = self.values
         lap = (s[2:, 1:-1, 1:-1] + s[:-2, 1:-1, 1:-1] + s[1:-1, 2:, 1:-1] + s[1:-1, :-2, 1:-1]
                + s[1:-1, 1:-1, 2:] + s[1:-1, 1:-1, :-2] - 6 * s[1:-1, 1:-1, 1:-1])
-        return {"eikonal": ((norm - 1.0) ** 2).mean(), "smoothness": (lap / self.cell).pow(2).mean()}
+        return (lap / self.cell).pow(2).mean()
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Points where the sign term is evaluated (all nodes) and the field values there."""
@@ -159,33 +165,35 @@ class NeuralSDFRepresentation:
     def parameters(self) -> dict[str, torch.Tensor]:
         return {f"net.{k}": p for k, p in self.network.named_parameters()}
 
-    def _f(self, points: torch.Tensor) -> torch.Tensor:
+    def field(self, points: torch.Tensor) -> torch.Tensor:
         out = self.network(points)
         return out[:, 0] if out.dim() == 2 else out
 
     def extract(self) -> IsoSurface:
-        return marching_cubes_field(self._f, self.resolution, self.bounds, dtype=self.dtype, device=self.device)
-
-    def field(self, points: torch.Tensor) -> torch.Tensor:
-        return self._f(points)
+        return marching_cubes_field(self.field, self.resolution, self.bounds, dtype=self.dtype, device=self.device)
 
     def field_gradient(self, points: torch.Tensor) -> torch.Tensor:
         x = points.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(self._f(x).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(self.field(x).sum(), x, create_graph=True)
         return g
+
+    def _box_points(self, n: int) -> torch.Tensor:
+        lo = torch.tensor(self.bounds[0], dtype=self.dtype)
+        hi = torch.tensor(self.bounds[1], dtype=self.dtype)
+        return (lo + (hi - lo) * torch.rand((n, 3), generator=self._gen, dtype=self.dtype)).to(self.device)
 
     def probe(self) -> tuple[torch.Tensor, None]:
         """Random box points for the sign term (values evaluated by the caller)."""
-        lo = torch.tensor(self.bounds[0], dtype=self.dtype)
-        hi = torch.tensor(self.bounds[1], dtype=self.dtype)
-        return (lo + (hi - lo) * torch.rand((8192, 3), generator=self._gen, dtype=self.dtype)).to(self.device), None
+        return self._box_points(8192), None
 
-    def regularizers(self) -> dict[str, torch.Tensor]:
-        lo = torch.tensor(self.bounds[0], dtype=self.dtype)
-        hi = torch.tensor(self.bounds[1], dtype=self.dtype)
-        pts = (lo + (hi - lo) * torch.rand((4096, 3), generator=self._gen, dtype=self.dtype)).to(self.device)
-        g = self.field_gradient(pts)
-        return {"eikonal": ((g.norm(dim=-1) - 1.0) ** 2).mean(), "smoothness": g.new_zeros(())}
+    def eikonal(self) -> torch.Tensor:
+        """Mean of (|grad f| - 1)^2 at random box points."""
+        g = self.field_gradient(self._box_points(4096))
+        return ((g.norm(dim=-1) - 1.0) ** 2).mean()
+
+    def smoothness(self) -> torch.Tensor:
+        """Not defined for a network: zero (the eikonal term regularizes it)."""
+        return torch.zeros((), dtype=self.dtype, device=self.device)
 
 
 def _side_of_target(x: torch.Tensor, points: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,11 +263,9 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         far = dist > half
         if bool(far.any()):
             terms["sign"] = torch.relu((dist[far] - half) - sgn[far] * values[far]).pow(2).mean() / h2
-    if weights.eikonal or weights.smoothness:
-        reg = rep.regularizers()
-        if weights.eikonal:
-            terms["eikonal"] = reg["eikonal"]
-        if weights.smoothness:
-            terms["smoothness"] = reg["smoothness"]
+    if weights.eikonal:
+        terms["eikonal"] = rep.eikonal()
+    if weights.smoothness:
+        terms["smoothness"] = rep.smoothness()
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     return total, terms

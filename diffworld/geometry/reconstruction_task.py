@@ -181,14 +181,14 @@ _register_shapes()
 
 # --- running ------------------------------------------------------------------------------------
 
-def _normalize(points: torch.Tensor, bounds, extra: list[torch.Tensor] | None = None):
+def _normalize(points: torch.Tensor, bounds) -> torch.Tensor:
+    """Centre ``points`` in ``bounds`` and scale them uniformly to fill 90 % of its shortest side."""
     lo = torch.tensor(bounds[0], dtype=points.dtype)
     hi = torch.tensor(bounds[1], dtype=points.dtype)
     pmin, pmax = points.min(0).values, points.max(0).values
     scale = 0.9 * float(((hi - lo) / (pmax - pmin).clamp_min(1e-12)).min())
     centre_src, centre_dst = (pmin + pmax) / 2, (lo + hi) / 2
-    f = lambda x: (x - centre_src) * scale + centre_dst  # noqa: E731
-    return f(points), [f(e) for e in (extra or [])]
+    return (points - centre_src) * scale + centre_dst
 
 
 class _Reference:
@@ -210,7 +210,7 @@ class _Reference:
             loaded = io.load_mesh(cfg.path)
             v, f = loaded.vertices.double(), loaded.faces
             if cfg.normalize:
-                v, _ = _normalize(v, bounds)
+                v = _normalize(v, bounds)
             self.mesh = (v, f)
             s = sample_surface(v, f, cfg.n_points, generator=gen)
             pts, nrm = s.points.detach(), s.normals.detach()
@@ -220,7 +220,7 @@ class _Reference:
             loaded = io.load_points(cfg.path)
             pts, nrm = loaded.points.double(), loaded.normals
             if cfg.normalize:
-                pts, extra = _normalize(pts, bounds)
+                pts = _normalize(pts, bounds)
             self.eval_points, self.eval_normals = pts, nrm
         if cfg.type != "points" and cfg.noise > 0:
             pts = pts + cfg.noise * torch.randn(pts.shape, generator=gen, dtype=pts.dtype)
