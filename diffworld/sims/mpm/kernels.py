@@ -1,0 +1,638 @@
+"""Warp kernels of the MLS-MPM solver (one module: one compile, one kernel-cache entry).
+
+One substep is five launches (shapes: N particles, grid of (gx, gy, gz) nodes)::
+
+    particle_affine   per particle   F, C, v, material  -> A (3x3), p = m v, m      (auto adjoint)
+    p2g               per particle   x, p, A, m          -> grid momentum, mass     (hand adjoint: a gather)
+    grid_update       per node       momentum, mass, colliders, walls -> grid v     (auto adjoint)
+    g2p               per particle   x, F, grid v        -> x', v', C', F_trial     (hand adjoint: a scatter)
+    plasticity        per particle   F_trial, material   -> F'                      (auto adjoint)
+
+APIC/MLS transfer with quadratic B-splines: ``A = -dt V0 (4/dx^2) tau + m C`` is scattered as
+``w (p + A dpos)``; ``C' = (4/dx^2) sum w v_i dpos^T``.
+
+Warp's automatic adjoints of the two transfer kernels re-run their 27-node loops and cost ~7x the
+forward on CPU, so :func:`p2g_adjoint` and :func:`g2p_adjoint` are written by hand (tested against
+finite differences). The per-particle and per-node kernels are pure maps: their automatic
+adjoints are cheap and are launched with ``adjoint=True``.
+
+Every material law evaluates the SVD-based isotropic matrix functions through :func:`svd_iso`,
+whose adjoint is hand-written: Warp's ``svd3`` adjoint divides by ``s_i^2 - s_j^2`` and explodes
+near ``F = I``; ours uses the divided differences ``(g_i - g_j)/(s_i - s_j)`` (replaced by their
+limit when singular values meet) and ``(g_i + g_j)/(s_i + s_j)``, both bounded.
+
+Kernels are built per precision by :func:`build` (float32 and float64) and cached.
+"""
+
+import math
+
+import warp as wp
+
+from diffworld.engine.runtime import init_warp
+
+init_warp()
+
+__all__ = ["LAW", "ISO", "SHAPE", "WALL", "build"]
+
+# Constitutive laws (per particle ``law`` id). The Python names live in materials.py.
+LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5}
+# Isotropic functions g(sigma) evaluated by svd_iso.
+ISO = {"polar": 0, "hencky_p": 1, "clamp": 2, "von_mises": 3, "drucker_prager": 4}
+# Collider shapes (local frame; z is the axis of capsules, cylinders and cups; planes face +z).
+SHAPE = {"sphere": 0, "box": 1, "capsule": 2, "cylinder": 3, "cup": 4, "plane": 5, "grid": 6}
+# Domain wall behaviour.
+WALL = {"slip": 0, "sticky": 1, "friction": 2}
+
+# Number of floats that describe one collider's kinematic state at one substep:
+# position (3), quaternion x, y, z, w (4), linear velocity (3), angular velocity (3).
+COLLIDER_STATE = 13
+LOG_CLAMP = 0.05  # singular values are clamped to at least this before taking logs
+
+
+def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
+    vec3 = wp.types.vector(3, dtype)
+    mat33 = wp.types.matrix((3, 3), dtype)
+    quat = wp.types.quaternion(dtype)
+    f = dtype
+    # Singular values closer than this (relative) use the divided difference's limit.
+    iso_tol = f(1.0e-4) if dtype == wp.float32 else f(1.0e-7)
+
+    # ---------------------------------------------------------------------------------------
+    # Isotropic functions of the singular values: g(sigma), its Jacobian, d g / d(p0, p1)
+    # ---------------------------------------------------------------------------------------
+
+    @wp.func
+    def clamp_log(s: f):
+        # log of a singular value clamped from below; derivative 0 where clamped.
+        if s < f(LOG_CLAMP):
+            return wp.log(f(LOG_CLAMP)), f(0.0)
+        return wp.log(s), f(1.0) / s
+
+    @wp.func
+    def iso_g(kind: int, s: vec3, p0: f, p1: f):
+        """g(sigma), dg/dsigma (3x3), dg/dp0, dg/dp1 of the isotropic function ``kind``."""
+        g = vec3(f(1.0), f(1.0), f(1.0))
+        J = mat33(f(0.0))
+        d0 = vec3(f(0.0))
+        d1 = vec3(f(0.0))
+        one = vec3(f(1.0), f(1.0), f(1.0))
+        if kind == 0:  # polar rotation R = U V^T: g = 1
+            pass
+        elif kind == 1:  # first Piola stress of StVK-Hencky: g_i = (2 mu eps_i + lam tr eps) / s_i
+            # p0 = mu, p1 = lambda
+            e0, q0 = clamp_log(s[0])
+            e1, q1 = clamp_log(s[1])
+            e2, q2 = clamp_log(s[2])
+            eps = vec3(e0, e1, e2)
+            deps = vec3(q0, q1, q2)
+            tr = e0 + e1 + e2
+            for i in range(3):
+                num = f(2.0) * p0 * eps[i] + p1 * tr
+                g[i] = num / s[i]
+                d0[i] = f(2.0) * eps[i] / s[i]
+                d1[i] = tr / s[i]
+                for k in range(3):
+                    dnum = p1 * deps[k]
+                    if i == k:
+                        dnum = dnum + f(2.0) * p0 * deps[k]
+                        J[i, k] = dnum / s[i] - num / (s[i] * s[i])
+                    else:
+                        J[i, k] = dnum / s[i]
+        elif kind == 2:  # clamp singular values to [p0, p1] (snow)
+            for i in range(3):
+                if s[i] < p0:
+                    g[i] = p0
+                    d0[i] = f(1.0)
+                elif s[i] > p1:
+                    g[i] = p1
+                    d1[i] = f(1.0)
+                else:
+                    g[i] = s[i]
+                    J[i, i] = f(1.0)
+        else:  # return mappings on Hencky strain: von Mises (3) and Drucker-Prager (4)
+            e0, q0 = clamp_log(s[0])
+            e1, q1 = clamp_log(s[1])
+            e2, q2 = clamp_log(s[2])
+            eps = vec3(e0, e1, e2)
+            dlog = vec3(q0, q1, q2)
+            tr = e0 + e1 + e2
+            dev = eps - one * (tr / f(3.0))
+            ndev = wp.length(dev)
+            # dE = d eps_new / d eps; by default eps_new = eps (no projection)
+            dE = wp.identity(n=3, dtype=f)
+            enew = eps
+            if kind == 3:
+                # p0 = radius tau_y / (2 mu) of the deviatoric yield surface
+                if ndev > p0:
+                    nhat = dev / ndev
+                    enew = one * (tr / f(3.0)) + nhat * p0
+                    P = wp.identity(n=3, dtype=f) - wp.outer(one, one) / f(3.0)
+                    dE = wp.outer(one, one) / f(3.0) + (P - wp.outer(nhat, nhat)) * (p0 / ndev)
+                    d0 = nhat
+            else:
+                # p0 = alpha (friction), p1 = (3 lam + 2 mu) / (2 mu)
+                if tr >= f(0.0):
+                    enew = vec3(f(0.0))
+                    dE = mat33(f(0.0))
+                else:
+                    dgam = ndev + p1 * tr * p0
+                    if dgam > f(0.0) and ndev > f(0.0):
+                        nhat = dev / ndev
+                        P = wp.identity(n=3, dtype=f) - wp.outer(one, one) / f(3.0)
+                        enew = one * (tr / f(3.0)) - nhat * (p1 * p0 * tr)
+                        dE = wp.outer(one, one) / f(3.0) - (wp.outer(nhat, one) + (P - wp.outer(nhat, nhat)) * (tr / ndev)) * (p1 * p0)
+                        d0 = -nhat * (p1 * tr)
+                        d1 = -nhat * (p0 * tr)
+            for i in range(3):
+                g[i] = wp.exp(enew[i])
+                d0[i] = g[i] * d0[i]
+                d1[i] = g[i] * d1[i]
+                for k in range(3):
+                    J[i, k] = g[i] * dE[i, k] * dlog[k]
+        return g, J, d0, d1
+
+    @wp.func
+    def svd_iso(F: mat33, kind: int, p0: f, p1: f):
+        """U diag(g(sigma)) V^T for F = U diag(sigma) V^T."""
+        U = mat33()
+        s = vec3()
+        V = mat33()
+        wp.svd3(F, U, s, V)
+        g, J, d0, d1 = iso_g(kind, s, p0, p1)
+        return U * wp.diag(g) * wp.transpose(V)
+
+    @wp.func
+    def _pair(gi: f, gj: f, si: f, sj: f, Jii: f, Jij: f):
+        # (g_i - g_j)/(s_i - s_j), or its limit J_ii - J_ij when s_i ~ s_j; and (g_i + g_j)/(s_i + s_j)
+        scale = wp.max(wp.abs(si) + wp.abs(sj), f(1.0e-12))
+        a = Jii - Jij
+        if wp.abs(si - sj) > iso_tol * scale:
+            a = (gi - gj) / (si - sj)
+        den = si + sj
+        if wp.abs(den) < f(1.0e-12):
+            den = f(1.0e-12)
+        return a, (gi + gj) / den
+
+    @wp.func_grad(svd_iso)
+    def svd_iso_grad(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+        U = mat33()
+        s = vec3()
+        V = mat33()
+        wp.svd3(F, U, s, V)
+        g, J, d0, d1 = iso_g(kind, s, p0, p1)
+        M = wp.transpose(U) * adj_ret * V
+        diag = vec3(M[0, 0], M[1, 1], M[2, 2])
+        K = mat33(f(0.0))
+        sbar = wp.transpose(J) * diag
+        for i in range(3):
+            K[i, i] = sbar[i]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                a, b = _pair(g[i], g[j], s[i], s[j], J[i, i], J[i, j])
+                sym = (M[i, j] + M[j, i]) * f(0.5)
+                skw = (M[i, j] - M[j, i]) * f(0.5)
+                K[i, j] = a * sym + b * skw
+                K[j, i] = a * sym - b * skw
+        wp.adjoint[F] += U * K * wp.transpose(V)
+        wp.adjoint[p0] += wp.dot(d0, diag)
+        wp.adjoint[p1] += wp.dot(d1, diag)
+
+    # ---------------------------------------------------------------------------------------
+    # Constitutive laws: Kirchhoff stress tau(F) and the plastic projection of F
+    # ---------------------------------------------------------------------------------------
+
+    @wp.func
+    def lame(E: f, nu: f):
+        mu = E / (f(2.0) * (f(1.0) + nu))
+        lam = E * nu / ((f(1.0) + nu) * (f(1.0) - f(2.0) * nu))
+        return mu, lam
+
+    @wp.func
+    def kirchhoff_stress(law: int, F: mat33, E: f, nu: f):
+        """Elastic Kirchhoff stress tau = P F^T [Pa] of law ``law``."""
+        mu, lam = lame(E, nu)
+        J = wp.determinant(F)
+        I = wp.identity(n=3, dtype=f)
+        tau = mat33(f(0.0))
+        if law == 0:  # weakly compressible fluid: psi = lam/2 (J - 1)^2
+            tau = I * (lam * J * (J - f(1.0)))
+        elif law == 1 or law == 3:  # fixed corotated (snow uses it on the elastic part)
+            R = svd_iso(F, 0, f(0.0), f(0.0))
+            tau = (F - R) * wp.transpose(F) * (f(2.0) * mu) + I * (lam * J * (J - f(1.0)))
+        elif law == 2:  # Neo-Hookean
+            tau = (F * wp.transpose(F) - I) * mu + I * (lam * wp.log(J))
+        else:  # StVK with Hencky strain (plasticine, sand)
+            P = svd_iso(F, 1, mu, lam)
+            tau = P * wp.transpose(F)
+        return tau
+
+    @wp.func
+    def viscous_stress(C: mat33, F: mat33, eta: f):
+        """Newtonian viscous Kirchhoff stress J 2 eta dev(sym(grad v)); grad v ~ C (APIC)."""
+        D = (C + wp.transpose(C)) * f(0.5)
+        tr = D[0, 0] + D[1, 1] + D[2, 2]
+        dev = D - wp.identity(n=3, dtype=f) * (tr / f(3.0))
+        return dev * (f(2.0) * eta * wp.determinant(F))
+
+    @wp.func
+    def project(law: int, F: mat33, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f):
+        """Plastic projection of a trial deformation gradient (identity for elastic laws)."""
+        Fn = F
+        if law == 0:  # fluids keep no shear memory: F <- J^(1/3) I
+            J = wp.determinant(F)
+            Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
+        elif law == 3:  # snow: clamp singular values
+            Fn = svd_iso(F, 2, f(1.0) - theta_c, f(1.0) + theta_s)
+        elif law == 4:  # von Mises
+            mu, lam = lame(E, nu)
+            Fn = svd_iso(F, 3, yield_stress / (f(2.0) * mu), f(0.0))
+        elif law == 5:  # Drucker-Prager (Klar et al. 2016)
+            sphi = wp.sin(friction_angle)
+            alpha = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
+            ratio = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)  # (3 lam + 2 mu) / (2 mu)
+            Fn = svd_iso(F, 4, alpha, ratio)
+        return Fn
+
+    # ---------------------------------------------------------------------------------------
+    # Quadratic B-spline weights
+    # ---------------------------------------------------------------------------------------
+
+    @wp.func
+    def bspline(x: vec3, lo: vec3, inv_dx: f):
+        """Base node, local coordinate fx in [0.5, 1.5), weights W and their d/dfx (row = offset)."""
+        gx = (x - lo) * inv_dx
+        base = wp.vec3i(int(wp.floor(gx[0] - f(0.5))), int(wp.floor(gx[1] - f(0.5))), int(wp.floor(gx[2] - f(0.5))))
+        fx = gx - vec3(f(base[0]), f(base[1]), f(base[2]))
+        W = mat33()
+        dW = mat33()
+        for a in range(3):
+            t = fx[a]
+            W[0, a] = f(0.5) * (f(1.5) - t) * (f(1.5) - t)
+            W[1, a] = f(0.75) - (t - f(1.0)) * (t - f(1.0))
+            W[2, a] = f(0.5) * (t - f(0.5)) * (t - f(0.5))
+            dW[0, a] = t - f(1.5)
+            dW[1, a] = f(-2.0) * (t - f(1.0))
+            dW[2, a] = t - f(0.5)
+        return base, fx, W, dW
+
+    @wp.func
+    def inside(node: wp.vec3i, shape: wp.vec3i):
+        return (node[0] >= 0 and node[1] >= 0 and node[2] >= 0 and node[0] < shape[0] and node[1] < shape[1]
+                and node[2] < shape[2])
+
+    # ---------------------------------------------------------------------------------------
+    # Particle kernels
+    # ---------------------------------------------------------------------------------------
+
+    @wp.kernel
+    def particle_affine(F: wp.array(dtype=mat33), C: wp.array(dtype=mat33), v: wp.array(dtype=vec3),
+                        law: wp.array(dtype=wp.int32), active: wp.array(dtype=wp.int32),
+                        E: wp.array(dtype=f), nu: wp.array(dtype=f), eta: wp.array(dtype=f),
+                        rho: wp.array(dtype=f), vol: wp.array(dtype=f), dt: f, inv_dx: f,
+                        A: wp.array(dtype=mat33), p: wp.array(dtype=vec3), m: wp.array(dtype=f)):
+        i = wp.tid()
+        if active[i] == 0:
+            A[i] = mat33(f(0.0))
+            p[i] = vec3(f(0.0))
+            m[i] = f(0.0)
+            return
+        mass = rho[i] * vol[i]
+        tau = kirchhoff_stress(law[i], F[i], E[i], nu[i]) + viscous_stress(C[i], F[i], eta[i])
+        A[i] = tau * (-dt * vol[i] * f(4.0) * inv_dx * inv_dx) + C[i] * mass
+        p[i] = v[i] * mass
+        m[i] = mass
+
+    @wp.kernel
+    def plasticity(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
+                   nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f), friction_angle: wp.array(dtype=f),
+                   theta_c: wp.array(dtype=f), theta_s: wp.array(dtype=f), F_out: wp.array(dtype=mat33)):
+        i = wp.tid()
+        F_out[i] = project(law[i], F_trial[i], E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
+                           theta_s[i])
+
+    @wp.kernel(enable_backward=False)
+    def p2g(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33), m: wp.array(dtype=f),
+            active: wp.array(dtype=wp.int32), lo: vec3, dx: f,
+            grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f)):
+        i = wp.tid()
+        if active[i] == 0:
+            return
+        shape = wp.vec3i(grid_m.shape[0], grid_m.shape[1], grid_m.shape[2])
+        base, fx, W, dW = bspline(x[i], lo, f(1.0) / dx)
+        pi = p[i]
+        Ai = A[i]
+        mi = m[i]
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
+                    if inside(node, shape):
+                        w = W[a, 0] * W[b, 1] * W[c, 2]
+                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
+                        wp.atomic_add(grid_mv, node[0], node[1], node[2], (pi + Ai * dpos) * w)
+                        wp.atomic_add(grid_m, node[0], node[1], node[2], mi * w)
+
+    @wp.kernel(enable_backward=False)
+    def p2g_adjoint(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33),
+                    m: wp.array(dtype=f), active: wp.array(dtype=wp.int32), lo: vec3, dx: f,
+                    adj_grid_mv: wp.array3d(dtype=vec3), adj_grid_m: wp.array3d(dtype=f),
+                    adj_x: wp.array(dtype=vec3), adj_p: wp.array(dtype=vec3), adj_A: wp.array(dtype=mat33),
+                    adj_m: wp.array(dtype=f)):
+        # The adjoint of a scatter is a gather: no atomics. Accumulates into adj_x, adj_p, adj_A, adj_m.
+        i = wp.tid()
+        if active[i] == 0:
+            return
+        shape = wp.vec3i(adj_grid_m.shape[0], adj_grid_m.shape[1], adj_grid_m.shape[2])
+        inv_dx = f(1.0) / dx
+        base, fx, W, dW = bspline(x[i], lo, inv_dx)
+        pi = p[i]
+        Ai = A[i]
+        mi = m[i]
+        gp = vec3(f(0.0))
+        gA = mat33(f(0.0))
+        gm = f(0.0)
+        gx = vec3(f(0.0))
+        gAtv = vec3(f(0.0))  # sum w A^T gmv, for d dpos / dx = -I
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
+                    if inside(node, shape):
+                        w = W[a, 0] * W[b, 1] * W[c, 2]
+                        gw = vec3(dW[a, 0] * W[b, 1] * W[c, 2], W[a, 0] * dW[b, 1] * W[c, 2],
+                                  W[a, 0] * W[b, 1] * dW[c, 2]) * inv_dx
+                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
+                        gmv = adj_grid_mv[node[0], node[1], node[2]]
+                        gmn = adj_grid_m[node[0], node[1], node[2]]
+                        gp += gmv * w
+                        gA += wp.outer(gmv, dpos) * w
+                        gm += gmn * w
+                        gx += gw * (wp.dot(gmv, pi + Ai * dpos) + gmn * mi)
+                        gAtv += wp.transpose(Ai) * gmv * w
+        adj_p[i] = adj_p[i] + gp
+        adj_A[i] = adj_A[i] + gA
+        adj_m[i] = adj_m[i] + gm
+        adj_x[i] = adj_x[i] + gx - gAtv
+
+    @wp.kernel(enable_backward=False)
+    def g2p(x: wp.array(dtype=vec3), F: wp.array(dtype=mat33), active: wp.array(dtype=wp.int32),
+            grid_v: wp.array3d(dtype=vec3), lo: vec3, dx: f, dt: f,
+            x_out: wp.array(dtype=vec3), v_out: wp.array(dtype=vec3), C_out: wp.array(dtype=mat33),
+            F_trial: wp.array(dtype=mat33)):
+        i = wp.tid()
+        if active[i] == 0:
+            x_out[i] = x[i]
+            v_out[i] = vec3(f(0.0))
+            C_out[i] = mat33(f(0.0))
+            F_trial[i] = F[i]
+            return
+        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
+        inv_dx = f(1.0) / dx
+        base, fx, W, dW = bspline(x[i], lo, inv_dx)
+        vn = vec3(f(0.0))
+        B = mat33(f(0.0))
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
+                    if inside(node, shape):
+                        w = W[a, 0] * W[b, 1] * W[c, 2]
+                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
+                        gv = grid_v[node[0], node[1], node[2]]
+                        vn += gv * w
+                        B += wp.outer(gv, dpos) * w
+        Cn = B * (f(4.0) * inv_dx * inv_dx)
+        v_out[i] = vn
+        C_out[i] = Cn
+        x_out[i] = x[i] + vn * dt
+        F_trial[i] = (wp.identity(n=3, dtype=f) + Cn * dt) * F[i]
+
+    @wp.kernel(enable_backward=False)
+    def g2p_adjoint(x: wp.array(dtype=vec3), F: wp.array(dtype=mat33), active: wp.array(dtype=wp.int32),
+                    grid_v: wp.array3d(dtype=vec3), C_out: wp.array(dtype=mat33), lo: vec3, dx: f, dt: f,
+                    adj_x_out: wp.array(dtype=vec3), adj_v_out: wp.array(dtype=vec3),
+                    adj_C_out: wp.array(dtype=mat33), adj_F_trial: wp.array(dtype=mat33),
+                    adj_x: wp.array(dtype=vec3), adj_F: wp.array(dtype=mat33), adj_grid_v: wp.array3d(dtype=vec3)):
+        # The adjoint of a gather is a scatter (atomics into adj_grid_v). Accumulates into adj_x, adj_F.
+        i = wp.tid()
+        if active[i] == 0:
+            adj_x[i] = adj_x[i] + adj_x_out[i]
+            adj_F[i] = adj_F[i] + adj_F_trial[i]
+            return
+        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
+        inv_dx = f(1.0) / dx
+        D = f(4.0) * inv_dx * inv_dx
+        Fi = F[i]
+        Cn = C_out[i]
+        gFt = adj_F_trial[i]
+        adj_F[i] = adj_F[i] + wp.transpose(wp.identity(n=3, dtype=f) + Cn * dt) * gFt
+        gC = adj_C_out[i] + gFt * wp.transpose(Fi) * dt
+        gv = adj_v_out[i] + adj_x_out[i] * dt
+        gB = gC * D
+        base, fx, W, dW = bspline(x[i], lo, inv_dx)
+        gx = adj_x_out[i]
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
+                    if inside(node, shape):
+                        w = W[a, 0] * W[b, 1] * W[c, 2]
+                        gw = vec3(dW[a, 0] * W[b, 1] * W[c, 2], W[a, 0] * dW[b, 1] * W[c, 2],
+                                  W[a, 0] * W[b, 1] * dW[c, 2]) * inv_dx
+                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
+                        vi = grid_v[node[0], node[1], node[2]]
+                        wp.atomic_add(adj_grid_v, node[0], node[1], node[2], (gv + gB * dpos) * w)
+                        gx += gw * (wp.dot(gv, vi) + wp.dot(gB * dpos, vi)) - wp.transpose(gB) * vi * w
+        adj_x[i] = adj_x[i] + gx
+
+    # ---------------------------------------------------------------------------------------
+    # Colliders (kinematic rigid bodies with SDF shapes) and the grid update
+    # ---------------------------------------------------------------------------------------
+
+    @wp.func
+    def sd_box(q: vec3, h: vec3):
+        d = vec3(wp.abs(q[0]), wp.abs(q[1]), wp.abs(q[2])) - h
+        outside = vec3(wp.max(d[0], f(0.0)), wp.max(d[1], f(0.0)), wp.max(d[2], f(0.0)))
+        return wp.length(outside) + wp.min(wp.max(d[0], wp.max(d[1], d[2])), f(0.0))
+
+    @wp.func
+    def sd_cylinder(q: vec3, r: f, hh: f):
+        dr = wp.sqrt(q[0] * q[0] + q[1] * q[1] + f(1.0e-20)) - r
+        dz = wp.abs(q[2]) - hh
+        a = wp.max(dr, f(0.0))
+        b = wp.max(dz, f(0.0))
+        return wp.min(wp.max(dr, dz), f(0.0)) + wp.sqrt(a * a + b * b + f(1.0e-20))
+
+    @wp.func
+    def grid_sdf(q: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i, glo: vec3, h: f):
+        # Trilinear sample of a node grid stored at data[offset:], C order; clamped at the border.
+        g = (q - glo) / h
+        i0 = wp.vec3i(0)
+        t = vec3(f(0.0))
+        for a in range(3):
+            ga = wp.clamp(g[a], f(0.0), f(dims[a] - 1) - f(1.0e-4))
+            i0[a] = wp.min(int(wp.floor(ga)), dims[a] - 2)
+            t[a] = ga - f(i0[a])
+        val = f(0.0)
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    w = (t[0] if a == 1 else f(1.0) - t[0]) * (t[1] if b == 1 else f(1.0) - t[1]) * (
+                        t[2] if c == 1 else f(1.0) - t[2])
+                    idx = ((i0[0] + a) * dims[1] + (i0[1] + b)) * dims[2] + (i0[2] + c)
+                    val += w * data[offset + idx]
+        # Outside the grid's box the distance grows with the distance to the box.
+        outside = q - vec3(wp.clamp(q[0], glo[0], glo[0] + h * f(dims[0] - 1)),
+                           wp.clamp(q[1], glo[1], glo[1] + h * f(dims[1] - 1)),
+                           wp.clamp(q[2], glo[2], glo[2] + h * f(dims[2] - 1)))
+        return val + wp.length(outside + vec3(f(1.0e-20)))
+
+    @wp.func
+    def shape_sdf(kind: int, q: vec3, size: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i,
+                  glo: vec3, h: f):
+        """Signed distance [m] of a collider shape in its local frame (negative inside)."""
+        d = f(0.0)
+        if kind == 0:  # sphere, radius size[0]
+            d = wp.length(q + vec3(f(1.0e-20))) - size[0]
+        elif kind == 1:  # box, half extents
+            d = sd_box(q, size)
+        elif kind == 2:  # capsule along z: radius size[0], half length of the segment size[1]
+            z = wp.clamp(q[2], -size[1], size[1])
+            d = wp.length(q - vec3(f(0.0), f(0.0), z) + vec3(f(1.0e-20))) - size[0]
+        elif kind == 3:  # cylinder along z: radius size[0], half height size[1]
+            d = sd_cylinder(q, size[0], size[1])
+        elif kind == 4:  # cup open at +z: inner radius size[0], half height size[1], wall size[2]
+            outer = sd_cylinder(q, size[0] + size[2], size[1])
+            inner = sd_cylinder(q - vec3(f(0.0), f(0.0), size[2]), size[0], size[1])
+            d = wp.max(outer, -inner)
+        elif kind == 5:  # half-space below the local xy plane (normal +z)
+            d = q[2]
+        else:
+            d = grid_sdf(q, data, offset, dims, glo, h)
+        return d
+
+    @wp.func
+    def collide(v: vec3, vc: vec3, n: vec3, influence: f, friction: f, sticky: int):
+        """Velocity after contact with a surface of outward normal n moving at vc (Coulomb)."""
+        vrel = v - vc
+        vn = wp.dot(vrel, n)
+        vnew = vrel
+        if sticky != 0:
+            vnew = vec3(f(0.0))
+        elif vn < f(0.0):
+            vt = vrel - n * vn
+            tl = wp.sqrt(wp.dot(vt, vt) + f(1.0e-20))
+            scale = wp.max(f(0.0), tl + friction * vn) / tl
+            vnew = vt * scale
+        return vc + vrel * (f(1.0) - influence) + vnew * influence
+
+    @wp.kernel
+    def grid_velocity(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3, dt: f,
+                      grid_v: wp.array3d(dtype=vec3)):
+        i, j, k = wp.tid()
+        mass = grid_m[i, j, k]
+        if mass > f(0.0):
+            grid_v[i, j, k] = grid_mv[i, j, k] / mass + gravity * dt
+        else:
+            grid_v[i, j, k] = vec3(f(0.0))
+
+    @wp.kernel
+    def grid_collider(grid_v: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), lo: vec3, dx: f,
+                      kind: int, size: vec3, friction: f, softness: f, sticky: int,
+                      sdf_data: wp.array(dtype=f), offset: int, dims: wp.vec3i, glo: vec3, h: f,
+                      state: wp.array(dtype=f), grid_v_out: wp.array3d(dtype=vec3)):
+        # One collider per launch (a new output array each): no loop-carried values for the adjoint.
+        i, j, k = wp.tid()
+        v = grid_v[i, j, k]
+        if grid_m[i, j, k] <= f(0.0):
+            grid_v_out[i, j, k] = v
+            return
+        xn = lo + vec3(f(i), f(j), f(k)) * dx
+        pos = vec3(state[0], state[1], state[2])
+        rot = wp.normalize(quat(state[3], state[4], state[5], state[6]))
+        lin = vec3(state[7], state[8], state[9])
+        ang = vec3(state[10], state[11], state[12])
+        r = xn - pos
+        q = wp.quat_rotate_inv(rot, r)
+        d = shape_sdf(kind, q, size, sdf_data, offset, dims, glo, h)
+        influence = f(0.0)
+        if softness > f(0.0):
+            influence = wp.min(wp.exp(-d * softness), f(1.0))
+        elif d < f(0.0):
+            influence = f(1.0)
+        if influence > f(1.0e-6):
+            # Outward normal by central differences of the local SDF, rotated to the world frame.
+            eps = dx * f(0.1)
+            ex = vec3(eps, f(0.0), f(0.0))
+            ey = vec3(f(0.0), eps, f(0.0))
+            ez = vec3(f(0.0), f(0.0), eps)
+            nl = vec3(shape_sdf(kind, q + ex, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ex, size, sdf_data, offset, dims, glo, h),
+                      shape_sdf(kind, q + ey, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ey, size, sdf_data, offset, dims, glo, h),
+                      shape_sdf(kind, q + ez, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ez, size, sdf_data, offset, dims, glo, h))
+            n = wp.quat_rotate(rot, nl / wp.sqrt(wp.dot(nl, nl) + f(1.0e-20)))
+            vc = lin + wp.cross(ang, r)
+            v = collide(v, vc, n, influence, friction, sticky)
+        grid_v_out[i, j, k] = v
+
+    @wp.func
+    def wall(v: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
+        n = vec3(f(0.0))
+        hit = int(0)
+        if idx < bound and v[axis] < f(0.0):
+            n[axis] = f(1.0)
+            hit = 1
+        if idx >= n_nodes - bound and v[axis] > f(0.0):
+            n[axis] = f(-1.0)
+            hit = 1
+        out = v
+        if hit == 1:
+            if mode == 1:
+                out = vec3(f(0.0))
+            elif mode == 2:
+                out = collide(v, vec3(f(0.0)), n, f(1.0), mu, 0)
+            else:
+                out = collide(v, vec3(f(0.0)), n, f(1.0), f(0.0), 0)
+        return out
+
+    @wp.kernel
+    def grid_walls(grid_v: wp.array3d(dtype=vec3), bound: int, mode: int, mu: f, grid_v_out: wp.array3d(dtype=vec3)):
+        # Domain walls: nodes within `bound` of a face cannot move out through it.
+        i, j, k = wp.tid()
+        v = wall(grid_v[i, j, k], i, grid_v.shape[0], 0, bound, mode, mu)
+        v = wall(v, j, grid_v.shape[1], 1, bound, mode, mu)
+        v = wall(v, k, grid_v.shape[2], 2, bound, mode, mu)
+        grid_v_out[i, j, k] = v
+
+    @wp.kernel
+    def stress_eval(F: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
+                    nu: wp.array(dtype=f), tau: wp.array(dtype=mat33)):
+        # Test and inspection helper: tau(F) of each law.
+        i = wp.tid()
+        tau[i] = kirchhoff_stress(law[i], F[i], E[i], nu[i])
+
+    return {
+        "particle_affine": particle_affine,
+        "plasticity": plasticity,
+        "p2g": p2g,
+        "p2g_adjoint": p2g_adjoint,
+        "g2p": g2p,
+        "g2p_adjoint": g2p_adjoint,
+        "grid_velocity": grid_velocity,
+        "grid_collider": grid_collider,
+        "grid_walls": grid_walls,
+        "stress_eval": stress_eval,
+        "vec3": vec3,
+        "mat33": mat33,
+        "scalar": dtype,
+    }
+
+
+_KERNELS = {"float32": _build(wp.float32), "float64": _build(wp.float64)}
+
+
+def build(dtype_name: str) -> dict:
+    """The kernels of one precision (``"float32"`` or ``"float64"``), built once at import."""
+    return _KERNELS[dtype_name]

@@ -1,0 +1,269 @@
+"""Materials of the MPM solver: names, default parameters, and torch references of every law.
+
+A material is a constitutive law (a Warp device function in ``kernels.py``) plus its parameters.
+Parameters live per particle as device arrays so that each one can take a gradient:
+
+=================  ==========================================================================
+``E`` [Pa]         Young's modulus (fluids: sets the bulk stiffness ``lambda``)
+``nu`` [-]         Poisson's ratio, in (-1, 0.5)
+``density``        [kg/m^3]
+``viscosity``      dynamic viscosity eta [Pa s] of a Newtonian stress ``2 eta dev(sym(grad v))``
+``yield_stress``   von Mises yield stress tau_y [Pa] (plasticine)
+``friction_angle`` Drucker-Prager friction angle [deg] (sand)
+``theta_c``        snow: compression limit of singular values (1 - theta_c)
+``theta_s``        snow: stretch limit of singular values (1 + theta_s)
+=================  ==========================================================================
+
+The torch functions here are the references the kernels are tested against: energy densities
+(first Piola stress is their derivative) and plastic projections, written with
+``torch.linalg.svd``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from diffworld.sims.mpm.kernels import LAW
+
+__all__ = [
+    "MATERIALS",
+    "PARAMETERS",
+    "Material",
+    "device_projection",
+    "device_stress",
+    "energy_density",
+    "kirchhoff_stress",
+    "lame",
+    "material",
+    "plastic_projection",
+]
+
+PARAMETERS = ("E", "nu", "density", "viscosity", "yield_stress", "friction_angle", "theta_c", "theta_s")
+
+# name -> (law, default parameters). Defaults follow FluidLab/NCLaw, rescaled to SI units.
+MATERIALS: dict[str, tuple[str, dict[str, float]]] = {
+    "water": ("fluid", dict(E=1.0e5, nu=0.3, density=1000.0, viscosity=0.0)),
+    "viscous": ("fluid", dict(E=1.0e5, nu=0.3, density=1000.0, viscosity=10.0)),
+    "elastic": ("corotated", dict(E=1.0e5, nu=0.2, density=1000.0)),
+    "jelly": ("corotated", dict(E=1.0e5, nu=0.2, density=1000.0)),
+    "neo_hookean": ("neo_hookean", dict(E=1.0e5, nu=0.3, density=1000.0)),
+    "snow": ("snow", dict(E=1.4e5, nu=0.2, density=400.0, theta_c=2.5e-2, theta_s=7.5e-3)),
+    "plasticine": ("von_mises", dict(E=3.0e5, nu=0.25, density=1000.0, yield_stress=5.0e3)),
+    "sand": ("drucker_prager", dict(E=1.0e6, nu=0.2, density=1600.0, friction_angle=25.0)),
+}
+
+
+@dataclass
+class Material:
+    """One material: a named law and its parameters.
+
+    Attributes:
+        name: A key of :data:`MATERIALS` (water, viscous, elastic, jelly, neo_hookean, snow,
+            plasticine, sand).
+        E, nu, density, viscosity, yield_stress, friction_angle, theta_c, theta_s: see the module
+            docstring; ``None`` takes the material's default.
+    """
+
+    name: str
+    E: float | None = None
+    nu: float | None = None
+    density: float | None = None
+    viscosity: float | None = None
+    yield_stress: float | None = None
+    friction_angle: float | None = None
+    theta_c: float | None = None
+    theta_s: float | None = None
+    law: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in MATERIALS:
+            raise ValueError(f"material: unknown name {self.name!r}; expected one of {sorted(MATERIALS)}")
+        law, defaults = MATERIALS[self.name]
+        self.law = law
+        base = dict(E=1.0e5, nu=0.3, density=1000.0, viscosity=0.0, yield_stress=1.0e30, friction_angle=30.0,
+                    theta_c=2.5e-2, theta_s=7.5e-3)
+        base.update(defaults)
+        for f in fields(self):
+            if f.name in PARAMETERS and getattr(self, f.name) is None:
+                setattr(self, f.name, base[f.name])
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks with messages that name the parameter.
+
+        Raises:
+            ValueError: A parameter outside its physical range.
+        """
+        checks = [("E", self.E > 0, "> 0"), ("nu", -1 < self.nu < 0.5, "in (-1, 0.5)"),
+                  ("density", self.density > 0, "> 0"), ("viscosity", self.viscosity >= 0, ">= 0"),
+                  ("yield_stress", self.yield_stress > 0, "> 0"),
+                  ("friction_angle", 0 <= self.friction_angle < 90, "in [0, 90) degrees"),
+                  ("theta_c", 0 <= self.theta_c < 1, "in [0, 1)"), ("theta_s", self.theta_s >= 0, ">= 0")]
+        for name, ok, want in checks:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)) or not ok:
+                raise ValueError(f"material '{self.name}': {name} expected {want}, got {value!r}")
+
+    @property
+    def law_id(self) -> int:
+        return LAW[self.law]
+
+    def parameters(self) -> dict[str, float]:
+        """Per-particle parameter values, with friction_angle converted to radians."""
+        out = {p: float(getattr(self, p)) for p in PARAMETERS}
+        out["friction_angle"] = math.radians(out["friction_angle"])
+        return out
+
+
+def material(name: str, **params: float) -> Material:
+    """Shorthand for :class:`Material`."""
+    return Material(name, **params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Torch references (batched over a leading dimension; F has shape (N, 3, 3))
+# ------------------------------------------------------------------------------------------------
+
+def lame(E: torch.Tensor, nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lame parameters (mu, lambda) [Pa] from Young's modulus and Poisson's ratio."""
+    return E / (2 * (1 + nu)), E * nu / ((1 + nu) * (1 - 2 * nu))
+
+
+def _hencky(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, s, Vh = torch.linalg.svd(F)
+    return U, s, Vh, torch.log(s.clamp_min(0.05))
+
+
+def energy_density(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """Elastic energy density psi(F) [J/m^3] of a law, shape (N,). Its F-derivative is P."""
+    mu, lam = lame(E, nu)
+    J = torch.linalg.det(F)
+    if law == "fluid":
+        return 0.5 * lam * (J - 1) ** 2
+    if law in ("corotated", "snow"):
+        s = torch.linalg.svdvals(F)
+        return mu * ((s - 1) ** 2).sum(-1) + 0.5 * lam * (J - 1) ** 2
+    if law == "neo_hookean":
+        logJ = torch.log(J)
+        return 0.5 * mu * ((F * F).sum((-1, -2)) - 3) - mu * logJ + 0.5 * lam * logJ ** 2
+    if law in ("von_mises", "drucker_prager"):
+        eps = torch.log(torch.linalg.svdvals(F).clamp_min(0.05))
+        return mu * (eps ** 2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
+    raise ValueError(f"law: unknown {law!r}")
+
+
+def kirchhoff_stress(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """Closed-form Kirchhoff stress tau = P F^T [Pa] of a law, shape (N, 3, 3)."""
+    mu, lam = lame(E, nu)
+    mu, lam = mu[:, None, None], lam[:, None, None]
+    J = torch.linalg.det(F)[:, None, None]
+    eye = torch.eye(3, dtype=F.dtype, device=F.device).expand_as(F)
+    Ft = F.transpose(-1, -2)
+    if law == "fluid":
+        return lam * J * (J - 1) * eye
+    if law in ("corotated", "snow"):
+        U, _, Vh = torch.linalg.svd(F)
+        R = U @ Vh
+        return 2 * mu * (F - R) @ Ft + lam * J * (J - 1) * eye
+    if law == "neo_hookean":
+        return mu * (F @ Ft - eye) + lam * torch.log(J) * eye
+    if law in ("von_mises", "drucker_prager"):
+        U, _, _, eps = _hencky(F)
+        t = 2 * mu[..., 0] * eps + lam[..., 0] * eps.sum(-1, keepdim=True)
+        return U @ torch.diag_embed(t) @ U.transpose(-1, -2)
+    raise ValueError(f"law: unknown {law!r}")
+
+
+def plastic_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor, yield_stress: torch.Tensor,
+                       friction_angle: torch.Tensor, theta_c: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
+    """Return mapping of a trial deformation gradient (angles in radians), shape (N, 3, 3)."""
+    if law in ("corotated", "neo_hookean"):
+        return F
+    if law == "fluid":
+        J = torch.linalg.det(F)
+        return J.pow(1 / 3)[:, None, None] * torch.eye(3, dtype=F.dtype, device=F.device)
+    U, s, Vh = torch.linalg.svd(F)
+    if law == "snow":
+        s_new = torch.minimum(torch.maximum(s, (1 - theta_c)[:, None]), (1 + theta_s)[:, None])
+        return U @ torch.diag_embed(s_new) @ Vh
+    mu, lam = lame(E, nu)
+    eps = torch.log(s.clamp_min(0.05))
+    tr = eps.sum(-1, keepdim=True)
+    dev = eps - tr / 3
+    ndev = dev.norm(dim=-1, keepdim=True)
+    if law == "von_mises":
+        r = (yield_stress / (2 * mu))[:, None]
+        proj = tr / 3 + r * dev / ndev.clamp_min(1e-30)
+        eps_new = torch.where(ndev > r, proj, eps)
+    else:
+        sphi = torch.sin(friction_angle)
+        alpha = (math.sqrt(2 / 3) * 2 * sphi / (3 - sphi))[:, None]
+        ratio = ((1 + nu) / (1 - 2 * nu))[:, None]
+        dgam = ndev + ratio * tr * alpha
+        proj = eps - dgam * dev / ndev.clamp_min(1e-30)
+        eps_new = torch.where((dgam > 0) & (ndev > 0), proj, eps)
+        eps_new = torch.where(tr >= 0, torch.zeros_like(eps), eps_new)
+    return U @ torch.diag_embed(torch.exp(eps_new)) @ Vh
+
+
+# ------------------------------------------------------------------------------------------------
+# The device laws as torch ops (inspection, tests): forward and adjoint launch the Warp kernels
+# ------------------------------------------------------------------------------------------------
+
+def _law_ids(law: str, n: int, device) -> torch.Tensor:
+    if law not in LAW:
+        raise ValueError(f"law: expected one of {list(LAW)}, got {law!r}")
+    return torch.full((n,), LAW[law], dtype=torch.int32, device=device)
+
+
+class _KernelOp(torch.autograd.Function):
+    """y = kernel(F, *params) for the per-particle kernels ``stress_eval`` and ``plasticity``."""
+
+    @staticmethod
+    def forward(ctx, name: str, law: torch.Tensor, F: torch.Tensor, *params: torch.Tensor):
+        from diffworld.engine.bridge import launch, to_warp
+
+        k = _kernels(F.dtype)
+        F = F.contiguous()
+        params = tuple(p.contiguous() for p in params)
+        out = torch.empty_like(F)
+        ins = [to_warp(F, k["mat33"]), to_warp(law), *(to_warp(p) for p in params)]
+        launch(k[name], F.shape[0], ins, F.device, outputs=[to_warp(out, k["mat33"])])
+        ctx.name, ctx.law = name, law
+        ctx.save_for_backward(F, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        from diffworld.engine.bridge import launch, to_warp
+
+        F, *params = ctx.saved_tensors
+        k = _kernels(F.dtype)
+        gF = torch.zeros_like(F)
+        gp = [torch.zeros_like(p) for p in params]
+        ins = [to_warp(F, k["mat33"]), to_warp(ctx.law), *(to_warp(p) for p in params)]
+        launch(k[ctx.name], F.shape[0], ins, F.device, outputs=[to_warp(torch.empty_like(F), k["mat33"])],
+               adjoint=True, adj_inputs=[to_warp(gF, k["mat33"]), None, *(to_warp(p) for p in gp)],
+               adj_outputs=[to_warp(g.contiguous(), k["mat33"])])
+        return (None, None, gF, *gp)
+
+
+def _kernels(dtype: torch.dtype) -> dict:
+    from diffworld.sims.mpm.kernels import build
+
+    return build("float64" if dtype == torch.float64 else "float32")
+
+
+def device_stress(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """Kirchhoff stress of the Warp device law, differentiable (shape (N, 3, 3))."""
+    return _KernelOp.apply("stress_eval", _law_ids(law, F.shape[0], F.device), F, E, nu)
+
+
+def device_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor, yield_stress: torch.Tensor,
+                      friction_angle: torch.Tensor, theta_c: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
+    """Plastic projection of the Warp device law, differentiable (shape (N, 3, 3))."""
+    return _KernelOp.apply("plasticity", _law_ids(law, F.shape[0], F.device), F, E, nu, yield_stress,
+                           friction_angle, theta_c, theta_s)

@@ -1,0 +1,187 @@
+"""Differentiable rollouts with checkpoint windows (ARCHITECTURE contract 5).
+
+A rollout of T substeps is a chain of torch ops, one per *window* of at most K substeps. A window's
+forward keeps nothing but its input state (the checkpoint); its backward recomputes the window
+keeping every intermediate, then runs the substep adjoints in reverse. Memory is O(T/K) particle
+states plus one window's intermediates; compute is about two forwards and one backward.
+
+Losses may read any recorded state: windows end at every recording point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Model, State, Stepper
+
+__all__ = ["Rollout", "SimulationError", "rollout", "check_state", "stable_dt"]
+
+
+class SimulationError(RuntimeError):
+    """A rollout produced an unusable state (NaN/Inf, particles leaving the domain, CFL breach)."""
+
+
+class Rollout(NamedTuple):
+    """Result of :func:`rollout`.
+
+    Attributes:
+        states: Recorded states: index 0 is the initial state, then one every ``record_every``
+            substeps (and the final state).
+        substeps: Substep index of each recorded state.
+    """
+
+    states: list[State]
+    substeps: list[int]
+
+    @property
+    def final(self) -> State:
+        return self.states[-1]
+
+    def positions(self) -> torch.Tensor:
+        """Recorded positions, shape (R, N, 3)."""
+        return torch.stack([s.x for s in self.states])
+
+
+class _Window(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stepper: Stepper, n_sub: int, control: torch.Tensor, x, v, C, F, *params):
+        state = State(x, v, C, F)
+        has_col = control.shape[1] > 0
+        with torch.no_grad():
+            for s in range(n_sub):
+                state, _ = stepper.substep(state, params, control[s] if has_col else None)
+        ctx.stepper, ctx.n_sub = stepper, n_sub
+        ctx.save_for_backward(control, x, v, C, F, *params)
+        return tuple(state)
+
+    @staticmethod
+    def backward(ctx, gx, gv, gC, gF):
+        control, x, v, C, F, *params = ctx.saved_tensors
+        stepper: Stepper = ctx.stepper
+        has_col = control.shape[1] > 0
+        state = State(x, v, C, F)
+        saved = []
+        with torch.no_grad():
+            for s in range(ctx.n_sub):
+                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True)
+                saved.append(keep)
+            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip(state, (gx, gv, gC, gF))))
+            adj_params = [torch.zeros_like(p) for p in params]
+            adj_control = torch.zeros_like(control)
+            for s in range(ctx.n_sub - 1, -1, -1):
+                adj = stepper.substep_adjoint(saved[s], params, adj, adj_params,
+                                              adj_control[s] if has_col else None)
+                saved[s] = None  # free this substep's intermediates as soon as they are used
+        ctx.stepper = None
+        return (None, None, adj_control, *adj, *adj_params)
+
+
+def stable_dt(model: Model, cfl: float = 0.5) -> float:
+    """Largest substep [s] the elastic wave speed allows: ``cfl * dx / max c``.
+
+    ``c = sqrt((lambda + 2 mu) / rho)`` is the P-wave speed of each particle's material.
+    """
+    p = model.params
+    E, nu, rho = p["E"].detach(), p["nu"].detach(), p["density"].detach()
+    mu = E / (2 * (1 + nu))
+    lam = E * nu / ((1 + nu) * (1 - 2 * nu))
+    c = torch.sqrt((lam + 2 * mu) / rho).max()
+    # Viscous diffusion limit: dt <= dx^2 rho / (2 eta) ... (explicit viscosity), times cfl.
+    eta = p["viscosity"].detach()
+    visc = (model.grid.dx ** 2 * rho / (6 * eta.clamp_min(1e-30))).min()
+    return float(min(cfl * model.grid.dx / float(c), float(visc)))
+
+
+def check_state(model: Model, state: State, substep: int) -> None:
+    """Raise :class:`SimulationError` for NaN/Inf, particles outside the grid, or a CFL breach.
+
+    Args:
+        model: The model.
+        state: State after ``substep`` substeps.
+        substep: Substep index (for the message).
+    """
+    with torch.no_grad():
+        for name, t in zip(State._fields, state):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                idx = int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0])
+                raise SimulationError(f"non-finite {name} of particle {idx} after substep {substep}; "
+                                      f"lower dt or check the material parameters")
+        lo, hi = model.grid.inner_box()
+        lo_t = torch.tensor(lo, dtype=state.x.dtype, device=state.x.device)
+        hi_t = torch.tensor(hi, dtype=state.x.dtype, device=state.x.device)
+        out = (state.x < lo_t - model.grid.dx) | (state.x > hi_t + model.grid.dx)
+        if bool(out.any()):
+            idx = int(out.any(1).nonzero()[0])
+            raise SimulationError(f"particle {idx} left the domain after substep {substep} "
+                                  f"(x = {state.x[idx].tolist()}, domain interior {lo}..{hi})")
+        vmax = float(state.v.norm(dim=1).max()) if state.v.shape[0] else 0.0
+        if vmax * model.dt > model.grid.dx:
+            raise SimulationError(
+                f"CFL breached after substep {substep}: a particle moves {vmax * model.dt / model.grid.dx:.2f} cells "
+                f"per substep (|v| = {vmax:.3g} m/s, dt = {model.dt:.3g} s, dx = {model.grid.dx:.3g} m); the "
+                f"transfer assumes less than 1. Lower dt to at most {model.grid.dx / vmax:.3g} s or slow the effectors")
+
+
+def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor | None = None, *,
+            window: int = 16, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
+            stepper: Stepper | None = None, check: bool = True) -> Rollout:
+    """Simulate ``n_substeps`` substeps, differentiably.
+
+    Args:
+        model: The model.
+        state: Initial state (its tensors may require gradients).
+        n_substeps: Number of substeps.
+        control: Collider states per substep, shape (n_substeps, n_colliders, 13); required when
+            the model has colliders. Differentiable.
+        window: Substeps per checkpoint window (memory vs recompute trade-off).
+        record_every: Record the state every this many substeps (default: only the final state).
+        params: Per-particle parameters overriding ``model.params`` (e.g. tensors that require
+            gradients); missing names fall back to the model's.
+        stepper: A :class:`Stepper` to reuse (kernels and collider buffers are prepared once).
+        check: Check every recorded state (:func:`check_state`).
+
+    Returns:
+        A :class:`Rollout`.
+
+    Raises:
+        ValueError: Wrong control shape or arguments.
+        SimulationError: NaN/Inf, particles leaving the domain, or a CFL breach.
+    """
+    if n_substeps < 0 or window < 1:
+        raise ValueError(f"rollout: expected n_substeps >= 0 and window >= 1, got {n_substeps}, {window}")
+    n_col = len(model.colliders)
+    dtype, device = model.dtype, model.device
+    if n_col:
+        if control is None or tuple(control.shape) != (n_substeps, n_col, 13):
+            got = None if control is None else tuple(control.shape)
+            raise ValueError(f"control: expected shape ({n_substeps}, {n_col}, 13) (substeps, colliders, state), "
+                             f"got {got}")
+        control = control.to(dtype)
+    else:
+        control = torch.zeros((n_substeps, 0, 13), dtype=dtype, device=device)
+    merged = dict(model.params)
+    for name, t in (params or {}).items():
+        if name not in PARTICLE_PARAMS:
+            raise ValueError(f"params: unknown parameter {name!r}; expected one of {list(PARTICLE_PARAMS)}")
+        merged[name] = t.expand(model.n_particles) if t.dim() == 0 else t
+    plist = [merged[name].to(dtype).contiguous() for name in PARTICLE_PARAMS]
+    stepper = stepper or Stepper(model)
+    record = record_every or n_substeps or 1
+    states, steps = [state], [0]
+    s = 0
+    while s < n_substeps:
+        next_record = min((s // record + 1) * record, n_substeps)
+        n = min(window, next_record - s)
+        out = _Window.apply(stepper, n, control[s:s + n], *(t.contiguous() for t in state), *plist)
+        state = State(*out)
+        s += n
+        if s == next_record:
+            if check:
+                check_state(model, state, s)
+            states.append(state)
+            steps.append(s)
+    return Rollout(states, steps)
