@@ -54,12 +54,15 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scene.yaml").write_text(yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False))
     from diffworld.engine.driver import NonFiniteError
+    from diffworld.sims.mpm.rollout import SimulationError
 
     try:
         metrics = TASKS.builder(scene.task.type)(scene, runtime, out_dir, resume=resume, progress=progress,
                                                  optimize=optimize)
-    except NonFiniteError as exc:
+    except (NonFiniteError, SimulationError) as exc:
         _fail(str(exc), code=1)
+    except ValueError as exc:  # a scene that validates but cannot be built (e.g. dt above the limit)
+        _fail(f"{scene_path}: {exc}")
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"outputs in {out_dir}")
 

@@ -47,6 +47,7 @@ import numpy as np
 __all__ = [
     "render_backend",
     "render_mesh",
+    "render_particles",
     "render_points",
     "render_side_by_side",
     "render_turntable",
@@ -440,10 +441,14 @@ def _resolve_backend(backend: str, stacklevel: int) -> str:
 
 
 def _render(views: list[_View], window: tuple[int, int], azimuth: float, elevation: float,
-            frame_azimuths: Sequence[float], backend: str) -> list[np.ndarray]:
-    """Render every frame (azimuth offsets) of the views side by side -> list of (H, W, 3) uint8."""
+            frame_azimuths: Sequence[float], backend: str,
+            framing: tuple[np.ndarray, float] | None = None) -> list[np.ndarray]:
+    """Render every frame (azimuth offsets) of the views side by side -> list of (H, W, 3) uint8.
+
+    ``framing`` (centre, radius) fixes the camera (an animation keeps one framing for all frames).
+    """
     chosen = _resolve_backend(backend, stacklevel=4)
-    center, radius = _frame(views)
+    center, radius = framing if framing is not None else _frame(views)
     aspect = (window[0] / len(views)) / window[1]
     margin = FRAME_MARGIN * (TITLE_ROOM if any(v.title for v in views) else 1.0)
     cams = [_camera(center, radius, azimuth + d, elevation, aspect, margin) for d in frame_azimuths]
@@ -847,3 +852,66 @@ def render_turntable(path: PathLike, vertices: ArrayLike, faces: ArrayLike, *, n
     frames = _render([_View([layer], _check_title(title, "title"))], window, az, el,
                      [i * step for i in range(int(n_frames))], backend)
     return _write_movie(out, frames, fps)
+
+
+def render_particles(path: PathLike, frames: Sequence[tuple[ArrayLike, ArrayLike | None]], *,
+                     meshes: Sequence[Sequence[tuple[ArrayLike, ArrayLike]]] | None = None,
+                     bounds: tuple[Sequence[float], Sequence[float]] | None = None, fps: float = 12,
+                     point_size: float = 4.0, mesh_color: Any = MESH_COLOR, mesh_opacity: float = 0.45,
+                     window_size: tuple[int, int] = (640, 480), camera: str | tuple[float, float] = "iso",
+                     titles: Sequence[str | None] | None = None, backend: str = "auto") -> pathlib.Path:
+    """Render particle frames (coloured points, plus meshes such as colliders) to a PNG or a movie.
+
+    One camera frames every frame (the ``bounds`` box, else everything drawn), so motion reads
+    as motion.
+
+    Args:
+        path: ``.png``/``.jpg`` (only the first frame), or ``.gif``/``.mp4`` (every frame).
+        frames: Per frame ``(points (N, 3), colors)``; colors as in :func:`render_points`.
+        meshes: Per frame a list of ``(vertices, faces)`` drawn semi-transparent (or None).
+        bounds: Box (lower, upper) [m] that the camera frames.
+        fps: Frames per second of a movie.
+        point_size: Point diameter [px].
+        mesh_color: Color of the meshes.
+        mesh_opacity: Opacity of the meshes in (0, 1].
+        window_size: Frame size (width, height) [px].
+        camera: ``"iso"``, ``"front"``, ``"side"``, ``"top"`` or (azimuth, elevation) [deg].
+        titles: Per-frame titles (or None).
+        backend: ``"auto"``, ``"pyvista"`` or ``"matplotlib"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: No frames, bad shapes, unknown camera, bad sizes.
+    """
+    movie = pathlib.Path(path).suffix.lower() in MOVIE_SUFFIXES
+    out = _check_path(path, MOVIE_SUFFIXES if movie else IMAGE_SUFFIXES)
+    if not frames:
+        raise ValueError("Expected at least one frame in 'frames', got none")
+    window = _check_window(window_size)
+    az, el = _check_camera(camera)
+    mcolor = _check_color(mesh_color, "mesh_color")
+    opacity = _check_opacity(mesh_opacity, "mesh_opacity")
+    size = _check_positive("point_size", point_size)
+    views = []
+    for i, (pts, colors) in enumerate(frames if movie else frames[:1]):
+        p = _check_points(f"frames[{i}][0]", pts)
+        layers = [_Layer(p, None, POINT_COLOR, point_rgb=_point_colors(colors, p.shape[0], "viridis"),
+                         point_size=size)]
+        for j, mesh in enumerate((meshes[i] if meshes is not None else [])):
+            layers.append(_mesh_layer(f"meshes[{i}][{j}]", mesh, mcolor, opacity))
+        title = titles[i] if titles is not None else None
+        views.append(_View(layers, _check_title(title, f"titles[{i}]")))
+    if bounds is not None:
+        lo, hi = np.asarray(bounds[0], dtype=np.float64), np.asarray(bounds[1], dtype=np.float64)
+        framing = (0.5 * (lo + hi), float(np.linalg.norm(hi - lo)) / 2)
+    else:
+        framing = _frame(views)
+    images = [_render([v], window, az, el, [0.0], backend, framing)[0] for v in views]
+    if not movie:
+        return _write_image(out, images[0])
+    if out.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        out = out.with_suffix(".gif")
+    return _write_movie(out, images, _check_positive("fps", fps))
+

@@ -20,7 +20,7 @@ from diffworld.engine.scene.schema import build_scene_model
 __all__ = ["SceneError", "load_scene", "load_yaml", "scene_json_schema", "scene_model"]
 
 # Modules whose import registers task types. New simulators add themselves here.
-TASK_MODULES = ("diffworld.geometry.reconstruction_task",)
+TASK_MODULES = ("diffworld.geometry.reconstruction_task", "diffworld.sims.mpm.task")
 
 
 class SceneError(ValueError):

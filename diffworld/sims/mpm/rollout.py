@@ -110,10 +110,12 @@ def check_state(model: Model, state: State, substep: int) -> None:
                 idx = int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0])
                 raise SimulationError(f"non-finite {name} of particle {idx} after substep {substep}; "
                                       f"lower dt or check the material parameters")
-        lo, hi = model.grid.inner_box()
+        # The B-spline stencil of a particle must stay on the grid: one cell from the faces.
+        lo = tuple(a + model.grid.dx for a in model.grid.lower)
+        hi = tuple(b - model.grid.dx for b in model.grid.upper)
         lo_t = torch.tensor(lo, dtype=state.x.dtype, device=state.x.device)
         hi_t = torch.tensor(hi, dtype=state.x.dtype, device=state.x.device)
-        out = (state.x < lo_t - model.grid.dx) | (state.x > hi_t + model.grid.dx)
+        out = (state.x < lo_t) | (state.x > hi_t)
         if bool(out.any()):
             idx = int(out.any(1).nonzero()[0])
             raise SimulationError(f"particle {idx} left the domain after substep {substep} "

@@ -1,0 +1,173 @@
+"""Collider motion as torch ops (differentiable), and collider meshes for rendering.
+
+The solver reads one kinematic state per collider per substep (position, quaternion x y z w,
+linear and angular velocity; see :mod:`diffworld.sims.mpm.solver`). These functions build that
+tensor from what a user optimizes:
+
+* :func:`from_velocities`: per-control-step linear and angular velocities (FluidLab's actions),
+  integrated substep by substep from an initial pose;
+* :func:`from_keyframes`: poses at given times, interpolated linearly (positions) and by
+  normalized linear blending (rotations), velocities from the differences.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from diffworld.sims.mpm.solver import Collider
+
+__all__ = ["axis_angle_to_quat", "collider_mesh", "from_keyframes", "from_velocities", "quat_multiply",
+           "quat_to_matrix", "static"]
+
+
+def axis_angle_to_quat(aa: torch.Tensor) -> torch.Tensor:
+    """Quaternions (x, y, z, w) of rotation vectors [rad], shape (..., 3) -> (..., 4)."""
+    angle = torch.sqrt((aa * aa).sum(-1, keepdim=True) + 1e-30)
+    axis = aa / angle
+    half = 0.5 * angle
+    return torch.cat([axis * torch.sin(half), torch.cos(half)], -1)
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a * b of (x, y, z, w) quaternions."""
+    av, aw = a[..., :3], a[..., 3:]
+    bv, bw = b[..., :3], b[..., 3:]
+    return torch.cat([aw * bv + bw * av + torch.cross(av, bv, dim=-1), aw * bw - (av * bv).sum(-1, keepdim=True)], -1)
+
+
+def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices of (x, y, z, w) quaternions (normalized first), (..., 4) -> (..., 3, 3)."""
+    q = q / q.norm(dim=-1, keepdim=True)
+    x, y, z, w = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).reshape(*q.shape[:-1], 3, 3)
+
+
+def static(position: Sequence[float], rotation: Sequence[float] = (0.0, 0.0, 0.0), n_substeps: int = 1,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A collider at rest: shape (n_substeps, 13). ``rotation`` is a rotation vector [rad]."""
+    q = axis_angle_to_quat(torch.tensor(rotation, dtype=torch.float64))
+    row = torch.cat([torch.tensor(position, dtype=torch.float64), q, torch.zeros(6, dtype=torch.float64)])
+    return row.to(dtype).expand(n_substeps, 13).clone()
+
+
+def from_velocities(position: torch.Tensor, rotation: torch.Tensor, velocities: torch.Tensor, substeps: int,
+                    dt: float) -> torch.Tensor:
+    """Integrate per-control-step velocities into per-substep collider states.
+
+    Args:
+        position: Initial position [m], shape (3,).
+        rotation: Initial rotation vector [rad], shape (3,).
+        velocities: Per control step (linear [m/s], angular [rad/s]), shape (S, 6); differentiable.
+        substeps: Substeps per control step.
+        dt: Substep [s].
+
+    Returns:
+        States at the start of every substep, shape (S * substeps, 13).
+    """
+    S = velocities.shape[0]
+    v = velocities.repeat_interleave(substeps, 0)  # (T, 6)
+    lin, ang = v[:, :3], v[:, 3:]
+    # Position at the start of substep t: p0 + dt * sum_{s < t} v_s.
+    pos = position + dt * torch.cumsum(torch.cat([torch.zeros_like(lin[:1]), lin[:-1]]), 0)
+    q0 = axis_angle_to_quat(rotation)
+    dq = axis_angle_to_quat(ang * dt)  # rotation of one substep (world frame)
+    quats = [q0]
+    for t in range(S * substeps - 1):
+        quats.append(quat_multiply(dq[t], quats[-1]))
+    return torch.cat([pos, torch.stack(quats), lin, ang], -1)
+
+
+def from_keyframes(times: Sequence[float], positions: torch.Tensor, rotations: torch.Tensor, n_substeps: int,
+                   dt: float) -> torch.Tensor:
+    """Piecewise-linear motion through keyframes.
+
+    Args:
+        times: Increasing keyframe times [s], length K >= 1 (held before the first and after the last).
+        positions: [m], shape (K, 3); differentiable.
+        rotations: Rotation vectors [rad], shape (K, 3); differentiable.
+        n_substeps: Number of substeps T.
+        dt: Substep [s].
+
+    Returns:
+        Collider states, shape (T, 13).
+    """
+    K = len(times)
+    if K == 0 or positions.shape != (K, 3) or rotations.shape != (K, 3):
+        raise ValueError(f"keyframes: expected K >= 1 times with positions and rotations of shape (K, 3), got "
+                         f"{K} times, {tuple(positions.shape)}, {tuple(rotations.shape)}")
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"keyframes: times must increase, got {list(times)}")
+    dtype = positions.dtype
+    t = torch.arange(n_substeps, dtype=torch.float64) * dt
+    tk = torch.tensor(list(times), dtype=torch.float64)
+    seg = torch.clamp(torch.searchsorted(tk, t, right=True) - 1, 0, max(K - 2, 0))
+    if K == 1:
+        a = torch.zeros_like(t)
+        i0 = i1 = torch.zeros_like(seg)
+        rate = torch.zeros_like(t)
+    else:
+        i0, i1 = seg, seg + 1
+        span = tk[i1] - tk[i0]
+        a = ((t - tk[i0]) / span).clamp(0, 1)
+        rate = torch.where((t >= tk[0]) & (t < tk[-1]), 1.0 / span, torch.zeros_like(span))
+    a_ = a.to(dtype)[:, None]
+    pos = positions[i0] * (1 - a_) + positions[i1] * a_
+    lin = (positions[i1] - positions[i0]) * rate.to(dtype)[:, None]
+    q0, q1 = axis_angle_to_quat(rotations[i0]), axis_angle_to_quat(rotations[i1])
+    q1 = torch.where(((q0 * q1).sum(-1, keepdim=True) < 0), -q1, q1)
+    q = q0 * (1 - a_) + q1 * a_
+    q = q / q.norm(dim=-1, keepdim=True)
+    ang = (rotations[i1] - rotations[i0]) * rate.to(dtype)[:, None]  # exact for rotations about one axis
+    return torch.cat([pos, q, lin, ang], -1)
+
+
+def collider_mesh(c: Collider, state: torch.Tensor, plane_extent: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A triangle mesh of a collider at one kinematic state (for rendering).
+
+    Args:
+        c: The collider.
+        state: Its state, shape (13,).
+        plane_extent: Half size [m] of the square drawn for a plane.
+
+    Returns:
+        (vertices (V, 3), faces (F, 3)) as numpy arrays.
+    """
+    import trimesh
+
+    s = c.size
+    if c.shape == "sphere":
+        m = trimesh.creation.icosphere(subdivisions=2, radius=s[0])
+    elif c.shape == "box":
+        m = trimesh.creation.box(extents=[2 * s[0], 2 * s[1], 2 * s[2]])
+    elif c.shape == "capsule":
+        m = trimesh.creation.capsule(height=2 * s[1], radius=s[0])
+        m.apply_translation([0, 0, -s[1]])
+    elif c.shape == "cylinder":
+        m = trimesh.creation.cylinder(radius=s[0], height=2 * s[1])
+    elif c.shape == "cup":
+        outer = trimesh.creation.annulus(r_min=s[0], r_max=s[0] + s[2], height=2 * s[1])
+        bottom = trimesh.creation.cylinder(radius=s[0] + s[2], height=s[2])
+        bottom.apply_translation([0, 0, -s[1] + s[2] / 2])
+        m = trimesh.util.concatenate([outer, bottom])
+    elif c.shape == "plane":
+        e = plane_extent
+        m = trimesh.Trimesh(vertices=[[-e, -e, 0], [e, -e, 0], [e, e, 0], [-e, e, 0]], faces=[[0, 1, 2], [0, 2, 3]])
+    else:
+        from diffworld.geometry.marching_cubes import marching_cubes
+
+        vals = c.sdf.detach().cpu().double()
+        lo = np.asarray(c.sdf_lower, dtype=np.float64)
+        hi = lo + c.sdf_spacing * (np.asarray(vals.shape) - 1)
+        iso = marching_cubes(vals, (tuple(lo), tuple(hi)))
+        m = trimesh.Trimesh(vertices=iso.vertices.numpy(), faces=iso.faces.numpy(), process=False)
+    st = state.detach().cpu().double()
+    R = quat_to_matrix(st[3:7]).numpy()
+    v = np.asarray(m.vertices) @ R.T + st[:3].numpy()
+    return v, np.asarray(m.faces, dtype=np.int64)
