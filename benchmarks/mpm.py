@@ -8,14 +8,16 @@ Throughput table, for water / jelly (fixed corotated) / plasticine (von Mises) a
 particles, in particle-substeps per second (N * substeps / seconds); every measurement follows a
 warm-up that loads the kernels:
 
-* ours forward: ``mpm.Stepper.substep`` in a loop under ``torch.no_grad()`` (no autograd);
+* ours forward: ``mpm.Stepper.substep`` in a loop under ``torch.no_grad()`` (no autograd),
+  median of 3 runs;
 * ours forward + backward: ``mpm.rollout(..., window=min(T, 50))`` with ``x0.requires_grad_()``,
   then ``(x_T ** 2).sum().backward()``; the rate counts both; ``bwd/fwd`` is the time of
   ``backward()`` (which recomputes each window's forward, then runs the adjoints) over the time
   of the rollout's forward;
 * Taichi forward: ``benchmarks/mpm_taichi.py``, the same substep in FluidLab's formulation, from
   the very same initial positions, ``ti.init(arch=ti.cpu, cpu_max_num_threads=2)`` (and, in a
-  second column, 1 thread: Warp's CPU kernels run on one thread);
+  second column, 1 thread: Warp's CPU kernels run on one thread); median of 3 runs after a
+  compile warm-up;
 * ``max |dx|``: largest difference of final positions, ours vs Taichi, in cells (a check that
   both run the same substep).
 
@@ -26,11 +28,12 @@ possible, the growth of ``ru_maxrss``) minus the resident memory before it; the 
 state and loaded kernels are excluded. Window 50 (checkpoints) vs window = T (one window: no
 checkpoints, every substep's intermediates kept at once, ~33 MB per substep at 100k particles).
 A 1000-substep unwindowed rollout does not fit in 24 GB, so it is extrapolated (labelled) from
-the measured horizons; the windowed 1000-substep run is measured when its predicted time is
-below ``--max-windowed-s``, otherwise 200 substeps are measured and 1000 extrapolated. Last, a
+the measured horizons; the windowed 1000-substep run is measured when its predicted time (5x the
+measured 200-substep windowed run) is below ``--max-windowed-s`` (240 s), otherwise it is
+extrapolated (labelled) from the windowed runs at 50, 100 and 200 substeps. Last, a
 2,000-substep rollout of ~50k particles back-propagated with window 50 must stay under 6 GB.
 
-Default runtime on a 2-core CPU: about 15 minutes (``--quick``: about 3, skips the long memory
+Default runtime on a 2-core CPU: about 13 minutes (``--quick``: about 5, skips the long memory
 runs). Usage::
 
     python benchmarks/mpm.py [--quick] [--device cpu|cuda] [--taichi-threads 2]
@@ -96,27 +99,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def ours_forward(model, state, n_substeps: int) -> tuple[float, "object"]:
-    """Seconds of ``n_substeps`` no-grad substeps (after a 2-substep warm-up), final state."""
+def ours_forward(model, state, n_substeps: int, repeat: int = 3) -> tuple[float, "object"]:
+    """Median seconds of ``n_substeps`` no-grad substeps from ``state`` over ``repeat`` runs (after
+    a 2-substep warm-up), and the final state."""
+    import statistics
+
     import torch
 
     from diffworld.sims import mpm
 
     stepper = mpm.Stepper(model)
     params = [model.params[k].contiguous() for k in mpm.PARTICLE_PARAMS]
+    times = []
     with torch.no_grad():
         s = state
         for _ in range(2):
             s, _ = stepper.substep(s, params, None)
-        _sync(model.device)
-        t0 = time.perf_counter()
-        s = state
-        for _ in range(n_substeps):
-            s, _ = stepper.substep(s, params, None)
-        _sync(model.device)
-        seconds = time.perf_counter() - t0
+        for _ in range(max(1, repeat)):
+            _sync(model.device)
+            t0 = time.perf_counter()
+            s = state
+            for _ in range(n_substeps):
+                s, _ = stepper.substep(s, params, None)
+            _sync(model.device)
+            times.append(time.perf_counter() - t0)
     mpm.check_state(model, s, n_substeps)  # raises on NaN/Inf or particles leaving the domain
-    return seconds, s
+    return statistics.median(times), s
 
 
 def ours_forward_backward(model, state, n_substeps: int, window: int) -> tuple[float, float]:
@@ -182,10 +190,12 @@ def child_memory(spec: dict) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     peak_kib = _status_kib()["VmHWM"] if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ok = bool(torch.isfinite(x0.grad).all())
+    finite = torch.isfinite(x0.grad)
+    absmax = float(x0.grad[finite].abs().max()) if bool(finite.any()) else float("nan")
     gpu = (torch.cuda.max_memory_allocated() - gpu_base) if torch.device(device).type == "cuda" else None
     return dict(particles=model.n_particles, seconds=seconds, peak_bytes=max(0, peak_kib - base_kib) * 1024.0,
-                method=method, grad_finite=ok, gpu_peak_bytes=gpu)
+                method=method, grad_finite=bool(finite.all()), grad_nonfinite=int((~finite).sum()),
+                grad_absmax=absmax, gpu_peak_bytes=gpu)
 
 
 def run_child(spec: dict) -> dict:
@@ -268,59 +278,64 @@ def fit_line(ts: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def memory_table(args, rates: dict) -> None:
+    cuda = args.device.startswith("cuda")
     say(f"\n## Memory of a differentiable rollout + backward ({MEM_MATERIAL}, ~{MEM_PARTICLES:,} particles, "
         f"device {args.device}; one child process each)\n")
-    cuda = args.device.startswith("cuda")
-    say("| substeps T | window | peak RSS increase | time [s] | grad finite | note |" if not cuda else
-        "| substeps T | window | peak RSS increase | GPU peak | time [s] | grad finite | note |")
-    say("|---:|---:|---:|---:|---:|---|" if not cuda else "|---:|---:|---:|---:|---:|---:|---|")
-    horizons = (50, 100) if args.quick else (50, 100, 200)
-    plan = []
-    for T in horizons:
-        if T > WINDOW:
-            plan.append((T, WINDOW, "checkpoints every 50"))
-        plan.append((T, T, "window = T (no checkpoints)" if T > WINDOW else "window = T = 50 (same as window 50)"))
-    fb_rate = rates.get((MEM_MATERIAL, MEM_PARTICLES), {}).get("fwd_bwd")
-    predicted = 1000 * MEM_PARTICLES / fb_rate if fb_rate else float("inf")
-    long_windowed = not args.quick and predicted <= args.max_windowed_s
-    if long_windowed:
-        plan.append((1000, WINDOW, f"measured (predicted {predicted:.0f} s)"))
-    measured: dict[tuple[int, str], float] = {}
-    for T, window, note in plan:
+    say("| substeps T | window | peak RSS increase |" + (" GPU peak |" if cuda else "")
+        + " time fwd+bwd [s] | grad finite | note |")
+    say("|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|---|")
+
+    def row(T, wlabel, peak, gpu, seconds, finite, note) -> None:
+        say(f"| {T} | {wlabel} | {peak} |" + (f" {gpu} |" if cuda else "") + f" {seconds} | {finite} | {note} |")
+
+    measured: dict[tuple[int, str], dict] = {}
+
+    def measure(T: int, window: int, note: str) -> None:
         r = run_child(dict(material=MEM_MATERIAL, particles=MEM_PARTICLES, substeps=T, window=window,
                            device=args.device))
         wlabel = "T" if window == T else str(window)
         if "error" in r:
-            say(f"| {T} | {wlabel} | failed | | | {r['error']} |" if not cuda else
-                f"| {T} | {wlabel} | failed | | | | {r['error']} |")
-            continue
-        key = "full" if window == T else "win"
-        measured[(T, key)] = r["peak_bytes"] if not cuda else r["gpu_peak_bytes"]
+            row(T, wlabel, "failed", "", "", "", r["error"])
+            return
+        measured[(T, "full" if window == T else "win")] = r
         if T == WINDOW:
-            measured[(T, "win")] = measured[(T, key)]
-        extra = f"{note}; N = {r['particles']:,}; {r['method']}"
-        if cuda:
-            say(f"| {T} | {wlabel} | {fmt_gb(r['peak_bytes'])} | {fmt_gb(r['gpu_peak_bytes'])} | {r['seconds']:.1f} "
-                f"| {r['grad_finite']} | {extra} |")
-        else:
-            say(f"| {T} | {wlabel} | {fmt_gb(r['peak_bytes'])} | {r['seconds']:.1f} | {r['grad_finite']} | {extra} |")
+            measured[(T, "win")] = r
+        row(T, wlabel, fmt_gb(r["peak_bytes"]), fmt_gb(r["gpu_peak_bytes"]), f"{r['seconds']:.1f}",
+            r["grad_finite"], f"{note}; N = {r['particles']:,}; {r['method']}")
+
+    for T in (50, 100) if args.quick else (50, 100, 200):
+        if T > WINDOW:
+            measure(T, WINDOW, f"checkpoints every {WINDOW}")
+        measure(T, T, "window = T (no checkpoints)" if T > WINDOW else f"window = T = {WINDOW} (same as window {WINDOW})")
+
+    # The windowed 1000-substep run, if it is predicted to finish in time: from the longest windowed
+    # run measured (time is linear in T), else from the throughput table.
+    done = sorted(T for (T, k) in measured if k == "win")
+    if done:
+        predicted = measured[(done[-1], "win")]["seconds"] * 1000 / done[-1]
+    else:
+        fb_rate = rates.get((MEM_MATERIAL, MEM_PARTICLES), {}).get("fwd_bwd")
+        predicted = 1000 * MEM_PARTICLES / fb_rate if fb_rate else float("inf")
+    long_windowed = not args.quick and predicted <= args.max_windowed_s
+    if long_windowed:
+        measure(1000, WINDOW, f"measured (predicted {predicted:.0f} s)")
+
     # Extrapolations to T = 1000 (linear in T: per-substep intermediates, or per-window checkpoints).
-    full = sorted((T, b) for (T, k), b in measured.items() if k == "full")
+    def key_of(r: dict) -> float:
+        return r["gpu_peak_bytes"] if cuda else r["peak_bytes"]
+
+    full = sorted((T, key_of(r)) for (T, k), r in measured.items() if k == "full")
     if len(full) >= 2:
         a, b = fit_line([t for t, _ in full], [y for _, y in full])
-        say(f"| 1000 | T | **{fmt_gb(a + 1000 * b)} (extrapolated)** | | | | linear fit over T = "
-            f"{', '.join(str(t) for t, _ in full)}: {fmt_gb(a)} + {b / 2**20:.1f} MiB per substep |"
-            if cuda else
-            f"| 1000 | T | **{fmt_gb(a + 1000 * b)} (extrapolated)** | | | linear fit over T = "
-            f"{', '.join(str(t) for t, _ in full)}: {fmt_gb(a)} + {b / 2**20:.1f} MiB per substep |")
-    win = sorted((T, b) for (T, k), b in measured.items() if k == "win" and T >= WINDOW)
+        row(1000, "T", f"**{fmt_gb(a + 1000 * b)} (extrapolated)**", "", "", "",
+            f"not run (does not fit in memory here); linear fit over T = {', '.join(str(t) for t, _ in full)}: "
+            f"{fmt_gb(a)} + {b / 2**20:.1f} MiB per substep")
+    win = sorted((T, key_of(r)) for (T, k), r in measured.items() if k == "win")
     if not long_windowed and len(win) >= 2:
         a, b = fit_line([t for t, _ in win], [y for _, y in win])
         why = "--quick" if args.quick else f"predicted {predicted:.0f} s > --max-windowed-s {args.max_windowed_s:.0f}"
-        say(f"| 1000 | 50 | **{fmt_gb(a + 1000 * b)} (extrapolated)** | | | | not run ({why}); linear fit over T = "
-            f"{', '.join(str(t) for t, _ in win)} |" if cuda else
-            f"| 1000 | 50 | **{fmt_gb(a + 1000 * b)} (extrapolated)** | | | not run ({why}); linear fit over T = "
-            f"{', '.join(str(t) for t, _ in win)} |")
+        row(1000, WINDOW, f"**{fmt_gb(a + 1000 * b)} (extrapolated)**", "", "", "",
+            f"not run ({why}); linear fit over T = {', '.join(str(t) for t, _ in win)}")
 
     if args.quick:
         say(f"\n(--quick: the {LONG_SUBSTEPS}-substep rollout of {LONG_PARTICLES:,} particles was skipped)")
@@ -332,12 +347,15 @@ def memory_table(args, rates: dict) -> None:
     if "error" in r:
         say(f"failed: {r['error']}")
         return
-    peak = r["gpu_peak_bytes"] if cuda else r["peak_bytes"]
-    verdict = "PASS" if peak < LONG_LIMIT_GB * GB else "FAIL"
-    say("| N | substeps | window | peak RSS increase | GPU peak | time (fwd+bwd) [s] | grad finite | < 6 GB |")
-    say("|---:|---:|---:|---:|---:|---:|---:|---|")
+    verdict = "PASS" if key_of(r) < LONG_LIMIT_GB * GB else "FAIL"
+    say("| N | substeps | window | peak RSS increase | GPU peak | time fwd+bwd [s] | grad finite | max abs grad "
+        "| < 6 GB |")
+    say("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     say(f"| {r['particles']:,} | {LONG_SUBSTEPS} | {WINDOW} | {fmt_gb(r['peak_bytes'])} | "
-        f"{fmt_gb(r['gpu_peak_bytes']) if cuda else 'n/a'} | {r['seconds']:.1f} | {r['grad_finite']} | {verdict} |")
+        f"{fmt_gb(r['gpu_peak_bytes']) if cuda else 'n/a'} | {r['seconds']:.1f} | "
+        f"{r['grad_finite']} ({r['grad_nonfinite']} non-finite) | {r['grad_absmax']:.3g} | {verdict} |")
+    if not r["grad_finite"]:
+        say("\nWARNING: the gradient of this rollout is not finite (see above).")
 
 
 def main() -> None:

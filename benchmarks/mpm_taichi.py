@@ -247,29 +247,33 @@ def _init(arch: str, threads: int) -> None:
             ti.init(arch=ti.cuda, **kwargs)
 
 
-def taichi_run(material: str, positions: np.ndarray, n_substeps: int, *, arch: str = "cpu",
-               threads: int = 2) -> tuple[float, np.ndarray]:
-    """Simulate ``n_substeps`` from rest; returns (seconds of the timed substeps, final positions).
+def taichi_run(material: str, positions: np.ndarray, n_substeps: int, *, arch: str = "cpu", threads: int = 2,
+               repeat: int = 3) -> tuple[float, np.ndarray]:
+    """Simulate ``n_substeps`` from rest; returns (seconds, final positions).
 
-    Two substeps are run first (kernel compilation, not timed), then the block is reset to its
-    initial state and the ``n_substeps`` are timed between ``ti.sync()`` calls.
+    Two substeps are run first (kernel compilation, not timed). Then, ``repeat`` times, the block
+    is reset to its initial state and ``n_substeps`` are timed between ``ti.sync()`` calls; the
+    median is returned (the positions are those after the first timed run).
     """
     _init(arch, threads)
     ti = import_taichi()
     sim = TaichiMPM(material, positions)
     for _ in range(2):
         sim.substep()
-    sim.reset()
-    ti.sync()
-    t0 = time.perf_counter()
-    for _ in range(n_substeps):
-        sim.substep()
-    ti.sync()
-    seconds = time.perf_counter() - t0
-    x = sim.positions()
+    times, x = [], None
+    for _ in range(max(1, repeat)):
+        sim.reset()
+        ti.sync()
+        t0 = time.perf_counter()
+        for _ in range(n_substeps):
+            sim.substep()
+        ti.sync()
+        times.append(time.perf_counter() - t0)
+        if x is None:
+            x = sim.positions()
     if not np.isfinite(x).all():
         raise RuntimeError(f"taichi {material}: non-finite positions after {n_substeps} substeps")
-    return seconds, x
+    return float(np.median(times)), x
 
 
 def taichi_throughput(material: str, n_particles: int, n_substeps: int, *, positions: np.ndarray | None = None,
@@ -280,7 +284,7 @@ def taichi_throughput(material: str, n_particles: int, n_substeps: int, *, posit
         material: ``water``, ``jelly`` (fixed corotated) or ``plasticine`` (von Mises), or the law
             names ``fluid``, ``corotated``, ``von_mises``.
         n_particles: Block size (ignored when ``positions`` is given).
-        n_substeps: Timed substeps (after a 2-substep compile warm-up).
+        n_substeps: Timed substeps (after a 2-substep compile warm-up; median of 3 runs).
         positions: Initial positions (N, 3) in the unit cube's interior; default
             :func:`block_positions`.
         arch: ``cpu`` (``cpu_max_num_threads=threads``) or ``cuda``.

@@ -528,10 +528,12 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.kernel
     def grid_velocity(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3, dt: f,
-                      grid_v: wp.array3d(dtype=vec3)):
+                      min_mass: f, grid_v: wp.array3d(dtype=vec3)):
+        # Nodes touched only by a B-spline tail (mass ~1e-24 kg) count as empty: the adjoint of
+        # mv / m divides by m^2, which underflows to 0 in float32 and turns into NaN.
         i, j, k = wp.tid()
         mass = grid_m[i, j, k]
-        if mass > f(0.0):
+        if mass > min_mass:
             grid_v[i, j, k] = grid_mv[i, j, k] / mass + gravity * dt
         else:
             grid_v[i, j, k] = vec3(f(0.0))

@@ -219,6 +219,9 @@ class Stepper:
         self.law = to_warp(model.law.to(torch.int32))
         self.active = to_warp(torch.ones(model.n_particles, dtype=torch.int32, device=self.device))
         self.wall_mode = K.WALL[model.wall]
+        # Grid nodes lighter than this are empty (see kernels.grid_velocity).
+        m = (model.params["density"] * model.params["volume"]).detach()
+        self.min_mass = self.k["scalar"](1.0e-9 * float(m.min()) if m.numel() else 0.0)
         self._prepare_colliders()
 
     # -- colliders ----------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class Stepper:
                dev, outputs=[to_warp(grid_mv, vec3), to_warp(grid_m)])
         gv = torch.empty((*gs, 3), dtype=dt_, device=dev)
         wgm = to_warp(grid_m)
-        launch(k["grid_velocity"], gs, [to_warp(grid_mv, vec3), wgm, self.gravity, self.dt], dev,
+        launch(k["grid_velocity"], gs, [to_warp(grid_mv, vec3), wgm, self.gravity, self.dt, self.min_mass], dev,
                outputs=[to_warp(gv, vec3)])
         grids = [gv]
         for ci, args in enumerate(self.col_args):
@@ -359,9 +362,10 @@ class Stepper:
             adj_gv = adj_prev
         # grid velocity: momentum / mass + g dt
         adj_grid_mv = _zeros((*gs, 3), dt_, dev)
-        launch(k["grid_velocity"], gs, [to_warp(s.grid_mv, vec3), wgm, self.gravity, self.dt], dev,
+        launch(k["grid_velocity"], gs, [to_warp(s.grid_mv, vec3), wgm, self.gravity, self.dt, self.min_mass], dev,
                outputs=[to_warp(s.grid_v[0], vec3)], adjoint=True,
-               adj_inputs=[to_warp(adj_grid_mv, vec3), wagm, self.k["vec3"](), self.k["scalar"](0.0)],
+               adj_inputs=[to_warp(adj_grid_mv, vec3), wagm, self.k["vec3"](), self.k["scalar"](0.0),
+                           self.k["scalar"](0.0)],
                adj_outputs=[to_warp(adj_gv, vec3)])
         # p2g (a gather)
         adj_p = _zeros((n, 3), dt_, dev)
