@@ -30,6 +30,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from diffworld.engine.scene.registry import TASKS
 from diffworld.engine.scene.schema import StrictModel
+from diffworld.geometry.reconstruction_task import _resolve_path
 
 __all__ = ["MPMTask", "run_mpm"]
 
@@ -38,18 +39,8 @@ BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.3
                         [0.55, 0.40, 0.75], [0.50, 0.50, 0.50]])
 
 
-def _resolve(value: str, info: ValidationInfo) -> str:
-    base = (info.context or {}).get("scene_dir")
-    p = Path(value)
-    if not p.is_absolute() and base is not None:
-        p = Path(base) / p
-    if not p.is_file():
-        raise ValueError(f"file not found: {p}")
-    return str(p)
-
-
 def _resolve_optional(value: Optional[str], info: ValidationInfo) -> Optional[str]:
-    return None if value is None else _resolve(value, info)
+    return None if value is None else _resolve_path(value, info)
 
 
 # --- configuration --------------------------------------------------------------------------------
