@@ -276,9 +276,11 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return base, fx, W, dW
 
     @wp.func
-    def inside(node: wp.vec3i, shape: wp.vec3i):
-        return (node[0] >= 0 and node[1] >= 0 and node[2] >= 0 and node[0] < shape[0] and node[1] < shape[1]
-                and node[2] < shape[2])
+    def on_grid(base: wp.vec3i, shape: wp.vec3i):
+        # Whether the 3x3x3 stencil from `base` lies on the grid. A particle whose stencil does not
+        # (it has left the domain; check_state reports it) takes no part in the transfers.
+        return (base[0] >= 0 and base[1] >= 0 and base[2] >= 0 and base[0] + 2 < shape[0]
+                and base[1] + 2 < shape[1] and base[2] + 2 < shape[2])
 
     # ---------------------------------------------------------------------------------------
     # Particle kernels
@@ -314,23 +316,34 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     def p2g(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33), m: wp.array(dtype=f),
             active: wp.array(dtype=wp.int32), lo: vec3, dx: f,
             grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f)):
+        # Scatters w (p + A dpos) and w m. With dpos = (o - fx) dx for the node offset o in {0,1,2}^3,
+        # p + A dpos = r + A dx o (r = p - A fx dx): built up axis by axis, a few flops per node.
         i = wp.tid()
         if active[i] == 0:
             return
         shape = wp.vec3i(grid_m.shape[0], grid_m.shape[1], grid_m.shape[2])
         base, fx, W, dW = bspline(x[i], lo, f(1.0) / dx)
-        pi = p[i]
         Ai = A[i]
         mi = m[i]
+        G = Ai * dx
+        g0 = vec3(G[0, 0], G[1, 0], G[2, 0])
+        g1 = vec3(G[0, 1], G[1, 1], G[2, 1])
+        g2 = vec3(G[0, 2], G[1, 2], G[2, 2])
+        r = p[i] - Ai * (fx * dx)
+        if not on_grid(base, shape):
+            return
         for a in range(3):
+            ra = r + g0 * f(a)
             for b in range(3):
+                rab = ra + g1 * f(b)
+                wab = W[a, 0] * W[b, 1]
                 for c in range(3):
-                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
-                    if inside(node, shape):
-                        w = W[a, 0] * W[b, 1] * W[c, 2]
-                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
-                        wp.atomic_add(grid_mv, node[0], node[1], node[2], (pi + Ai * dpos) * w)
-                        wp.atomic_add(grid_m, node[0], node[1], node[2], mi * w)
+                    w = wab * W[c, 2]
+                    ni = base[0] + wp.int32(a)
+                    nj = base[1] + wp.int32(b)
+                    nk = base[2] + wp.int32(c)
+                    wp.atomic_add(grid_mv, ni, nj, nk, (rab + g2 * f(c)) * w)
+                    wp.atomic_add(grid_m, ni, nj, nk, mi * w)
 
     @wp.kernel(enable_backward=False)
     def p2g_adjoint(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33),
@@ -345,63 +358,145 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         shape = wp.vec3i(adj_grid_m.shape[0], adj_grid_m.shape[1], adj_grid_m.shape[2])
         inv_dx = f(1.0) / dx
         base, fx, W, dW = bspline(x[i], lo, inv_dx)
-        pi = p[i]
+        if not on_grid(base, shape):
+            return
+        # With q = gmv . (p + A dpos) + gmn m per node (dpos = (o - fx) dx for offset o):
+        #   adj_p = sum w gmv,  adj_m = sum w gmn,  adj_A = sum w gmv dpos^T = dx (S - adj_p fx^T),
+        #   adj_x = sum grad(w) q - A^T adj_p  (dpos depends on x through -fx dx),
+        # where column d of S is sum w gmv o_d. The sums are nested by axis like g2p's.
         Ai = A[i]
         mi = m[i]
+        G = Ai * dx
+        g0 = vec3(G[0, 0], G[1, 0], G[2, 0])
+        g1 = vec3(G[0, 1], G[1, 1], G[2, 1])
+        g2 = vec3(G[0, 2], G[1, 2], G[2, 2])
+        r = p[i] - Ai * (fx * dx)
         gp = vec3(f(0.0))
-        gA = mat33(f(0.0))
+        s0 = vec3(f(0.0))
+        s1 = vec3(f(0.0))
+        s2 = vec3(f(0.0))
         gm = f(0.0)
-        gx = vec3(f(0.0))
-        gAtv = vec3(f(0.0))  # sum w A^T gmv, for d dpos / dx = -I
+        qx = f(0.0)
+        qy = f(0.0)
+        qz = f(0.0)
         for a in range(3):
+            ra = r + g0 * f(a)
+            pa = vec3(f(0.0))
+            pa1 = vec3(f(0.0))
+            pa2 = vec3(f(0.0))
+            ma = f(0.0)
+            qa = f(0.0)
+            qa_dy = f(0.0)
+            qa_dz = f(0.0)
             for b in range(3):
+                rab = ra + g1 * f(b)
+                pb = vec3(f(0.0))
+                pb2 = vec3(f(0.0))
+                mb = f(0.0)
+                qb = f(0.0)
+                qb_dz = f(0.0)
                 for c in range(3):
-                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
-                    if inside(node, shape):
-                        w = W[a, 0] * W[b, 1] * W[c, 2]
-                        gw = vec3(dW[a, 0] * W[b, 1] * W[c, 2], W[a, 0] * dW[b, 1] * W[c, 2],
-                                  W[a, 0] * W[b, 1] * dW[c, 2]) * inv_dx
-                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
-                        gmv = adj_grid_mv[node[0], node[1], node[2]]
-                        gmn = adj_grid_m[node[0], node[1], node[2]]
-                        gp += gmv * w
-                        gA += wp.outer(gmv, dpos) * w
-                        gm += gmn * w
-                        gx += gw * (wp.dot(gmv, pi + Ai * dpos) + gmn * mi)
-                        gAtv += wp.transpose(Ai) * gmv * w
+                    gmv = adj_grid_mv[base[0] + wp.int32(a), base[1] + wp.int32(b), base[2] + wp.int32(c)]
+                    gmn = adj_grid_m[base[0] + wp.int32(a), base[1] + wp.int32(b), base[2] + wp.int32(c)]
+                    q = wp.dot(gmv, rab + g2 * f(c)) + gmn * mi
+                    wc = W[c, 2]
+                    h = gmv * wc
+                    pb += h
+                    if c == 1:
+                        pb2 += h
+                    if c == 2:
+                        pb2 += h + h
+                    mb += gmn * wc
+                    qb += q * wc
+                    qb_dz += q * dW[c, 2]
+                wb = W[b, 1]
+                pb = pb * wb
+                pa += pb
+                if b == 1:
+                    pa1 += pb
+                if b == 2:
+                    pa1 += pb + pb
+                pa2 += pb2 * wb
+                ma += mb * wb
+                qa += qb * wb
+                qa_dy += qb * dW[b, 1]
+                qa_dz += qb_dz * wb
+            wa = W[a, 0]
+            pa = pa * wa
+            gp += pa
+            if a == 1:
+                s0 += pa
+            if a == 2:
+                s0 += pa + pa
+            s1 += pa1 * wa
+            s2 += pa2 * wa
+            gm += ma * wa
+            qx += qa * dW[a, 0]
+            qy += qa_dy * wa
+            qz += qa_dz * wa
+        gA = mat33(s0[0] - gp[0] * fx[0], s1[0] - gp[0] * fx[1], s2[0] - gp[0] * fx[2],
+                   s0[1] - gp[1] * fx[0], s1[1] - gp[1] * fx[1], s2[1] - gp[1] * fx[2],
+                   s0[2] - gp[2] * fx[0], s1[2] - gp[2] * fx[1], s2[2] - gp[2] * fx[2]) * dx
         adj_p[i] = adj_p[i] + gp
         adj_A[i] = adj_A[i] + gA
         adj_m[i] = adj_m[i] + gm
-        adj_x[i] = adj_x[i] + gx - gAtv
+        adj_x[i] = adj_x[i] + vec3(qx, qy, qz) * inv_dx - wp.transpose(Ai) * gp
 
     @wp.kernel(enable_backward=False)
     def g2p(x: wp.array(dtype=vec3), F: wp.array(dtype=mat33), active: wp.array(dtype=wp.int32),
             grid_v: wp.array3d(dtype=vec3), lo: vec3, dx: f, dt: f,
             x_out: wp.array(dtype=vec3), v_out: wp.array(dtype=vec3), C_out: wp.array(dtype=mat33),
             F_trial: wp.array(dtype=mat33)):
+        # v = sum w v_n and B = sum w v_n dpos^T with dpos = (o - fx) dx: B = dx (S - v fx^T), where
+        # column d of S is sum w v_n o_d. The sums are nested by axis (z, then y, then x) so each
+        # node costs one weight multiply and a few adds.
         i = wp.tid()
-        if active[i] == 0:
+        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
+        inv_dx = f(1.0) / dx
+        base, fx, W, dW = bspline(x[i], lo, inv_dx)
+        if active[i] == 0 or not on_grid(base, shape):
             x_out[i] = x[i]
             v_out[i] = vec3(f(0.0))
             C_out[i] = mat33(f(0.0))
             F_trial[i] = F[i]
             return
-        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
-        inv_dx = f(1.0) / dx
-        base, fx, W, dW = bspline(x[i], lo, inv_dx)
         vn = vec3(f(0.0))
-        B = mat33(f(0.0))
+        s0 = vec3(f(0.0))  # sum w v_n o_x
+        s1 = vec3(f(0.0))  # sum w v_n o_y
+        s2 = vec3(f(0.0))  # sum w v_n o_z
         for a in range(3):
+            va = vec3(f(0.0))
+            va1 = vec3(f(0.0))
+            va2 = vec3(f(0.0))
             for b in range(3):
+                vb = vec3(f(0.0))
+                vb2 = vec3(f(0.0))
                 for c in range(3):
-                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
-                    if inside(node, shape):
-                        w = W[a, 0] * W[b, 1] * W[c, 2]
-                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
-                        gv = grid_v[node[0], node[1], node[2]]
-                        vn += gv * w
-                        B += wp.outer(gv, dpos) * w
-        Cn = B * (f(4.0) * inv_dx * inv_dx)
+                    g = grid_v[base[0] + wp.int32(a), base[1] + wp.int32(b), base[2] + wp.int32(c)] * W[c, 2]
+                    vb += g
+                    if c == 1:
+                        vb2 += g
+                    if c == 2:
+                        vb2 += g + g
+                vb = vb * W[b, 1]
+                va += vb
+                va2 += vb2 * W[b, 1]
+                if b == 1:
+                    va1 += vb
+                if b == 2:
+                    va1 += vb + vb
+            va = va * W[a, 0]
+            vn += va
+            s1 += va1 * W[a, 0]
+            s2 += va2 * W[a, 0]
+            if a == 1:
+                s0 += va
+            if a == 2:
+                s0 += va + va
+        B = mat33(s0[0] - vn[0] * fx[0], s1[0] - vn[0] * fx[1], s2[0] - vn[0] * fx[2],
+                  s0[1] - vn[1] * fx[0], s1[1] - vn[1] * fx[1], s2[1] - vn[1] * fx[2],
+                  s0[2] - vn[2] * fx[0], s1[2] - vn[2] * fx[1], s2[2] - vn[2] * fx[2])
+        Cn = B * (f(4.0) * inv_dx)
         v_out[i] = vn
         C_out[i] = Cn
         x_out[i] = x[i] + vn * dt
@@ -415,12 +510,13 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
                     adj_x: wp.array(dtype=vec3), adj_F: wp.array(dtype=mat33), adj_grid_v: wp.array3d(dtype=vec3)):
         # The adjoint of a gather is a scatter (atomics into adj_grid_v). Accumulates into adj_x, adj_F.
         i = wp.tid()
-        if active[i] == 0:
+        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
+        inv_dx = f(1.0) / dx
+        base, fx, W, dW = bspline(x[i], lo, inv_dx)
+        if active[i] == 0 or not on_grid(base, shape):
             adj_x[i] = adj_x[i] + adj_x_out[i]
             adj_F[i] = adj_F[i] + adj_F_trial[i]
             return
-        shape = wp.vec3i(grid_v.shape[0], grid_v.shape[1], grid_v.shape[2])
-        inv_dx = f(1.0) / dx
         D = f(4.0) * inv_dx * inv_dx
         Fi = F[i]
         Cn = C_out[i]
@@ -429,21 +525,52 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         gC = adj_C_out[i] + gFt * wp.transpose(Fi) * dt
         gv = adj_v_out[i] + adj_x_out[i] * dt
         gB = gC * D
-        base, fx, W, dW = bspline(x[i], lo, inv_dx)
-        gx = adj_x_out[i]
+        # Each node receives w u with u = gv + gB dpos = r + G o (offset o, r = gv - gB fx dx,
+        # G = gB dx); with q = v_n . u: adj_x += sum grad(w) q - gB^T sum w v_n.
+        G = gB * dx
+        g0 = vec3(G[0, 0], G[1, 0], G[2, 0])
+        g1 = vec3(G[0, 1], G[1, 1], G[2, 1])
+        g2 = vec3(G[0, 2], G[1, 2], G[2, 2])
+        r = gv - gB * (fx * dx)
+        vn = vec3(f(0.0))
+        qx = f(0.0)
+        qy = f(0.0)
+        qz = f(0.0)
         for a in range(3):
+            ra = r + g0 * f(a)
+            va = vec3(f(0.0))
+            qa = f(0.0)
+            qa_dy = f(0.0)
+            qa_dz = f(0.0)
             for b in range(3):
+                rab = ra + g1 * f(b)
+                wab = W[a, 0] * W[b, 1]
+                vb = vec3(f(0.0))
+                qb = f(0.0)
+                qb_dz = f(0.0)
                 for c in range(3):
-                    node = base + wp.vec3i(wp.int32(a), wp.int32(b), wp.int32(c))
-                    if inside(node, shape):
-                        w = W[a, 0] * W[b, 1] * W[c, 2]
-                        gw = vec3(dW[a, 0] * W[b, 1] * W[c, 2], W[a, 0] * dW[b, 1] * W[c, 2],
-                                  W[a, 0] * W[b, 1] * dW[c, 2]) * inv_dx
-                        dpos = (vec3(f(a), f(b), f(c)) - fx) * dx
-                        vi = grid_v[node[0], node[1], node[2]]
-                        wp.atomic_add(adj_grid_v, node[0], node[1], node[2], (gv + gB * dpos) * w)
-                        gx += gw * (wp.dot(gv, vi) + wp.dot(gB * dpos, vi)) - wp.transpose(gB) * vi * w
-        adj_x[i] = adj_x[i] + gx
+                    ni = base[0] + wp.int32(a)
+                    nj = base[1] + wp.int32(b)
+                    nk = base[2] + wp.int32(c)
+                    u = rab + g2 * f(c)
+                    wc = W[c, 2]
+                    wp.atomic_add(adj_grid_v, ni, nj, nk, u * (wab * wc))
+                    vi = grid_v[ni, nj, nk]
+                    q = wp.dot(vi, u)
+                    vb += vi * wc
+                    qb += q * wc
+                    qb_dz += q * dW[c, 2]
+                wb = W[b, 1]
+                va += vb * wb
+                qa += qb * wb
+                qa_dy += qb * dW[b, 1]
+                qa_dz += qb_dz * wb
+            wa = W[a, 0]
+            vn += va * wa
+            qx += qa * dW[a, 0]
+            qy += qa_dy * wa
+            qz += qa_dz * wa
+        adj_x[i] = adj_x[i] + adj_x_out[i] + vec3(qx, qy, qz) * inv_dx - wp.transpose(gB) * vn
 
     # ---------------------------------------------------------------------------------------
     # Colliders (kinematic rigid bodies with SDF shapes) and the grid update
@@ -600,12 +727,14 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return out
 
     @wp.kernel
-    def grid_walls(grid_v: wp.array3d(dtype=vec3), bound: int, mode: int, mu: f, grid_v_out: wp.array3d(dtype=vec3)):
-        # Domain walls: nodes within `bound` of a face cannot move out through it.
+    def grid_walls(grid_v: wp.array3d(dtype=vec3), origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int, mu: f,
+                   grid_v_out: wp.array3d(dtype=vec3)):
+        # Domain walls: nodes within `bound` of a face cannot move out through it. grid_v is the
+        # active box of the full grid (`full` nodes per axis), whose node (0, 0, 0) is `origin`.
         i, j, k = wp.tid()
-        v = wall(grid_v[i, j, k], i, grid_v.shape[0], 0, bound, mode, mu)
-        v = wall(v, j, grid_v.shape[1], 1, bound, mode, mu)
-        v = wall(v, k, grid_v.shape[2], 2, bound, mode, mu)
+        v = wall(grid_v[i, j, k], origin[0] + i, full[0], 0, bound, mode, mu)
+        v = wall(v, origin[1] + j, full[1], 1, bound, mode, mu)
+        v = wall(v, origin[2] + k, full[2], 2, bound, mode, mu)
         grid_v_out[i, j, k] = v
 
     @wp.kernel

@@ -16,16 +16,17 @@ reads is ever overwritten). :mod:`diffworld.sims.mpm.rollout` wraps spans into t
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
 
-from diffworld.engine.bridge import launch, to_warp
-from diffworld.engine.runtime import init_warp
+from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.mpm import kernels as K
 
-__all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS"]
+__all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS", "cpu_workers"]
 
 # Per-particle float parameters, in the order the window op takes them.
 PARTICLE_PARAMS = ("E", "nu", "viscosity", "density", "volume", "yield_stress", "friction_angle", "theta_c",
@@ -179,6 +180,56 @@ def _zeros(shape, dtype, device):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def cpu_workers() -> int:
+    """Threads that share a CPU substep: ``DIFFWORLD_CPU_THREADS``, else the usable cores (max 8).
+
+    Warp runs a CPU launch on one thread, and its call into the compiled kernel releases the GIL,
+    so the solver splits every particle launch into this many contiguous chunks run concurrently.
+    Scatters (P2G, the G2P adjoint) go to one grid per chunk, summed in a fixed order, so results
+    are deterministic for a given thread count (a different count changes float rounding only).
+    """
+    env = os.environ.get("DIFFWORLD_CPU_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"DIFFWORLD_CPU_THREADS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"DIFFWORLD_CPU_THREADS: expected a positive integer, got {n}")
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+# Below this many particles per chunk, thread hand-off costs more than it saves.
+MIN_CHUNK = 2048
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffworld-mpm")
+        _POOL_SIZE = workers
+    return _POOL
+
+
+class _Box(NamedTuple):
+    """The active part of the grid in one substep: the nodes any particle's stencil touches.
+
+    Grid arrays of a substep cover only this box; node (0, 0, 0) of the box is node ``origin``
+    of the full grid, at ``lower`` [m].
+    """
+
+    origin: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    lower: tuple[float, float, float]
+
+
 class _Substep(NamedTuple):
     """Intermediates of one substep kept for its adjoint."""
 
@@ -189,6 +240,7 @@ class _Substep(NamedTuple):
     A: torch.Tensor
     p: torch.Tensor
     m: torch.Tensor
+    box: _Box
     grid_mv: torch.Tensor
     grid_m: torch.Tensor
     grid_v: list  # velocity after division, then after each collider, then after the walls
@@ -200,36 +252,126 @@ class _Substep(NamedTuple):
 class Stepper:
     """Runs substeps of one :class:`Model` on its device.
 
+    Grid work covers only the box of nodes that particle stencils touch (found from the particle
+    bounds each substep), so a small body in a large domain costs little; on CPU the particle
+    launches run on :func:`cpu_workers` threads.
+
     Args:
         model: The model.
+        workers: CPU threads per launch (default :func:`cpu_workers`; always 1 on CUDA).
     """
 
-    def __init__(self, model: Model) -> None:
-        init_warp()
+    def __init__(self, model: Model, workers: int | None = None) -> None:
+        wp = init_warp()
         self.model = model
         name = "float64" if model.dtype == torch.float64 else "float32"
         self.k = K.build(name)
         self.device = model.device
         self.dtype = model.dtype
+        self._wdev = warp_device(self.device)
+        self._wp = wp
+        self._cache: dict = {}
         g = model.grid
-        self.lo = self.k["vec3"](*g.lower)
         self.dx = self.k["scalar"](g.dx)
+        self.inv_dx = self.k["scalar"](1.0 / g.dx)
         self.dt = self.k["scalar"](model.dt)
         self.gravity = self.k["vec3"](*model.gravity)
-        self.law = to_warp(model.law.to(torch.int32))
-        self.active = to_warp(torch.ones(model.n_particles, dtype=torch.int32, device=self.device))
+        self.zero = self.k["scalar"](0.0)
         self.wall_mode = K.WALL[model.wall]
+        self.wall_mu = self.k["scalar"](model.wall_friction)
+        self.full = wp.vec3i(*g.shape)
+        self.law_t = model.law.to(torch.int32).contiguous()
+        self.active_t = torch.ones(model.n_particles, dtype=torch.int32, device=self.device)
         # Grid nodes lighter than this are empty (see kernels.grid_velocity).
         m = (model.params["density"] * model.params["volume"]).detach()
         self.min_mass = self.k["scalar"](1.0e-9 * float(m.min()) if m.numel() else 0.0)
+        n = model.n_particles
+        if workers is None:
+            workers = cpu_workers()
+        if self.device.type != "cpu":
+            workers = 1
+        workers = max(1, min(int(workers), n // MIN_CHUNK if n >= MIN_CHUNK else 1))
+        bounds = [round(n * w / workers) for w in range(workers + 1)]
+        self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
         self._prepare_colliders()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _w(self, t: torch.Tensor, kind: str = "s"):
+        """Warp view of a contiguous tensor (``kind``: s scalar, v vec3, m mat33, i int32), cached by
+        address and shape: wrapping costs more than a small kernel."""
+        key = (t.data_ptr(), t.shape, kind)
+        a = self._cache.get(key)
+        if a is None:
+            if not t.is_contiguous():
+                raise ValueError("internal: expected a contiguous tensor")
+            if kind == "v":
+                dtype, shape = self.k["vec3"], t.shape[:-1]
+            elif kind == "m":
+                dtype, shape = self.k["mat33"], t.shape[:-2]
+            elif kind == "i":
+                dtype, shape = self._wp.int32, t.shape
+            else:
+                dtype, shape = self.k["scalar"], t.shape
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            a = self._wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=self._wdev)
+            self._cache[key] = a
+        return a
+
+    def _run(self, kernel, dim, inputs, outputs=(), adjoint=False, adj_inputs=None, adj_outputs=None) -> None:
+        if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
+            return
+        if adjoint:
+            self._wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=self._wdev, adjoint=True,
+                            adj_inputs=adj_inputs, adj_outputs=adj_outputs)
+        else:
+            self._wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=self._wdev)
+
+    def _parallel(self, fn) -> None:
+        """Call ``fn(w, a, b)`` for every particle chunk [a, b), concurrently on CPU."""
+        if len(self.chunks) == 1:
+            fn(0, *self.chunks[0])
+            return
+        pool = _pool(len(self.chunks) - 1)
+        futures = [pool.submit(fn, w, a, b) for w, (a, b) in enumerate(self.chunks) if w > 0]
+        fn(0, *self.chunks[0])
+        for fut in futures:
+            fut.result()
+
+    def _box(self, x: torch.Tensor) -> _Box:
+        """Nodes the particles at ``x`` touch: their B-spline stencils plus one node of margin."""
+        g = self.model.grid
+        if x.shape[0] == 0:
+            return _Box((0, 0, 0), (1, 1, 1), g.lower)
+        ext = torch.stack([x.amin(0), x.amax(0)]).tolist()  # one device -> host copy
+        origin, shape = [], []
+        for a in range(3):
+            lo, hi = ext[0][a], ext[1][a]
+            if not (math.isfinite(lo) and math.isfinite(hi)):  # let check_state report it
+                o, e = 0, g.shape[a]
+            else:
+                o = math.floor((lo - g.lower[a]) / g.dx - 0.5) - 1
+                e = math.floor((hi - g.lower[a]) / g.dx - 0.5) + 4
+                o, e = max(o, 0), min(e, g.shape[a])
+                if e <= o:  # every particle is off the grid on this axis
+                    o, e = 0, 1
+            origin.append(o)
+            shape.append(e - o)
+        lower = tuple(g.lower[a] + origin[a] * g.dx for a in range(3))
+        return _Box(tuple(origin), tuple(shape), lower)
+
+    def _scatter_grids(self, box: _Box, width: int):
+        """Zeroed per-chunk grids for a scatter: ``width`` floats per node, shape (W, *box, width)."""
+        shape = (len(self.chunks), *box.shape) + ((width,) if width > 1 else ())
+        return _zeros(shape, self.dtype, self.device)
 
     # -- colliders ----------------------------------------------------------------------------
 
     def _prepare_colliders(self) -> None:
         chunks, self.col_args = [], []
         offset = 0
-        wp = init_warp()
+        wp = self._wp
         for c in self.model.colliders:
             dims, glo, h = (2, 2, 2), (0.0, 0.0, 0.0), 1.0
             if c.shape == "grid":
@@ -245,145 +387,173 @@ class Stepper:
                                       sticky=int(c.sticky), offset=this, dims=wp.vec3i(*dims),
                                       glo=self.k["vec3"](*glo), h=self.k["scalar"](h)))
         data = torch.cat(chunks) if chunks else _zeros(1, self.dtype, self.device)
-        self._sdf_data_t = data
-        self.sdf_data = to_warp(data)
+        self._sdf_data_t = data.contiguous()
+        self.sdf_data = self._w(self._sdf_data_t)
+
+    def _collider_inputs(self, gv_in: torch.Tensor, gm, lo, a: dict, control_row: torch.Tensor) -> list:
+        return [self._w(gv_in, "v"), gm, lo, self.dx, a["kind"], a["size"], a["friction"], a["softness"],
+                a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"], self._w(control_row)]
 
     # -- one substep ----------------------------------------------------------------------------
 
-    def _params(self, params: Sequence[torch.Tensor]):
-        return [to_warp(p) for p in params]
-
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
                 keep: bool = False) -> tuple[State, _Substep | None]:
-        """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order; ``control`` (n_col, 13).
+        """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order (contiguous tensors
+        (N,)); ``control`` (n_col, 13).
 
         Returns the new state, and the intermediates when ``keep`` is set.
         """
         k, dev, dt_ = self.k, self.device, self.dtype
         n = state.x.shape[0]
-        E, nu, eta, rho, vol, ys, fa, tc, ts = self._params(params)
-        vec3, mat33 = k["vec3"], k["mat33"]
-        x, v, C, F = state
+        x, v, C, F = (t.contiguous() for t in state)
+        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
+        if control is not None:
+            control = control.contiguous()
+        law, act = self.law_t, self.active_t
         A = torch.empty((n, 3, 3), dtype=dt_, device=dev)
         p = torch.empty((n, 3), dtype=dt_, device=dev)
         m = torch.empty((n,), dtype=dt_, device=dev)
-        wx, wv, wC, wF = to_warp(x, vec3), to_warp(v, vec3), to_warp(C, mat33), to_warp(F, mat33)
-        inv_dx = k["scalar"](1.0 / self.model.grid.dx)
-        launch(k["particle_affine"], n, [wF, wC, wv, self.law, self.active, E, nu, eta, rho, vol, self.dt, inv_dx],
-               dev, outputs=[to_warp(A, mat33), to_warp(p, vec3), to_warp(m)])
-        gs = self.model.grid.shape
-        grid_mv = _zeros((*gs, 3), dt_, dev)
-        grid_m = _zeros(gs, dt_, dev)
-        launch(k["p2g"], n, [wx, to_warp(p, vec3), to_warp(A, mat33), to_warp(m), self.active, self.lo, self.dx],
-               dev, outputs=[to_warp(grid_mv, vec3), to_warp(grid_m)])
-        gv = torch.empty((*gs, 3), dtype=dt_, device=dev)
-        wgm = to_warp(grid_m)
-        launch(k["grid_velocity"], gs, [to_warp(grid_mv, vec3), wgm, self.gravity, self.dt, self.min_mass], dev,
-               outputs=[to_warp(gv, vec3)])
+        box = self._box(x)
+        blo = k["vec3"](*box.lower)
+        w = self._w
+        many = len(self.chunks) > 1
+        mv_parts = self._scatter_grids(box, 3)
+        m_parts = self._scatter_grids(box, 1)
+
+        def to_grid(c, a, b):
+            s = slice(a, b)
+            self._run(k["particle_affine"], b - a,
+                      [w(F[s], "m"), w(C[s], "m"), w(v[s], "v"), w(law[s], "i"), w(act[s], "i"), w(E[s]), w(nu[s]),
+                       w(eta[s]), w(rho[s]), w(vol[s]), self.dt, self.inv_dx],
+                      [w(A[s], "m"), w(p[s], "v"), w(m[s])])
+            self._run(k["p2g"], b - a, [w(x[s], "v"), w(p[s], "v"), w(A[s], "m"), w(m[s]), w(act[s], "i"), blo,
+                                         self.dx], [w(mv_parts[c], "v"), w(m_parts[c])])
+
+        self._parallel(to_grid)
+        grid_mv = mv_parts.sum(0) if many else mv_parts[0]
+        grid_m = m_parts.sum(0) if many else m_parts[0]
+        gv = torch.empty_like(grid_mv)
+        wgm = w(grid_m)
+        self._run(k["grid_velocity"], box.shape, [w(grid_mv, "v"), wgm, self.gravity, self.dt, self.min_mass],
+                  [w(gv, "v")])
         grids = [gv]
         for ci, args in enumerate(self.col_args):
             out = torch.empty_like(gv)
-            launch(k["grid_collider"], gs, self._collider_inputs(grids[-1], wgm, args, control[ci]), dev,
-                   outputs=[to_warp(out, vec3)])
+            self._run(k["grid_collider"], box.shape, self._collider_inputs(grids[-1], wgm, blo, args, control[ci]),
+                      [w(out, "v")])
             grids.append(out)
         gw = torch.empty_like(gv)
-        launch(k["grid_walls"], gs, [to_warp(grids[-1], vec3), self.model.grid.bound, self.wall_mode,
-                                     k["scalar"](self.model.wall_friction)], dev, outputs=[to_warp(gw, vec3)])
+        self._run(k["grid_walls"], box.shape, [w(grids[-1], "v"), self._wp.vec3i(*box.origin), self.full,
+                                               self.model.grid.bound, self.wall_mode, self.wall_mu], [w(gw, "v")])
         grids.append(gw)
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         C1, Ft, F1 = torch.empty_like(C), torch.empty_like(F), torch.empty_like(F)
-        launch(k["g2p"], n, [wx, wF, self.active, to_warp(gw, vec3), self.lo, self.dx, self.dt], dev,
-               outputs=[to_warp(x1, vec3), to_warp(v1, vec3), to_warp(C1, mat33), to_warp(Ft, mat33)])
-        launch(k["plasticity"], n, [to_warp(Ft, mat33), self.law, E, nu, ys, fa, tc, ts], dev,
-               outputs=[to_warp(F1, mat33)])
+        wgw = w(gw, "v")
+
+        def to_particles(c, a, b):
+            s = slice(a, b)
+            self._run(k["g2p"], b - a, [w(x[s], "v"), w(F[s], "m"), w(act[s], "i"), wgw, blo, self.dx, self.dt],
+                      [w(x1[s], "v"), w(v1[s], "v"), w(C1[s], "m"), w(Ft[s], "m")])
+            self._run(k["plasticity"], b - a, [w(Ft[s], "m"), w(law[s], "i"), w(E[s]), w(nu[s]), w(ys[s]), w(fa[s]),
+                                                w(tc[s]), w(ts[s])], [w(F1[s], "m")])
+
+        self._parallel(to_particles)
         saved = None
         if keep:
-            saved = _Substep(x, F, C, v, A, p, m, grid_mv, grid_m, grids, C1, Ft, control)
+            saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control)
         return State(x1, v1, C1, F1), saved
-
-    def _collider_inputs(self, gv_in: torch.Tensor, wgm, a: dict, control_row: torch.Tensor) -> list:
-        vec3 = self.k["vec3"]
-        return [to_warp(gv_in, vec3), wgm, self.lo, self.dx, a["kind"], a["size"], a["friction"], a["softness"],
-                a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"], to_warp(control_row)]
 
     # -- adjoint of one substep -------------------------------------------------------------------
 
     def substep_adjoint(self, s: _Substep, params: Sequence[torch.Tensor], adj_out: State,
                         adj_params: Sequence[torch.Tensor], adj_control: torch.Tensor | None) -> State:
         """Adjoint of :meth:`substep`: returns d loss / d (input state); accumulates into
-        ``adj_params`` (same order as ``params``) and ``adj_control`` (n_col, 13)."""
+        ``adj_params`` (same order as ``params``, contiguous) and ``adj_control`` (n_col, 13)."""
         k, dev, dt_ = self.k, self.device, self.dtype
-        vec3, mat33 = k["vec3"], k["mat33"]
+        w = self._w
         n = s.x.shape[0]
-        E, nu, eta, rho, vol, ys, fa, tc, ts = self._params(params)
-        aE, anu, aeta, arho, avol, ays, afa, atc, ats = self._params(adj_params)
-        gx, gv, gC, gF = adj_out
-        # plasticity: F_trial -> F_out
+        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
+        aE, anu, aeta, arho, avol, ays, afa, atc, ats = adj_params
+        law, act = self.law_t, self.active_t
+        gx, gv, gC, gF = (t.contiguous() for t in adj_out)
+        box = s.box
+        blo = k["vec3"](*box.lower)
+        many = len(self.chunks) > 1
         adj_Ft = _zeros((n, 3, 3), dt_, dev)
         F_out_dummy = torch.empty_like(s.F_trial)
-        launch(k["plasticity"], n, [to_warp(s.F_trial, mat33), self.law, E, nu, ys, fa, tc, ts], dev,
-               outputs=[to_warp(F_out_dummy, mat33)], adjoint=True,
-               adj_inputs=[to_warp(adj_Ft, mat33), None, aE, anu, ays, afa, atc, ats],
-               adj_outputs=[to_warp(gF.contiguous(), mat33)])
-        # g2p
-        gs = self.model.grid.shape
         adj_x = _zeros((n, 3), dt_, dev)
         adj_F = _zeros((n, 3, 3), dt_, dev)
-        adj_gv = _zeros((*gs, 3), dt_, dev)
-        gw = s.grid_v[-1]
-        launch(k["g2p_adjoint"], n, [to_warp(s.x, vec3), to_warp(s.F, mat33), self.active, to_warp(gw, vec3),
-                                      to_warp(s.C_out, mat33), self.lo, self.dx, self.dt,
-                                      to_warp(gx.contiguous(), vec3), to_warp(gv.contiguous(), vec3),
-                                      to_warp(gC.contiguous(), mat33), to_warp(adj_Ft, mat33),
-                                      to_warp(adj_x, vec3), to_warp(adj_F, mat33), to_warp(adj_gv, vec3)], dev)
+        gv_parts = self._scatter_grids(box, 3)
+        wgw = w(s.grid_v[-1], "v")
+
+        def from_particles(c, a, b):
+            q = slice(a, b)
+            # plasticity: F_trial -> F_out (automatic adjoint of a map)
+            self._run(k["plasticity"], b - a, [w(s.F_trial[q], "m"), w(law[q], "i"), w(E[q]), w(nu[q]), w(ys[q]),
+                                                w(fa[q]), w(tc[q]), w(ts[q])], [w(F_out_dummy[q], "m")],
+                      adjoint=True,
+                      adj_inputs=[w(adj_Ft[q], "m"), None, w(aE[q]), w(anu[q]), w(ays[q]), w(afa[q]), w(atc[q]),
+                                  w(ats[q])],
+                      adj_outputs=[w(gF[q], "m")])
+            # g2p (hand-written: a scatter into this chunk's grid)
+            self._run(k["g2p_adjoint"], b - a,
+                      [w(s.x[q], "v"), w(s.F[q], "m"), w(act[q], "i"), wgw, w(s.C_out[q], "m"), blo, self.dx,
+                       self.dt, w(gx[q], "v"), w(gv[q], "v"), w(gC[q], "m"), w(adj_Ft[q], "m"), w(adj_x[q], "v"),
+                       w(adj_F[q], "m"), w(gv_parts[c], "v")])
+
+        self._parallel(from_particles)
+        adj_gv = gv_parts.sum(0) if many else gv_parts[0]
         # walls
-        adj_prev = _zeros((*gs, 3), dt_, dev)
-        launch(k["grid_walls"], gs, [to_warp(s.grid_v[-2], vec3), self.model.grid.bound, self.wall_mode,
-                                     k["scalar"](self.model.wall_friction)], dev,
-               outputs=[to_warp(gw, vec3)], adjoint=True,
-               adj_inputs=[to_warp(adj_prev, vec3), 0, 0, k["scalar"](0.0)], adj_outputs=[to_warp(adj_gv, vec3)])
+        adj_prev = torch.zeros_like(adj_gv)
+        self._run(k["grid_walls"], box.shape, [w(s.grid_v[-2], "v"), self._wp.vec3i(*box.origin), self.full,
+                                               self.model.grid.bound, self.wall_mode, self.wall_mu],
+                  [w(s.grid_v[-1], "v")], adjoint=True,
+                  adj_inputs=[w(adj_prev, "v"), self._wp.vec3i(), self._wp.vec3i(), 0, 0, self.zero],
+                  adj_outputs=[w(adj_gv, "v")])
         adj_gv = adj_prev
-        wgm = to_warp(s.grid_m)
-        adj_grid_m = _zeros(gs, dt_, dev)
-        wagm = to_warp(adj_grid_m)
+        wgm = w(s.grid_m)
+        adj_grid_m = torch.zeros_like(s.grid_m)
+        wagm = w(adj_grid_m)
         # colliders in reverse
+        z = self.zero
         for ci in range(len(self.col_args) - 1, -1, -1):
             a = self.col_args[ci]
-            adj_prev = _zeros((*gs, 3), dt_, dev)
+            adj_prev = torch.zeros_like(adj_gv)
             adj_row = _zeros((13,), dt_, dev)
-            ins = self._collider_inputs(s.grid_v[ci], wgm, a, s.control[ci])
-            z = k["scalar"](0.0)
-            adj_ins = [to_warp(adj_prev, vec3), wagm, self.lo, z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
-                       z, to_warp(adj_row)]
-            launch(k["grid_collider"], gs, ins, dev, outputs=[to_warp(s.grid_v[ci + 1], vec3)], adjoint=True,
-                   adj_inputs=adj_ins, adj_outputs=[to_warp(adj_gv, vec3)])
+            ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
+            adj_ins = [w(adj_prev, "v"), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
+                       z, w(adj_row)]
+            self._run(k["grid_collider"], box.shape, ins, [w(s.grid_v[ci + 1], "v")], adjoint=True,
+                      adj_inputs=adj_ins, adj_outputs=[w(adj_gv, "v")])
             if adj_control is not None:
                 adj_control[ci] += adj_row
             adj_gv = adj_prev
         # grid velocity: momentum / mass + g dt
-        adj_grid_mv = _zeros((*gs, 3), dt_, dev)
-        launch(k["grid_velocity"], gs, [to_warp(s.grid_mv, vec3), wgm, self.gravity, self.dt, self.min_mass], dev,
-               outputs=[to_warp(s.grid_v[0], vec3)], adjoint=True,
-               adj_inputs=[to_warp(adj_grid_mv, vec3), wagm, self.k["vec3"](), self.k["scalar"](0.0),
-                           self.k["scalar"](0.0)],
-               adj_outputs=[to_warp(adj_gv, vec3)])
-        # p2g (a gather)
+        adj_grid_mv = torch.zeros_like(s.grid_mv)
+        self._run(k["grid_velocity"], box.shape, [w(s.grid_mv, "v"), wgm, self.gravity, self.dt, self.min_mass],
+                  [w(s.grid_v[0], "v")], adjoint=True,
+                  adj_inputs=[w(adj_grid_mv, "v"), wagm, k["vec3"](), z, z], adj_outputs=[w(adj_gv, "v")])
         adj_p = _zeros((n, 3), dt_, dev)
         adj_A = _zeros((n, 3, 3), dt_, dev)
         adj_m = _zeros((n,), dt_, dev)
-        launch(k["p2g_adjoint"], n, [to_warp(s.x, vec3), to_warp(s.p, vec3), to_warp(s.A, mat33), to_warp(s.m),
-                                      self.active, self.lo, self.dx, to_warp(adj_grid_mv, vec3), wagm,
-                                      to_warp(adj_x, vec3), to_warp(adj_p, vec3), to_warp(adj_A, mat33),
-                                      to_warp(adj_m)], dev)
-        # particle affine momentum and stress
         adj_C = _zeros((n, 3, 3), dt_, dev)
         adj_v = _zeros((n, 3), dt_, dev)
-        inv_dx = k["scalar"](1.0 / self.model.grid.dx)
-        z = k["scalar"](0.0)
-        launch(k["particle_affine"], n, [to_warp(s.F, mat33), to_warp(s.C, mat33), to_warp(s.v, vec3), self.law,
-                                         self.active, E, nu, eta, rho, vol, self.dt, inv_dx], dev,
-               outputs=[to_warp(s.A, mat33), to_warp(s.p, vec3), to_warp(s.m)], adjoint=True,
-               adj_inputs=[to_warp(adj_F, mat33), to_warp(adj_C, mat33), to_warp(adj_v, vec3), None, None, aE, anu,
-                           aeta, arho, avol, z, z],
-               adj_outputs=[to_warp(adj_A, mat33), to_warp(adj_p, vec3), to_warp(adj_m)])
+        wamv = w(adj_grid_mv, "v")
+
+        def from_grid(c, a, b):
+            q = slice(a, b)
+            # p2g (hand-written: a gather)
+            self._run(k["p2g_adjoint"], b - a,
+                      [w(s.x[q], "v"), w(s.p[q], "v"), w(s.A[q], "m"), w(s.m[q]), w(act[q], "i"), blo, self.dx, wamv,
+                       wagm, w(adj_x[q], "v"), w(adj_p[q], "v"), w(adj_A[q], "m"), w(adj_m[q])])
+            # particle affine momentum and stress (automatic adjoint of a map)
+            self._run(k["particle_affine"], b - a,
+                      [w(s.F[q], "m"), w(s.C[q], "m"), w(s.v[q], "v"), w(law[q], "i"), w(act[q], "i"), w(E[q]),
+                       w(nu[q]), w(eta[q]), w(rho[q]), w(vol[q]), self.dt, self.inv_dx],
+                      [w(s.A[q], "m"), w(s.p[q], "v"), w(s.m[q])], adjoint=True,
+                      adj_inputs=[w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"), None, None, w(aE[q]),
+                                  w(anu[q]), w(aeta[q]), w(arho[q]), w(avol[q]), z, z],
+                      adj_outputs=[w(adj_A[q], "m"), w(adj_p[q], "v"), w(adj_m[q])])
+
+        self._parallel(from_grid)
         return State(adj_x, adj_v, adj_C, adj_F)
