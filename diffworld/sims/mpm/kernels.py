@@ -173,8 +173,10 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             den = f(1.0e-12)
         return a, (gi + gj) / den
 
-    @wp.func_grad(svd_iso)
-    def svd_iso_grad(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+    @wp.func
+    def svd_iso_vjp(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+        """Vector-Jacobian product of :func:`svd_iso`: (d/dF, d/dp0, d/dp1) of <adj_ret, svd_iso>, and
+        the value svd_iso(F, kind, p0, p1) itself (from the same SVD)."""
         U = mat33()
         s = vec3()
         V = mat33()
@@ -193,9 +195,14 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
                 skw = (M[i, j] - M[j, i]) * f(0.5)
                 K[i, j] = a * sym + b * skw
                 K[j, i] = a * sym - b * skw
-        wp.adjoint[F] += U * K * wp.transpose(V)
-        wp.adjoint[p0] += wp.dot(d0, diag)
-        wp.adjoint[p1] += wp.dot(d1, diag)
+        return U * K * wp.transpose(V), wp.dot(d0, diag), wp.dot(d1, diag), U * wp.diag(g) * wp.transpose(V)
+
+    @wp.func_grad(svd_iso)
+    def svd_iso_grad(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+        gF, g0, g1, val = svd_iso_vjp(F, kind, p0, p1, adj_ret)
+        wp.adjoint[F] += gF
+        wp.adjoint[p0] += g0
+        wp.adjoint[p1] += g1
 
     # ---------------------------------------------------------------------------------------
     # Constitutive laws: Kirchhoff stress tau(F) and the plastic projection of F
@@ -252,6 +259,112 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             ratio = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)  # (3 lam + 2 mu) / (2 mu)
             Fn = svd_iso(F, 4, alpha, ratio)
         return Fn
+
+    @wp.func
+    def cofactor(F: mat33):
+        """d det(F) / dF (the cofactor matrix, J F^-T), well defined for singular F."""
+        return mat33(F[1, 1] * F[2, 2] - F[1, 2] * F[2, 1], F[1, 2] * F[2, 0] - F[1, 0] * F[2, 2],
+                     F[1, 0] * F[2, 1] - F[1, 1] * F[2, 0],
+                     F[0, 2] * F[2, 1] - F[0, 1] * F[2, 2], F[0, 0] * F[2, 2] - F[0, 2] * F[2, 0],
+                     F[0, 1] * F[2, 0] - F[0, 0] * F[2, 1],
+                     F[0, 1] * F[1, 2] - F[0, 2] * F[1, 1], F[0, 2] * F[1, 0] - F[0, 0] * F[1, 2],
+                     F[0, 0] * F[1, 1] - F[0, 1] * F[1, 0])
+
+    @wp.func
+    def lame_vjp(E: f, nu: f, g_mu: f, g_lam: f):
+        """(d/dE, d/dnu) of g_mu mu(E, nu) + g_lam lam(E, nu)."""
+        a = f(1.0) + nu
+        b = f(1.0) - f(2.0) * nu
+        dmu_dE = f(0.5) / a
+        dmu_dnu = -E * f(0.5) / (a * a)
+        dlam_dE = nu / (a * b)
+        dlam_dnu = E * (f(1.0) + f(2.0) * nu * nu) / (a * a * b * b)
+        return g_mu * dmu_dE + g_lam * dlam_dE, g_mu * dmu_dnu + g_lam * dlam_dnu
+
+    @wp.func
+    def kirchhoff_vjp(law: int, F: mat33, E: f, nu: f, G: mat33):
+        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, and the stress itself; one SVD
+        at most."""
+        mu, lam = lame(E, nu)
+        J = wp.determinant(F)
+        trG = G[0, 0] + G[1, 1] + G[2, 2]
+        I = wp.identity(n=3, dtype=f)
+        tau = mat33(f(0.0))
+        gF = mat33(f(0.0))
+        g_mu = f(0.0)
+        g_lam = f(0.0)
+        g_J = f(0.0)
+        if law == 0 or law == 1 or law == 3:  # lam J (J - 1) I
+            tau = I * (lam * J * (J - f(1.0)))
+            g_lam = trG * J * (J - f(1.0))
+            g_J = trG * lam * (f(2.0) * J - f(1.0))
+        if law == 1 or law == 3:  # + 2 mu (F - R) F^T
+            H = G * (f(2.0) * mu)
+            gR, u0, u1, R = svd_iso_vjp(F, 0, f(0.0), f(0.0), -H * F)
+            S = (F - R) * wp.transpose(F)
+            tau = tau + S * (f(2.0) * mu)
+            gF = H * F + wp.transpose(H) * (F - R) + gR
+            g_mu = f(2.0) * wp.ddot(G, S)
+        elif law == 2:  # mu (F F^T - I) + lam log(J) I
+            B = F * wp.transpose(F)
+            tau = (B - I) * mu + I * (lam * wp.log(J))
+            gF = (G + wp.transpose(G)) * F * mu
+            g_mu = wp.ddot(G, B) - trG
+            g_lam = trG * wp.log(J)
+            g_J = trG * lam / J
+        elif law >= 4:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
+            gP, gm, gl, P = svd_iso_vjp(F, 1, mu, lam, G * F)
+            tau = P * wp.transpose(F)
+            gF = gP + wp.transpose(G) * P
+            g_mu = gm
+            g_lam = gl
+        gF = gF + cofactor(F) * g_J
+        gE, gnu = lame_vjp(E, nu, g_mu, g_lam)
+        return gF, gE, gnu, tau
+
+    @wp.func
+    def project_vjp(law: int, F: mat33, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f,
+                    G: mat33):
+        """d/d(F, E, nu, yield_stress, friction_angle, theta_c, theta_s) of <G, project(...)>."""
+        gF = G
+        gE = f(0.0)
+        gnu = f(0.0)
+        gys = f(0.0)
+        gfa = f(0.0)
+        gtc = f(0.0)
+        gts = f(0.0)
+        if law == 0:
+            J = wp.determinant(F)
+            trG = G[0, 0] + G[1, 1] + G[2, 2]
+            gF = cofactor(F) * (trG * wp.pow(J, f(-2.0) / f(3.0)) / f(3.0))
+        elif law == 3:
+            g0 = f(0.0)
+            g1 = f(0.0)
+            val = mat33()
+            gF, g0, g1, val = svd_iso_vjp(F, 2, f(1.0) - theta_c, f(1.0) + theta_s, G)
+            gtc = -g0
+            gts = g1
+        elif law == 4:
+            mu, lam = lame(E, nu)
+            g0 = f(0.0)
+            g1 = f(0.0)
+            val = mat33()
+            gF, g0, g1, val = svd_iso_vjp(F, 3, yield_stress / (f(2.0) * mu), f(0.0), G)
+            gys = g0 / (f(2.0) * mu)
+            gE, gnu = lame_vjp(E, nu, -g0 * yield_stress / (f(2.0) * mu * mu), f(0.0))
+        elif law == 5:
+            sphi = wp.sin(friction_angle)
+            alpha = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
+            b = f(1.0) - f(2.0) * nu
+            ratio = (f(1.0) + nu) / b
+            g0 = f(0.0)
+            g1 = f(0.0)
+            val = mat33()
+            gF, g0, g1, val = svd_iso_vjp(F, 4, alpha, ratio, G)
+            t = f(3.0) - sphi
+            gfa = g0 * f(math.sqrt(2.0 / 3.0)) * f(6.0) * wp.cos(friction_angle) / (t * t)
+            gnu = g1 * f(3.0) / (b * b)
+        return gF, gE, gnu, gys, gfa, gtc, gts
 
     # ---------------------------------------------------------------------------------------
     # Quadratic B-spline weights
@@ -311,6 +424,68 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         i = wp.tid()
         F_out[i] = project(law[i], F_trial[i], E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
                            theta_s[i])
+
+    @wp.kernel(enable_backward=False)
+    def particle_affine_adjoint(F: wp.array(dtype=mat33), C: wp.array(dtype=mat33), v: wp.array(dtype=vec3),
+                                law: wp.array(dtype=wp.int32), active: wp.array(dtype=wp.int32),
+                                E: wp.array(dtype=f), nu: wp.array(dtype=f), eta: wp.array(dtype=f),
+                                rho: wp.array(dtype=f), vol: wp.array(dtype=f), dt: f, inv_dx: f,
+                                adj_A: wp.array(dtype=mat33), adj_p: wp.array(dtype=vec3), adj_m: wp.array(dtype=f),
+                                adj_F: wp.array(dtype=mat33), adj_C: wp.array(dtype=mat33), adj_v: wp.array(dtype=vec3),
+                                adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f), adj_eta: wp.array(dtype=f),
+                                adj_rho: wp.array(dtype=f), adj_vol: wp.array(dtype=f)):
+        # Hand-written adjoint of particle_affine (accumulates). Warp's automatic one re-runs the
+        # SVD three times (kernel replay, function replay, custom gradient); this one runs it once.
+        i = wp.tid()
+        if active[i] == 0:
+            return
+        Fi = F[i]
+        Ci = C[i]
+        vi = v[i]
+        mass = rho[i] * vol[i]
+        k = -dt * f(4.0) * inv_dx * inv_dx
+        gA = adj_A[i]
+        gp = adj_p[i]
+        g_mass = wp.ddot(gA, Ci) + wp.dot(gp, vi) + adj_m[i]
+        G = gA * (k * vol[i])  # adjoint of tau
+        gF, gE, gnu, tau = kirchhoff_vjp(law[i], Fi, E[i], nu[i], G)
+        tau = tau + viscous_stress(Ci, Fi, eta[i])
+        # viscous: dev(sym C) 2 eta J
+        J = wp.determinant(Fi)
+        D = (Ci + wp.transpose(Ci)) * f(0.5)
+        Dd = D - wp.identity(n=3, dtype=f) * ((D[0, 0] + D[1, 1] + D[2, 2]) / f(3.0))
+        Gs = (G + wp.transpose(G)) * f(0.5)
+        Gd = Gs - wp.identity(n=3, dtype=f) * ((Gs[0, 0] + Gs[1, 1] + Gs[2, 2]) / f(3.0))
+        gDd = wp.ddot(G, Dd)
+        gF = gF + cofactor(Fi) * (gDd * f(2.0) * eta[i])
+        adj_F[i] = adj_F[i] + gF
+        adj_C[i] = adj_C[i] + gA * mass + Gd * (f(2.0) * eta[i] * J)
+        adj_v[i] = adj_v[i] + gp * mass
+        adj_E[i] = adj_E[i] + gE
+        adj_nu[i] = adj_nu[i] + gnu
+        adj_eta[i] = adj_eta[i] + gDd * f(2.0) * J
+        adj_rho[i] = adj_rho[i] + g_mass * vol[i]
+        adj_vol[i] = adj_vol[i] + wp.ddot(gA, tau) * k + g_mass * rho[i]
+
+    @wp.kernel(enable_backward=False)
+    def plasticity_adjoint(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
+                           nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f),
+                           friction_angle: wp.array(dtype=f), theta_c: wp.array(dtype=f),
+                           theta_s: wp.array(dtype=f), adj_F_out: wp.array(dtype=mat33),
+                           adj_F_trial: wp.array(dtype=mat33), adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f),
+                           adj_yield_stress: wp.array(dtype=f), adj_friction_angle: wp.array(dtype=f),
+                           adj_theta_c: wp.array(dtype=f), adj_theta_s: wp.array(dtype=f)):
+        # Hand-written adjoint of plasticity (accumulates): one SVD instead of two.
+        i = wp.tid()
+        gF, gE, gnu, gys, gfa, gtc, gts = project_vjp(law[i], F_trial[i], E[i], nu[i], yield_stress[i],
+                                                      friction_angle[i], theta_c[i], theta_s[i], adj_F_out[i])
+        adj_F_trial[i] = adj_F_trial[i] + gF
+        adj_E[i] = adj_E[i] + gE
+        adj_nu[i] = adj_nu[i] + gnu
+        adj_yield_stress[i] = adj_yield_stress[i] + gys
+        adj_friction_angle[i] = adj_friction_angle[i] + gfa
+        adj_theta_c[i] = adj_theta_c[i] + gtc
+        adj_theta_s[i] = adj_theta_s[i] + gts
 
     @wp.kernel(enable_backward=False)
     def p2g(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33), m: wp.array(dtype=f),
@@ -747,6 +922,8 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     return {
         "particle_affine": particle_affine,
         "plasticity": plasticity,
+        "particle_affine_adjoint": particle_affine_adjoint,
+        "plasticity_adjoint": plasticity_adjoint,
         "p2g": p2g,
         "p2g_adjoint": p2g_adjoint,
         "g2p": g2p,

@@ -480,7 +480,6 @@ class Stepper:
         blo = k["vec3"](*box.lower)
         many = len(self.chunks) > 1
         adj_Ft = _zeros((n, 3, 3), dt_, dev)
-        F_out_dummy = torch.empty_like(s.F_trial)
         adj_x = _zeros((n, 3), dt_, dev)
         adj_F = _zeros((n, 3, 3), dt_, dev)
         gv_parts = self._scatter_grids(box, 3)
@@ -488,13 +487,11 @@ class Stepper:
 
         def from_particles(c, a, b):
             q = slice(a, b)
-            # plasticity: F_trial -> F_out (automatic adjoint of a map)
-            self._run(k["plasticity"], b - a, [w(s.F_trial[q], "m"), w(law[q], "i"), w(E[q]), w(nu[q]), w(ys[q]),
-                                                w(fa[q]), w(tc[q]), w(ts[q])], [w(F_out_dummy[q], "m")],
-                      adjoint=True,
-                      adj_inputs=[w(adj_Ft[q], "m"), None, w(aE[q]), w(anu[q]), w(ays[q]), w(afa[q]), w(atc[q]),
-                                  w(ats[q])],
-                      adj_outputs=[w(gF[q], "m")])
+            # plasticity: F_trial -> F_out (hand-written)
+            self._run(k["plasticity_adjoint"], b - a,
+                      [w(s.F_trial[q], "m"), w(law[q], "i"), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
+                       w(ts[q]), w(gF[q], "m"), w(adj_Ft[q], "m"), w(aE[q]), w(anu[q]), w(ays[q]), w(afa[q]),
+                       w(atc[q]), w(ats[q])])
             # g2p (hand-written: a scatter into this chunk's grid)
             self._run(k["g2p_adjoint"], b - a,
                       [w(s.x[q], "v"), w(s.F[q], "m"), w(act[q], "i"), wgw, w(s.C_out[q], "m"), blo, self.dx,
@@ -546,14 +543,12 @@ class Stepper:
             self._run(k["p2g_adjoint"], b - a,
                       [w(s.x[q], "v"), w(s.p[q], "v"), w(s.A[q], "m"), w(s.m[q]), w(act[q], "i"), blo, self.dx, wamv,
                        wagm, w(adj_x[q], "v"), w(adj_p[q], "v"), w(adj_A[q], "m"), w(adj_m[q])])
-            # particle affine momentum and stress (automatic adjoint of a map)
-            self._run(k["particle_affine"], b - a,
+            # particle affine momentum and stress (hand-written)
+            self._run(k["particle_affine_adjoint"], b - a,
                       [w(s.F[q], "m"), w(s.C[q], "m"), w(s.v[q], "v"), w(law[q], "i"), w(act[q], "i"), w(E[q]),
-                       w(nu[q]), w(eta[q]), w(rho[q]), w(vol[q]), self.dt, self.inv_dx],
-                      [w(s.A[q], "m"), w(s.p[q], "v"), w(s.m[q])], adjoint=True,
-                      adj_inputs=[w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"), None, None, w(aE[q]),
-                                  w(anu[q]), w(aeta[q]), w(arho[q]), w(avol[q]), z, z],
-                      adj_outputs=[w(adj_A[q], "m"), w(adj_p[q], "v"), w(adj_m[q])])
+                       w(nu[q]), w(eta[q]), w(rho[q]), w(vol[q]), self.dt, self.inv_dx, w(adj_A[q], "m"),
+                       w(adj_p[q], "v"), w(adj_m[q]), w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"),
+                       w(aE[q]), w(anu[q]), w(aeta[q]), w(arho[q]), w(avol[q])])
 
         self._parallel(from_grid)
         return State(adj_x, adj_v, adj_C, adj_F)
