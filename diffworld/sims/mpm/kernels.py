@@ -35,7 +35,7 @@ init_warp()
 __all__ = ["LAW", "ISO", "SHAPE", "WALL", "build"]
 
 # Constitutive laws (per particle ``law`` id). The Python names live in materials.py.
-LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5}
+LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5, "rigid": 6}
 # Isotropic functions g(sigma) evaluated by svd_iso.
 ISO = {"polar": 0, "hencky_p": 1, "clamp": 2, "von_mises": 3, "drucker_prager": 4}
 # Collider shapes (local frame; z is the axis of capsules, cylinders and cups; planes face +z).
@@ -228,9 +228,10 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             tau = (F - R) * wp.transpose(F) * (f(2.0) * mu) + I * (lam * J * (J - f(1.0)))
         elif law == 2:  # Neo-Hookean
             tau = (F * wp.transpose(F) - I) * mu + I * (lam * wp.log(J))
-        else:  # StVK with Hencky strain (plasticine, sand)
+        elif law == 4 or law == 5:  # StVK with Hencky strain (plasticine, sand)
             P = svd_iso(F, 1, mu, lam)
             tau = P * wp.transpose(F)
+        # law 6 (rigid): no stress; the rigid projection after G2P (rigid.py) keeps F = I.
         return tau
 
     @wp.func
@@ -312,7 +313,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g_mu = wp.ddot(G, B) - trG
             g_lam = trG * wp.log(J)
             g_J = trG * lam / J
-        elif law >= 4:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
+        elif law == 4 or law == 5:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
             gP, gm, gl, P = svd_iso_vjp(F, 1, mu, lam, G * F)
             tau = P * wp.transpose(F)
             gF = gP + wp.transpose(G) * P

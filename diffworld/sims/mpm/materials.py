@@ -53,6 +53,9 @@ MATERIALS: dict[str, tuple[str, dict[str, float]]] = {
     "snow": ("snow", dict(E=1.4e5, nu=0.2, density=400.0, theta_c=2.5e-2, theta_s=7.5e-3)),
     "plasticine": ("von_mises", dict(E=3.0e5, nu=0.25, density=1000.0, yield_stress=5.0e3)),
     "sand": ("drucker_prager", dict(E=1.0e6, nu=0.2, density=1600.0, friction_angle=25.0)),
+    # Rigid: particles moved as one rigid body (shape matching after every substep); E and nu only
+    # set the time-step limit of the contact response, so they are kept soft.
+    "rigid": ("rigid", dict(E=1.0e4, nu=0.3, density=500.0)),
 }
 
 
@@ -62,7 +65,7 @@ class Material:
 
     Attributes:
         name: A key of :data:`MATERIALS` (water, viscous, elastic, jelly, neo_hookean, snow,
-            plasticine, sand).
+            plasticine, sand, rigid).
         E, nu, density, viscosity, yield_stress, friction_angle, theta_c, theta_s: see the module
             docstring; ``None`` takes the material's default.
     """
@@ -152,6 +155,8 @@ def energy_density(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor)
     if law in ("von_mises", "drucker_prager"):
         eps = torch.log(torch.linalg.svdvals(F).clamp_min(0.05))
         return mu * (eps ** 2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
+    if law == "rigid":
+        return torch.zeros_like(J)
     raise ValueError(f"law: unknown {law!r}")
 
 
@@ -174,13 +179,15 @@ def kirchhoff_stress(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tenso
         U, _, _, eps = _hencky(F)
         t = 2 * mu[..., 0] * eps + lam[..., 0] * eps.sum(-1, keepdim=True)
         return U @ torch.diag_embed(t) @ U.transpose(-1, -2)
+    if law == "rigid":
+        return torch.zeros_like(F)
     raise ValueError(f"law: unknown {law!r}")
 
 
 def plastic_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor, yield_stress: torch.Tensor,
                        friction_angle: torch.Tensor, theta_c: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
     """Return mapping of a trial deformation gradient (angles in radians), shape (N, 3, 3)."""
-    if law in ("corotated", "neo_hookean"):
+    if law in ("corotated", "neo_hookean", "rigid"):
         return F
     if law == "fluid":
         J = torch.linalg.det(F)

@@ -25,6 +25,7 @@ import torch
 
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.mpm import kernels as K
+from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
 
 __all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS", "cpu_workers"]
 
@@ -247,6 +248,7 @@ class _Substep(NamedTuple):
     C_out: torch.Tensor
     F_trial: torch.Tensor
     control: torch.Tensor | None
+    rigid_v: torch.Tensor | None  # G2P velocities of rigid particles, before the rigid projection
 
 
 class Stepper:
@@ -294,6 +296,12 @@ class Stepper:
         bounds = [round(n * w / workers) for w in range(workers + 1)]
         self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
         self._prepare_colliders()
+        self.rigid = None
+        is_rigid = model.law == K.LAW["rigid"]
+        if bool(is_rigid.any()):
+            index = is_rigid.nonzero()[:, 0]
+            ids, body = torch.unique(model.body[index], return_inverse=True)
+            self.rigid = RigidGroups(index, body, int(ids.numel()))
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -458,9 +466,17 @@ class Stepper:
                                                 w(tc[s]), w(ts[s])], [w(F1[s], "m")])
 
         self._parallel(to_particles)
+        rigid_v = None
+        if self.rigid is not None:
+            ri = self.rigid.index
+            rigid_v = v1[ri]
+            xr, vr, Cr = rigid_projection(x[ri], rigid_v, m[ri], self.rigid.body, self.rigid.count,
+                                          self.model.dt)
+            x1[ri], v1[ri], C1[ri] = xr, vr, Cr
+            F1[ri] = torch.eye(3, dtype=dt_, device=dev)
         saved = None
         if keep:
-            saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control)
+            saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v)
         return State(x1, v1, C1, F1), saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
@@ -476,6 +492,9 @@ class Stepper:
         aE, anu, aeta, arho, avol, ays, afa, atc, ats = adj_params
         law, act = self.law_t, self.active_t
         gx, gv, gC, gF = (t.contiguous() for t in adj_out)
+        rigid_adj = None
+        if self.rigid is not None:
+            gx, gv, gC, gF, rigid_adj = self._rigid_adjoint(s, gx, gv, gC, gF)
         box = s.box
         blo = k["vec3"](*box.lower)
         many = len(self.chunks) > 1
@@ -551,4 +570,27 @@ class Stepper:
                        w(aE[q]), w(anu[q]), w(aeta[q]), w(arho[q]), w(avol[q])])
 
         self._parallel(from_grid)
+        if rigid_adj is not None:
+            ri = self.rigid.index
+            g_x, g_m = rigid_adj
+            adj_x.index_add_(0, ri, g_x)
+            arho.index_add_(0, ri, g_m * vol[ri])  # m = density * volume
+            avol.index_add_(0, ri, g_m * rho[ri])
         return State(adj_x, adj_v, adj_C, adj_F)
+
+    def _rigid_adjoint(self, s: _Substep, gx, gv, gC, gF):
+        """Back through the rigid projection: the adjoints of the G2P outputs it replaced, and the
+        adjoints of the rigid particles' start positions and masses."""
+        ri = self.rigid.index
+        with torch.enable_grad():
+            xr = s.x[ri].requires_grad_()
+            vr = s.rigid_v.clone().requires_grad_()
+            mr = s.m[ri].requires_grad_()
+            out = rigid_projection(xr, vr, mr, self.rigid.body, self.rigid.count, self.model.dt)
+            g_x, g_v, g_m = torch.autograd.grad(out, (xr, vr, mr), (gx[ri], gv[ri], gC[ri]))
+        gx, gv, gC, gF = gx.clone(), gv.clone(), gC.clone(), gF.clone()
+        gx[ri] = 0.0  # x', C' and F' of rigid particles do not come from G2P and plasticity
+        gC[ri] = 0.0
+        gF[ri] = 0.0
+        gv[ri] = g_v
+        return gx, gv, gC, gF, (g_x, g_m)
