@@ -15,6 +15,16 @@ SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("mpm_*.yam
 runner = CliRunner()
 
 REDUCED = {"optimizer.iterations": 4, "task.outputs.frames": 3}
+# Scenes with a growing loss horizon: 6 control steps and a horizon of 3 that grows after every
+# second iteration (tolerance 1: any improvement below 100 % is a stall), so the reduced run
+# reaches the full horizon and optimizes it for 4 iterations.
+HORIZON_REDUCED = {"optimizer.iterations": 6, "task.outputs.frames": 3, "task.steps": 6,
+                   "task.objective.horizon": {"initial": 3, "grow": 3, "patience": 1, "tolerance": 1.0}}
+
+
+def _has_horizon(path: Path) -> bool:
+    obj = load_scene(path).task.objective
+    return getattr(obj, "horizon", None) is not None
 
 
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
@@ -22,13 +32,23 @@ def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.runtime import get_runtime
     from diffworld.engine.scene import TASKS
 
-    scene = load_scene(path, REDUCED)
+    horizon = _has_horizon(path)
+    scene = load_scene(path, HORIZON_REDUCED if horizon else REDUCED)
     metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
                                              progress=False)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     losses = [float(r["loss"]) for r in rows]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert metrics["final_loss"] < metrics["initial_loss"]
+    assert len(losses) == scene.optimizer.iterations
+    if horizon:
+        # the logged loss is the loss at the horizon of its iteration: compare like with like
+        hs = [int(float(r["horizon"])) for r in rows]
+        assert hs == metrics["horizon_schedule"] == [3, 3, 6, 6, 6, 6]
+        for h in (3, 6):
+            at = [loss for loss, k in zip(losses, hs) if k == h]
+            assert at[-1] < at[0], (h, at)
+    else:
+        assert losses[-1] < losses[0]
+    assert metrics["final_loss"] < metrics["initial_loss"]  # both over every control step
     for name in ("metrics.json", "loss.png", "before.png", "after.png", "rollout.gif", "trajectory.npz"):
         assert (tmp_path / name).is_file(), name
     traj = np.load(tmp_path / "trajectory.npz")
@@ -49,3 +69,20 @@ def test_mpm_scene_errors_name_the_key(tmp_path):
     bad.write_text(path.read_text().replace("  substeps: 20", "  dt: 0.5\n  substeps: 20"))
     result = runner.invoke(app, ["optimize", str(bad), "--out", str(tmp_path / "run"), "-n", "1", "--no-progress"])
     assert result.exit_code == 2 and "above the stability limit" in result.output
+
+
+def test_mpm_trajectory_aids_errors_name_the_key(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "scenes" / "mpm_press_plasticine.yaml"
+    bad = tmp_path / "bad.yaml"
+    cases = [
+        (("horizon: {initial: 5,", "horizon: {initial: 50,"), "objective.horizon.initial: 50 is more than task.steps"),
+        (("freeze_steps: 1", "freeze_steps: 15"), "objective.freeze_steps: 15 freezes every action"),
+        (("type: density", "type: python\n        function: 'no_such_module_xyz:loss'"),
+         "task.objective.losses[0].function"),
+        (("density_weight: 1.0", "density_weight: -1.0"), "task.objective.losses[0].density_weight"),
+    ]
+    for (old, new), want in cases:
+        assert old in path.read_text(), old
+        bad.write_text(path.read_text().replace(old, new))
+        result = runner.invoke(app, ["validate", str(bad)])
+        assert result.exit_code == 2 and want in result.output, (want, result.output)

@@ -6,10 +6,15 @@ Objectives:
   one body; the parameters start from ``initial`` and are fitted to the observations (positions
   at every control step). Moduli are optimized in log space; bounds are enforced by projection.
 * ``trajectory``: the velocities (linear and angular, per control step) of the ``controlled``
-  colliders are optimized for a weighted sum of losses: ``com`` (centre of mass of a body vs a
-  target), ``region`` (fraction of a body inside a box, soft), ``shape`` (particles inside a
-  target shape and covering it). Speeds are clipped to ``max_speed`` (action clipping);
-  ``optimizer.clip_grad_norm`` clips gradients.
+  colliders are optimized for a weighted sum of loss terms (:mod:`diffworld.sims.mpm.losses`):
+  ``com`` (centre of mass of a body vs a target), ``region`` (fraction of a body inside a box,
+  soft), ``shape`` (particles inside a target shape and covering it), ``density`` (PlasticineLab
+  shape matching: grid mass vs a target shape, plus the distance outside it), ``chamfer`` (final
+  particles vs points filling a target shape), ``target_trajectory`` (positions at every control
+  step vs an .npz file) and ``python`` (a user function ``fn(states, info) -> scalar tensor``).
+  Aids (FluidLab): action clipping (``max_speed``, ``max_angular_speed``), gradient clipping
+  (``optimizer.clip_grad_norm``), ``freeze_steps`` (the first actions are not optimized) and a
+  ``horizon`` that starts short and grows when progress stalls (only the horizon is simulated).
 
 A run writes ``trajectory.npz`` (positions per control step, body ids, collider states),
 ``before.png``/``after.png`` (particles coloured by body, colliders as meshes), ``rollout.gif``,
@@ -22,7 +27,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from diffworld.engine.scene.registry import TASKS
 from diffworld.engine.scene.schema import StrictModel
 from diffworld.geometry.reconstruction_task import _resolve_path
 
-__all__ = ["MPMTask", "run_mpm"]
+__all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
 
 Vec3 = tuple[float, float, float]
 BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.35], [0.80, 0.25, 0.30],
@@ -173,22 +178,125 @@ class DomainConfig(StrictModel):
     wall_friction: float = Field(0.0, ge=0)
 
 
-class LossTermConfig(StrictModel):
-    type: Literal["com", "region", "shape"]
+class _LossTerm(StrictModel):
+    weight: float = Field(1.0, ge=0, description="Weight of the term in the total loss.")
+
+
+class ComLossConfig(_LossTerm):
+    """Squared distance of a body's centre of mass to a target [m^2] (final state)."""
+
+    type: Literal["com"]
     body: str
-    weight: float = Field(1.0, ge=0)
-    target: Optional[Vec3] = Field(None, description="com: target centre of mass [m].")
-    lower: Optional[Vec3] = Field(None, description="region: box lower corner [m].")
-    upper: Optional[Vec3] = Field(None, description="region: box upper corner [m].")
-    shape: Optional[ShapeConfig] = Field(None, description="shape: target shape.")
+    target: Vec3 = Field(..., description="Target centre of mass [m].")
+
+
+class RegionLossConfig(_LossTerm):
+    """One minus the soft fraction of a body inside a box (final state), in [0, 1]."""
+
+    type: Literal["region"]
+    body: str
+    lower: Vec3 = Field(..., description="Box lower corner [m].")
+    upper: Vec3 = Field(..., description="Box upper corner [m].")
+
+
+class ShapeLossConfig(_LossTerm):
+    """Particles inside a target shape and covering it [m^2] (final state)."""
+
+    type: Literal["shape"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+
+
+class DensityLossConfig(_LossTerm):
+    """PlasticineLab shape matching (final state): grid mass vs a target filled with the body's mass.
+
+    ``density_weight * sum|m - t| / sum t`` (L1; L2 with ``norm: l2``) plus ``sdf_weight`` times
+    the mass-weighted distance outside the target in cells (see
+    :func:`diffworld.sims.mpm.losses.shape_matching_loss`).
+    """
+
+    type: Literal["density"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+    density_weight: float = Field(1.0, ge=0, description="Weight of the grid-mass difference (dimensionless).")
+    sdf_weight: float = Field(1.0, ge=0, description="Weight of the distance outside the target [cells].")
+    norm: Literal["l1", "l2"] = Field("l1", description="Norm of the grid-mass difference.")
+    ppc: Optional[int] = Field(None, ge=1, description="Target sample points per cell; default: the body's ppc.")
+
+
+class TargetTrajectoryLossConfig(_LossTerm):
+    """Mean squared distance [m^2] of a body's particles to target positions at every control step."""
+
+    type: Literal["target_trajectory"]
+    body: str
+    path: str = Field(..., description="A .npz file, relative to the scene file, holding the targets.")
+    key: str = Field("x", description="Array of the .npz: shape (steps, N, 3) [m], row k = after control step k+1, "
+                                      "particles in the body's order.")
+
+    _path = field_validator("path")(_resolve_path)
 
     @model_validator(mode="after")
-    def _fields(self):
-        need = {"com": ("target",), "region": ("lower", "upper"), "shape": ("shape",)}[self.type]
-        missing = [k for k in need if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"loss type '{self.type}' needs {missing}")
+    def _array(self):
+        shape = _npz_array(self.path, self.key).shape
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"{self.path}: array {self.key!r} has shape {shape}; expected (steps, N, 3)")
         return self
+
+
+def _npz_array(path: str, key: str) -> np.ndarray:
+    """Array ``key`` of an .npz file (ValueError naming the file and key otherwise)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive (np.savez), got a single array")
+    with data:
+        if key not in data.files:
+            raise ValueError(f"{path}: no array {key!r} (key); the file holds {sorted(data.files)}")
+        return data[key]
+
+
+class ChamferLossConfig(_LossTerm):
+    """Chamfer distance [m^2] between a body's particles (final state) and points filling a target shape."""
+
+    type: Literal["chamfer"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+    ppc: Optional[int] = Field(None, ge=1, description="Target points per cell; default: the body's ppc.")
+
+
+class PythonLossConfig(_LossTerm):
+    """A user-written torch loss: ``fn(states, info) -> scalar tensor``.
+
+    ``states``: recorded states (index 0 initial, then one per control step up to the horizon);
+    ``info``: :class:`diffworld.sims.mpm.losses.SceneInfo` (masks, masses, grid, actions, options).
+    """
+
+    type: Literal["python"]
+    function: str = Field(..., description="'package.module:callable' (importable) or 'file.py:callable' "
+                                           "(relative to the scene file); imported, never evaluated.")
+    body: Optional[str] = Field(None, description="Passed to the function as info.body.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the function as info.options.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, v: str, info: ValidationInfo) -> str:
+        from diffworld.sims.mpm.losses import load_callable
+
+        base = (info.context or {}).get("scene_dir")
+        if isinstance(v, str) and v.count(":") == 1 and v.split(":")[0].endswith(".py"):
+            file, attr = v.split(":")
+            p = Path(file)
+            if not p.is_absolute() and base is not None:
+                v = f"{Path(base) / p}:{attr}"
+        load_callable(v, base)
+        return v
+
+
+LossTermConfig = Annotated[Union[ComLossConfig, RegionLossConfig, ShapeLossConfig, DensityLossConfig,
+                                 TargetTrajectoryLossConfig, ChamferLossConfig, PythonLossConfig],
+                           Field(discriminator="type")]
 
 
 class SystemIdentificationConfig(StrictModel):
@@ -209,12 +317,29 @@ class SystemIdentificationConfig(StrictModel):
         return self
 
 
+class HorizonConfig(StrictModel):
+    """A loss horizon that grows when progress stalls (FluidLab).
+
+    The loss is evaluated on the first ``initial`` control steps (only they are simulated); when
+    the relative improvement ``(L[i - patience] - L[i]) / |L[i - patience]|`` of the loss over the
+    last ``patience`` iterations at the current horizon falls below ``tolerance``, the horizon
+    grows by ``grow`` steps, up to ``task.steps``.
+    """
+
+    initial: int = Field(..., ge=1, description="Control steps of the first horizon.")
+    grow: int = Field(..., ge=1, description="Control steps added when progress stalls.")
+    patience: int = Field(5, ge=1, description="Iterations over which the improvement is measured.")
+    tolerance: float = Field(0.01, ge=0, description="Relative improvement below which the horizon grows.")
+
+
 class TrajectoryConfig(StrictModel):
     type: Literal["trajectory"]
     controlled: list[str] = Field(..., min_length=1, description="Colliders whose velocities are optimized.")
     losses: list[LossTermConfig] = Field(..., min_length=1)
     max_speed: float = Field(1.0, gt=0, description="Linear speed bound [m/s] (action clipping).")
     max_angular_speed: float = Field(3.0, ge=0, description="Angular speed bound [rad/s].")
+    horizon: Optional[HorizonConfig] = Field(None, description="Growing loss horizon; default: every step.")
+    freeze_steps: int = Field(0, ge=0, description="The first K actions keep their initial value (not optimized).")
 
 
 ObjectiveConfig = Annotated[Union[SystemIdentificationConfig, TrajectoryConfig], Field(discriminator="type")]
@@ -253,9 +378,22 @@ class MPMTask(StrictModel):
             for c in obj.controlled:
                 if c not in cols:
                     raise ValueError(f"objective.controlled {c!r} is not a collider; expected one of {cols}")
-            for term in obj.losses:
-                if term.body not in bodies:
-                    raise ValueError(f"objective.losses: body {term.body!r} is not a body; expected one of {bodies}")
+            for i, term in enumerate(obj.losses):
+                if term.body is not None and term.body not in bodies:
+                    raise ValueError(f"objective.losses[{i}].body: {term.body!r} is not a body; expected one of "
+                                     f"{bodies}")
+                if term.type == "target_trajectory":
+                    shape = _npz_array(term.path, term.key).shape
+                    if shape[0] != self.steps:
+                        raise ValueError(f"objective.losses[{i}].path: {term.path} holds {term.key!r} of shape "
+                                         f"{shape}; expected ({self.steps}, N, 3): one row per control step "
+                                         f"(task.steps = {self.steps})")
+            if obj.horizon is not None and obj.horizon.initial > self.steps:
+                raise ValueError(f"objective.horizon.initial: {obj.horizon.initial} is more than task.steps "
+                                 f"({self.steps}); expected 1..{self.steps}")
+            if obj.freeze_steps >= self.steps:
+                raise ValueError(f"objective.freeze_steps: {obj.freeze_steps} freezes every action "
+                                 f"(task.steps = {self.steps}); expected 0..{self.steps - 1}")
         return self
 
 
@@ -335,53 +473,258 @@ class _Scene:
                 rows.append(C.static(m.position, m.rotation, self.n_substeps, dtype))
         return torch.stack(rows, 1).to(self.model.device)
 
-    def simulate(self, control, params=None):
+    def simulate(self, control, params=None, steps: int | None = None):
+        """Roll out the first ``steps`` control steps (default: all), one recorded state per step."""
         from diffworld.sims import mpm
 
-        return mpm.rollout(self.model, self.state, self.n_substeps, control, window=self.task.window,
+        n = self.n_substeps if steps is None else steps * self.task.substeps
+        if control is not None:
+            control = control[:n]
+        return mpm.rollout(self.model, self.state, n, control, window=self.task.window,
                            record_every=self.task.substeps, params=params, stepper=self.stepper)
+
+    def masses(self) -> torch.Tensor:
+        """Particle masses [kg], shape (N,)."""
+        p = self.model.params
+        return (p["density"] * p["volume"]).detach()
 
     def mask(self, body: str) -> torch.Tensor:
         return self.model.body == self.body_index[body]
 
 
-def _loss_terms(scene: _Scene, states, terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    final = states[-1].x
-    out: dict[str, torch.Tensor] = {}
-    total = final.new_zeros(())
-    for i, term in enumerate(terms):
-        x = final[scene.mask(term.body)]
-        if term.type == "com":
-            value = ((x.mean(0) - torch.tensor(term.target, dtype=x.dtype, device=x.device)) ** 2).sum()
-        elif term.type == "region":
-            lo = torch.tensor(term.lower, dtype=x.dtype, device=x.device)
-            hi = torch.tensor(term.upper, dtype=x.dtype, device=x.device)
-            tau = scene.grid.dx
-            inside = (torch.sigmoid((x - lo) / tau) * torch.sigmoid((hi - x) / tau)).prod(1)
-            value = 1.0 - inside.mean()
-        else:
-            sdf = term.shape.build().to(x.dtype)
-            d = sdf(x)
-            target = _shape_points(term.shape, scene, x.dtype)
-            cover = torch.cdist(target, x).min(1).values.pow(2).mean()
-            value = d.clamp_min(0).pow(2).mean() + cover
-        name = f"{term.type}_{term.body}" if sum(t.type == term.type and t.body == term.body for t in terms) == 1 \
-            else f"{term.type}_{term.body}_{i}"
-        out[name] = value.detach()
-        total = total + term.weight * value
-    return total, out
+def _term_names(terms) -> list[str]:
+    """Log names of the loss terms: ``type_body`` (``python_<callable>``), indexed when not unique."""
+    keys = [(t.type, t.function.rsplit(":", 1)[1] if t.type == "python" else t.body) for t in terms]
+    return [f"{k[0]}_{k[1]}" if keys.count(k) == 1 else f"{k[0]}_{k[1]}_{i}" for i, k in enumerate(keys)]
 
 
-_SHAPE_CACHE: dict[int, torch.Tensor] = {}
+class _Losses:
+    """The loss terms of a ``trajectory`` objective, with their targets prepared once.
+
+    Final-state terms (``com``, ``region``, ``shape``, ``density``, ``chamfer``) read the last
+    recorded state (the state at the current horizon); ``target_trajectory`` reads every recorded
+    state up to it; ``python`` terms get all of them.
+    """
+
+    def __init__(self, scene: _Scene, terms) -> None:
+        from diffworld.sims.mpm import losses as L
+
+        self.scene, self.terms, self.names = scene, list(terms), _term_names(terms)
+        dtype, device, grid = scene.model.dtype, scene.model.device, scene.grid
+        self.mass = scene.masses()
+        self.masks = {name: scene.mask(name) for name in scene.body_index}
+        body_cfg = {b.name: b for b in scene.task.bodies}
+        self.prepared: list = []
+        for i, term in enumerate(self.terms):
+            key = f"task.objective.losses[{i}]"
+            if term.type == "com":
+                prep = torch.tensor(term.target, dtype=dtype, device=device)
+            elif term.type == "region":
+                prep = (term.lower, term.upper)
+            elif term.type == "shape":
+                sdf = term.shape.build()
+                points = L.sample_shape(sdf, grid.lower, grid.upper, grid.dx)
+                prep = (sdf.to(dtype) if isinstance(sdf, torch.nn.Module) else sdf, points.to(device, dtype))
+            elif term.type == "density":
+                total = float(self.mass[self.masks[term.body]].double().sum())
+                try:
+                    prep = L.target_grids(term.shape.build(), total, grid.lower, grid.dx, grid.shape,
+                                          ppc=term.ppc or body_cfg[term.body].ppc, dtype=dtype, device=device)
+                except ValueError as exc:
+                    raise ValueError(f"{key}.shape: {exc}") from None
+            elif term.type == "chamfer":
+                ppc = term.ppc or body_cfg[term.body].ppc
+                points = L.sample_shape(term.shape.build(), grid.lower, grid.upper, grid.dx / ppc ** (1.0 / 3.0))
+                if points.shape[0] == 0:
+                    raise ValueError(f"{key}.shape: the target shape holds no point inside the domain")
+                prep = points.to(device, dtype)
+            elif term.type == "target_trajectory":
+                arr = _npz_array(term.path, term.key)
+                n = int(self.masks[term.body].sum())
+                want = (scene.task.steps, n, 3)
+                if tuple(arr.shape) != want:
+                    raise ValueError(f"{key}.path: {term.path} holds {term.key!r} of shape {tuple(arr.shape)}; "
+                                     f"expected {want}: {scene.task.steps} control steps (task.steps) and the {n} "
+                                     f"particles of body {term.body!r}")
+                prep = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+            else:
+                try:
+                    prep = L.load_callable(term.function)
+                except ValueError as exc:
+                    raise ValueError(f"{key}.function: {exc}") from None
+            self.prepared.append(prep)
+
+    def __call__(self, states, actions: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted total and the unweighted terms (detached) of the recorded ``states``."""
+        from diffworld.sims.mpm import losses as L
+
+        scene, grid = self.scene, self.scene.grid
+        horizon = len(states) - 1
+        final = states[-1].x
+        out: dict[str, torch.Tensor] = {}
+        total = final.new_zeros(())
+        for i, (term, name, prep) in enumerate(zip(self.terms, self.names, self.prepared)):
+            mask = self.masks.get(term.body) if term.body is not None else None
+            x = final[mask] if mask is not None else final
+            if term.type == "com":
+                value = L.com_loss(x, prep)
+            elif term.type == "region":
+                value = L.region_loss(x, prep[0], prep[1], grid.dx)
+            elif term.type == "shape":
+                value = L.shape_cover_loss(x, prep[0], prep[1])
+            elif term.type == "density":
+                value = L.shape_matching_loss(x, self.mass[mask], prep.density, prep.sdf, grid.lower, grid.dx,
+                                              density_weight=term.density_weight, sdf_weight=term.sdf_weight,
+                                              norm=term.norm).loss
+            elif term.type == "chamfer":
+                value = L.chamfer_distance(x, prep)
+            elif term.type == "target_trajectory":
+                value = L.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
+                    final.sum() * 0.0
+            else:
+                info = L.SceneInfo(model=scene.model, masks=self.masks, mass=self.mass, grid_lower=grid.lower,
+                                   dx=grid.dx, grid_shape=grid.shape, dt=scene.model.dt, substeps=scene.task.substeps,
+                                   steps=horizon, total_steps=scene.task.steps, actions=dict(actions or {}),
+                                   body=term.body, options=dict(term.options))
+                value = L.call_user_loss(prep, states, info, f"task.objective.losses[{i}] ({term.function})")
+            out[name] = value.detach()
+            total = total + term.weight * value.to(total.dtype)
+        return total, out
 
 
-def _shape_points(cfg: ShapeConfig, scene: _Scene, dtype) -> torch.Tensor:
-    from diffworld.sims.mpm.bodies import fill_shape
+class HorizonSchedule:
+    """A loss horizon (in control steps) that grows when the loss stops improving (FluidLab).
 
-    key = id(cfg)
-    if key not in _SHAPE_CACHE:
-        _SHAPE_CACHE[key] = fill_shape(cfg.build().double(), scene.grid.lower, scene.grid.upper, scene.grid.dx)
-    return _SHAPE_CACHE[key].to(dtype=dtype, device=scene.model.device)
+    Feed the loss of every iteration to :meth:`update`; it returns the horizon of the next one.
+    The losses are compared only at the same horizon: after ``patience + 1`` iterations at a
+    horizon, if ``(L[i - patience] - L[i]) / |L[i - patience]| < tolerance`` the horizon grows by
+    ``grow`` steps (at most ``total``) and the comparison restarts.
+
+    Args:
+        initial: First horizon (>= 1; clipped to ``total``).
+        grow: Steps added at a stall (>= 1).
+        patience: Iterations over which the improvement is measured (>= 1).
+        tolerance: Relative improvement below which the horizon grows (>= 0).
+        total: Largest horizon (the task's control steps).
+
+    Attributes:
+        horizon: The horizon of the next iteration.
+        history: The horizon used at each iteration fed so far.
+    """
+
+    def __init__(self, initial: int, grow: int, patience: int, tolerance: float, total: int) -> None:
+        for name, v in (("initial", initial), ("grow", grow), ("patience", patience), ("total", total)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HorizonSchedule.{name}: expected an int >= 1, got {v!r}")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"HorizonSchedule.tolerance: expected a finite number >= 0, got {tolerance!r}")
+        self.grow, self.patience, self.tolerance, self.total = grow, patience, float(tolerance), total
+        self.horizon = min(initial, total)
+        self.history: list[int] = []
+        self._losses: list[float] = []
+
+    def update(self, loss: float) -> int:
+        """Record the loss of the iteration just run (at :attr:`horizon`); return the next horizon."""
+        self.history.append(self.horizon)
+        self._losses.append(float(loss))
+        if self.horizon < self.total and len(self._losses) > self.patience:
+            ref, cur = self._losses[-1 - self.patience], self._losses[-1]
+            if (ref - cur) / max(abs(ref), 1e-30) < self.tolerance:
+                self.horizon = min(self.horizon + self.grow, self.total)
+                self._losses = []
+        return self.horizon
+
+
+class TrajectoryProblem:
+    """The optimization problem of a ``trajectory`` objective: parameters, loss, projection, horizon.
+
+    Parameters are the per-control-step velocities of the controlled colliders, float64 leaves of
+    shape (steps, 6) (linear [m/s], angular [rad/s]). Aids:
+
+    * action clipping (``max_speed``, ``max_angular_speed``): :meth:`project` after every step,
+      and once on the initial guess;
+    * ``freeze_steps``: the first K rows get a zero gradient (a hook, so gradient clipping does
+      not see them) and :meth:`project` restores their initial value;
+    * ``horizon``: :meth:`loss_fn` simulates and scores only the first :attr:`horizon` steps;
+      :meth:`callback` (the driver's per-iteration callback) grows it (:class:`HorizonSchedule`).
+    Gradient clipping is the driver's (``optimizer.clip_grad_norm`` / ``clip_grad_value``).
+    """
+
+    def __init__(self, scene: _Scene, obj: TrajectoryConfig) -> None:
+        task = scene.task
+        self.scene, self.obj = scene, obj
+        self.losses = _Losses(scene, obj.losses)
+        motion = {c.name: c.motion for c in task.colliders}
+        self.velocities = {n: torch.tensor(motion[n].velocity, dtype=torch.float64).repeat(task.steps, 1)
+                           .requires_grad_() for n in obj.controlled}
+        k = obj.freeze_steps
+        if k:
+            for v in self.velocities.values():
+                v.register_hook(lambda g, k=k: torch.cat([torch.zeros_like(g[:k]), g[k:]]))
+        with torch.no_grad():
+            self._clip()
+        self.initial = {n: v.detach().clone() for n, v in self.velocities.items()}
+        h = obj.horizon
+        self.schedule = HorizonSchedule(h.initial, h.grow, h.patience, h.tolerance, task.steps) if h else None
+
+    @property
+    def horizon(self) -> int:
+        """Control steps simulated and scored by :meth:`loss_fn` now."""
+        return self.schedule.horizon if self.schedule is not None else self.scene.task.steps
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The optimized tensors by log name (``velocity_<collider>``)."""
+        return {f"velocity_{n}": v for n, v in self.velocities.items()}
+
+    def control(self) -> torch.Tensor | None:
+        return self.scene.control({n: v.to(self.scene.model.dtype) for n, v in self.velocities.items()})
+
+    def evaluate(self, steps: int | None = None):
+        """(rollout, total loss, terms) over the first ``steps`` control steps (default: all)."""
+        out = self.scene.simulate(self.control(), steps=steps)
+        total, terms = self.losses(out.states, self.velocities)
+        return out, total, terms
+
+    def loss_fn(self, _iteration: int) -> tuple[torch.Tensor, dict]:
+        """The driver's loss function: the loss at the current horizon (logged as term ``horizon``)."""
+        _, total, terms = self.evaluate(self.horizon)
+        if self.schedule is not None:
+            terms = {**terms, "horizon": float(self.horizon)}
+        return total, terms
+
+    def _clip(self) -> None:
+        obj = self.obj
+        for v in self.velocities.values():
+            lin, ang = v[:, :3], v[:, 3:]
+            speed = lin.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            lin.mul_(torch.clamp(obj.max_speed / speed, max=1.0))
+            aspeed = ang.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            ang.mul_(torch.clamp(obj.max_angular_speed / aspeed, max=1.0))
+
+    def project(self) -> None:
+        """Action clipping, then the frozen rows back to their initial values (under no_grad)."""
+        self._clip()
+        k = self.obj.freeze_steps
+        if k:
+            for n, v in self.velocities.items():
+                v[:k] = self.initial[n][:k]
+
+    def callback(self, _iteration: int, row: dict) -> None:
+        """Feed the iteration's loss to the horizon schedule."""
+        if self.schedule is not None:
+            self.schedule.update(row["loss"])
+
+    def replay(self, checkpoint: Path) -> None:
+        """Rebuild the horizon schedule from a driver checkpoint's history (for ``--resume``)."""
+        if self.schedule is None or not checkpoint.is_file():
+            return
+        try:
+            history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
+        except Exception:  # noqa: BLE001 - the driver reports unreadable checkpoints itself
+            return
+        for row in history:
+            self.schedule.update(row["loss"])
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -455,35 +798,23 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
                                                            for k, v in obj.initial.items()}))
             after = scene.simulate(control, body_params(raw))
     else:
-        names = list(obj.controlled)
-        vel = {n: torch.tensor(next(c.motion.velocity for c in task.colliders if c.name == n),
-                               dtype=torch.float64).repeat(task.steps, 1).requires_grad_() for n in names}
-
-        def loss_fn(_it):
-            control = scene.control({n: v.to(scene.model.dtype) for n, v in vel.items()})
-            return _loss_terms(scene, scene.simulate(control).states, obj.losses)
-
-        def project():
-            for v in vel.values():
-                lin, ang = v[:, :3], v[:, 3:]
-                speed = lin.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                lin.mul_(torch.clamp(obj.max_speed / speed, max=1.0))
-                aspeed = ang.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                ang.mul_(torch.clamp(obj.max_angular_speed / aspeed, max=1.0))
-
+        problem = TrajectoryProblem(scene, obj)
+        vel = problem.velocities
         with torch.no_grad():
-            control0 = scene.control({n: v.to(scene.model.dtype) for n, v in vel.items()})
-            before = scene.simulate(control0)
-            l0, terms0 = _loss_terms(scene, before.states, obj.losses)
+            before, l0, terms0 = problem.evaluate()
         metrics["initial_loss"] = float(l0)
         metrics["initial_terms"] = {k: float(v) for k, v in terms0.items()}
         if optimize:
-            run_optimizer({f"velocity_{n}": v for n, v in vel.items()}, loss_fn, settings, out_dir,
-                          stage="trajectory", resume=resume, progress=progress, projection=project)
+            if resume:
+                problem.replay(out_dir / "checkpoints" / "trajectory.pt")
+            run_optimizer(problem.params(), problem.loss_fn, settings, out_dir, stage="trajectory", resume=resume,
+                          progress=progress, projection=problem.project, callback=problem.callback)
+        if problem.schedule is not None:
+            metrics["horizon_schedule"] = list(problem.schedule.history)
+            metrics["final_horizon"] = problem.horizon
         with torch.no_grad():
-            control = scene.control({n: v.to(scene.model.dtype) for n, v in vel.items()})
-            after = scene.simulate(control)
-            l1, terms1 = _loss_terms(scene, after.states, obj.losses)
+            control = problem.control()
+            after, l1, terms1 = problem.evaluate()
         metrics["final_loss"] = float(l1)
         metrics["final_terms"] = {k: float(v) for k, v in terms1.items()}
         np.save(out_dir / "velocities.npy", {n: v.detach().numpy() for n, v in vel.items()}, allow_pickle=True)
