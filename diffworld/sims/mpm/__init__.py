@@ -12,6 +12,7 @@ Quick start::
 """
 
 from diffworld.sims.mpm.bodies import Body, build_model, fill_shape
+from diffworld.sims.mpm.emitters import Emitter
 from diffworld.sims.mpm.materials import MATERIALS, Material, material
 from diffworld.sims.mpm.rollout import Rollout, SimulationError, check_state, rollout, stable_dt
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model, State, Stepper
@@ -19,6 +20,7 @@ from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model
 __all__ = [
     "Body",
     "Collider",
+    "Emitter",
     "GridSpec",
     "MATERIALS",
     "Material",

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from diffworld.sims.mpm.emitters import Emitter, EmitterParticles, emitter_particles
 from diffworld.sims.mpm.materials import Material
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model, State
 
@@ -89,7 +90,7 @@ def fill_shape(shape: Callable[[torch.Tensor], torch.Tensor], lower: Sequence[fl
 def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: Sequence[float] = (0.0, 0.0, -9.81),
                 colliders: Sequence[Collider] = (), wall: str = "slip", wall_friction: float = 0.0,
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                seed: int = 0) -> tuple[Model, State]:
+                seed: int = 0, emitters: Sequence[Emitter] = ()) -> tuple[Model, State]:
     """Fill the bodies with particles and assemble the model and its initial state.
 
     Args:
@@ -103,6 +104,8 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
         dtype: float32 or float64.
         device: Torch device.
         seed: Seed of Poisson sampling.
+        emitters: Nozzles releasing particles over time; their particles follow the bodies' and are
+            parked until released (see :mod:`diffworld.sims.mpm.emitters`).
 
     Returns:
         (model, initial state): F = I, C = 0, v = the body velocity.
@@ -112,8 +115,8 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
     """
     if wall not in ("slip", "sticky", "friction"):
         raise ValueError(f"wall: expected 'slip', 'sticky' or 'friction', got {wall!r}")
-    if not bodies:
-        raise ValueError("bodies: expected at least one body, got none")
+    if not bodies and not emitters:
+        raise ValueError("bodies: expected at least one body or emitter, got none")
     if dt <= 0 or not math.isfinite(dt):
         raise ValueError(f"dt: expected a finite number > 0 [s], got {dt!r}")
     device = torch.device(device)
@@ -143,6 +146,42 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
         values["volume"] = grid.dx ** 3 / body.ppc
         for p in PARTICLE_PARAMS:
             params[p].append(torch.full((n,), values[p], dtype=torch.float64))
+    emitted = None
+    if emitters:
+        names = [c.name for c in colliders]
+        e_idx, e_step, e_x, e_v, e_col = [], [], [], [], []
+        start = sum(int(p.shape[0]) for p in xs)
+        for e_i, em in enumerate(emitters):
+            em.validate(e_i)
+            if em.collider is not None and em.collider not in names:
+                raise ValueError(f"emitters[{e_i}] ('{em.name}'): collider expected one of {names}, got "
+                                 f"{em.collider!r}")
+            step, lx, lv, volume = emitter_particles(em, grid.dx, dt)
+            n = int(step.shape[0])
+            if em.collider is None:
+                outside = ((lx < torch.tensor(lo_in, dtype=lx.dtype)) | (lx > torch.tensor(hi_in, dtype=lx.dtype))).any(1)
+                if bool(outside.any()):
+                    raise ValueError(f"emitters[{e_i}] ('{em.name}'): the nozzle releases particles outside the "
+                                     f"domain interior {lo_in}..{hi_in}, e.g. at {lx[outside][0].tolist()}")
+            col = names.index(em.collider) if em.collider is not None else -1
+            e_idx.append(torch.arange(start, start + n))
+            e_step.append(step)
+            e_x.append(lx)
+            e_v.append(lv)
+            e_col.append(torch.full((n,), col, dtype=torch.int64))
+            start += n
+            # Parked where they will be released (fixed nozzles) or at the collider-frame point.
+            xs.append(lx)
+            vs.append(torch.zeros(n, 3, dtype=torch.float64))
+            laws.append(torch.full((n,), em.material.law_id, dtype=torch.int32))
+            ids.append(torch.full((n,), len(bodies) + e_i, dtype=torch.int64))
+            values = em.material.parameters()
+            values["volume"] = volume
+            for p in PARTICLE_PARAMS:
+                params[p].append(torch.full((n,), values[p], dtype=torch.float64))
+        emitted = EmitterParticles(torch.cat(e_idx).to(device), torch.cat(e_step).to(device),
+                                   torch.cat(e_x).to(device, dtype), torch.cat(e_v).to(device, dtype),
+                                   torch.cat(e_col).to(device))
     x = torch.cat(xs).to(device, dtype)
     n = x.shape[0]
     eye = torch.eye(3, dtype=dtype, device=device).expand(n, 3, 3).contiguous()
@@ -151,5 +190,6 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
     model = Model(grid=grid, dt=float(dt), gravity=tuple(float(g) for g in gravity),
                   law=torch.cat(laws).to(device), params={p: torch.cat(v).to(device, dtype) for p, v in params.items()},
                   body=torch.cat(ids).to(device), colliders=list(colliders), wall=wall,
-                  wall_friction=float(wall_friction), body_names=[b.name for b in bodies])
+                  wall_friction=float(wall_friction),
+                  body_names=[b.name for b in bodies] + [e.name for e in emitters], emitted=emitted)
     return model, state

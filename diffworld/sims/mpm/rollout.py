@@ -47,13 +47,13 @@ class Rollout(NamedTuple):
 
 class _Window(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stepper: Stepper, n_sub: int, control: torch.Tensor, x, v, C, F, *params):
+    def forward(ctx, stepper: Stepper, n_sub: int, first: int, control: torch.Tensor, x, v, C, F, *params):
         state = State(x, v, C, F)
         has_col = control.shape[1] > 0
         with torch.no_grad():
             for s in range(n_sub):
-                state, _ = stepper.substep(state, params, control[s] if has_col else None)
-        ctx.stepper, ctx.n_sub = stepper, n_sub
+                state, _ = stepper.substep(state, params, control[s] if has_col else None, step=first + s)
+        ctx.stepper, ctx.n_sub, ctx.first = stepper, n_sub, first
         ctx.save_for_backward(control, x, v, C, F, *params)
         return tuple(state)
 
@@ -66,7 +66,8 @@ class _Window(torch.autograd.Function):
         saved = []
         with torch.no_grad():
             for s in range(ctx.n_sub):
-                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True)
+                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True,
+                                              step=ctx.first + s)
                 saved.append(keep)
             adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip(state, (gx, gv, gC, gF))))
             adj_params = [torch.zeros_like(p) for p in params]
@@ -76,11 +77,11 @@ class _Window(torch.autograd.Function):
                                               adj_control[s] if has_col else None)
                 saved[s] = None  # free this substep's intermediates as soon as they are used
         ctx.stepper = None
-        return (None, None, adj_control, *adj, *adj_params)
+        return (None, None, None, adj_control, *adj, *adj_params)
 
 
 def stable_dt(model: Model, cfl: float = 0.5) -> float:
-    """Largest substep [s] the elastic wave speed allows: ``cfl * dx / max c``.
+    """Largest stable substep [s]: ``cfl * dx / max c`` and the viscous limit ``dx^2 rho / (6 eta)``.
 
     ``c = sqrt((lambda + 2 mu) / rho)`` is the P-wave speed of each particle's material.
     """
@@ -89,7 +90,7 @@ def stable_dt(model: Model, cfl: float = 0.5) -> float:
     mu = E / (2 * (1 + nu))
     lam = E * nu / ((1 + nu) * (1 - 2 * nu))
     c = torch.sqrt((lam + 2 * mu) / rho).max()
-    # Viscous diffusion limit: dt <= dx^2 rho / (2 eta) ... (explicit viscosity), times cfl.
+    # Explicit viscous diffusion in 3D is stable for dt <= dx^2 / (6 nu), nu = eta / rho.
     eta = p["viscosity"].detach()
     visc = (model.grid.dx ** 2 * rho / (6 * eta.clamp_min(1e-30))).min()
     return float(min(cfl * model.grid.dx / float(c), float(visc)))
@@ -104,6 +105,9 @@ def check_state(model: Model, state: State, substep: int) -> None:
         substep: Substep index (for the message).
     """
     with torch.no_grad():
+        if model.emitted is not None:  # parked particles are not checked
+            keep = model.active_mask(substep)
+            state = State(*(t[keep] for t in state))
         for name, t in zip(State._fields, state):
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
@@ -130,7 +134,7 @@ def check_state(model: Model, state: State, substep: int) -> None:
 
 def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor | None = None, *,
             window: int = 16, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
-            stepper: Stepper | None = None, check: bool = True) -> Rollout:
+            stepper: Stepper | None = None, check: bool = True, start_substep: int = 0) -> Rollout:
     """Simulate ``n_substeps`` substeps, differentiably.
 
     Args:
@@ -145,6 +149,8 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
             gradients); missing names fall back to the model's.
         stepper: A :class:`Stepper` to reuse (kernels and collider buffers are prepared once).
         check: Check every recorded state (:func:`check_state`).
+        start_substep: Index of the first substep (emitters release particles by it), for a
+            rollout that continues another.
 
     Returns:
         A :class:`Rollout`.
@@ -178,12 +184,13 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
     while s < n_substeps:
         next_record = min((s // record + 1) * record, n_substeps)
         n = min(window, next_record - s)
-        out = _Window.apply(stepper, n, control[s:s + n], *(t.contiguous() for t in state), *plist)
+        out = _Window.apply(stepper, n, start_substep + s, control[s:s + n], *(t.contiguous() for t in state),
+                            *plist)
         state = State(*out)
         s += n
         if s == next_record:
             if check:
-                check_state(model, state, s)
+                check_state(model, state, start_substep + s)
             states.append(state)
             steps.append(s)
     return Rollout(states, steps)

@@ -25,6 +25,7 @@ import torch
 
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.mpm import kernels as K
+from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
 from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
 
 __all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS", "cpu_workers"]
@@ -151,6 +152,8 @@ class Model:
         colliders: Kinematic colliders, in the order of the control tensor's second axis.
         wall: Domain wall behaviour: ``slip``, ``sticky`` or ``friction``.
         wall_friction: Coulomb coefficient of ``friction`` walls.
+        body_names: Name of each body index (bodies, then emitters).
+        emitted: Particles released by emitters (parked until their activation substep), or None.
     """
 
     grid: GridSpec
@@ -163,6 +166,7 @@ class Model:
     wall: str = "slip"
     wall_friction: float = 0.0
     body_names: list[str] = field(default_factory=list)
+    emitted: EmitterParticles | None = None
 
     @property
     def n_particles(self) -> int:
@@ -175,6 +179,13 @@ class Model:
     @property
     def device(self) -> torch.device:
         return self.law.device
+
+    def active_mask(self, substep: int) -> torch.Tensor:
+        """Particles taking part in substep ``substep`` (emitted ones from their activation on), bool (N,)."""
+        mask = torch.ones(self.n_particles, dtype=torch.bool, device=self.device)
+        if self.emitted is not None:
+            mask[self.emitted.index] = self.emitted.step <= substep
+        return mask
 
 
 def _zeros(shape, dtype, device):
@@ -249,6 +260,8 @@ class _Substep(NamedTuple):
     F_trial: torch.Tensor
     control: torch.Tensor | None
     rigid_v: torch.Tensor | None  # G2P velocities of rigid particles, before the rigid projection
+    active: torch.Tensor  # int32 (N,): particles taking part in this substep
+    emitted_now: torch.Tensor | None  # positions in model.emitted of the particles activated now
 
 
 class Stepper:
@@ -284,9 +297,11 @@ class Stepper:
         self.full = wp.vec3i(*g.shape)
         self.law_t = model.law.to(torch.int32).contiguous()
         self.active_t = torch.ones(model.n_particles, dtype=torch.int32, device=self.device)
-        # Grid nodes lighter than this are empty (see kernels.grid_velocity).
+        # Grid velocities divide by max(mass, min_mass) (see kernels.grid_velocity): in float32 the
+        # adjoint's m^2 must not underflow; float64 has the range for a far smaller floor.
         m = (model.params["density"] * model.params["volume"]).detach()
-        self.min_mass = self.k["scalar"](1.0e-9 * float(m.min()) if m.numel() else 0.0)
+        floor = 1.0e-9 if model.dtype == torch.float32 else 1.0e-30
+        self.min_mass = self.k["scalar"](floor * float(m.min()) if m.numel() else 0.0)
         n = model.n_particles
         if workers is None:
             workers = cpu_workers()
@@ -302,6 +317,14 @@ class Stepper:
             index = is_rigid.nonzero()[:, 0]
             ids, body = torch.unique(model.body[index], return_inverse=True)
             self.rigid = RigidGroups(index, body, int(ids.numel()))
+        self.emitted = model.emitted
+        self._activations: dict[int, torch.Tensor] = {}
+        if self.emitted is not None:
+            # Positions in model.emitted grouped by activation substep.
+            order = torch.argsort(self.emitted.step, stable=True)
+            steps, counts = torch.unique_consecutive(self.emitted.step[order], return_counts=True)
+            for st, part in zip(steps.tolist(), order.split(counts.tolist())):
+                self._activations[int(st)] = part
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -404,24 +427,57 @@ class Stepper:
 
     # -- one substep ----------------------------------------------------------------------------
 
+    def _activate(self, state: State, control: torch.Tensor | None, step: int):
+        """Active flags of substep ``step`` and the state with the particles emitted now placed at
+        their nozzles (a new state: the input is never written)."""
+        if self.emitted is None:
+            return state, self.active_t, None
+        e = self.emitted
+        act = self.active_t.clone()
+        act[e.index] = (e.step <= step).to(torch.int32)
+        now = self._activations.get(int(step))
+        if now is None:
+            return state, act, None
+        x, v, C, F = (t.clone() for t in state)
+        idx = e.index[now]
+        xs, vs = self._placements(now, control)
+        x[idx], v[idx] = xs.to(x.dtype), vs.to(v.dtype)
+        C[idx] = 0.0
+        F[idx] = torch.eye(3, dtype=F.dtype, device=F.device)
+        return State(x, v, C, F), act, now
+
+    def _placements(self, now: torch.Tensor, control: torch.Tensor | None):
+        e = self.emitted
+        col = e.collider[now]
+        xs, vs = e.local_x[now].clone(), e.local_v[now].clone()
+        moving = col >= 0
+        if bool(moving.any()):
+            if control is None:
+                raise ValueError("emitters attached to colliders need the control tensor")
+            xm, vm = place_emitted(e.local_x[now][moving], e.local_v[now][moving], control[col[moving]])
+            xs[moving], vs[moving] = xm, vm
+        return xs, vs
+
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
-                keep: bool = False) -> tuple[State, _Substep | None]:
+                keep: bool = False, step: int = 0) -> tuple[State, _Substep | None]:
         """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order (contiguous tensors
-        (N,)); ``control`` (n_col, 13).
+        (N,)); ``control`` (n_col, 13); ``step``: the index of this substep in the rollout (emitters
+        activate particles by it).
 
         Returns the new state, and the intermediates when ``keep`` is set.
         """
         k, dev, dt_ = self.k, self.device, self.dtype
         n = state.x.shape[0]
-        x, v, C, F = (t.contiguous() for t in state)
-        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
         if control is not None:
             control = control.contiguous()
-        law, act = self.law_t, self.active_t
+        state, act, emitted_now = self._activate(state, control, step)
+        x, v, C, F = (t.contiguous() for t in state)
+        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
+        law = self.law_t
         A = torch.empty((n, 3, 3), dtype=dt_, device=dev)
         p = torch.empty((n, 3), dtype=dt_, device=dev)
         m = torch.empty((n,), dtype=dt_, device=dev)
-        box = self._box(x)
+        box = self._box(x if self.emitted is None else x[act.bool()])
         blo = k["vec3"](*box.lower)
         w = self._w
         many = len(self.chunks) > 1
@@ -476,7 +532,8 @@ class Stepper:
             F1[ri] = torch.eye(3, dtype=dt_, device=dev)
         saved = None
         if keep:
-            saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v)
+            saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v, act,
+                             emitted_now)
         return State(x1, v1, C1, F1), saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
@@ -490,7 +547,7 @@ class Stepper:
         n = s.x.shape[0]
         E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
         aE, anu, aeta, arho, avol, ays, afa, atc, ats = adj_params
-        law, act = self.law_t, self.active_t
+        law, act = self.law_t, s.active
         gx, gv, gC, gF = (t.contiguous() for t in adj_out)
         rigid_adj = None
         if self.rigid is not None:
@@ -576,7 +633,27 @@ class Stepper:
             adj_x.index_add_(0, ri, g_x)
             arho.index_add_(0, ri, g_m * vol[ri])  # m = density * volume
             avol.index_add_(0, ri, g_m * rho[ri])
+        if s.emitted_now is not None:
+            self._emission_adjoint(s, adj_x, adj_v, adj_C, adj_F, adj_control)
         return State(adj_x, adj_v, adj_C, adj_F)
+
+    def _emission_adjoint(self, s: _Substep, adj_x, adj_v, adj_C, adj_F, adj_control) -> None:
+        """The particles placed at their nozzles this substep: their input rows were overwritten
+        (zero adjoint); nozzles on colliders pass the placement's adjoint to the control."""
+        e = self.emitted
+        idx = e.index[s.emitted_now]
+        gx, gv = adj_x[idx].clone(), adj_v[idx].clone()
+        for t in (adj_x, adj_v, adj_C, adj_F):
+            t[idx] = 0.0
+        col = e.collider[s.emitted_now]
+        moving = col >= 0
+        if adj_control is None or not bool(moving.any()):
+            return
+        with torch.enable_grad():
+            rows = s.control[col[moving]].detach().requires_grad_()
+            xm, vm = place_emitted(e.local_x[s.emitted_now][moving], e.local_v[s.emitted_now][moving], rows)
+            (g_rows,) = torch.autograd.grad((xm, vm), (rows,), (gx[moving], gv[moving]))
+        adj_control.index_add_(0, col[moving], g_rows)
 
     def _rigid_adjoint(self, s: _Substep, gx, gv, gC, gF):
         """Back through the rigid projection: the adjoints of the G2P outputs it replaced, and the
