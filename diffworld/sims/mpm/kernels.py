@@ -1,20 +1,26 @@
 """Warp kernels of the MLS-MPM solver (one module: one compile, one kernel-cache entry).
 
-One substep is five launches (shapes: N particles, grid of (gx, gy, gz) nodes)::
+One substep is these launches (shapes: N particles; the grid is the box of nodes that particle
+stencils touch, see ``solver.Stepper``)::
 
-    particle_affine   per particle   F, C, v, material  -> A (3x3), p = m v, m      (auto adjoint)
-    p2g               per particle   x, p, A, m          -> grid momentum, mass     (hand adjoint: a gather)
-    grid_update       per node       momentum, mass, colliders, walls -> grid v     (auto adjoint)
-    g2p               per particle   x, F, grid v        -> x', v', C', F_trial     (hand adjoint: a scatter)
-    plasticity        per particle   F_trial, material   -> F'                      (auto adjoint)
+    particle_affine   per particle   F, C, v, material  -> A (3x3), p = m v, m   (hand adjoint: particle_affine_adjoint)
+    p2g               per particle   x, p, A, m          -> grid momentum, mass  (hand adjoint: p2g_adjoint, a gather)
+    grid_velocity     per node       momentum, mass      -> grid v               (automatic adjoint)
+    grid_collider     per node, one launch per collider  -> grid v               (automatic adjoint)
+    grid_walls        per node       grid v              -> grid v               (automatic adjoint)
+    g2p               per particle   x, F, grid v        -> x', v', C', F_trial  (hand adjoint: g2p_adjoint, a scatter)
+    plasticity        per particle   F_trial, material   -> F'                   (hand adjoint: plasticity_adjoint)
 
 APIC/MLS transfer with quadratic B-splines: ``A = -dt V0 (4/dx^2) tau + m C`` is scattered as
-``w (p + A dpos)``; ``C' = (4/dx^2) sum w v_i dpos^T``.
+``w (p + A dpos)``; ``C' = (4/dx^2) sum w v_i dpos^T``. The transfer kernels split
+``dpos = (o - fx) dx`` (node offset o) so the 27-node loops do a few flops per node, and they
+skip per-node bounds checks: a particle whose stencil leaves the grid is dropped from the
+transfer (``rollout.check_state`` reports it).
 
-Warp's automatic adjoints of the two transfer kernels re-run their 27-node loops and cost ~7x the
-forward on CPU, so :func:`p2g_adjoint` and :func:`g2p_adjoint` are written by hand (tested against
-finite differences). The per-particle and per-node kernels are pure maps: their automatic
-adjoints are cheap and are launched with ``adjoint=True``.
+Warp's automatic adjoints of the transfer kernels re-run their 27-node loops and cost ~7x the
+forward on CPU; those of the stress and plasticity kernels re-run the SVD two or three times. All
+four are written by hand (tested against finite differences and against Warp's automatic
+adjoints). The per-node kernels are pure maps: their automatic adjoints are cheap.
 
 Every material law evaluates the SVD-based isotropic matrix functions through :func:`svd_iso`,
 whose adjoint is hand-written: Warp's ``svd3`` adjoint divides by ``s_i^2 - s_j^2`` and explodes
@@ -56,6 +62,8 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     f = dtype
     # Singular values closer than this (relative) use the divided difference's limit.
     iso_tol = f(1.0e-4) if dtype == wp.float32 else f(1.0e-7)
+    # Squared step size at which the polar Newton iteration stops (its error is then ~step^2).
+    polar_tol = f(1.0e-8) if dtype == wp.float32 else f(1.0e-18)
 
     # ---------------------------------------------------------------------------------------
     # Isotropic functions of the singular values: g(sigma), its Jacobian, d g / d(p0, p1)
@@ -152,8 +160,39 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return g, J, d0, d1
 
     @wp.func
+    def cofactor(F: mat33):
+        """d det(F) / dF (the cofactor matrix, J F^-T), well defined for singular F."""
+        return mat33(F[1, 1] * F[2, 2] - F[1, 2] * F[2, 1], F[1, 2] * F[2, 0] - F[1, 0] * F[2, 2],
+                     F[1, 0] * F[2, 1] - F[1, 1] * F[2, 0],
+                     F[0, 2] * F[2, 1] - F[0, 1] * F[2, 2], F[0, 0] * F[2, 2] - F[0, 2] * F[2, 0],
+                     F[0, 1] * F[2, 0] - F[0, 0] * F[2, 1],
+                     F[0, 1] * F[1, 2] - F[0, 2] * F[1, 1], F[0, 2] * F[1, 0] - F[0, 0] * F[1, 2],
+                     F[0, 0] * F[1, 1] - F[0, 1] * F[1, 0])
+
+    @wp.func
+    def polar_rotation(F: mat33):
+        """Rotation R of the polar decomposition F = R S (det F > 0), by Higham's Newton iteration
+        R <- (g R + R^-T / g) / 2 with Frobenius-norm scaling g: about 3x cheaper than Warp's svd3,
+        and converged to rounding (quadratic convergence; 3 or 4 iterations near F = I)."""
+        R = F
+        it = int(0)
+        d = f(1.0)
+        while it < 20 and d > polar_tol:
+            Rit = cofactor(R) / wp.determinant(R)
+            g = wp.sqrt(wp.sqrt(wp.ddot(Rit, Rit) / wp.ddot(R, R)))
+            Rn = (R * g + Rit / g) * f(0.5)
+            d = wp.ddot(Rn - R, Rn - R)
+            R = Rn
+            it += 1
+        return R
+
+    @wp.func
     def svd_iso(F: mat33, kind: int, p0: f, p1: f):
         """U diag(g(sigma)) V^T for F = U diag(sigma) V^T."""
+        if kind == 0 and wp.determinant(F) > f(1.0e-2):
+            # The rotation alone: a Newton iteration instead of the SVD (same value to rounding;
+            # the adjoint, svd_iso_grad, still uses the SVD).
+            return polar_rotation(F)
         U = mat33()
         s = vec3()
         V = mat33()
@@ -260,16 +299,6 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             ratio = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)  # (3 lam + 2 mu) / (2 mu)
             Fn = svd_iso(F, 4, alpha, ratio)
         return Fn
-
-    @wp.func
-    def cofactor(F: mat33):
-        """d det(F) / dF (the cofactor matrix, J F^-T), well defined for singular F."""
-        return mat33(F[1, 1] * F[2, 2] - F[1, 2] * F[2, 1], F[1, 2] * F[2, 0] - F[1, 0] * F[2, 2],
-                     F[1, 0] * F[2, 1] - F[1, 1] * F[2, 0],
-                     F[0, 2] * F[2, 1] - F[0, 1] * F[2, 2], F[0, 0] * F[2, 2] - F[0, 2] * F[2, 0],
-                     F[0, 1] * F[2, 0] - F[0, 0] * F[2, 1],
-                     F[0, 1] * F[1, 2] - F[0, 2] * F[1, 1], F[0, 2] * F[1, 0] - F[0, 0] * F[1, 2],
-                     F[0, 0] * F[1, 1] - F[0, 1] * F[1, 0])
 
     @wp.func
     def lame_vjp(E: f, nu: f, g_mu: f, g_lam: f):
@@ -832,12 +861,14 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     @wp.kernel
     def grid_velocity(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3, dt: f,
                       min_mass: f, grid_v: wp.array3d(dtype=vec3)):
-        # Nodes touched only by a B-spline tail (mass ~1e-24 kg) count as empty: the adjoint of
-        # mv / m divides by m^2, which underflows to 0 in float32 and turns into NaN.
+        # Nodes touched only by a B-spline tail (mass ~1e-24 kg) would make the adjoint of mv / m,
+        # which divides by m^2, underflow to 0 in float32 and turn into NaN: the division uses
+        # max(m, min_mass) instead. That keeps v continuous in the particle positions (a hard
+        # cut-off made steps of ~1e-9 relative that finite differences see).
         i, j, k = wp.tid()
         mass = grid_m[i, j, k]
-        if mass > min_mass:
-            grid_v[i, j, k] = grid_mv[i, j, k] / mass + gravity * dt
+        if mass > f(0.0):
+            grid_v[i, j, k] = grid_mv[i, j, k] / wp.max(mass, min_mass) + gravity * dt
         else:
             grid_v[i, j, k] = vec3(f(0.0))
 
