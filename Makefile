@@ -31,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/marching_cubes.py
+	# The MPM baseline is Taichi (FluidLab's formulation); --quick skips the long memory runs.
+	$(PY) -m pip install -q 'taichi==1.7.4'
+	$(PY) benchmarks/mpm.py --quick
 
 clean:
 	rm -rf build runs .cache .pytest_cache

@@ -16,7 +16,8 @@ warm-up that loads the kernels:
   of the rollout's forward;
 * Taichi forward: ``benchmarks/mpm_taichi.py``, the same substep in FluidLab's formulation, from
   the very same initial positions, ``ti.init(arch=ti.cpu, cpu_max_num_threads=2)`` (and, in a
-  second column, 1 thread: Warp's CPU kernels run on one thread); median of 3 runs after a
+  second column, 1 thread: a Warp CPU launch runs on one thread, and ours splits each particle
+  launch over ``DIFFWORLD_CPU_THREADS`` threads, default the usable cores); median of 3 runs after a
   compile warm-up;
 * ``max |dx|``: largest difference of final positions, ours vs Taichi, in cells (a check that
   both run the same substep).
@@ -379,6 +380,7 @@ def main() -> None:
         return
 
     from diffworld.engine.runtime import init_warp
+    from diffworld.sims.mpm.solver import cpu_workers
 
     wp = init_warp()
     have_taichi, ti_version = taichi_available()
@@ -386,7 +388,7 @@ def main() -> None:
     say("# diffworld MPM benchmark")
     say(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} thread), warp {wp.config.version} "
-        f"(CPU kernels: 1 thread), taichi {ti_version if have_taichi else 'not available'} "
+        f"(CPU: {cpu_workers()} threads per launch), taichi {ti_version if have_taichi else 'not available'} "
         f"(arch {args.taichi_arch}, {args.taichi_threads} threads); device {args.device}")
     rates = throughput_table(args, have_taichi)
     say(f"\n(throughput table: {time.perf_counter() - t_start:.0f} s)")
