@@ -113,15 +113,18 @@ def ours_forward(model, state, n_substeps: int, repeat: int = 3) -> tuple[float,
     params = [model.params[k].contiguous() for k in mpm.PARTICLE_PARAMS]
     times = []
     with torch.no_grad():
-        s = state
+        s, tau = state, None
         for _ in range(2):
-            s, _ = stepper.substep(s, params, None)
+            s, _ = stepper.substep(s, params, None, tau=tau)
+            tau = stepper.last_tau
         for _ in range(max(1, repeat)):
             _sync(model.device)
             t0 = time.perf_counter()
-            s = state
+            s, tau = state, None
             for _ in range(n_substeps):
-                s, _ = stepper.substep(s, params, None)
+                # The elastic stress is carried from substep to substep, as rollout() does.
+                s, _ = stepper.substep(s, params, None, tau=tau)
+                tau = stepper.last_tau
             _sync(model.device)
             times.append(time.perf_counter() - t0)
     mpm.check_state(model, s, n_substeps)  # raises on NaN/Inf or particles leaving the domain

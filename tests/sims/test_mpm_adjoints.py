@@ -1,8 +1,11 @@
 """Hand-written adjoint kernels of the MPM substep vs Warp's automatic adjoints of the same forward
-kernels (float64, every law, random deformations including F = I and plastic yielding).
+maps (float64, every law, random deformations including F = I and plastic yielding).
 
-``particle_affine_adjoint`` and ``plasticity_adjoint`` replace the automatic adjoints because
-those re-run the SVD up to three times per particle; they must give the same numbers.
+The solver does one SVD per particle per substep: ``plasticity_stress`` returns the projected F
+and the elastic stress at it from one SVD, and ``plasticity_stress_adjoint`` back-propagates both
+from one SVD. They are checked against ``plasticity_stress_ref`` (project, then stress: two SVDs,
+automatic adjoint); ``particle_affine_adjoint`` and ``stress_adjoint`` against the automatic
+adjoints of ``particle_affine`` and ``stress_eval``.
 """
 
 import math
@@ -43,38 +46,60 @@ def _adjoints(names, like):
     return {n: torch.zeros_like(like[n]) for n in names}
 
 
-@pytest.mark.parametrize("law", LAWS)
-def test_particle_affine_adjoint_matches_automatic(law):
-    d = _inputs(law, 1)
+def _close(hand, auto, names, what):
+    for n in names:
+        scale = auto[n].abs().max().clamp_min(1e-300)
+        assert torch.isfinite(hand[n]).all(), (what, n)
+        assert (hand[n] - auto[n]).abs().max() / scale < 1e-9, (what, n, float((hand[n] - auto[n]).abs().max() / scale))
+
+
+def test_particle_affine_adjoint_matches_automatic():
+    d = _inputs("fluid", 1)
     dt, inv_dx = 1e-4, 32.0
     gen = torch.Generator().manual_seed(2)
+    d["tau"] = 1e3 * torch.randn(N, 3, 3, generator=gen, dtype=torch.float64)
     gA = torch.randn(N, 3, 3, generator=gen, dtype=torch.float64)
     gp = torch.randn(N, 3, generator=gen, dtype=torch.float64)
     gm = torch.randn(N, generator=gen, dtype=torch.float64)
-    ins = [_wrap(d["F"], "m"), _wrap(d["C"], "m"), _wrap(d["v"], "v"), _wrap(d["law"], "i"), _wrap(d["active"], "i"),
-           _wrap(d["E"]), _wrap(d["nu"]), _wrap(d["eta"]), _wrap(d["rho"]), _wrap(d["vol"])]
-    A, p, m = torch.empty(N, 3, 3, dtype=torch.float64), torch.empty(N, 3, dtype=torch.float64), torch.empty(N, dtype=torch.float64)
+    d["active"][::7] = 0
+    ins = [_wrap(d["F"], "m"), _wrap(d["C"], "m"), _wrap(d["v"], "v"), _wrap(d["tau"], "m"), _wrap(d["active"], "i"),
+           _wrap(d["eta"]), _wrap(d["rho"]), _wrap(d["vol"])]
+    A, p, m = (torch.empty(N, 3, 3, dtype=torch.float64), torch.empty(N, 3, dtype=torch.float64),
+               torch.empty(N, dtype=torch.float64))
     outs = [_wrap(A, "m"), _wrap(p, "v"), _wrap(m)]
-    names = ["F", "C", "v", "E", "nu", "eta", "rho", "vol"]
+    names = ["F", "C", "v", "tau", "eta", "rho", "vol"]
     auto, hand = _adjoints(names, d), _adjoints(names, d)
     wp.launch(KF["particle_affine"], N, ins + [dt, inv_dx], outs, device="cpu")
     wp.launch(KF["particle_affine"], N, ins + [dt, inv_dx], outs, device="cpu", adjoint=True,
-              adj_inputs=[_wrap(auto["F"], "m"), _wrap(auto["C"], "m"), _wrap(auto["v"], "v"), None, None,
-                          _wrap(auto["E"]), _wrap(auto["nu"]), _wrap(auto["eta"]), _wrap(auto["rho"]),
-                          _wrap(auto["vol"]), 0.0, 0.0],
+              adj_inputs=[_wrap(auto["F"], "m"), _wrap(auto["C"], "m"), _wrap(auto["v"], "v"), _wrap(auto["tau"], "m"),
+                          None, _wrap(auto["eta"]), _wrap(auto["rho"]), _wrap(auto["vol"]), 0.0, 0.0],
               adj_outputs=[_wrap(gA, "m"), _wrap(gp, "v"), _wrap(gm)])
     wp.launch(KF["particle_affine_adjoint"], N,
               ins + [dt, inv_dx, _wrap(gA, "m"), _wrap(gp, "v"), _wrap(gm), _wrap(hand["F"], "m"), _wrap(hand["C"], "m"),
-                     _wrap(hand["v"], "v"), _wrap(hand["E"]), _wrap(hand["nu"]), _wrap(hand["eta"]),
-                     _wrap(hand["rho"]), _wrap(hand["vol"])], device="cpu")
-    for n in names:
-        scale = auto[n].abs().max().clamp_min(1e-300)
-        assert torch.isfinite(hand[n]).all(), (law, n)
-        assert (hand[n] - auto[n]).abs().max() / scale < 1e-9, (law, n)
+                     _wrap(hand["v"], "v"), _wrap(hand["tau"], "m"), _wrap(hand["eta"]), _wrap(hand["rho"]),
+                     _wrap(hand["vol"])], device="cpu")
+    _close(hand, auto, names, "particle_affine")
 
 
 @pytest.mark.parametrize("law", LAWS)
-def test_plasticity_adjoint_matches_automatic(law):
+def test_stress_adjoint_matches_automatic(law):
+    d = _inputs(law, 6)
+    gen = torch.Generator().manual_seed(7)
+    G = torch.randn(N, 3, 3, generator=gen, dtype=torch.float64)
+    ins = [_wrap(d["F"], "m"), _wrap(d["law"], "i"), _wrap(d["E"]), _wrap(d["nu"])]
+    tau = torch.empty(N, 3, 3, dtype=torch.float64)
+    names = ["F", "E", "nu"]
+    auto, hand = _adjoints(names, d), _adjoints(names, d)
+    wp.launch(KF["stress_eval"], N, ins, [_wrap(tau, "m")], device="cpu")
+    wp.launch(KF["stress_eval"], N, ins, [_wrap(tau, "m")], device="cpu", adjoint=True,
+              adj_inputs=[_wrap(auto["F"], "m"), None, _wrap(auto["E"]), _wrap(auto["nu"])], adj_outputs=[_wrap(G, "m")])
+    wp.launch(KF["stress_adjoint"], N, ins + [_wrap(G, "m"), _wrap(hand["F"], "m"), _wrap(hand["E"]), _wrap(hand["nu"])],
+              device="cpu")
+    _close(hand, auto, names, law)
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_plasticity_stress_matches_reference_and_its_adjoint_the_automatic_one(law):
     d = _inputs(law, 3)
     if law in ("von_mises", "drucker_prager", "snow"):
         # Larger strains so that a good share of the particles yield.
@@ -82,21 +107,24 @@ def test_plasticity_adjoint_matches_automatic(law):
         d["F"][16:] = torch.linalg.matrix_exp(0.3 * torch.randn(N - 16, 3, 3, generator=gen, dtype=torch.float64))
     gen = torch.Generator().manual_seed(5)
     gF = torch.randn(N, 3, 3, generator=gen, dtype=torch.float64)
+    gT = 1e-4 * torch.randn(N, 3, 3, generator=gen, dtype=torch.float64)
     ins = [_wrap(d["F"], "m"), _wrap(d["law"], "i"), _wrap(d["E"]), _wrap(d["nu"]), _wrap(d["ys"]), _wrap(d["fa"]),
            _wrap(d["tc"]), _wrap(d["ts"])]
-    out = torch.empty(N, 3, 3, dtype=torch.float64)
-    names = ["F", "E", "nu", "ys", "fa", "tc", "ts"]
-    auto, hand = _adjoints(names, d), _adjoints(names, d)
-    wp.launch(KF["plasticity"], N, ins, [_wrap(out, "m")], device="cpu")
+    out, tau = torch.empty(N, 3, 3, dtype=torch.float64), torch.empty(N, 3, 3, dtype=torch.float64)
+    out_r, tau_r = torch.empty_like(out), torch.empty_like(tau)
+    wp.launch(KF["plasticity_stress"], N, ins, [_wrap(out, "m"), _wrap(tau, "m")], device="cpu")
+    wp.launch(KF["plasticity_stress_ref"], N, ins, [_wrap(out_r, "m"), _wrap(tau_r, "m")], device="cpu")
+    assert (out - out_r).abs().max() < 1e-12
+    assert (tau - tau_r).abs().max() <= 1e-10 * tau_r.abs().max().clamp_min(1.0)
     moved = (out - d["F"]).flatten(1).norm(dim=1) > 1e-9
     if law in ("von_mises", "drucker_prager", "snow", "fluid"):
         assert int(moved[16:].sum()) > 10, "the test must exercise the projection"
-    wp.launch(KF["plasticity"], N, ins, [_wrap(out, "m")], device="cpu", adjoint=True,
+    names = ["F", "E", "nu", "ys", "fa", "tc", "ts"]
+    auto, hand = _adjoints(names, d), _adjoints(names, d)
+    wp.launch(KF["plasticity_stress_ref"], N, ins, [_wrap(out_r, "m"), _wrap(tau_r, "m")], device="cpu", adjoint=True,
               adj_inputs=[_wrap(auto["F"], "m"), None] + [_wrap(auto[n]) for n in names[1:]],
-              adj_outputs=[_wrap(gF, "m")])
-    wp.launch(KF["plasticity_adjoint"], N, ins + [_wrap(gF, "m"), _wrap(hand["F"], "m")] + [_wrap(hand[n]) for n in names[1:]],
+              adj_outputs=[_wrap(gF, "m"), _wrap(gT, "m")])
+    wp.launch(KF["plasticity_stress_adjoint"], N,
+              ins + [_wrap(gF, "m"), _wrap(gT, "m"), _wrap(hand["F"], "m")] + [_wrap(hand[n]) for n in names[1:]],
               device="cpu")
-    for n in names:
-        scale = auto[n].abs().max().clamp_min(1e-300)
-        assert torch.isfinite(hand[n]).all(), (law, n)
-        assert (hand[n] - auto[n]).abs().max() / scale < 1e-9, (law, n)
+    _close(hand, auto, names, law)

@@ -213,13 +213,9 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return a, (gi + gj) / den
 
     @wp.func
-    def svd_iso_vjp(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
-        """Vector-Jacobian product of :func:`svd_iso`: (d/dF, d/dp0, d/dp1) of <adj_ret, svd_iso>, and
-        the value svd_iso(F, kind, p0, p1) itself (from the same SVD)."""
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
+    def svd_iso_vjp_usv(U: mat33, s: vec3, V: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+        """Vector-Jacobian product of :func:`svd_iso` at F = U diag(s) V^T: (d/dF, d/dp0, d/dp1) of
+        <adj_ret, svd_iso>, and the value svd_iso(F, kind, p0, p1) itself."""
         g, J, d0, d1 = iso_g(kind, s, p0, p1)
         M = wp.transpose(U) * adj_ret * V
         diag = vec3(M[0, 0], M[1, 1], M[2, 2])
@@ -235,6 +231,16 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
                 K[i, j] = a * sym + b * skw
                 K[j, i] = a * sym - b * skw
         return U * K * wp.transpose(V), wp.dot(d0, diag), wp.dot(d1, diag), U * wp.diag(g) * wp.transpose(V)
+
+    @wp.func
+    def svd_iso_vjp(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
+        """:func:`svd_iso_vjp_usv` with the SVD of F computed here."""
+        U = mat33()
+        s = vec3()
+        V = mat33()
+        wp.svd3(F, U, s, V)
+        gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, kind, p0, p1, adj_ret)
+        return gF, g0, g1, val
 
     @wp.func_grad(svd_iso)
     def svd_iso_grad(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
@@ -312,9 +318,9 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return g_mu * dmu_dE + g_lam * dlam_dE, g_mu * dmu_dnu + g_lam * dlam_dnu
 
     @wp.func
-    def kirchhoff_vjp(law: int, F: mat33, E: f, nu: f, G: mat33):
-        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, and the stress itself; one SVD
-        at most."""
+    def kirchhoff_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, G: mat33):
+        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, and the stress itself, given
+        the SVD F = U diag(s) V^T (read by laws 1, 3, 4, 5 only)."""
         mu, lam = lame(E, nu)
         J = wp.determinant(F)
         trG = G[0, 0] + G[1, 1] + G[2, 2]
@@ -330,7 +336,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g_J = trG * lam * (f(2.0) * J - f(1.0))
         if law == 1 or law == 3:  # + 2 mu (F - R) F^T
             H = G * (f(2.0) * mu)
-            gR, u0, u1, R = svd_iso_vjp(F, 0, f(0.0), f(0.0), -H * F)
+            gR, u0, u1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), -H * F)
             S = (F - R) * wp.transpose(F)
             tau = tau + S * (f(2.0) * mu)
             gF = H * F + wp.transpose(H) * (F - R) + gR
@@ -343,7 +349,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g_lam = trG * wp.log(J)
             g_J = trG * lam / J
         elif law == 4 or law == 5:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
-            gP, gm, gl, P = svd_iso_vjp(F, 1, mu, lam, G * F)
+            gP, gm, gl, P = svd_iso_vjp_usv(U, s, V, 1, mu, lam, G * F)
             tau = P * wp.transpose(F)
             gF = gP + wp.transpose(G) * P
             g_mu = gm
@@ -353,9 +359,21 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return gF, gE, gnu, tau
 
     @wp.func
-    def project_vjp(law: int, F: mat33, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f,
-                    G: mat33):
-        """d/d(F, E, nu, yield_stress, friction_angle, theta_c, theta_s) of <G, project(...)>."""
+    def kirchhoff_vjp(law: int, F: mat33, E: f, nu: f, G: mat33):
+        """:func:`kirchhoff_vjp_usv` with the SVD of F computed here (where the law needs it)."""
+        U = wp.identity(n=3, dtype=f)
+        s = vec3(f(1.0), f(1.0), f(1.0))
+        V = wp.identity(n=3, dtype=f)
+        if law == 1 or law == 3 or law == 4 or law == 5:
+            wp.svd3(F, U, s, V)
+        gF, gE, gnu, tau = kirchhoff_vjp_usv(law, F, U, s, V, E, nu, G)
+        return gF, gE, gnu, tau
+
+    @wp.func
+    def project_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, yield_stress: f,
+                        friction_angle: f, theta_c: f, theta_s: f, G: mat33):
+        """d/d(F, E, nu, yield_stress, friction_angle, theta_c, theta_s) of <G, project(...)>, given the
+        SVD F = U diag(s) V^T (read by laws 3, 4, 5)."""
         gF = G
         gE = f(0.0)
         gnu = f(0.0)
@@ -371,7 +389,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g0 = f(0.0)
             g1 = f(0.0)
             val = mat33()
-            gF, g0, g1, val = svd_iso_vjp(F, 2, f(1.0) - theta_c, f(1.0) + theta_s, G)
+            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 2, f(1.0) - theta_c, f(1.0) + theta_s, G)
             gtc = -g0
             gts = g1
         elif law == 4:
@@ -379,7 +397,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g0 = f(0.0)
             g1 = f(0.0)
             val = mat33()
-            gF, g0, g1, val = svd_iso_vjp(F, 3, yield_stress / (f(2.0) * mu), f(0.0), G)
+            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 3, yield_stress / (f(2.0) * mu), f(0.0), G)
             gys = g0 / (f(2.0) * mu)
             gE, gnu = lame_vjp(E, nu, -g0 * yield_stress / (f(2.0) * mu * mu), f(0.0))
         elif law == 5:
@@ -390,11 +408,61 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g0 = f(0.0)
             g1 = f(0.0)
             val = mat33()
-            gF, g0, g1, val = svd_iso_vjp(F, 4, alpha, ratio, G)
+            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 4, alpha, ratio, G)
             t = f(3.0) - sphi
             gfa = g0 * f(math.sqrt(2.0 / 3.0)) * f(6.0) * wp.cos(friction_angle) / (t * t)
             gnu = g1 * f(3.0) / (b * b)
         return gF, gE, gnu, gys, gfa, gtc, gts
+
+    @wp.func
+    def project_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, yield_stress: f,
+                    friction_angle: f, theta_c: f, theta_s: f):
+        """:func:`project` given the SVD F = U diag(s) V^T; returns F_new and, for laws 3-5 (which
+        keep U and V), its singular values (else s)."""
+        Fn = F
+        sn = s
+        if law == 0:
+            J = wp.determinant(F)
+            Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
+        elif law == 3 or law == 4 or law == 5:
+            kind = int(2)
+            p0 = f(1.0) - theta_c
+            p1 = f(1.0) + theta_s
+            if law == 4:
+                mu, lam = lame(E, nu)
+                kind = 3
+                p0 = yield_stress / (f(2.0) * mu)
+                p1 = f(0.0)
+            elif law == 5:
+                sphi = wp.sin(friction_angle)
+                kind = 4
+                p0 = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
+                p1 = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)
+            g, Jg, d0, d1 = iso_g(kind, s, p0, p1)
+            Fn = U * wp.diag(g) * wp.transpose(V)
+            sn = g
+        return Fn, sn
+
+    @wp.func
+    def kirchhoff_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f):
+        """:func:`kirchhoff_stress` given the SVD F = U diag(s) V^T (laws 3, 4, 5 use it)."""
+        tau = mat33(f(0.0))
+        if law == 3:
+            mu, lam = lame(E, nu)
+            J = wp.determinant(F)
+            R = U * wp.transpose(V)
+            tau = (F - R) * wp.transpose(F) * (f(2.0) * mu) + wp.identity(n=3, dtype=f) * (lam * J * (J - f(1.0)))
+        elif law == 4 or law == 5:
+            mu, lam = lame(E, nu)
+            e0, q0 = clamp_log(s[0])
+            e1, q1 = clamp_log(s[1])
+            e2, q2 = clamp_log(s[2])
+            tr = e0 + e1 + e2
+            t = vec3(f(2.0) * mu * e0 + lam * tr, f(2.0) * mu * e1 + lam * tr, f(2.0) * mu * e2 + lam * tr)
+            tau = U * wp.diag(t) * wp.transpose(U)
+        else:
+            tau = kirchhoff_stress(law, F, E, nu)
+        return tau
 
     # ---------------------------------------------------------------------------------------
     # Quadratic B-spline weights
@@ -431,10 +499,11 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.kernel
     def particle_affine(F: wp.array(dtype=mat33), C: wp.array(dtype=mat33), v: wp.array(dtype=vec3),
-                        law: wp.array(dtype=wp.int32), active: wp.array(dtype=wp.int32),
-                        E: wp.array(dtype=f), nu: wp.array(dtype=f), eta: wp.array(dtype=f),
+                        tau_e: wp.array(dtype=mat33), active: wp.array(dtype=wp.int32), eta: wp.array(dtype=f),
                         rho: wp.array(dtype=f), vol: wp.array(dtype=f), dt: f, inv_dx: f,
                         A: wp.array(dtype=mat33), p: wp.array(dtype=vec3), m: wp.array(dtype=f)):
+        # tau_e: the elastic Kirchhoff stress at F, from the previous substep's plasticity_stress
+        # (or stress_eval at the start of a window): the SVD is done once per substep.
         i = wp.tid()
         if active[i] == 0:
             A[i] = mat33(f(0.0))
@@ -442,7 +511,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             m[i] = f(0.0)
             return
         mass = rho[i] * vol[i]
-        tau = kirchhoff_stress(law[i], F[i], E[i], nu[i]) + viscous_stress(C[i], F[i], eta[i])
+        tau = tau_e[i] + viscous_stress(C[i], F[i], eta[i])
         A[i] = tau * (-dt * vol[i] * f(4.0) * inv_dx * inv_dx) + C[i] * mass
         p[i] = v[i] * mass
         m[i] = mass
@@ -457,29 +526,25 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.kernel(enable_backward=False)
     def particle_affine_adjoint(F: wp.array(dtype=mat33), C: wp.array(dtype=mat33), v: wp.array(dtype=vec3),
-                                law: wp.array(dtype=wp.int32), active: wp.array(dtype=wp.int32),
-                                E: wp.array(dtype=f), nu: wp.array(dtype=f), eta: wp.array(dtype=f),
-                                rho: wp.array(dtype=f), vol: wp.array(dtype=f), dt: f, inv_dx: f,
-                                adj_A: wp.array(dtype=mat33), adj_p: wp.array(dtype=vec3), adj_m: wp.array(dtype=f),
-                                adj_F: wp.array(dtype=mat33), adj_C: wp.array(dtype=mat33), adj_v: wp.array(dtype=vec3),
-                                adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f), adj_eta: wp.array(dtype=f),
-                                adj_rho: wp.array(dtype=f), adj_vol: wp.array(dtype=f)):
-        # Hand-written adjoint of particle_affine (accumulates). Warp's automatic one re-runs the
-        # SVD three times (kernel replay, function replay, custom gradient); this one runs it once.
+                                tau_e: wp.array(dtype=mat33), active: wp.array(dtype=wp.int32),
+                                eta: wp.array(dtype=f), rho: wp.array(dtype=f), vol: wp.array(dtype=f), dt: f,
+                                inv_dx: f, adj_A: wp.array(dtype=mat33), adj_p: wp.array(dtype=vec3),
+                                adj_m: wp.array(dtype=f), adj_F: wp.array(dtype=mat33), adj_C: wp.array(dtype=mat33),
+                                adj_v: wp.array(dtype=vec3), adj_tau_e: wp.array(dtype=mat33),
+                                adj_eta: wp.array(dtype=f), adj_rho: wp.array(dtype=f), adj_vol: wp.array(dtype=f)):
+        # Hand-written adjoint of particle_affine (accumulates).
         i = wp.tid()
         if active[i] == 0:
             return
         Fi = F[i]
         Ci = C[i]
-        vi = v[i]
         mass = rho[i] * vol[i]
         k = -dt * f(4.0) * inv_dx * inv_dx
         gA = adj_A[i]
         gp = adj_p[i]
-        g_mass = wp.ddot(gA, Ci) + wp.dot(gp, vi) + adj_m[i]
+        tau = tau_e[i] + viscous_stress(Ci, Fi, eta[i])
+        g_mass = wp.ddot(gA, Ci) + wp.dot(gp, v[i]) + adj_m[i]
         G = gA * (k * vol[i])  # adjoint of tau
-        gF, gE, gnu, tau = kirchhoff_vjp(law[i], Fi, E[i], nu[i], G)
-        tau = tau + viscous_stress(Ci, Fi, eta[i])
         # viscous: dev(sym C) 2 eta J
         J = wp.determinant(Fi)
         D = (Ci + wp.transpose(Ci)) * f(0.5)
@@ -487,35 +552,94 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         Gs = (G + wp.transpose(G)) * f(0.5)
         Gd = Gs - wp.identity(n=3, dtype=f) * ((Gs[0, 0] + Gs[1, 1] + Gs[2, 2]) / f(3.0))
         gDd = wp.ddot(G, Dd)
-        gF = gF + cofactor(Fi) * (gDd * f(2.0) * eta[i])
-        adj_F[i] = adj_F[i] + gF
+        adj_F[i] = adj_F[i] + cofactor(Fi) * (gDd * f(2.0) * eta[i])
         adj_C[i] = adj_C[i] + gA * mass + Gd * (f(2.0) * eta[i] * J)
         adj_v[i] = adj_v[i] + gp * mass
-        adj_E[i] = adj_E[i] + gE
-        adj_nu[i] = adj_nu[i] + gnu
+        adj_tau_e[i] = adj_tau_e[i] + G
         adj_eta[i] = adj_eta[i] + gDd * f(2.0) * J
         adj_rho[i] = adj_rho[i] + g_mass * vol[i]
         adj_vol[i] = adj_vol[i] + wp.ddot(gA, tau) * k + g_mass * rho[i]
 
     @wp.kernel(enable_backward=False)
-    def plasticity_adjoint(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
-                           nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f),
-                           friction_angle: wp.array(dtype=f), theta_c: wp.array(dtype=f),
-                           theta_s: wp.array(dtype=f), adj_F_out: wp.array(dtype=mat33),
-                           adj_F_trial: wp.array(dtype=mat33), adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f),
-                           adj_yield_stress: wp.array(dtype=f), adj_friction_angle: wp.array(dtype=f),
-                           adj_theta_c: wp.array(dtype=f), adj_theta_s: wp.array(dtype=f)):
-        # Hand-written adjoint of plasticity (accumulates): one SVD instead of two.
+    def plasticity_stress(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
+                          nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f), friction_angle: wp.array(dtype=f),
+                          theta_c: wp.array(dtype=f), theta_s: wp.array(dtype=f), F_out: wp.array(dtype=mat33),
+                          tau_out: wp.array(dtype=mat33)):
+        # F' = project(F_trial) and the elastic stress tau(F') for the next substep, from one SVD
+        # (laws 3-5: F' = U g(s) V^T keeps U and V); laws 0-2 and 6 need none (law 1's polar
+        # rotation is a Newton iteration).
         i = wp.tid()
-        gF, gE, gnu, gys, gfa, gtc, gts = project_vjp(law[i], F_trial[i], E[i], nu[i], yield_stress[i],
-                                                      friction_angle[i], theta_c[i], theta_s[i], adj_F_out[i])
+        F = F_trial[i]
+        L = law[i]
+        if L == 3 or L == 4 or L == 5:
+            U = mat33()
+            s = vec3()
+            V = mat33()
+            wp.svd3(F, U, s, V)
+            Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
+                                 theta_s[i])
+            F_out[i] = Fn
+            tau_out[i] = kirchhoff_usv(L, Fn, U, sn, V, E[i], nu[i])
+        else:
+            Fn = project(L, F, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i], theta_s[i])
+            F_out[i] = Fn
+            tau_out[i] = kirchhoff_stress(L, Fn, E[i], nu[i])
+
+    @wp.kernel
+    def plasticity_stress_ref(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32),
+                              E: wp.array(dtype=f), nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f),
+                              friction_angle: wp.array(dtype=f), theta_c: wp.array(dtype=f),
+                              theta_s: wp.array(dtype=f), F_out: wp.array(dtype=mat33),
+                              tau_out: wp.array(dtype=mat33)):
+        # Reference for tests: project then stress, two SVDs, Warp's automatic adjoint.
+        i = wp.tid()
+        Fn = project(law[i], F_trial[i], E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i], theta_s[i])
+        F_out[i] = Fn
+        tau_out[i] = kirchhoff_stress(law[i], Fn, E[i], nu[i])
+
+    @wp.kernel(enable_backward=False)
+    def plasticity_stress_adjoint(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32),
+                                  E: wp.array(dtype=f), nu: wp.array(dtype=f), yield_stress: wp.array(dtype=f),
+                                  friction_angle: wp.array(dtype=f), theta_c: wp.array(dtype=f),
+                                  theta_s: wp.array(dtype=f), adj_F_out: wp.array(dtype=mat33),
+                                  adj_tau_out: wp.array(dtype=mat33), adj_F_trial: wp.array(dtype=mat33),
+                                  adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f),
+                                  adj_yield_stress: wp.array(dtype=f), adj_friction_angle: wp.array(dtype=f),
+                                  adj_theta_c: wp.array(dtype=f), adj_theta_s: wp.array(dtype=f)):
+        # Hand-written adjoint of plasticity_stress (accumulates), from one SVD of F_trial: F' =
+        # U g V^T, so the stress adjoint at F' reuses U, V with singular values g.
+        i = wp.tid()
+        F = F_trial[i]
+        L = law[i]
+        U = wp.identity(n=3, dtype=f)
+        s = vec3(f(1.0), f(1.0), f(1.0))
+        V = wp.identity(n=3, dtype=f)
+        if L == 1 or L == 3 or L == 4 or L == 5:
+            wp.svd3(F, U, s, V)
+        Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
+                             theta_s[i])
+        gFn, gE1, gnu1, tau = kirchhoff_vjp_usv(L, Fn, U, sn, V, E[i], nu[i], adj_tau_out[i])
+        gF, gE2, gnu2, gys, gfa, gtc, gts = project_vjp_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i],
+                                                            friction_angle[i], theta_c[i], theta_s[i],
+                                                            gFn + adj_F_out[i])
         adj_F_trial[i] = adj_F_trial[i] + gF
-        adj_E[i] = adj_E[i] + gE
-        adj_nu[i] = adj_nu[i] + gnu
+        adj_E[i] = adj_E[i] + gE1 + gE2
+        adj_nu[i] = adj_nu[i] + gnu1 + gnu2
         adj_yield_stress[i] = adj_yield_stress[i] + gys
         adj_friction_angle[i] = adj_friction_angle[i] + gfa
         adj_theta_c[i] = adj_theta_c[i] + gtc
         adj_theta_s[i] = adj_theta_s[i] + gts
+
+    @wp.kernel(enable_backward=False)
+    def stress_adjoint(F: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
+                       nu: wp.array(dtype=f), adj_tau: wp.array(dtype=mat33), adj_F: wp.array(dtype=mat33),
+                       adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f)):
+        # Hand-written adjoint of stress_eval (accumulates).
+        i = wp.tid()
+        gF, gE, gnu, tau = kirchhoff_vjp(law[i], F[i], E[i], nu[i], adj_tau[i])
+        adj_F[i] = adj_F[i] + gF
+        adj_E[i] = adj_E[i] + gE
+        adj_nu[i] = adj_nu[i] + gnu
 
     @wp.kernel(enable_backward=False)
     def p2g(x: wp.array(dtype=vec3), p: wp.array(dtype=vec3), A: wp.array(dtype=mat33), m: wp.array(dtype=f),
@@ -955,7 +1079,10 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         "particle_affine": particle_affine,
         "plasticity": plasticity,
         "particle_affine_adjoint": particle_affine_adjoint,
-        "plasticity_adjoint": plasticity_adjoint,
+        "plasticity_stress": plasticity_stress,
+        "plasticity_stress_ref": plasticity_stress_ref,
+        "plasticity_stress_adjoint": plasticity_stress_adjoint,
+        "stress_adjoint": stress_adjoint,
         "p2g": p2g,
         "p2g_adjoint": p2g_adjoint,
         "g2p": g2p,

@@ -51,8 +51,10 @@ class _Window(torch.autograd.Function):
         state = State(x, v, C, F)
         has_col = control.shape[1] > 0
         with torch.no_grad():
+            tau = None  # the elastic stress is carried from substep to substep (one SVD each)
             for s in range(n_sub):
-                state, _ = stepper.substep(state, params, control[s] if has_col else None, step=first + s)
+                state, _ = stepper.substep(state, params, control[s] if has_col else None, step=first + s, tau=tau)
+                tau = stepper.last_tau
         ctx.stepper, ctx.n_sub, ctx.first = stepper, n_sub, first
         ctx.save_for_backward(control, x, v, C, F, *params)
         return tuple(state)
@@ -65,17 +67,25 @@ class _Window(torch.autograd.Function):
         state = State(x, v, C, F)
         saved = []
         with torch.no_grad():
+            tau = None
             for s in range(ctx.n_sub):
                 state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True,
-                                              step=ctx.first + s)
+                                              step=ctx.first + s, tau=tau)
+                tau = stepper.last_tau
                 saved.append(keep)
             adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip(state, (gx, gv, gC, gF))))
             adj_params = [torch.zeros_like(p) for p in params]
             adj_control = torch.zeros_like(control)
+            adj_tau = None
+            F0 = saved[0].F if saved else None
             for s in range(ctx.n_sub - 1, -1, -1):
-                adj = stepper.substep_adjoint(saved[s], params, adj, adj_params,
-                                              adj_control[s] if has_col else None)
+                adj, adj_tau = stepper.substep_adjoint(saved[s], params, adj, adj_params,
+                                                       adj_control[s] if has_col else None, adj_tau)
                 saved[s] = None  # free this substep's intermediates as soon as they are used
+            if adj_tau is not None:  # the window's first stress, computed from its input F
+                adj_F = adj.F.clone()
+                stepper.stress_adjoint(F0, params, adj_tau, adj_F, adj_params)
+                adj = State(adj.x, adj.v, adj.C, adj_F)
         ctx.stepper = None
         return (None, None, None, adj_control, *adj, *adj_params)
 

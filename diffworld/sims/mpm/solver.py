@@ -262,6 +262,7 @@ class _Substep(NamedTuple):
     rigid_v: torch.Tensor | None  # G2P velocities of rigid particles, before the rigid projection
     active: torch.Tensor  # int32 (N,): particles taking part in this substep
     emitted_now: torch.Tensor | None  # positions in model.emitted of the particles activated now
+    tau: torch.Tensor  # elastic Kirchhoff stress at F (input of particle_affine)
 
 
 class Stepper:
@@ -311,6 +312,7 @@ class Stepper:
         bounds = [round(n * w / workers) for w in range(workers + 1)]
         self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
         self._prepare_colliders()
+        self.last_tau: torch.Tensor | None = None
         self.rigid = None
         is_rigid = model.law == K.LAW["rigid"]
         if bool(is_rigid.any()):
@@ -458,13 +460,45 @@ class Stepper:
             xs[moving], vs[moving] = xm, vm
         return xs, vs
 
+    def stress(self, F: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Elastic Kirchhoff stress of every particle at ``F`` [Pa], shape (N, 3, 3)."""
+        k, w = self.k, self._w
+        F = F.contiguous()
+        E, nu = params[0].contiguous(), params[1].contiguous()
+        tau = torch.empty_like(F)
+
+        def run(c, a, b):
+            q = slice(a, b)
+            self._run(k["stress_eval"], b - a, [w(F[q], "m"), w(self.law_t[q], "i"), w(E[q]), w(nu[q])],
+                      [w(tau[q], "m")])
+
+        self._parallel(run)
+        return tau
+
+    def stress_adjoint(self, F: torch.Tensor, params: Sequence[torch.Tensor], adj_tau: torch.Tensor,
+                       adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
+        """Adjoint of :meth:`stress`: accumulates into ``adj_F`` and the E, nu entries of ``adj_params``."""
+        k, w = self.k, self._w
+        F, adj_tau = F.contiguous(), adj_tau.contiguous()
+        E, nu = params[0].contiguous(), params[1].contiguous()
+        aE, anu = adj_params[0], adj_params[1]
+
+        def run(c, a, b):
+            q = slice(a, b)
+            self._run(k["stress_adjoint"], b - a, [w(F[q], "m"), w(self.law_t[q], "i"), w(E[q]), w(nu[q]),
+                                                    w(adj_tau[q], "m"), w(adj_F[q], "m"), w(aE[q]), w(anu[q])])
+
+        self._parallel(run)
+
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
-                keep: bool = False, step: int = 0) -> tuple[State, _Substep | None]:
+                keep: bool = False, step: int = 0, tau: torch.Tensor | None = None) -> tuple[State, _Substep | None]:
         """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order (contiguous tensors
         (N,)); ``control`` (n_col, 13); ``step``: the index of this substep in the rollout (emitters
-        activate particles by it).
+        activate particles by it); ``tau``: the elastic stress at ``state.F`` when known (the
+        previous substep's :attr:`last_tau`), else it is computed.
 
-        Returns the new state, and the intermediates when ``keep`` is set.
+        Returns the new state, and the intermediates when ``keep`` is set. The elastic stress at
+        the new F, a by-product of the plastic projection's SVD, is left in :attr:`last_tau`.
         """
         k, dev, dt_ = self.k, self.device, self.dtype
         n = state.x.shape[0]
@@ -474,6 +508,9 @@ class Stepper:
         x, v, C, F = (t.contiguous() for t in state)
         E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
         law = self.law_t
+        if tau is None:
+            tau = self.stress(F, (E, nu))
+        tau = tau.contiguous()
         A = torch.empty((n, 3, 3), dtype=dt_, device=dev)
         p = torch.empty((n, 3), dtype=dt_, device=dev)
         m = torch.empty((n,), dtype=dt_, device=dev)
@@ -487,8 +524,8 @@ class Stepper:
         def to_grid(c, a, b):
             s = slice(a, b)
             self._run(k["particle_affine"], b - a,
-                      [w(F[s], "m"), w(C[s], "m"), w(v[s], "v"), w(law[s], "i"), w(act[s], "i"), w(E[s]), w(nu[s]),
-                       w(eta[s]), w(rho[s]), w(vol[s]), self.dt, self.inv_dx],
+                      [w(F[s], "m"), w(C[s], "m"), w(v[s], "v"), w(tau[s], "m"), w(act[s], "i"), w(eta[s]), w(rho[s]),
+                       w(vol[s]), self.dt, self.inv_dx],
                       [w(A[s], "m"), w(p[s], "v"), w(m[s])])
             self._run(k["p2g"], b - a, [w(x[s], "v"), w(p[s], "v"), w(A[s], "m"), w(m[s]), w(act[s], "i"), blo,
                                          self.dx], [w(mv_parts[c], "v"), w(m_parts[c])])
@@ -512,14 +549,15 @@ class Stepper:
         grids.append(gw)
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         C1, Ft, F1 = torch.empty_like(C), torch.empty_like(F), torch.empty_like(F)
+        tau1 = torch.empty_like(F)
         wgw = w(gw, "v")
 
         def to_particles(c, a, b):
             s = slice(a, b)
             self._run(k["g2p"], b - a, [w(x[s], "v"), w(F[s], "m"), w(act[s], "i"), wgw, blo, self.dx, self.dt],
                       [w(x1[s], "v"), w(v1[s], "v"), w(C1[s], "m"), w(Ft[s], "m")])
-            self._run(k["plasticity"], b - a, [w(Ft[s], "m"), w(law[s], "i"), w(E[s]), w(nu[s]), w(ys[s]), w(fa[s]),
-                                                w(tc[s]), w(ts[s])], [w(F1[s], "m")])
+            self._run(k["plasticity_stress"], b - a, [w(Ft[s], "m"), w(law[s], "i"), w(E[s]), w(nu[s]), w(ys[s]),
+                                                       w(fa[s]), w(tc[s]), w(ts[s])], [w(F1[s], "m"), w(tau1[s], "m")])
 
         self._parallel(to_particles)
         rigid_v = None
@@ -533,14 +571,17 @@ class Stepper:
         saved = None
         if keep:
             saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v, act,
-                             emitted_now)
+                             emitted_now, tau)
+        self.last_tau = tau1
         return State(x1, v1, C1, F1), saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
 
     def substep_adjoint(self, s: _Substep, params: Sequence[torch.Tensor], adj_out: State,
-                        adj_params: Sequence[torch.Tensor], adj_control: torch.Tensor | None) -> State:
-        """Adjoint of :meth:`substep`: returns d loss / d (input state); accumulates into
+                        adj_params: Sequence[torch.Tensor], adj_control: torch.Tensor | None,
+                        adj_tau_out: torch.Tensor | None = None) -> tuple[State, torch.Tensor]:
+        """Adjoint of :meth:`substep`: returns d loss / d (input state) and d loss / d (input stress
+        ``tau``); ``adj_tau_out`` is d loss / d :attr:`last_tau` (None: zero). Accumulates into
         ``adj_params`` (same order as ``params``, contiguous) and ``adj_control`` (n_col, 13)."""
         k, dev, dt_ = self.k, self.device, self.dtype
         w = self._w
@@ -560,14 +601,18 @@ class Stepper:
         adj_F = _zeros((n, 3, 3), dt_, dev)
         gv_parts = self._scatter_grids(box, 3)
         wgw = w(s.grid_v[-1], "v")
+        g_tau1 = _zeros((n, 3, 3), dt_, dev) if adj_tau_out is None else adj_tau_out.contiguous()
+        if self.rigid is not None and adj_tau_out is not None:
+            g_tau1 = g_tau1.clone()
+            g_tau1[self.rigid.index] = 0.0  # rigid particles: F' is reset to I after the projection
 
         def from_particles(c, a, b):
             q = slice(a, b)
-            # plasticity: F_trial -> F_out (hand-written)
-            self._run(k["plasticity_adjoint"], b - a,
+            # plastic projection and the stress at F' (hand-written, one SVD)
+            self._run(k["plasticity_stress_adjoint"], b - a,
                       [w(s.F_trial[q], "m"), w(law[q], "i"), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
-                       w(ts[q]), w(gF[q], "m"), w(adj_Ft[q], "m"), w(aE[q]), w(anu[q]), w(ays[q]), w(afa[q]),
-                       w(atc[q]), w(ats[q])])
+                       w(ts[q]), w(gF[q], "m"), w(g_tau1[q], "m"), w(adj_Ft[q], "m"), w(aE[q]), w(anu[q]),
+                       w(ays[q]), w(afa[q]), w(atc[q]), w(ats[q])])
             # g2p (hand-written: a scatter into this chunk's grid)
             self._run(k["g2p_adjoint"], b - a,
                       [w(s.x[q], "v"), w(s.F[q], "m"), w(act[q], "i"), wgw, w(s.C_out[q], "m"), blo, self.dx,
@@ -611,6 +656,8 @@ class Stepper:
         adj_m = _zeros((n,), dt_, dev)
         adj_C = _zeros((n, 3, 3), dt_, dev)
         adj_v = _zeros((n, 3), dt_, dev)
+        adj_tau = _zeros((n, 3, 3), dt_, dev)
+        tau = s.tau
         wamv = w(adj_grid_mv, "v")
 
         def from_grid(c, a, b):
@@ -621,10 +668,10 @@ class Stepper:
                        wagm, w(adj_x[q], "v"), w(adj_p[q], "v"), w(adj_A[q], "m"), w(adj_m[q])])
             # particle affine momentum and stress (hand-written)
             self._run(k["particle_affine_adjoint"], b - a,
-                      [w(s.F[q], "m"), w(s.C[q], "m"), w(s.v[q], "v"), w(law[q], "i"), w(act[q], "i"), w(E[q]),
-                       w(nu[q]), w(eta[q]), w(rho[q]), w(vol[q]), self.dt, self.inv_dx, w(adj_A[q], "m"),
-                       w(adj_p[q], "v"), w(adj_m[q]), w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"),
-                       w(aE[q]), w(anu[q]), w(aeta[q]), w(arho[q]), w(avol[q])])
+                      [w(s.F[q], "m"), w(s.C[q], "m"), w(s.v[q], "v"), w(tau[q], "m"), w(act[q], "i"), w(eta[q]),
+                       w(rho[q]), w(vol[q]), self.dt, self.inv_dx, w(adj_A[q], "m"), w(adj_p[q], "v"),
+                       w(adj_m[q]), w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"), w(adj_tau[q], "m"),
+                       w(aeta[q]), w(arho[q]), w(avol[q])])
 
         self._parallel(from_grid)
         if rigid_adj is not None:
@@ -635,7 +682,8 @@ class Stepper:
             avol.index_add_(0, ri, g_m * rho[ri])
         if s.emitted_now is not None:
             self._emission_adjoint(s, adj_x, adj_v, adj_C, adj_F, adj_control)
-        return State(adj_x, adj_v, adj_C, adj_F)
+            adj_tau[self.emitted.index[s.emitted_now]] = 0.0  # their F was reset to I: tau(I) = 0
+        return State(adj_x, adj_v, adj_C, adj_F), adj_tau
 
     def _emission_adjoint(self, s: _Substep, adj_x, adj_v, adj_C, adj_F, adj_control) -> None:
         """The particles placed at their nozzles this substep: their input rows were overwritten
