@@ -3,13 +3,18 @@
 One substep is these launches (shapes: N particles; the grid is the box of nodes that particle
 stencils touch, see ``solver.Stepper``)::
 
-    particle_affine   per particle   F, C, v, material  -> A (3x3), p = m v, m   (hand adjoint: particle_affine_adjoint)
+    stress_eval       per particle   F, material         -> elastic tau          (window start only; stress_adjoint)
+    particle_affine   per particle   F, C, v, tau, mat.  -> A (3x3), p = m v, m  (hand adjoint: particle_affine_adjoint)
     p2g               per particle   x, p, A, m          -> grid momentum, mass  (hand adjoint: p2g_adjoint, a gather)
     grid_velocity     per node       momentum, mass      -> grid v               (automatic adjoint)
     grid_collider     per node, one launch per collider  -> grid v               (automatic adjoint)
     grid_walls        per node       grid v              -> grid v               (automatic adjoint)
     g2p               per particle   x, F, grid v        -> x', v', C', F_trial  (hand adjoint: g2p_adjoint, a scatter)
-    plasticity        per particle   F_trial, material   -> F'                   (hand adjoint: plasticity_adjoint)
+    plasticity_stress per particle   F_trial, material   -> F', tau(F')          (hand adjoint: plasticity_stress_adjoint)
+
+Each substep does one SVD per particle (none for fluids and Neo-Hookean; a Newton polar
+iteration for fixed corotated): the plastic projection's SVD also gives the elastic stress at the
+projected F, which the next substep uses; the adjoint likewise uses one SVD for both.
 
 APIC/MLS transfer with quadratic B-splines: ``A = -dt V0 (4/dx^2) tau + m C`` is scattered as
 ``w (p + A dpos)``; ``C' = (4/dx^2) sum w v_i dpos^T``. The transfer kernels split
@@ -19,7 +24,7 @@ transfer (``rollout.check_state`` reports it).
 
 Warp's automatic adjoints of the transfer kernels re-run their 27-node loops and cost ~7x the
 forward on CPU; those of the stress and plasticity kernels re-run the SVD two or three times. All
-four are written by hand (tested against finite differences and against Warp's automatic
+of them are written by hand (tested against finite differences and against Warp's automatic
 adjoints). The per-node kernels are pure maps: their automatic adjoints are cheap.
 
 Every material law evaluates the SVD-based isotropic matrix functions through :func:`svd_iso`,
