@@ -192,6 +192,32 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return R
 
     @wp.func
+    def polar_vjp(F: mat33, G: mat33):
+        """Adjoint of the polar rotation R(F) for det F > 0 without an SVD, and R itself.
+
+        With F = R S: R^T dF - dF^T R = [(tr(S) 1 - S) w]_x for dR = R [w]_x, so
+        <G, dR> = <R [y]_x, dF> with y = (tr(S) 1 - S)^-1 ax(R^T G), ax(A) = (A21 - A12, ...)
+        (eigenvalues of tr(S) 1 - S are s_i + s_j > 0: bounded). Falls back to the SVD for
+        nearly singular or inverted F, like svd_iso.
+        """
+        if wp.determinant(F) > f(1.0e-2):
+            R = polar_rotation(F)
+            S = wp.transpose(R) * F
+            S = (S + wp.transpose(S)) * f(0.5)
+            T = wp.identity(n=3, dtype=f) * (S[0, 0] + S[1, 1] + S[2, 2]) - S
+            M = wp.transpose(R) * G
+            b = vec3(M[2, 1] - M[1, 2], M[0, 2] - M[2, 0], M[1, 0] - M[0, 1])
+            y = wp.inverse(T) * b
+            Y = mat33(f(0.0), -y[2], y[1], y[2], f(0.0), -y[0], -y[1], y[0], f(0.0))
+            return R * Y, R
+        U = mat33()
+        s = vec3()
+        V = mat33()
+        wp.svd3(F, U, s, V)
+        gF, g0, g1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), G)
+        return gF, R
+
+    @wp.func
     def svd_iso(F: mat33, kind: int, p0: f, p1: f):
         """U diag(g(sigma)) V^T for F = U diag(sigma) V^T."""
         if kind == 0 and wp.determinant(F) > f(1.0e-2):
@@ -325,7 +351,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     @wp.func
     def kirchhoff_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, G: mat33):
         """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, and the stress itself, given
-        the SVD F = U diag(s) V^T (read by laws 1, 3, 4, 5 only)."""
+        the SVD F = U diag(s) V^T (read by laws 3, 4, 5 only)."""
         mu, lam = lame(E, nu)
         J = wp.determinant(F)
         trG = G[0, 0] + G[1, 1] + G[2, 2]
@@ -341,7 +367,12 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             g_J = trG * lam * (f(2.0) * J - f(1.0))
         if law == 1 or law == 3:  # + 2 mu (F - R) F^T
             H = G * (f(2.0) * mu)
-            gR, u0, u1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), -H * F)
+            gR = mat33()
+            R = mat33()
+            if law == 1:  # no SVD: Newton polar rotation and its closed-form adjoint
+                gR, R = polar_vjp(F, -H * F)
+            else:
+                gR, u0, u1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), -H * F)
             S = (F - R) * wp.transpose(F)
             tau = tau + S * (f(2.0) * mu)
             gF = H * F + wp.transpose(H) * (F - R) + gR
@@ -369,7 +400,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         U = wp.identity(n=3, dtype=f)
         s = vec3(f(1.0), f(1.0), f(1.0))
         V = wp.identity(n=3, dtype=f)
-        if law == 1 or law == 3 or law == 4 or law == 5:
+        if law == 3 or law == 4 or law == 5:
             wp.svd3(F, U, s, V)
         gF, gE, gnu, tau = kirchhoff_vjp_usv(law, F, U, s, V, E, nu, G)
         return gF, gE, gnu, tau
@@ -619,7 +650,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         U = wp.identity(n=3, dtype=f)
         s = vec3(f(1.0), f(1.0), f(1.0))
         V = wp.identity(n=3, dtype=f)
-        if L == 1 or L == 3 or L == 4 or L == 5:
+        if L == 3 or L == 4 or L == 5:
             wp.svd3(F, U, s, V)
         Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
                              theta_s[i])
