@@ -47,15 +47,26 @@ class Rollout(NamedTuple):
 
 class _Window(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stepper: Stepper, n_sub: int, first: int, control: torch.Tensor, x, v, C, F, *params):
+    def forward(ctx, stepper: Stepper, n_sub: int, first: int, keep_last: bool, control: torch.Tensor, x, v, C, F,
+                *params):
+        # keep_last: this is the rollout's last window and a backward pass will follow: keep its
+        # intermediates now instead of recomputing them (the backward peak holds one window's
+        # intermediates anyway, so the peak does not grow).
         state = State(x, v, C, F)
         has_col = control.shape[1] > 0
+        kept = [] if keep_last else None
         with torch.no_grad():
             tau = None  # the elastic stress is carried from substep to substep (one SVD each)
             for s in range(n_sub):
-                state, _ = stepper.substep(state, params, control[s] if has_col else None, step=first + s, tau=tau)
+                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=keep_last,
+                                              step=first + s, tau=tau)
                 tau = stepper.last_tau
-        ctx.stepper, ctx.n_sub, ctx.first = stepper, n_sub, first
+                if keep_last:
+                    kept.append(keep)
+        if kept:
+            # The caller gets the last substep's C' as output C and may modify it in place.
+            kept[-1] = kept[-1]._replace(C_out=kept[-1].C_out.clone())
+        ctx.stepper, ctx.n_sub, ctx.first, ctx.kept = stepper, n_sub, first, kept
         ctx.save_for_backward(control, x, v, C, F, *params)
         return tuple(state)
 
@@ -65,15 +76,18 @@ class _Window(torch.autograd.Function):
         stepper: Stepper = ctx.stepper
         has_col = control.shape[1] > 0
         state = State(x, v, C, F)
-        saved = []
+        saved = ctx.kept
+        ctx.kept = None
         with torch.no_grad():
-            tau = None
-            for s in range(ctx.n_sub):
-                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True,
-                                              step=ctx.first + s, tau=tau)
-                tau = stepper.last_tau
-                saved.append(keep)
-            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip(state, (gx, gv, gC, gF))))
+            if saved is None:  # recompute the window, keeping every intermediate
+                saved = []
+                tau = None
+                for s in range(ctx.n_sub):
+                    state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True,
+                                                  step=ctx.first + s, tau=tau)
+                    tau = stepper.last_tau
+                    saved.append(keep)
+            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip((x, v, C, F), (gx, gv, gC, gF))))
             adj_params = [torch.zeros_like(p) for p in params]
             adj_control = torch.zeros_like(control)
             adj_tau = None
@@ -87,7 +101,7 @@ class _Window(torch.autograd.Function):
                 stepper.stress_adjoint(F0, params, adj_tau, adj_F, adj_params)
                 adj = State(adj.x, adj.v, adj.C, adj_F)
         ctx.stepper = None
-        return (None, None, None, adj_control, *adj, *adj_params)
+        return (None, None, None, None, adj_control, *adj, *adj_params)
 
 
 def stable_dt(model: Model, cfl: float = 0.5) -> float:
@@ -144,7 +158,8 @@ def check_state(model: Model, state: State, substep: int) -> None:
 
 def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor | None = None, *,
             window: int = 16, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
-            stepper: Stepper | None = None, check: bool = True, start_substep: int = 0) -> Rollout:
+            stepper: Stepper | None = None, check: bool = True, start_substep: int = 0,
+            keep_last_window: bool = True) -> Rollout:
     """Simulate ``n_substeps`` substeps, differentiably.
 
     Args:
@@ -161,6 +176,9 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
         check: Check every recorded state (:func:`check_state`).
         start_substep: Index of the first substep (emitters release particles by it), for a
             rollout that continues another.
+        keep_last_window: When gradients are needed, keep the last window's intermediates from
+            the forward pass instead of recomputing them in backward (same numbers; saves one
+            window of recompute; the memory peak, one window's intermediates, is unchanged).
 
     Returns:
         A :class:`Rollout`.
@@ -191,11 +209,14 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
     record = record_every or n_substeps or 1
     states, steps = [state], [0]
     s = 0
+    tensors = [control, *state, *plist]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     while s < n_substeps:
         next_record = min((s // record + 1) * record, n_substeps)
         n = min(window, next_record - s)
-        out = _Window.apply(stepper, n, start_substep + s, control[s:s + n], *(t.contiguous() for t in state),
-                            *plist)
+        last = keep_last_window and grad and s + n == n_substeps
+        out = _Window.apply(stepper, n, start_substep + s, last, control[s:s + n],
+                            *(t.contiguous() for t in state), *plist)
         state = State(*out)
         s += n
         if s == next_record:
