@@ -12,8 +12,9 @@ warm-up that loads the kernels:
   median of 3 runs;
 * ours forward + backward: ``mpm.rollout(..., window=min(T, 50))`` with ``x0.requires_grad_()``,
   then ``(x_T ** 2).sum().backward()``; the rate counts both; ``bwd/fwd`` is the time of
-  ``backward()`` (which recomputes each window's forward, then runs the adjoints) over the time
-  of the rollout's forward;
+  ``backward()`` (which recomputes each window's forward but the last, whose intermediates the
+  forward kept, then runs the adjoints) over the time of the rollout's forward; the next column
+  recomputes every window (``keep_last_window=False``): the ratio of a long horizon;
 * Taichi forward: ``benchmarks/mpm_taichi.py``, the same substep in FluidLab's formulation, from
   the very same initial positions, ``ti.init(arch=ti.cpu, cpu_max_num_threads=2)`` (and, in a
   second column, 1 thread: a Warp CPU launch runs on one thread, and ours splits each particle
@@ -131,8 +132,10 @@ def ours_forward(model, state, n_substeps: int, repeat: int = 3) -> tuple[float,
     return statistics.median(times), s
 
 
-def ours_forward_backward(model, state, n_substeps: int, window: int) -> tuple[float, float]:
-    """(forward seconds, backward seconds) of a differentiable rollout and ``loss.backward()``."""
+def ours_forward_backward(model, state, n_substeps: int, window: int,
+                          keep_last: bool = True) -> tuple[float, float]:
+    """(forward seconds, backward seconds) of a differentiable rollout and ``loss.backward()``;
+    ``keep_last=False`` recomputes every window in backward, the last one too (long horizons)."""
     import torch
 
     from diffworld.sims import mpm
@@ -141,7 +144,8 @@ def ours_forward_backward(model, state, n_substeps: int, window: int) -> tuple[f
         x0 = state.x.clone().requires_grad_()
         _sync(model.device)
         t0 = time.perf_counter()
-        out = mpm.rollout(model, mpm.State(x0, state.v, state.C, state.F), n, window=min(window, n), check=False)
+        out = mpm.rollout(model, mpm.State(x0, state.v, state.C, state.F), n, window=min(window, n), check=False,
+                          keep_last_window=keep_last)
         loss = (out.final.x ** 2).sum()
         _sync(model.device)
         t1 = time.perf_counter()
@@ -235,9 +239,10 @@ def throughput_table(args, have_taichi: bool) -> dict:
 
     results = {}
     say("\n## Throughput (particle-substeps / s; grid 64^3 on the unit cube, float32, dt 1e-4)\n")
-    say(f"| material | N | substeps | ours fwd | ours fwd+bwd | bwd/fwd | Taichi fwd ({args.taichi_threads} thr) "
+    say(f"| material | N | substeps | ours fwd | ours fwd+bwd | bwd/fwd | bwd/fwd, every window recomputed "
+        f"| Taichi fwd ({args.taichi_threads} thr) "
         f"| ours / Taichi | Taichi fwd (1 thr) | ours / Taichi 1 thr | max dx ours vs Taichi [cells] |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, law in MATERIALS:
         for n_target in args.sizes:
             model, state = make_block(name, n_target, args.device)
@@ -246,6 +251,7 @@ def throughput_table(args, have_taichi: bool) -> dict:
             t_fwd, final = ours_forward(model, state, T)
             r_fwd = n * T / t_fwd
             tf, tb = ours_forward_backward(model, state, T, WINDOW)
+            tf2, tb2 = ours_forward_backward(model, state, T, WINDOW, keep_last=False)
             r_fb = n * T / (tf + tb)
             r_ti = r_ti1 = None
             diff = "n/a"
@@ -264,7 +270,7 @@ def throughput_table(args, have_taichi: bool) -> dict:
                 diff = f"{d:.1e}"
             ratio = "n/a" if r_ti is None else f"{r_fwd / r_ti:.2f}"
             ratio1 = "n/a" if r_ti1 is None else f"{r_fwd / r_ti1:.2f}"
-            say(f"| {name} ({law}) | {n:,} | {T} | {fmt_rate(r_fwd)} | {fmt_rate(r_fb)} | {tb / tf:.1f} "
+            say(f"| {name} ({law}) | {n:,} | {T} | {fmt_rate(r_fwd)} | {fmt_rate(r_fb)} | {tb / tf:.1f} | {tb2 / tf2:.1f} "
                 f"| {fmt_rate(r_ti)} | {ratio} | {fmt_rate(r_ti1)} | {ratio1} | {diff} |")
             results[(name, n_target)] = dict(n=n, fwd=r_fwd, fwd_bwd=r_fb, taichi=r_ti)
     if not have_taichi:
