@@ -224,7 +224,7 @@ class _Layer:
     faces: np.ndarray | None  # (F, 3) int64
     color: tuple[float, float, float]
     opacity: float = 1.0
-    point_rgb: np.ndarray | None = None  # (N, 3) float in [0, 1], per-point colors
+    point_rgb: np.ndarray | None = None  # (N, 3) float in [0, 1], per-point colors (per-vertex for meshes)
     point_size: float = 5.0
 
     @property
@@ -242,6 +242,21 @@ def _mesh_layer(name: str, mesh: Any, color, opacity: float = 1.0) -> _Layer:
     v = _check_points(f"{name}[0]", mesh[0])
     f = _check_faces(f"{name}[1]", mesh[1], v.shape[0], f"{name}[0]")
     return _Layer(v, f, color, opacity)
+
+
+def _surface_layer(name: str, surface: Any, opacity: float) -> _Layer:
+    """A ``(vertices, faces, colors)`` triple: colors (3,) for the mesh or (V, 3) per vertex."""
+    if not (isinstance(surface, (tuple, list)) and len(surface) == 3):
+        raise ValueError(f"Expected '{name}' as (vertices, faces, colors), got {type(surface).__name__}")
+    v = _check_points(f"{name}[0]", surface[0])
+    f = _check_faces(f"{name}[1]", surface[1], v.shape[0], f"{name}[0]")
+    c = _to_numpy(f"{name}[2]", surface[2]).astype(np.float64)
+    if c.shape == (3,):
+        return _Layer(v, f, _check_color(tuple(c), f"{name}[2]"), opacity)
+    if c.shape != (v.shape[0], 3) or not (np.isfinite(c).all() and (c.size == 0 or (c.min() >= 0 and c.max() <= 1))):
+        raise ValueError(f"Expected '{name}[2]' of shape (3,) or ({v.shape[0]}, 3) with values in [0, 1], "
+                         f"got shape {tuple(c.shape)}")
+    return _Layer(v, f, MESH_COLOR, opacity, point_rgb=c)
 
 
 def _geometry_layer(name: str, geometry: Any, mesh_color, point_color, opacity: float, point_size: float) -> _Layer:
@@ -517,9 +532,12 @@ def _render_pyvista(views: list[_View], window: tuple[int, int], cams: list[_Cam
                     poly = pv.PolyData(layer.vertices, np.column_stack([np.full(len(f), 3, np.int64), f]).ravel())
                     poly.point_data["Normals"] = _vertex_normals(layer.vertices, f)
                     poly.point_data.active_normals_name = "Normals"
-                    actor = pl.add_mesh(poly, color=layer.color, opacity=layer.opacity, smooth_shading=False,
+                    paint: dict[str, Any] = dict(color=layer.color)
+                    if layer.point_rgb is not None:
+                        paint = dict(scalars=np.round(layer.point_rgb * 255).astype(np.uint8), rgb=True)
+                    actor = pl.add_mesh(poly, opacity=layer.opacity, smooth_shading=False,
                                         ambient=0.12, diffuse=0.85, specular=0.25, specular_power=30.0,
-                                        show_scalar_bar=False, reset_camera=False)
+                                        show_scalar_bar=False, reset_camera=False, **paint)
                     actor.prop.interpolation = "phong"
                     actor.prop.backface_culling = False
                 else:
@@ -574,7 +592,8 @@ def _shade(normals: np.ndarray, to_eye: np.ndarray, cam: _Camera, base: np.ndarr
     half /= np.linalg.norm(half)
     diffuse = 0.68 * np.clip(n @ key, 0, None) + 0.2 * np.clip(n @ fill, 0, None)
     spec = 0.15 * np.clip(n @ half, 0, None) ** 32
-    return np.clip(base[None] * (0.2 + diffuse)[:, None] + spec[:, None], 0.0, 1.0)
+    base = base[None] if base.ndim == 1 else base  # one color, or one per vertex
+    return np.clip(base * (0.2 + diffuse)[:, None] + spec[:, None], 0.0, 1.0)
 
 
 def _project(cam: _Camera, x: np.ndarray, width: float, height: float) -> tuple[np.ndarray, np.ndarray]:
@@ -601,7 +620,8 @@ def _draw_view_matplotlib(ax, view: _View, cam: _Camera, width: float, height: f
             f = layer.faces
             to_eye = cam.eye[None] - layer.vertices
             to_eye /= np.maximum(np.linalg.norm(to_eye, axis=1, keepdims=True), 1e-12)
-            vcol = _shade(_vertex_normals(layer.vertices, f), to_eye, cam, np.asarray(layer.color))
+            base = layer.point_rgb if layer.point_rgb is not None else np.asarray(layer.color)
+            vcol = _shade(_vertex_normals(layer.vertices, f), to_eye, cam, base)
             tri = xy[f]  # (F, 3, 2)
             if n_corners > 3:
                 tri = np.concatenate([tri, np.repeat(tri[:, 2:3], n_corners - 3, axis=1)], axis=1)
@@ -856,6 +876,8 @@ def render_turntable(path: PathLike, vertices: ArrayLike, faces: ArrayLike, *, n
 
 def render_particles(path: PathLike, frames: Sequence[tuple[ArrayLike, ArrayLike | None]], *,
                      meshes: Sequence[Sequence[tuple[ArrayLike, ArrayLike]]] | None = None,
+                     surfaces: Sequence[Sequence[tuple[ArrayLike, ArrayLike, ArrayLike]]] | None = None,
+                     surface_opacity: float = 0.85,
                      bounds: tuple[Sequence[float], Sequence[float]] | None = None, fps: float = 12,
                      point_size: float = 4.0, mesh_color: Any = MESH_COLOR, mesh_opacity: float = 0.45,
                      window_size: tuple[int, int] = (640, 480), camera: str | tuple[float, float] = "iso",
@@ -869,6 +891,10 @@ def render_particles(path: PathLike, frames: Sequence[tuple[ArrayLike, ArrayLike
         path: ``.png``/``.jpg`` (only the first frame), or ``.gif``/``.mp4`` (every frame).
         frames: Per frame ``(points (N, 3), colors)``; colors as in :func:`render_points`.
         meshes: Per frame a list of ``(vertices, faces)`` drawn semi-transparent (or None).
+        surfaces: Per frame a list of ``(vertices, faces, colors)`` drawn in their own colors with
+            ``surface_opacity`` (e.g. liquid surfaces; or None). ``colors``: one RGB for the
+            mesh, shape (3,), or one per vertex, shape (V, 3); floats in [0, 1].
+        surface_opacity: Opacity of the surfaces in (0, 1].
         bounds: Box (lower, upper) [m] that the camera frames.
         fps: Frames per second of a movie.
         point_size: Point diameter [px].
@@ -894,11 +920,17 @@ def render_particles(path: PathLike, frames: Sequence[tuple[ArrayLike, ArrayLike
     mcolor = _check_color(mesh_color, "mesh_color")
     opacity = _check_opacity(mesh_opacity, "mesh_opacity")
     size = _check_positive("point_size", point_size)
+    s_opacity = _check_opacity(surface_opacity, "surface_opacity")
+    for name, per_frame in (("meshes", meshes), ("surfaces", surfaces)):
+        if per_frame is not None and len(per_frame) < (len(frames) if movie else 1):
+            raise ValueError(f"Expected '{name}' with one list per frame ({len(frames)}), got {len(per_frame)}")
     views = []
     for i, (pts, colors) in enumerate(frames if movie else frames[:1]):
         p = _check_points(f"frames[{i}][0]", pts)
         layers = [_Layer(p, None, POINT_COLOR, point_rgb=_point_colors(colors, p.shape[0], "viridis"),
                          point_size=size)]
+        for j, surf in enumerate((surfaces[i] if surfaces is not None else [])):
+            layers.append(_surface_layer(f"surfaces[{i}][{j}]", surf, s_opacity))
         for j, mesh in enumerate((meshes[i] if meshes is not None else [])):
             layers.append(_mesh_layer(f"meshes[{i}][{j}]", mesh, mcolor, opacity))
         title = titles[i] if titles is not None else None

@@ -12,6 +12,7 @@ from diffworld.engine import render
 from diffworld.engine.render import (
     render_backend,
     render_mesh,
+    render_particles,
     render_points,
     render_side_by_side,
     render_turntable,
@@ -102,6 +103,29 @@ def test_render_points_scalars_and_rgb(tmp_path, backend):
                      min_fraction=0.01)
     assert_not_blank(read(render_points(tmp_path / "r.png", p, (rgb * 255).astype(np.uint8), window_size=SMALL,
                                         backend=backend)), min_fraction=0.01)
+
+
+def test_render_particles_with_colored_surfaces(tmp_path, backend):
+    """Surfaces (liquids) are drawn in their own colors: one per mesh or one per vertex."""
+    v, f = torus()
+    rgb = np.where(v[:, :1] < 0, [[0.9, 0.1, 0.1]], [[0.1, 0.8, 0.1]])  # red half, green half
+    pts = sphere_points(50, radius=0.5)
+    out = render_particles(tmp_path / "s.png", [(pts, None)], surfaces=[[(v, f, rgb)]], surface_opacity=1.0,
+                           window_size=SMALL, camera="top", backend=backend)
+    img = read(out).astype(int)
+    assert_not_blank(img)
+    red = (img[..., 0] - img[..., 1] > 60) & (img[..., 0] - img[..., 2] > 60)
+    green = (img[..., 1] - img[..., 0] > 60) & (img[..., 1] - img[..., 2] > 60)
+    assert red.sum() > 50 and green.sum() > 50
+    # one color for the whole mesh, an empty surface, and a movie of two frames
+    out = render_particles(tmp_path / "m.gif", [(pts, None), (pts, None)],
+                           surfaces=[[(v, f, (0.1, 0.2, 0.9))], [(np.zeros((0, 3)), np.zeros((0, 3), np.int64),
+                                                                  np.zeros((0, 3)))]],
+                           window_size=SMALL, backend=backend)
+    frames = iio.imread(out)
+    assert frames.shape[:3] == (2, SMALL[1], SMALL[0])
+    blue = (frames[0][..., 2].astype(int) - frames[0][..., 0].astype(int)) > 60
+    assert blue.sum() > 50
 
 
 def test_render_turntable_gif_frames_rotate(tmp_path, backend):
@@ -236,6 +260,11 @@ def test_env_override(monkeypatch):
     (lambda p, v, f: render_turntable(p.with_suffix(".gif"), v, f, n_frames=0), "'n_frames'"),
     (lambda p, v, f: render_turntable(p.with_suffix(".gif"), v, f, fps=0), "'fps'"),
     (lambda p, v, f: render_turntable(p, v, f), "'path'"),
+    (lambda p, v, f: render_particles(p, [(v, None)], surfaces=[[(v, f, v[:2])]]), r"'surfaces\[0\]\[0\]\[2\]'"),
+    (lambda p, v, f: render_particles(p, [(v, None)], surfaces=[[(v, f)]]), r"'surfaces\[0\]\[0\]'"),
+    (lambda p, v, f: render_particles(p, [(v, None)], surfaces=[[(v, f, v)]], surface_opacity=0),
+     "'surface_opacity'"),
+    (lambda p, v, f: render_particles(p.with_suffix(".gif"), [(v, None)] * 2, surfaces=[[]]), "'surfaces' with one"),
 ])
 def test_bad_inputs_raise_value_error_naming_the_argument(tmp_path, call, match):
     v, f = torus(n_u=8, n_v=4)

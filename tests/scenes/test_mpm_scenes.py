@@ -54,6 +54,12 @@ def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     traj = np.load(tmp_path / "trajectory.npz")
     assert traj["positions"].shape == (scene.task.steps + 1, metrics["particles"], 3)
     assert json.loads((tmp_path / "metrics.json").read_text())["particles"] == metrics["particles"]
+    # liquids are drawn as surfaces in every picture (2 renders + the movie frames), never falling back
+    liquid = any(b.material.name in ("water", "viscous") for b in scene.task.bodies)
+    report = metrics["liquid_surface"]
+    assert report["enabled"] == liquid
+    if liquid:
+        assert report["fallback"] == 0 and report["error"] is None and report["with_surface"] == report["frames"] > 2
 
 
 def test_mpm_scene_errors_name_the_key(tmp_path):

@@ -178,10 +178,63 @@ def test_chamfer_matches_dense_reference_and_finite_differences():
 def test_com_region_shape_terms_gradients():
     x = _points(40, seed=4).requires_grad_()
     _assert_fd(lambda x: L.com_loss(x, (0.2, 0.6, 0.4)), [x])
+    _assert_fd(lambda x: L.com_loss(x, (0.2, 0.6, 0.4), axes=[0, 1]), [x])
+    c = x.detach().mean(0)
+    assert abs(float(L.com_loss(x.detach(), (0.2, 0.6, 0.4), axes=[2])) - float((c[2] - 0.4) ** 2)) < 1e-15
+    with pytest.raises(ValueError, match="'axes'"):
+        L.com_loss(x, (0.2, 0.6, 0.4), axes=[3])
     _assert_fd(lambda x: L.region_loss(x, (0.4, 0.4, 0.4), (0.6, 0.7, 0.6), DX), [x])
     sdf = Sphere(0.1, (0.5, 0.5, 0.5)).double()
     pts = _points(30, seed=5, lo=0.45, hi=0.55)
     _assert_fd(lambda x: L.shape_cover_loss(x, sdf, pts), [x])
+
+
+# --- mixing ---------------------------------------------------------------------------------------
+
+def test_mixing_loss_is_one_segregated_and_zero_mixed():
+    a = _points(200, seed=6, lo=0.2, hi=0.35)
+    far = a + torch.tensor([0.4, 0.0, 0.0], dtype=torch.float64)  # stencils never share a node
+    for norm in ("l2", "l1"):
+        seg = L.mixing_loss(a, 1.0, far, 1.0, LOWER, DX, SHAPE, norm=norm)
+        assert abs(float(seg) - 1.0) < 1e-5, (norm, float(seg))  # l2: regularized quotient
+        # B is a copy of A: every node holds both in the ratio 1:1
+        assert float(L.mixing_loss(a, 1.0, a.clone(), 1.0, LOWER, DX, SHAPE, norm=norm)) < 1e-12
+        # 1:3 by mass, segregated: still 1 (normalized by phi* (1 - phi*)); the same places: 0
+        m = torch.full((200,), 3.0, dtype=torch.float64)
+        assert abs(float(L.mixing_loss(a, 1.0, far, m, LOWER, DX, SHAPE, norm=norm)) - 1.0) < 1e-5
+        assert float(L.mixing_loss(a, 1.0, a.clone(), m, LOWER, DX, SHAPE, norm=norm)) < 1e-12
+        # an explicit target away from the overall share: the copies are no longer "mixed"
+        assert float(L.mixing_loss(a, 1.0, a.clone(), 1.0, LOWER, DX, SHAPE, norm=norm, target=0.25)) > 0.1
+    # half-overlapping bodies lie in between, and float32 agrees with float64
+    half = a + torch.tensor([0.075, 0.0, 0.0], dtype=torch.float64)
+    mid = L.mixing_loss(a, 1.0, half, 1.0, LOWER, DX, SHAPE)
+    assert 0.2 < float(mid) < 0.9
+    assert abs(float(L.mixing_loss(a.float(), 1.0, half.float(), 1.0, LOWER, DX, SHAPE)) - float(mid)) < 1e-5
+
+
+@pytest.mark.parametrize("norm,target", [("l2", None), ("l1", None), ("l2", 0.3)])
+def test_mixing_loss_gradient_matches_finite_differences(norm, target):
+    a = _points(60, seed=7, lo=0.3, hi=0.55).requires_grad_()
+    b = _points(50, seed=8, lo=0.4, hi=0.65).requires_grad_()
+    ma = (0.5 + torch.rand(60, generator=torch.Generator().manual_seed(9), dtype=torch.float64)).requires_grad_()
+    mb = (0.5 + torch.rand(50, generator=torch.Generator().manual_seed(10), dtype=torch.float64)).requires_grad_()
+    worst = _assert_fd(lambda a, ma, b, mb: L.mixing_loss(a, ma, b, mb, LOWER, DX, SHAPE, norm=norm, target=target),
+                       [a, ma, b, mb], tol=1e-7)
+    print(f"mixing_loss {norm} target={target}: worst relative error vs central FD {worst:.2e}")
+
+
+def test_mixing_loss_errors():
+    a = _points(10)
+    with pytest.raises(ValueError, match="two non-empty bodies"):
+        L.mixing_loss(a, 1.0, a[:0], 1.0, LOWER, DX, SHAPE)
+    with pytest.raises(ValueError, match="'norm'"):
+        L.mixing_loss(a, 1.0, a, 1.0, LOWER, DX, SHAPE, norm="l3")
+    with pytest.raises(ValueError, match="'target'"):
+        L.mixing_loss(a, 1.0, a, 1.0, LOWER, DX, SHAPE, target=1.0)
+    with pytest.raises(ValueError, match="positive mass"):
+        L.mixing_loss(a, 0.0, a, 1.0, LOWER, DX, SHAPE)
+    with pytest.raises(ValueError, match="'x_b' of shape"):
+        L.mixing_loss(a, 1.0, a[:, :2], 1.0, LOWER, DX, SHAPE)
 
 
 # --- the horizon schedule --------------------------------------------------------------------------
@@ -302,6 +355,81 @@ def test_action_clipping_applies_to_the_initial_guess(tmp_path):
     assert torch.allclose(speeds, torch.full_like(speeds, 0.1))
 
 
+def test_dofs_optimize_only_the_listed_components(tmp_path):
+    p = _write(tmp_path, extra="    dofs: {pusher: [vy, vz]}\n")
+    p.write_text(p.read_text().replace("max_speed: 2.0", "max_speed: 0.5"))
+    sim, prob = _problem(p)
+    vel = prob.velocities["pusher"]
+    loss, _ = prob.loss_fn(0)
+    loss.backward()
+    assert torch.all(vel.grad[:, [0, 3, 4, 5]] == 0) and float(vel.grad[:, 1:3].abs().max()) > 0
+    start = vel.detach().clone()
+    opt = torch.optim.AdamW([vel], lr=1.0, weight_decay=0.5)  # moves every component, and far
+    with torch.no_grad():
+        vel.grad[:, 1:3] = -1.0
+    opt.step()
+    with torch.no_grad():
+        prob.project()
+    v = vel.detach()
+    assert torch.equal(v[:, [0, 3, 4, 5]], start[:, [0, 3, 4, 5]])  # fixed: vx = 0.3 kept
+    # clipping scaled only vy, vz: the speed is at the bound and vx is untouched
+    assert torch.allclose(v[:, :3].norm(dim=1), torch.full((5,), 0.5, dtype=torch.float64))
+    assert torch.all(v[:, 1:3] > 0)
+
+
+def test_workspace_keeps_the_collider_inside_its_box(tmp_path):
+    box = "    workspace: {pusher: {lower: [0.15, 0.28, 0.2], upper: [0.25, 0.4, 0.3]}}\n"
+    sim, prob = _problem(_write(tmp_path, extra=box))
+    vel = prob.velocities["pusher"]
+    T = 4 * 2.0e-3  # substeps * dt of a control step
+    start = torch.tensor([0.187, 0.31, 0.213], dtype=torch.float64)
+
+    def positions(v):
+        return start + T * torch.cumsum(v[:, :3].detach(), 0)
+
+    # the initial guess (0.3 m/s along x for 5 steps: +0.012 m) fits: unchanged
+    assert torch.allclose(vel.detach()[:, 0], torch.full((5,), 0.3, dtype=torch.float64))
+    with torch.no_grad():  # an update that would carry it far out in x and y
+        vel[:, 0] = 2.0
+        vel[:, 1] = -2.0
+        prob.project()
+    p = positions(vel)
+    lo = torch.tensor([0.15, 0.28, 0.2], dtype=torch.float64)
+    hi = torch.tensor([0.25, 0.4, 0.3], dtype=torch.float64)
+    assert torch.all(p >= lo - 1e-12) and torch.all(p <= hi + 1e-12)
+    # clipped to 2 m/s along (1, -1), then stopped at the face y = 0.28: the step that reaches it is
+    # scaled as a whole (direction kept) and the later ones are zero
+    assert abs(float(p[-1, 1]) - 0.28) < 1e-12 and float(p[-1, 0]) < 0.25
+    assert torch.allclose(vel.detach()[:, 0], -vel.detach()[:, 1]) and float(vel.detach()[-1, :3].abs().max()) == 0.0
+    # the control that the simulation gets follows the same positions
+    c = sim.control({"pusher": vel.detach()})
+    assert torch.allclose(c[4 * 5 - 1, 0, :3].double(), p[-1] - T / 4 * vel.detach()[-1, :3], atol=1e-12)
+
+
+def test_mixing_term_in_a_scene_and_its_rollout_derivative_vs_fd(tmp_path):
+    milk = ("    - name: milk\n"
+            "      shape: {type: box, center: [0.41, 0.3, 0.2], half_extents: [0.05, 0.05, 0.05]}\n"
+            "      material: {name: viscous, E: 2.0e3, nu: 0.3, viscosity: 1.0}\n"
+            "      ppc: 8\n")
+    p = _write(tmp_path, "      - {type: mixing, bodies: [dough, milk]}\n      - {type: mixing, bodies: [milk, dough], "
+                         "norm: l1, target: 0.4}")
+    p.write_text(p.read_text().replace("  colliders:\n", milk + "  colliders:\n", 1))
+    sim, prob = _problem(p)
+    total, terms = prob.loss_fn(0)
+    assert set(terms) == {"mixing_dough_milk", "mixing_milk_dough"}
+    out = sim.simulate(prob.control())
+    x, m, g = out.final.x.detach(), sim.masses(), sim.grid
+    a, b = sim.mask("dough"), sim.mask("milk")
+    want = L.mixing_loss(x[a], m[a], x[b], m[b], g.lower, g.dx, g.shape)
+    assert abs(float(terms["mixing_dough_milk"]) - float(want)) < 1e-12 and 0.5 < float(want) <= 1.0
+    vel = prob.velocities["pusher"]
+
+    def f(v):
+        return prob.losses(sim.simulate(sim.control({"pusher": v})).states)[0]
+
+    _assert_fd(f, [vel.detach().clone().requires_grad_()], tol=1e-6, eps=1e-5, n_dirs=2)
+
+
 def test_horizon_simulates_only_the_horizon(tmp_path):
     sim, prob = _problem(_write(tmp_path, extra="    horizon: {initial: 2, grow: 2, patience: 1, tolerance: 0.5}\n"))
     assert prob.horizon == 2
@@ -395,6 +523,19 @@ def test_target_trajectory_loss_and_its_shape_errors(tmp_path):
     (DENSITY, "    horizon: {initial: 2, grow: 1, tolerance: -1}\n", r"task.objective.horizon.tolerance"),
     (DENSITY, "    freeze_steps: 5\n", r"objective.freeze_steps: 5 freezes every action"),
     (DENSITY, "    freeze_steps: -1\n", r"task.objective.freeze_steps"),
+    ("      - {type: mixing, bodies: [dough, bread]}", "", r"objective.losses\[0\].bodies\[1\]: 'bread' is not a body"),
+    ("      - {type: mixing, bodies: [dough, dough]}", "", r"task.objective.losses\[0\].bodies: .*two different"),
+    ("      - {type: mixing, bodies: [dough]}", "", r"task.objective.losses\[0\].bodies"),
+    ("      - {type: mixing, bodies: [dough, x], target: 1.5}", "", r"task.objective.losses\[0\].target"),
+    (DENSITY, "    dofs: {spoon: [vx]}\n", r"objective.dofs: 'spoon' is not a controlled collider"),
+    (DENSITY, "    dofs: {pusher: [vx, rx]}\n", r"task.objective.dofs.pusher.1"),
+    (DENSITY, "    dofs: {pusher: []}\n", r"objective.dofs.pusher: expected at least one"),
+    (DENSITY, "    workspace: {spoon: {lower: [0, 0, 0], upper: [1, 1, 1]}}\n",
+     r"objective.workspace: 'spoon' is not a controlled collider"),
+    (DENSITY, "    workspace: {pusher: {lower: [0.3, 0, 0], upper: [1, 1, 1]}}\n",
+     r"objective.workspace.pusher: the collider starts at \[0.187, 0.31, 0.213\], outside"),
+    (DENSITY, "    workspace: {pusher: {lower: [0, 0, 0], upper: [1, 0, 1]}}\n",
+     r"task.objective.workspace.pusher: .*lower < upper"),
 ])
 def test_bad_config_errors_name_the_key(tmp_path, loss, extra, match):
     with pytest.raises(SceneError, match=match):

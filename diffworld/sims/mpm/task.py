@@ -11,14 +11,18 @@ Objectives:
   soft), ``shape`` (particles inside a target shape and covering it), ``density`` (PlasticineLab
   shape matching: grid mass vs a target shape, plus the distance outside it), ``chamfer`` (final
   particles vs points filling a target shape), ``target_trajectory`` (positions at every control
-  step vs an .npz file) and ``python`` (a user function ``fn(states, info) -> scalar tensor``).
+  step vs an .npz file), ``mixing`` (intensity of segregation of two bodies on the grid) and
+  ``python`` (a user function ``fn(states, info) -> scalar tensor``).
   Aids (FluidLab): action clipping (``max_speed``, ``max_angular_speed``), gradient clipping
-  (``optimizer.clip_grad_norm``), ``freeze_steps`` (the first actions are not optimized) and a
-  ``horizon`` that starts short and grows when progress stalls (only the horizon is simulated).
+  (``optimizer.clip_grad_norm``), ``freeze_steps`` (the first actions are not optimized), ``dofs``
+  (only some velocity components are optimized), a ``workspace`` box for a collider's position,
+  an initial guess from keyframes, and a ``horizon`` that starts short and grows when progress
+  stalls (only the horizon is simulated).
 
 A run writes ``trajectory.npz`` (positions per control step, body ids, collider states),
-``before.png``/``after.png`` (particles coloured by body, colliders as meshes), ``rollout.gif``,
-``metrics.json``, and the driver's ``log.csv``, ``loss.png`` and checkpoints.
+``before.png``/``after.png`` (particles coloured by body, liquids as a surface mesh, colliders as
+meshes), ``rollout.gif``, ``metrics.json``, and the driver's ``log.csv``, ``loss.png`` and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from diffworld.geometry.reconstruction_task import _resolve_path
 __all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
 
 Vec3 = tuple[float, float, float]
+DOFS = ("vx", "vy", "vz", "wx", "wy", "wz")  # the components of a collider's per-step velocity
 BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.35], [0.80, 0.25, 0.30],
                         [0.55, 0.40, 0.75], [0.50, 0.50, 0.50]])
 
@@ -188,6 +193,8 @@ class ComLossConfig(_LossTerm):
     type: Literal["com"]
     body: str
     target: Vec3 = Field(..., description="Target centre of mass [m].")
+    axes: list[Literal["x", "y", "z"]] = Field(["x", "y", "z"], min_length=1,
+                                               description="Axes that count (e.g. [x, y]: horizontal distance).")
 
 
 class RegionLossConfig(_LossTerm):
@@ -266,6 +273,27 @@ class ChamferLossConfig(_LossTerm):
     ppc: Optional[int] = Field(None, ge=1, description="Target points per cell; default: the body's ppc.")
 
 
+class MixingLossConfig(_LossTerm):
+    """How unmixed two bodies are (final state), from their grid masses: 1 segregated ... 0 mixed.
+
+    See :func:`diffworld.sims.mpm.losses.mixing_loss` (``l2``: Danckwerts' intensity of
+    segregation; ``l1``: its absolute-value form).
+    """
+
+    type: Literal["mixing"]
+    bodies: tuple[str, str] = Field(..., description="The two bodies (A, B) to mix.")
+    target: Optional[float] = Field(None, gt=0, lt=1, description="Target mass fraction of A per node; default: "
+                                                                   "A's share of the two bodies' mass.")
+    norm: Literal["l1", "l2"] = Field("l2", description="l2: intensity of segregation; l1: mean |fraction - target|.")
+
+    @field_validator("bodies")
+    @classmethod
+    def _distinct(cls, v: tuple[str, str]) -> tuple[str, str]:
+        if v[0] == v[1]:
+            raise ValueError(f"expected two different bodies, got {list(v)}")
+        return v
+
+
 class PythonLossConfig(_LossTerm):
     """A user-written torch loss: ``fn(states, info) -> scalar tensor``.
 
@@ -295,7 +323,7 @@ class PythonLossConfig(_LossTerm):
 
 
 LossTermConfig = Annotated[Union[ComLossConfig, RegionLossConfig, ShapeLossConfig, DensityLossConfig,
-                                 TargetTrajectoryLossConfig, ChamferLossConfig, PythonLossConfig],
+                                 TargetTrajectoryLossConfig, ChamferLossConfig, MixingLossConfig, PythonLossConfig],
                            Field(discriminator="type")]
 
 
@@ -332,6 +360,20 @@ class HorizonConfig(StrictModel):
     tolerance: float = Field(0.01, ge=0, description="Relative improvement below which the horizon grows.")
 
 
+class WorkspaceConfig(StrictModel):
+    """A box for a collider's position (its origin) [m]; velocities are projected to stay inside."""
+
+    lower: Vec3
+    upper: Vec3
+
+    @model_validator(mode="after")
+    def _order(self):
+        if any(a >= b for a, b in zip(self.lower, self.upper)):
+            raise ValueError(f"expected lower < upper on every axis, got lower={list(self.lower)}, "
+                             f"upper={list(self.upper)}")
+        return self
+
+
 class TrajectoryConfig(StrictModel):
     type: Literal["trajectory"]
     controlled: list[str] = Field(..., min_length=1, description="Colliders whose velocities are optimized.")
@@ -340,6 +382,12 @@ class TrajectoryConfig(StrictModel):
     max_angular_speed: float = Field(3.0, ge=0, description="Angular speed bound [rad/s].")
     horizon: Optional[HorizonConfig] = Field(None, description="Growing loss horizon; default: every step.")
     freeze_steps: int = Field(0, ge=0, description="The first K actions keep their initial value (not optimized).")
+    dofs: dict[str, list[Literal["vx", "vy", "vz", "wx", "wy", "wz"]]] = Field(
+        default_factory=dict, description="Optimized velocity components per controlled collider (linear vx vy vz "
+                                          "[m/s], angular wx wy wz [rad/s]); the others keep their initial value. "
+                                          "Default: all six.")
+    workspace: dict[str, WorkspaceConfig] = Field(
+        default_factory=dict, description="Box that a controlled collider's position must stay in (per collider).")
 
 
 ObjectiveConfig = Annotated[Union[SystemIdentificationConfig, TrajectoryConfig], Field(discriminator="type")]
@@ -348,6 +396,10 @@ ObjectiveConfig = Annotated[Union[SystemIdentificationConfig, TrajectoryConfig],
 class OutputsConfig(StrictModel):
     frames: int = Field(40, ge=2, description="Frames of the rollout movie.")
     movie: Literal["gif", "mp4", "none"] = "gif"
+    liquid_surface: bool = Field(True, description="Draw liquid bodies (water, viscous) as a surface mesh in the "
+                                                   "renders and the movie (particles outside it stay points).")
+    surface_level: float = Field(0.5, gt=0, lt=1, description="Iso level of the liquid surface, a fraction of "
+                                                              "the rest density.")
 
 
 class MPMTask(StrictModel):
@@ -379,9 +431,13 @@ class MPMTask(StrictModel):
                 if c not in cols:
                     raise ValueError(f"objective.controlled {c!r} is not a collider; expected one of {cols}")
             for i, term in enumerate(obj.losses):
-                if term.body is not None and term.body not in bodies:
+                if getattr(term, "body", None) is not None and term.body not in bodies:
                     raise ValueError(f"objective.losses[{i}].body: {term.body!r} is not a body; expected one of "
                                      f"{bodies}")
+                for j, b in enumerate(getattr(term, "bodies", ())):
+                    if b not in bodies:
+                        raise ValueError(f"objective.losses[{i}].bodies[{j}]: {b!r} is not a body; expected one of "
+                                         f"{bodies}")
                 if term.type == "target_trajectory":
                     shape = _npz_array(term.path, term.key).shape
                     if shape[0] != self.steps:
@@ -391,6 +447,23 @@ class MPMTask(StrictModel):
             if obj.horizon is not None and obj.horizon.initial > self.steps:
                 raise ValueError(f"objective.horizon.initial: {obj.horizon.initial} is more than task.steps "
                                  f"({self.steps}); expected 1..{self.steps}")
+            for name, comps in obj.dofs.items():
+                if name not in obj.controlled:
+                    raise ValueError(f"objective.dofs: {name!r} is not a controlled collider; expected one of "
+                                     f"{obj.controlled}")
+                if not comps:
+                    raise ValueError(f"objective.dofs.{name}: expected at least one of vx vy vz wx wy wz (leave the "
+                                     f"collider out of 'controlled' to keep its motion fixed)")
+            motion = {c.name: c.motion for c in self.colliders}
+            for name, box in obj.workspace.items():
+                if name not in obj.controlled:
+                    raise ValueError(f"objective.workspace: {name!r} is not a controlled collider; expected one of "
+                                     f"{obj.controlled}")
+                m = motion[name]
+                pos = m.keyframes[0].position if m.type == "keyframes" else m.position
+                if any(not lo <= p <= hi for p, lo, hi in zip(pos, box.lower, box.upper)):
+                    raise ValueError(f"objective.workspace.{name}: the collider starts at {list(pos)}, outside the box "
+                                     f"{list(box.lower)}..{list(box.upper)}")
             if obj.freeze_steps >= self.steps:
                 raise ValueError(f"objective.freeze_steps: {obj.freeze_steps} freezes every action "
                                  f"(task.steps = {self.steps}); expected 0..{self.steps - 1}")
@@ -448,6 +521,32 @@ class _Scene:
         self.n_substeps = task.steps * task.substeps
         self.body_index = {b.name: i for i, b in enumerate(task.bodies)}
 
+    def initial_motion(self, cfg: ColliderConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Start pose and per-control-step velocities of a collider, float64.
+
+        Returns (position (3,) [m], rotation vector (3,) [rad], velocities (steps, 6)). For
+        ``keyframes`` motion they reproduce the keyframed poses at every control step (constant
+        linear and angular velocity within a step): the initial guess of a controlled collider
+        that moves through keyframes.
+        """
+        from diffworld.sims.mpm import colliders as C
+
+        m, steps = cfg.motion, self.task.steps
+        f64 = torch.float64
+        if m.type != "keyframes":
+            return (torch.tensor(m.position, dtype=f64), torch.tensor(m.rotation, dtype=f64),
+                    torch.tensor(m.velocity, dtype=f64).repeat(steps, 1))
+        k = self.task.substeps
+        states = C.from_keyframes([key.t for key in m.keyframes],
+                                  torch.tensor([key.position for key in m.keyframes], dtype=f64),
+                                  torch.tensor([key.rotation for key in m.keyframes], dtype=f64),
+                                  steps * k + 1, self.model.dt)[::k]  # poses at the control steps, (steps + 1, 13)
+        p, q = states[:, :3], states[:, 3:7]
+        step_time = k * self.model.dt
+        conj = torch.cat([-q[:-1, :3], q[:-1, 3:]], 1)
+        turn = _quat_to_rotvec(C.quat_multiply(q[1:], conj))  # world-frame rotation over each step
+        return p[0], _quat_to_rotvec(q[0]), torch.cat([(p[1:] - p[:-1]) / step_time, turn / step_time], 1)
+
     def control(self, velocities: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Collider states (T, n_col, 13) with the given optimized velocities (S, 6) by name."""
         from diffworld.sims.mpm import colliders as C
@@ -459,11 +558,11 @@ class _Scene:
         for cfg in self.task.colliders:
             m = cfg.motion
             if cfg.name in velocities or m.type == "velocities":
+                pos, rot, vel0 = self.initial_motion(cfg)
                 vel = velocities.get(cfg.name)
                 if vel is None:
-                    vel = torch.tensor(m.velocity, dtype=dtype).expand(self.task.steps, 6)
-                rows.append(C.from_velocities(torch.tensor(m.position, dtype=dtype), torch.tensor(m.rotation, dtype=dtype),
-                                              vel, self.task.substeps, self.model.dt))
+                    vel = vel0.to(dtype)
+                rows.append(C.from_velocities(pos.to(dtype), rot.to(dtype), vel, self.task.substeps, self.model.dt))
             elif m.type == "keyframes":
                 rows.append(C.from_keyframes([k.t for k in m.keyframes],
                                              torch.tensor([k.position for k in m.keyframes], dtype=dtype),
@@ -492,16 +591,34 @@ class _Scene:
         return self.model.body == self.body_index[body]
 
 
+def _quat_to_rotvec(q: torch.Tensor) -> torch.Tensor:
+    """Rotation vectors [rad] of (x, y, z, w) quaternions, (..., 4) -> (..., 3), angles in [0, pi]."""
+    q = q / q.norm(dim=-1, keepdim=True)
+    q = torch.where(q[..., 3:] < 0, -q, q)
+    v, w = q[..., :3], q[..., 3:]
+    sin = v.norm(dim=-1, keepdim=True)
+    angle = 2.0 * torch.atan2(sin, w)
+    scale = torch.where(sin > 1e-12, angle / sin.clamp_min(1e-12), 2.0 / w.clamp_min(1e-12))
+    return v * scale
+
+
 def _term_names(terms) -> list[str]:
-    """Log names of the loss terms: ``type_body`` (``python_<callable>``), indexed when not unique."""
-    keys = [(t.type, t.function.rsplit(":", 1)[1] if t.type == "python" else t.body) for t in terms]
+    """Log names of the loss terms: ``type_body`` (``python_<callable>``, ``mixing_<a>_<b>``), indexed when not
+    unique."""
+
+    def key(t):
+        if t.type == "python":
+            return t.function.rsplit(":", 1)[1]
+        return "_".join(t.bodies) if t.type == "mixing" else t.body
+
+    keys = [(t.type, key(t)) for t in terms]
     return [f"{k[0]}_{k[1]}" if keys.count(k) == 1 else f"{k[0]}_{k[1]}_{i}" for i, k in enumerate(keys)]
 
 
 class _Losses:
     """The loss terms of a ``trajectory`` objective, with their targets prepared once.
 
-    Final-state terms (``com``, ``region``, ``shape``, ``density``, ``chamfer``) read the last
+    Final-state terms (``com``, ``region``, ``shape``, ``density``, ``chamfer``, ``mixing``) read the last
     recorded state (the state at the current horizon); ``target_trajectory`` reads every recorded
     state up to it; ``python`` terms get all of them.
     """
@@ -547,6 +664,8 @@ class _Losses:
                                      f"expected {want}: {scene.task.steps} control steps (task.steps) and the {n} "
                                      f"particles of body {term.body!r}")
                 prep = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+            elif term.type == "mixing":
+                prep = None
             else:
                 try:
                     prep = L.load_callable(term.function)
@@ -565,10 +684,11 @@ class _Losses:
         out: dict[str, torch.Tensor] = {}
         total = final.new_zeros(())
         for i, (term, name, prep) in enumerate(zip(self.terms, self.names, self.prepared)):
-            mask = self.masks.get(term.body) if term.body is not None else None
+            body = getattr(term, "body", None)
+            mask = self.masks.get(body) if body is not None else None
             x = final[mask] if mask is not None else final
             if term.type == "com":
-                value = L.com_loss(x, prep)
+                value = L.com_loss(x, prep, ["xyz".index(a) for a in term.axes])
             elif term.type == "region":
                 value = L.region_loss(x, prep[0], prep[1], grid.dx)
             elif term.type == "shape":
@@ -579,6 +699,10 @@ class _Losses:
                                               norm=term.norm).loss
             elif term.type == "chamfer":
                 value = L.chamfer_distance(x, prep)
+            elif term.type == "mixing":
+                ma, mb = (self.masks[b] for b in term.bodies)
+                value = L.mixing_loss(final[ma], self.mass[ma], final[mb], self.mass[mb], grid.lower, grid.dx,
+                                      grid.shape, target=term.target, norm=term.norm)
             elif term.type == "target_trajectory":
                 value = L.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
                     final.sum() * 0.0
@@ -646,6 +770,12 @@ class TrajectoryProblem:
       and once on the initial guess;
     * ``freeze_steps``: the first K rows get a zero gradient (a hook, so gradient clipping does
       not see them) and :meth:`project` restores their initial value;
+    * ``dofs``: the velocity components of a collider that are not listed get a zero gradient
+      (the same hook) and keep their initial value; action clipping then scales only the
+      optimized components (the fixed ones are never changed after the initial clipping);
+    * ``workspace``: after clipping, each step's free linear components are scaled down where
+      the collider would leave its box (:meth:`_keep_in_workspace`), once on the initial guess
+      too;
     * ``horizon``: :meth:`loss_fn` simulates and scores only the first :attr:`horizon` steps;
       :meth:`callback` (the driver's per-iteration callback) grows it (:class:`HorizonSchedule`).
     Gradient clipping is the driver's (``optimizer.clip_grad_norm`` / ``clip_grad_value``).
@@ -655,15 +785,23 @@ class TrajectoryProblem:
         task = scene.task
         self.scene, self.obj = scene, obj
         self.losses = _Losses(scene, obj.losses)
-        motion = {c.name: c.motion for c in task.colliders}
-        self.velocities = {n: torch.tensor(motion[n].velocity, dtype=torch.float64).repeat(task.steps, 1)
-                           .requires_grad_() for n in obj.controlled}
+        cfgs = {c.name: c for c in task.colliders}
+        start = {n: scene.initial_motion(cfgs[n]) for n in obj.controlled}
+        self.velocities = {n: start[n][2].clone().requires_grad_() for n in obj.controlled}
+        # 1 where a velocity component is optimized (objective.dofs; default all six).
+        self.free = {n: torch.tensor([c in obj.dofs.get(n, DOFS) for c in DOFS], dtype=torch.bool)
+                     for n in obj.controlled}
         k = obj.freeze_steps
-        if k:
-            for v in self.velocities.values():
-                v.register_hook(lambda g, k=k: torch.cat([torch.zeros_like(g[:k]), g[k:]]))
+        for n, v in self.velocities.items():
+            if k or not bool(self.free[n].all()):
+                keep = self.free[n].to(torch.float64).expand(task.steps, 6).clone()
+                keep[:k] = 0.0
+                v.register_hook(lambda g, keep=keep: g * keep)
+        self.start = {n: start[n][0] for n in obj.controlled}  # start positions [m]
+        self.step_time = task.substeps * scene.model.dt  # [s] per control step
         with torch.no_grad():
             self._clip()
+            self._keep_in_workspace()
         self.initial = {n: v.detach().clone() for n, v in self.velocities.items()}
         h = obj.horizon
         self.schedule = HorizonSchedule(h.initial, h.grow, h.patience, h.tolerance, task.steps) if h else None
@@ -693,18 +831,63 @@ class TrajectoryProblem:
             terms = {**terms, "horizon": float(self.horizon)}
         return total, terms
 
-    def _clip(self) -> None:
+    def _clip(self, free: dict[str, torch.Tensor] | None = None) -> None:
+        """Scale each row's linear and angular velocity down to the speed bounds.
+
+        With ``free`` (a bool mask (6,) per collider) only the free components are scaled, by the
+        largest factor in [0, 1] that brings the whole vector within the bound (the fixed part is
+        within it already: it kept its initially clipped value).
+        """
         obj = self.obj
-        for v in self.velocities.values():
-            lin, ang = v[:, :3], v[:, 3:]
-            speed = lin.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            lin.mul_(torch.clamp(obj.max_speed / speed, max=1.0))
-            aspeed = ang.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            ang.mul_(torch.clamp(obj.max_angular_speed / aspeed, max=1.0))
+        for n, v in self.velocities.items():
+            for part, bound in ((slice(0, 3), obj.max_speed), (slice(3, 6), obj.max_angular_speed)):
+                u = v[:, part]
+                m = free[n][part].to(u.dtype) if free is not None else torch.ones(3, dtype=u.dtype)
+                p, f = u * m, u * (1 - m)
+                pp, fp, ff = (p * p).sum(1), (f * p).sum(1), (f * f).sum(1)
+                # largest s with |f + s p| <= bound: the positive root of pp s^2 + 2 fp s + ff - bound^2
+                disc = (fp * fp - pp * (ff - bound * bound)).clamp_min(0.0)
+                s = ((torch.sqrt(disc) - fp) / pp.clamp_min(1e-24)).clamp(0.0, 1.0)
+                s = torch.where((ff + 2 * fp + pp) > bound * bound, s, torch.ones_like(s))
+                u.copy_(f + s[:, None] * p)
+
+    def _keep_in_workspace(self, free: dict[str, torch.Tensor] | None = None) -> None:
+        """Scale down linear velocities step by step so that the position stays in the workspace box.
+
+        The position after step k is ``p_k = p_{k-1} + v_k * step_time``; where it would leave the
+        box, the free components of ``v_k`` (all three without ``free``) are scaled by the largest
+        factor in [0, 1] that keeps it inside. Frozen rows are left as they are.
+        """
+        k0 = self.obj.freeze_steps if free is not None else 0
+        for n, box in self.obj.workspace.items():
+            v = self.velocities[n]
+            lo = torch.tensor(box.lower, dtype=v.dtype)
+            hi = torch.tensor(box.upper, dtype=v.dtype)
+            m = free[n][:3].to(v.dtype) if free is not None else torch.ones(3, dtype=v.dtype)
+            p = self.start[n].to(v.dtype)
+            for k in range(v.shape[0]):
+                step = v[k, :3] * self.step_time
+                if k >= k0:
+                    fixed, moving = step * (1 - m), step * m
+                    base = p + fixed
+                    # largest s in [0, 1] with lo <= base + s * moving <= hi on every axis
+                    room = torch.where(moving > 0, (hi - base) / moving.clamp_min(1e-30),
+                                       torch.where(moving < 0, (lo - base) / moving.clamp_max(-1e-30),
+                                                   torch.full_like(base, math.inf)))
+                    s = float(room.clamp(0.0, 1.0).min())
+                    if s < 1.0:
+                        v[k, :3] = (fixed + s * moving) / self.step_time
+                        step = v[k, :3] * self.step_time
+                p = p + step
 
     def project(self) -> None:
-        """Action clipping, then the frozen rows back to their initial values (under no_grad)."""
-        self._clip()
+        """Fixed components (``dofs``) back to their initial values, action clipping of the free ones,
+        the workspace, then the frozen rows back to their initial values (under no_grad)."""
+        for n, v in self.velocities.items():
+            if not bool(self.free[n].all()):
+                v.copy_(torch.where(self.free[n], v, self.initial[n]))
+        self._clip(self.free)
+        self._keep_in_workspace(self.free)
         k = self.obj.freeze_steps
         if k:
             for n, v in self.velocities.items():
@@ -802,6 +985,7 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
         vel = problem.velocities
         with torch.no_grad():
             before, l0, terms0 = problem.evaluate()
+            control_before = problem.control()
         metrics["initial_loss"] = float(l0)
         metrics["initial_terms"] = {k: float(v) for k, v in terms0.items()}
         if optimize:
@@ -819,13 +1003,79 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
         metrics["final_terms"] = {k: float(v) for k, v in terms1.items()}
         np.save(out_dir / "velocities.npy", {n: v.detach().numpy() for n, v in vel.items()}, allow_pickle=True)
     metrics["seconds"] = time.perf_counter() - t0
-    _write_outputs(scene, before, after, out_dir, task,
-                   scene.control({}) if obj.type == "system_identification" else control)
+    if obj.type == "system_identification":
+        control = control_before = scene.control({})
+    metrics["liquid_surface"] = _write_outputs(scene, before, after, out_dir, task, control, control_before)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, control) -> None:
+def _liquid_bodies(task: MPMTask) -> list[int]:
+    """Indices of the bodies whose material is a liquid (law ``fluid``: water, viscous)."""
+    from diffworld.sims.mpm.materials import MATERIALS
+
+    return [i for i, b in enumerate(task.bodies) if MATERIALS[b.material.name][0] == "fluid"]
+
+
+class _SurfaceDrawer:
+    """Liquid surfaces for the pictures of a run (``outputs.liquid_surface``); never raises.
+
+    :meth:`frame` returns what to draw for one state: the points (liquid particles under the
+    surface left out), their colours, and the surface meshes. Any failure (or an empty surface)
+    falls back to drawing the particles; the first failure is reported once as a warning and
+    counted in :attr:`report` (written to metrics.json).
+    """
+
+    def __init__(self, scene: _Scene, task: MPMTask, colors: np.ndarray) -> None:
+        self.scene, self.colors = scene, colors
+        ids = scene.model.body.detach().cpu()
+        liquid = _liquid_bodies(task) if task.outputs.liquid_surface else []
+        self.level = task.outputs.surface_level
+        self.mask = torch.zeros_like(ids, dtype=torch.bool)
+        for b in liquid:
+            self.mask |= ids == b
+        lut = torch.full((len(task.bodies),), -1, dtype=torch.int64)
+        lut[liquid] = torch.arange(len(liquid))
+        self.group = lut[ids[self.mask].long()]  # liquid body number 0..G-1 of each liquid particle
+        self.group_colors = BODY_COLORS[np.array(liquid, dtype=np.int64) % len(BODY_COLORS)].reshape(-1, 3)
+        self.volume = scene.model.params["volume"].detach().cpu()[self.mask] if liquid else None
+        self.report = {"enabled": bool(liquid), "frames": 0, "with_surface": 0, "fallback": 0, "error": None}
+
+    def frame(self, x: torch.Tensor):
+        x = x.detach().cpu()
+        self.report["frames"] += 1
+        if not self.report["enabled"]:
+            return x, self.colors, []
+        try:
+            from diffworld.sims.mpm.surface import liquid_surface
+
+            g = self.scene.grid
+            surf = liquid_surface(x[self.mask], self.volume, self.group, self.group_colors, g.lower, g.dx, g.shape,
+                                  level=self.level)
+        except Exception as exc:  # noqa: BLE001 - a picture must never stop a run
+            if self.report["error"] is None:
+                import warnings
+
+                self.report["error"] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"liquid surface failed ({self.report['error']}); drawing the particles instead",
+                              RuntimeWarning, stacklevel=2)
+            self.report["fallback"] += 1
+            return x, self.colors, []
+        if surf.faces.shape[0] == 0:
+            self.report["fallback"] += 1
+            return x, self.colors, []
+        self.report["with_surface"] += 1
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+        keep[torch.nonzero(self.mask).reshape(-1)[torch.from_numpy(surf.covered)]] = False
+        return x[keep], self.colors[keep.numpy()], [(surf.vertices, surf.faces, surf.colors)]
+
+
+def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, control, control_before=None) -> dict:
+    """Write trajectory.npz, before/after renders and the movie; returns the liquid-surface report.
+
+    ``control`` moved the colliders of ``after`` (and of the movie), ``control_before`` those of
+    ``before`` (default: ``control``).
+    """
     from diffworld.engine.render import render_particles
     from diffworld.sims.mpm.colliders import collider_mesh
 
@@ -836,23 +1086,34 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
                         collider_states=col_states, dt=scene.model.dt, bodies=np.array(scene.model.body_names))
     colors = BODY_COLORS[ids % len(BODY_COLORS)]
     bounds = (scene.grid.lower, scene.grid.upper)
+    drawer = _SurfaceDrawer(scene, task, colors)
 
-    def meshes(step: int):
-        if control is None:
+    def meshes(step: int, states=control):
+        if states is None:
             return []
-        t = min(step, control.shape[0] - 1)
-        return [collider_mesh(c, control[t, i], plane_extent=0.5) for i, c in enumerate(scene.model.colliders)]
+        t = min(step, states.shape[0] - 1)
+        return [collider_mesh(c, states[t, i], plane_extent=0.5) for i, c in enumerate(scene.model.colliders)]
+
+    def draw(states):
+        frames, surfaces = [], []
+        for s in states:
+            x, c, surf = drawer.frame(s.x)
+            frames.append((x, c))
+            surfaces.append(surf)
+        return frames, surfaces
 
     last = after.substeps[-1]
-    render_particles(out_dir / "before.png", [(before.final.x.detach().cpu(), colors)], meshes=[meshes(last)],
-                     bounds=bounds, titles=["before optimization"])
-    render_particles(out_dir / "after.png", [(after.final.x.detach().cpu(), colors)], meshes=[meshes(last)],
-                     bounds=bounds, titles=["after optimization"])
+    for name, rollout, states, title in (("before", before, control if control_before is None else control_before,
+                                          "before optimization"), ("after", after, control, "after optimization")):
+        frames, surfaces = draw([rollout.final])
+        render_particles(out_dir / f"{name}.png", frames, meshes=[meshes(last, states)], surfaces=surfaces,
+                         bounds=bounds, titles=[title])
     if task.outputs.movie != "none":
         idx = np.unique(np.linspace(0, len(after.states) - 1, task.outputs.frames).round().astype(int))
-        frames = [(after.states[i].x.detach().cpu(), colors) for i in idx]
+        frames, surfaces = draw([after.states[i] for i in idx])
         render_particles(out_dir / f"rollout.{task.outputs.movie}", frames,
-                         meshes=[meshes(after.substeps[i]) for i in idx], bounds=bounds, fps=10)
+                         meshes=[meshes(after.substeps[i]) for i in idx], surfaces=surfaces, bounds=bounds, fps=10)
+    return drawer.report
 
 
 def _run(scene, runtime, out_dir: Path, **kwargs) -> dict:
