@@ -404,7 +404,7 @@ def main() -> None:
     if not args.no_memory:
         memory_table(args, rates)
     say(f"\ntotal wall time: {time.perf_counter() - t_start:.0f} s")
-    say("\nTo run it from make, the bench target would add: `$(PY) benchmarks/mpm.py`")
+    say("\n(`make bench` runs this script with --quick.)")
 
 
 if __name__ == "__main__":
