@@ -13,7 +13,7 @@ Each particle carries the rest volume ``dx^3 / ppc`` and mass ``density * volume
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np

@@ -10,8 +10,7 @@ Losses may read any recorded state: windows end at every recording point.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
