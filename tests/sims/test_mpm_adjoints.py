@@ -8,7 +8,6 @@ automatic adjoint); ``particle_affine_adjoint`` and ``stress_adjoint`` against t
 adjoints of ``particle_affine`` and ``stress_eval``.
 """
 
-
 import pytest
 import torch
 

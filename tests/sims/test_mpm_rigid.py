@@ -2,7 +2,6 @@
 Archimedes' flotation depth in water, and rollout gradients vs float64 finite differences with a
 rigid body and water in contact."""
 
-
 import torch
 
 from diffworld.engine.gradcheck import directional_check
