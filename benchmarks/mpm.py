@@ -40,8 +40,7 @@ runs). Usage::
 
     python benchmarks/mpm.py [--quick] [--device cpu|cuda] [--taichi-threads 2]
 
-(``make bench`` runs ``benchmarks/marching_cubes.py`` only; this one runs with
-``.venv/bin/python benchmarks/mpm.py``.)
+(``make bench`` runs this script with ``--quick``.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 
 from diffworld.sims.mpm.emitters import Emitter, EmitterParticles, emitter_particles
 from diffworld.sims.mpm.materials import Material
-from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model, State
+from diffworld.sims.mpm.solver import PARTICLE_PARAMS, WALL_MODES, Collider, GridSpec, Model, State
 
 __all__ = ["Body", "build_model", "fill_shape"]
 
@@ -113,8 +113,8 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
     Raises:
         ValueError: A body with no particles, particles outside the grid's interior, bad wall.
     """
-    if wall not in ("slip", "sticky", "friction"):
-        raise ValueError(f"wall: expected 'slip', 'sticky' or 'friction', got {wall!r}")
+    if wall not in WALL_MODES:
+        raise ValueError(f"wall: expected one of {list(WALL_MODES)}, got {wall!r}")
     if not bodies and not emitters:
         raise ValueError("bodies: expected at least one body or emitter, got none")
     if dt <= 0 or not math.isfinite(dt):

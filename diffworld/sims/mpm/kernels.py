@@ -41,14 +41,10 @@ import warp as wp
 
 from diffworld.engine.runtime import init_warp
 
-init_warp()
-
-__all__ = ["LAW", "ISO", "SHAPE", "WALL", "build"]
+__all__ = ["LAW", "SHAPE", "WALL", "build"]
 
 # Constitutive laws (per particle ``law`` id). The Python names live in materials.py.
 LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5, "rigid": 6}
-# Isotropic functions g(sigma) evaluated by svd_iso.
-ISO = {"polar": 0, "hencky_p": 1, "clamp": 2, "von_mises": 3, "drucker_prager": 4}
 # Collider shapes (local frame; z is the axis of capsules, cylinders and cups; planes face +z).
 SHAPE = {"sphere": 0, "box": 1, "capsule": 2, "cylinder": 3, "cup": 4, "plane": 5, "grid": 6}
 # Domain wall behaviour.
@@ -319,22 +315,33 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return dev * (f(2.0) * eta * wp.determinant(F))
 
     @wp.func
+    def plastic_iso(law: int, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f):
+        """The isotropic function (kind, p0, p1) of :func:`iso_g` that projects a plastic law (3-5)."""
+        kind = int(2)  # snow: clamp singular values to [1 - theta_c, 1 + theta_s]
+        p0 = f(1.0) - theta_c
+        p1 = f(1.0) + theta_s
+        if law == 4:  # von Mises: radius tau_y / (2 mu) of the deviatoric yield surface
+            mu, lam = lame(E, nu)
+            kind = 3
+            p0 = yield_stress / (f(2.0) * mu)
+            p1 = f(0.0)
+        elif law == 5:  # Drucker-Prager (Klar et al. 2016): alpha and (3 lam + 2 mu) / (2 mu)
+            sphi = wp.sin(friction_angle)
+            kind = 4
+            p0 = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
+            p1 = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)
+        return kind, p0, p1
+
+    @wp.func
     def project(law: int, F: mat33, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f):
         """Plastic projection of a trial deformation gradient (identity for elastic laws)."""
         Fn = F
         if law == 0:  # fluids keep no shear memory: F <- J^(1/3) I
             J = wp.determinant(F)
             Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
-        elif law == 3:  # snow: clamp singular values
-            Fn = svd_iso(F, 2, f(1.0) - theta_c, f(1.0) + theta_s)
-        elif law == 4:  # von Mises
-            mu, lam = lame(E, nu)
-            Fn = svd_iso(F, 3, yield_stress / (f(2.0) * mu), f(0.0))
-        elif law == 5:  # Drucker-Prager (Klar et al. 2016)
-            sphi = wp.sin(friction_angle)
-            alpha = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
-            ratio = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)  # (3 lam + 2 mu) / (2 mu)
-            Fn = svd_iso(F, 4, alpha, ratio)
+        elif law == 3 or law == 4 or law == 5:
+            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
+            Fn = svd_iso(F, kind, p0, p1)
         return Fn
 
     @wp.func
@@ -350,19 +357,16 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.func
     def kirchhoff_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, G: mat33):
-        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, and the stress itself, given
-        the SVD F = U diag(s) V^T (read by laws 3, 4, 5 only)."""
+        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, given the SVD
+        F = U diag(s) V^T (read by laws 3, 4, 5 only)."""
         mu, lam = lame(E, nu)
         J = wp.determinant(F)
         trG = G[0, 0] + G[1, 1] + G[2, 2]
-        I = wp.identity(n=3, dtype=f)
-        tau = mat33(f(0.0))
         gF = mat33(f(0.0))
         g_mu = f(0.0)
         g_lam = f(0.0)
         g_J = f(0.0)
         if law == 0 or law == 1 or law == 3:  # lam J (J - 1) I
-            tau = I * (lam * J * (J - f(1.0)))
             g_lam = trG * J * (J - f(1.0))
             g_J = trG * lam * (f(2.0) * J - f(1.0))
         if law == 1 or law == 3:  # + 2 mu (F - R) F^T
@@ -374,25 +378,22 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             else:
                 gR, u0, u1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), -H * F)
             S = (F - R) * wp.transpose(F)
-            tau = tau + S * (f(2.0) * mu)
             gF = H * F + wp.transpose(H) * (F - R) + gR
             g_mu = f(2.0) * wp.ddot(G, S)
         elif law == 2:  # mu (F F^T - I) + lam log(J) I
             B = F * wp.transpose(F)
-            tau = (B - I) * mu + I * (lam * wp.log(J))
             gF = (G + wp.transpose(G)) * F * mu
             g_mu = wp.ddot(G, B) - trG
             g_lam = trG * wp.log(J)
             g_J = trG * lam / J
         elif law == 4 or law == 5:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
             gP, gm, gl, P = svd_iso_vjp_usv(U, s, V, 1, mu, lam, G * F)
-            tau = P * wp.transpose(F)
             gF = gP + wp.transpose(G) * P
             g_mu = gm
             g_lam = gl
         gF = gF + cofactor(F) * g_J
         gE, gnu = lame_vjp(E, nu, g_mu, g_lam)
-        return gF, gE, gnu, tau
+        return gF, gE, gnu
 
     @wp.func
     def kirchhoff_vjp(law: int, F: mat33, E: f, nu: f, G: mat33):
@@ -402,8 +403,8 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         V = wp.identity(n=3, dtype=f)
         if law == 3 or law == 4 or law == 5:
             wp.svd3(F, U, s, V)
-        gF, gE, gnu, tau = kirchhoff_vjp_usv(law, F, U, s, V, E, nu, G)
-        return gF, gE, gnu, tau
+        gF, gE, gnu = kirchhoff_vjp_usv(law, F, U, s, V, E, nu, G)
+        return gF, gE, gnu
 
     @wp.func
     def project_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, yield_stress: f,
@@ -421,33 +422,25 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             J = wp.determinant(F)
             trG = G[0, 0] + G[1, 1] + G[2, 2]
             gF = cofactor(F) * (trG * wp.pow(J, f(-2.0) / f(3.0)) / f(3.0))
-        elif law == 3:
+        elif law == 3 or law == 4 or law == 5:
+            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
             g0 = f(0.0)
             g1 = f(0.0)
             val = mat33()
-            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 2, f(1.0) - theta_c, f(1.0) + theta_s, G)
-            gtc = -g0
-            gts = g1
-        elif law == 4:
-            mu, lam = lame(E, nu)
-            g0 = f(0.0)
-            g1 = f(0.0)
-            val = mat33()
-            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 3, yield_stress / (f(2.0) * mu), f(0.0), G)
-            gys = g0 / (f(2.0) * mu)
-            gE, gnu = lame_vjp(E, nu, -g0 * yield_stress / (f(2.0) * mu * mu), f(0.0))
-        elif law == 5:
-            sphi = wp.sin(friction_angle)
-            alpha = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
-            b = f(1.0) - f(2.0) * nu
-            ratio = (f(1.0) + nu) / b
-            g0 = f(0.0)
-            g1 = f(0.0)
-            val = mat33()
-            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, 4, alpha, ratio, G)
-            t = f(3.0) - sphi
-            gfa = g0 * f(math.sqrt(2.0 / 3.0)) * f(6.0) * wp.cos(friction_angle) / (t * t)
-            gnu = g1 * f(3.0) / (b * b)
+            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, kind, p0, p1, G)
+            # chain rule from (p0, p1) to the material parameters of each law
+            if law == 3:
+                gtc = -g0
+                gts = g1
+            elif law == 4:
+                mu, lam = lame(E, nu)
+                gys = g0 / (f(2.0) * mu)
+                gE, gnu = lame_vjp(E, nu, -g0 * yield_stress / (f(2.0) * mu * mu), f(0.0))
+            else:
+                b = f(1.0) - f(2.0) * nu
+                t = f(3.0) - wp.sin(friction_angle)
+                gfa = g0 * f(math.sqrt(2.0 / 3.0)) * f(6.0) * wp.cos(friction_angle) / (t * t)
+                gnu = g1 * f(3.0) / (b * b)
         return gF, gE, gnu, gys, gfa, gtc, gts
 
     @wp.func
@@ -461,19 +454,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             J = wp.determinant(F)
             Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
         elif law == 3 or law == 4 or law == 5:
-            kind = int(2)
-            p0 = f(1.0) - theta_c
-            p1 = f(1.0) + theta_s
-            if law == 4:
-                mu, lam = lame(E, nu)
-                kind = 3
-                p0 = yield_stress / (f(2.0) * mu)
-                p1 = f(0.0)
-            elif law == 5:
-                sphi = wp.sin(friction_angle)
-                kind = 4
-                p0 = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
-                p1 = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)
+            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
             g, Jg, d0, d1 = iso_g(kind, s, p0, p1)
             Fn = U * wp.diag(g) * wp.transpose(V)
             sn = g
@@ -578,13 +559,13 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         k = -dt * f(4.0) * inv_dx * inv_dx
         gA = adj_A[i]
         gp = adj_p[i]
-        tau = tau_e[i] + viscous_stress(Ci, Fi, eta[i])
         g_mass = wp.ddot(gA, Ci) + wp.dot(gp, v[i]) + adj_m[i]
         G = gA * (k * vol[i])  # adjoint of tau
-        # viscous: dev(sym C) 2 eta J
+        # viscous stress (viscous_stress): dev(sym C) 2 eta J
         J = wp.determinant(Fi)
         D = (Ci + wp.transpose(Ci)) * f(0.5)
         Dd = D - wp.identity(n=3, dtype=f) * ((D[0, 0] + D[1, 1] + D[2, 2]) / f(3.0))
+        tau = tau_e[i] + Dd * (f(2.0) * eta[i] * J)
         Gs = (G + wp.transpose(G)) * f(0.5)
         Gd = Gs - wp.identity(n=3, dtype=f) * ((Gs[0, 0] + Gs[1, 1] + Gs[2, 2]) / f(3.0))
         gDd = wp.ddot(G, Dd)
@@ -607,19 +588,14 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         i = wp.tid()
         F = F_trial[i]
         L = law[i]
+        U = wp.identity(n=3, dtype=f)
+        s = vec3(f(1.0), f(1.0), f(1.0))
+        V = wp.identity(n=3, dtype=f)
         if L == 3 or L == 4 or L == 5:
-            U = mat33()
-            s = vec3()
-            V = mat33()
             wp.svd3(F, U, s, V)
-            Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
-                                 theta_s[i])
-            F_out[i] = Fn
-            tau_out[i] = kirchhoff_usv(L, Fn, U, sn, V, E[i], nu[i])
-        else:
-            Fn = project(L, F, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i], theta_s[i])
-            F_out[i] = Fn
-            tau_out[i] = kirchhoff_stress(L, Fn, E[i], nu[i])
+        Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i], theta_s[i])
+        F_out[i] = Fn
+        tau_out[i] = kirchhoff_usv(L, Fn, U, sn, V, E[i], nu[i])
 
     @wp.kernel
     def plasticity_stress_ref(F_trial: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32),
@@ -654,7 +630,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             wp.svd3(F, U, s, V)
         Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
                              theta_s[i])
-        gFn, gE1, gnu1, tau = kirchhoff_vjp_usv(L, Fn, U, sn, V, E[i], nu[i], adj_tau_out[i])
+        gFn, gE1, gnu1 = kirchhoff_vjp_usv(L, Fn, U, sn, V, E[i], nu[i], adj_tau_out[i])
         gF, gE2, gnu2, gys, gfa, gtc, gts = project_vjp_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i],
                                                             friction_angle[i], theta_c[i], theta_s[i],
                                                             gFn + adj_F_out[i])
@@ -672,7 +648,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
                        adj_E: wp.array(dtype=f), adj_nu: wp.array(dtype=f)):
         # Hand-written adjoint of stress_eval (accumulates).
         i = wp.tid()
-        gF, gE, gnu, tau = kirchhoff_vjp(law[i], F[i], E[i], nu[i], adj_tau[i])
+        gF, gE, gnu = kirchhoff_vjp(law[i], F[i], E[i], nu[i], adj_tau[i])
         adj_F[i] = adj_F[i] + gF
         adj_E[i] = adj_E[i] + gE
         adj_nu[i] = adj_nu[i] + gnu
@@ -1144,9 +1120,16 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     }
 
 
-_KERNELS = {"float32": _build(wp.float32), "float64": _build(wp.float64)}
+_KERNELS: dict[str, dict] = {}
 
 
 def build(dtype_name: str) -> dict:
-    """The kernels of one precision (``"float32"`` or ``"float64"``), built once at import."""
+    """The kernels of one precision (``"float32"`` or ``"float64"``).
+
+    Both precisions are built together on the first call (one Warp module: one compile, one cache
+    entry); importing this module neither initializes Warp nor builds anything.
+    """
+    if not _KERNELS:
+        init_warp()
+        _KERNELS.update(float32=_build(wp.float32), float64=_build(wp.float64))
     return _KERNELS[dtype_name]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from diffworld.sims.mpm.kernels import LAW
+from diffworld.sims.mpm.kernels import LAW, LOG_CLAMP
 
 __all__ = [
     "MATERIALS",
@@ -137,7 +137,7 @@ def lame(E: torch.Tensor, nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def _hencky(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     U, s, Vh = torch.linalg.svd(F)
-    return U, s, Vh, torch.log(s.clamp_min(0.05))
+    return U, s, Vh, torch.log(s.clamp_min(LOG_CLAMP))
 
 
 def energy_density(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ def energy_density(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor)
         logJ = torch.log(J)
         return 0.5 * mu * ((F * F).sum((-1, -2)) - 3) - mu * logJ + 0.5 * lam * logJ ** 2
     if law in ("von_mises", "drucker_prager"):
-        eps = torch.log(torch.linalg.svdvals(F).clamp_min(0.05))
+        eps = torch.log(torch.linalg.svdvals(F).clamp_min(LOG_CLAMP))
         return mu * (eps ** 2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
     if law == "rigid":
         return torch.zeros_like(J)
@@ -192,12 +192,11 @@ def plastic_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Ten
     if law == "fluid":
         J = torch.linalg.det(F)
         return J.pow(1 / 3)[:, None, None] * torch.eye(3, dtype=F.dtype, device=F.device)
-    U, s, Vh = torch.linalg.svd(F)
+    U, s, Vh, eps = _hencky(F)
     if law == "snow":
         s_new = torch.minimum(torch.maximum(s, (1 - theta_c)[:, None]), (1 + theta_s)[:, None])
         return U @ torch.diag_embed(s_new) @ Vh
     mu, lam = lame(E, nu)
-    eps = torch.log(s.clamp_min(0.05))
     tr = eps.sum(-1, keepdim=True)
     dev = eps - tr / 3
     ndev = dev.norm(dim=-1, keepdim=True)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from diffworld.sims.mpm.kernels import COLLIDER_STATE
+from diffworld.sims.mpm.materials import lame
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Model, State, Stepper
 
 __all__ = ["Rollout", "SimulationError", "rollout", "check_state", "stable_dt"]
@@ -44,28 +46,34 @@ class Rollout(NamedTuple):
         return torch.stack([s.x for s in self.states])
 
 
+def _run_window(stepper: Stepper, state: State, params, control: torch.Tensor, first: int, keep: bool):
+    """Run the substeps of one window; the elastic stress is carried from substep to substep (one
+    SVD each). Returns the final state and, when ``keep``, every substep's intermediates."""
+    has_col = control.shape[1] > 0
+    kept = []
+    tau = None
+    for s in range(control.shape[0]):
+        state, saved = stepper.substep(state, params, control[s] if has_col else None, keep=keep, step=first + s,
+                                       tau=tau)
+        tau = stepper.last_tau
+        if keep:
+            kept.append(saved)
+    return state, kept
+
+
 class _Window(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stepper: Stepper, n_sub: int, first: int, keep_last: bool, control: torch.Tensor, x, v, C, F,
+    def forward(ctx, stepper: Stepper, first: int, keep_last: bool, control: torch.Tensor, x, v, C, F,
                 *params):
         # keep_last: this is the rollout's last window and a backward pass will follow: keep its
         # intermediates now instead of recomputing them (the backward peak holds one window's
         # intermediates anyway, so the peak does not grow).
-        state = State(x, v, C, F)
-        has_col = control.shape[1] > 0
-        kept = [] if keep_last else None
         with torch.no_grad():
-            tau = None  # the elastic stress is carried from substep to substep (one SVD each)
-            for s in range(n_sub):
-                state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=keep_last,
-                                              step=first + s, tau=tau)
-                tau = stepper.last_tau
-                if keep_last:
-                    kept.append(keep)
+            state, kept = _run_window(stepper, State(x, v, C, F), params, control, first, keep_last)
         if kept:
             # The caller gets the last substep's C' as output C and may modify it in place.
             kept[-1] = kept[-1]._replace(C_out=kept[-1].C_out.clone())
-        ctx.stepper, ctx.n_sub, ctx.first, ctx.kept = stepper, n_sub, first, kept
+        ctx.stepper, ctx.first, ctx.kept = stepper, first, kept or None
         ctx.save_for_backward(control, x, v, C, F, *params)
         return tuple(state)
 
@@ -74,33 +82,24 @@ class _Window(torch.autograd.Function):
         control, x, v, C, F, *params = ctx.saved_tensors
         stepper: Stepper = ctx.stepper
         has_col = control.shape[1] > 0
-        state = State(x, v, C, F)
         saved = ctx.kept
         ctx.kept = None
         with torch.no_grad():
             if saved is None:  # recompute the window, keeping every intermediate
-                saved = []
-                tau = None
-                for s in range(ctx.n_sub):
-                    state, keep = stepper.substep(state, params, control[s] if has_col else None, keep=True,
-                                                  step=ctx.first + s, tau=tau)
-                    tau = stepper.last_tau
-                    saved.append(keep)
+                _, saved = _run_window(stepper, State(x, v, C, F), params, control, ctx.first, True)
             adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip((x, v, C, F), (gx, gv, gC, gF))))
             adj_params = [torch.zeros_like(p) for p in params]
             adj_control = torch.zeros_like(control)
             adj_tau = None
-            F0 = saved[0].F if saved else None
-            for s in range(ctx.n_sub - 1, -1, -1):
+            F0 = saved[0].F
+            for s in range(len(saved) - 1, -1, -1):
                 adj, adj_tau = stepper.substep_adjoint(saved[s], params, adj, adj_params,
                                                        adj_control[s] if has_col else None, adj_tau)
                 saved[s] = None  # free this substep's intermediates as soon as they are used
-            if adj_tau is not None:  # the window's first stress, computed from its input F
-                adj_F = adj.F.clone()
-                stepper.stress_adjoint(F0, params, adj_tau, adj_F, adj_params)
-                adj = State(adj.x, adj.v, adj.C, adj_F)
+            # the window's first stress, computed from its input F (accumulates into adj.F)
+            stepper.stress_adjoint(F0, params, adj_tau, adj.F, adj_params)
         ctx.stepper = None
-        return (None, None, None, None, adj_control, *adj, *adj_params)
+        return (None, None, None, adj_control, *adj, *adj_params)
 
 
 def stable_dt(model: Model, cfl: float = 0.5) -> float:
@@ -109,9 +108,8 @@ def stable_dt(model: Model, cfl: float = 0.5) -> float:
     ``c = sqrt((lambda + 2 mu) / rho)`` is the P-wave speed of each particle's material.
     """
     p = model.params
-    E, nu, rho = p["E"].detach(), p["nu"].detach(), p["density"].detach()
-    mu = E / (2 * (1 + nu))
-    lam = E * nu / ((1 + nu) * (1 - 2 * nu))
+    rho = p["density"].detach()
+    mu, lam = lame(p["E"].detach(), p["nu"].detach())
     c = torch.sqrt((lam + 2 * mu) / rho).max()
     # Explicit viscous diffusion in 3D is stable for dt <= dx^2 / (6 nu), nu = eta / rho.
     eta = p["viscosity"].detach()
@@ -191,13 +189,13 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
     n_col = len(model.colliders)
     dtype, device = model.dtype, model.device
     if n_col:
-        if control is None or tuple(control.shape) != (n_substeps, n_col, 13):
+        if control is None or tuple(control.shape) != (n_substeps, n_col, COLLIDER_STATE):
             got = None if control is None else tuple(control.shape)
-            raise ValueError(f"control: expected shape ({n_substeps}, {n_col}, 13) (substeps, colliders, state), "
-                             f"got {got}")
+            raise ValueError(f"control: expected shape ({n_substeps}, {n_col}, {COLLIDER_STATE}) (substeps, colliders, "
+                             f"state), got {got}")
         control = control.to(dtype)
     else:
-        control = torch.zeros((n_substeps, 0, 13), dtype=dtype, device=device)
+        control = torch.zeros((n_substeps, 0, COLLIDER_STATE), dtype=dtype, device=device)
     merged = dict(model.params)
     for name, t in (params or {}).items():
         if name not in PARTICLE_PARAMS:
@@ -214,7 +212,7 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
         next_record = min((s // record + 1) * record, n_substeps)
         n = min(window, next_record - s)
         last = keep_last_window and grad and s + n == n_substeps
-        out = _Window.apply(stepper, n, start_substep + s, last, control[s:s + n],
+        out = _Window.apply(stepper, start_substep + s, last, control[s:s + n],
                             *(t.contiguous() for t in state), *plist)
         state = State(*out)
         s += n

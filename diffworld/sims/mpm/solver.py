@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from diffworld.engine.bridge import launch
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.mpm import kernels as K
 from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
@@ -352,14 +353,8 @@ class Stepper:
             self._cache[key] = a
         return a
 
-    def _run(self, kernel, dim, inputs, outputs=(), adjoint=False, adj_inputs=None, adj_outputs=None) -> None:
-        if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
-            return
-        if adjoint:
-            self._wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=self._wdev, adjoint=True,
-                            adj_inputs=adj_inputs, adj_outputs=adj_outputs)
-        else:
-            self._wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=self._wdev)
+    def _run(self, kernel, dim, inputs, outputs=(), **adjoint) -> None:
+        launch(kernel, dim, inputs, self.device, outputs, **adjoint)
 
     def _parallel(self, fn) -> None:
         """Call ``fn(w, a, b)`` for every particle chunk [a, b), concurrently on CPU."""
@@ -435,8 +430,7 @@ class Stepper:
         if self.emitted is None:
             return state, self.active_t, None
         e = self.emitted
-        act = self.active_t.clone()
-        act[e.index] = (e.step <= step).to(torch.int32)
+        act = self.model.active_mask(step).to(torch.int32)
         now = self._activations.get(int(step))
         if now is None:
             return state, act, None
@@ -510,6 +504,9 @@ class Stepper:
         law = self.law_t
         if tau is None:
             tau = self.stress(F, (E, nu))
+        elif emitted_now is not None:
+            tau = tau.clone()
+            tau[self.emitted.index[emitted_now]] = 0.0  # their F was reset to I: tau(I) = 0
         tau = tau.contiguous()
         A = torch.empty((n, 3, 3), dtype=dt_, device=dev)
         p = torch.empty((n, 3), dtype=dt_, device=dev)
@@ -601,10 +598,8 @@ class Stepper:
         adj_F = _zeros((n, 3, 3), dt_, dev)
         gv_parts = self._scatter_grids(box, 3)
         wgw = w(s.grid_v[-1], "v")
+        # (rows of rigid particles are read but do not matter: law 6 has no stress)
         g_tau1 = _zeros((n, 3, 3), dt_, dev) if adj_tau_out is None else adj_tau_out.contiguous()
-        if self.rigid is not None and adj_tau_out is not None:
-            g_tau1 = g_tau1.clone()
-            g_tau1[self.rigid.index] = 0.0  # rigid particles: F' is reset to I after the projection
 
         def from_particles(c, a, b):
             q = slice(a, b)
@@ -637,14 +632,13 @@ class Stepper:
         for ci in range(len(self.col_args) - 1, -1, -1):
             a = self.col_args[ci]
             adj_prev = torch.zeros_like(adj_gv)
-            adj_row = _zeros((13,), dt_, dev)
+            # the kernel's adjoint accumulates into the collider's row of adj_control
+            adj_row = adj_control[ci] if adj_control is not None else _zeros((K.COLLIDER_STATE,), dt_, dev)
             ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
             adj_ins = [w(adj_prev, "v"), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
                        z, w(adj_row)]
             self._run(k["grid_collider"], box.shape, ins, [w(s.grid_v[ci + 1], "v")], adjoint=True,
                       adj_inputs=adj_ins, adj_outputs=[w(adj_gv, "v")])
-            if adj_control is not None:
-                adj_control[ci] += adj_row
             adj_gv = adj_prev
         # grid velocity: momentum / mass + g dt
         adj_grid_mv = torch.zeros_like(s.grid_mv)

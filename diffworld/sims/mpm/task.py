@@ -942,19 +942,23 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
                 out[k] = torch.where(mask, val.to(dtype), base)
             return out
 
+        def optimizer_values(values: dict[str, float], grad: bool = False) -> dict[str, torch.Tensor]:
+            """Parameter values as the optimizer sees them (moduli in log space)."""
+            return {k: torch.tensor(math.log(v) if k in _LOG_PARAMS else v, dtype=torch.float64, requires_grad=grad)
+                    for k, v in values.items()}
+
         control = scene.control({})
         with torch.no_grad():
-            truth = {k: torch.tensor(math.log(v) if k in _LOG_PARAMS else v, dtype=torch.float64)
-                     for k, v in obj.truth.items()}
-            observed = [s.x.detach() for s in scene.simulate(control, body_params(truth)).states]
-        raw = {k: torch.tensor(math.log(v) if k in _LOG_PARAMS else v, dtype=torch.float64, requires_grad=True)
-               for k, v in obj.initial.items()}
+            observed = [s.x.detach() for s in scene.simulate(control, body_params(optimizer_values(obj.truth))).states]
+        raw = optimizer_values(obj.initial, grad=True)
         bounds = {"nu": (-0.9, 0.45), "friction_angle": (1.0, 60.0)}
 
-        def loss_fn(_it):
-            states = scene.simulate(control, body_params(raw)).states
+        def error(states) -> torch.Tensor:
             err = sum(((s.x - o) ** 2).sum(1).mean() for s, o in zip(states[1:], observed[1:])) / (len(states) - 1)
-            return err / scene.grid.dx ** 2, {}
+            return err / scene.grid.dx ** 2
+
+        def loss_fn(_it):
+            return error(scene.simulate(control, body_params(raw)).states), {}
 
         def project():
             for k, (lo, hi) in bounds.items():
@@ -966,7 +970,8 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
 
         metrics["initial"] = current()
         with torch.no_grad():
-            metrics["initial_loss"] = float(loss_fn(0)[0])
+            before = scene.simulate(control, body_params(raw))
+            metrics["initial_loss"] = float(error(before.states))
         if optimize:
             run_optimizer(raw, loss_fn, settings, out_dir, stage="sysid", resume=resume, progress=progress,
                           projection=project)
@@ -975,11 +980,8 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
         metrics["truth"] = dict(obj.truth)
         metrics["relative_error"] = {k: abs(found[k] - obj.truth[k]) / abs(obj.truth[k]) for k in found}
         with torch.no_grad():
-            metrics["final_loss"] = float(loss_fn(0)[0])
-            before = scene.simulate(control, body_params({k: torch.tensor(math.log(v) if k in _LOG_PARAMS else v,
-                                                                             dtype=torch.float64)
-                                                           for k, v in obj.initial.items()}))
             after = scene.simulate(control, body_params(raw))
+            metrics["final_loss"] = float(error(after.states))
     else:
         problem = TrajectoryProblem(scene, obj)
         vel = problem.velocities
@@ -1004,7 +1006,7 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
         np.save(out_dir / "velocities.npy", {n: v.detach().numpy() for n, v in vel.items()}, allow_pickle=True)
     metrics["seconds"] = time.perf_counter() - t0
     if obj.type == "system_identification":
-        control = control_before = scene.control({})
+        control_before = control
     metrics["liquid_surface"] = _write_outputs(scene, before, after, out_dir, task, control, control_before)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
