@@ -22,7 +22,7 @@ import torch
 
 from diffworld.engine.bridge import check_tensor, launch, to_warp
 from diffworld.engine.runtime import init_warp
-from diffworld.geometry.grid import Grid, check_bounds
+from diffworld.geometry.grid import Grid
 from diffworld.geometry import mc_tables
 
 __all__ = ["IsoSurface", "marching_cubes", "marching_cubes_field"]

@@ -22,8 +22,8 @@ target points pin the sign on both sides of the surface, which recovers the topo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import numpy as np
 import torch
-import yaml
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from diffworld.engine.scene.registry import TASKS, Registry
-from diffworld.engine.scene.schema import StrictModel
+from diffworld.engine.scene.schema import StrictModel, scene_file
 from diffworld.geometry.reconstruction import (
     GridSDF,
     LossWeights,
@@ -31,16 +29,6 @@ from diffworld.geometry.reconstruction import (
 __all__ = ["ReconstructionTask", "SHAPES", "run_reconstruction"]
 
 Vec3 = tuple[float, float, float]
-
-
-def _resolve_path(value: str, info: ValidationInfo) -> str:
-    base = (info.context or {}).get("scene_dir")
-    p = Path(value)
-    if not p.is_absolute() and base is not None:
-        p = Path(base) / p
-    if not p.is_file():
-        raise ValueError(f"file not found: {p}")
-    return str(p)
 
 
 # --- targets ------------------------------------------------------------------------------------
@@ -72,7 +60,7 @@ class MeshTarget(StrictModel):
     normals: bool = True
     normalize: bool = Field(True, description="Scale and centre the mesh into the grid bounds (90 %).")
 
-    _path = field_validator("path")(_resolve_path)
+    _path = field_validator("path")(scene_file)
 
 
 class PointsTarget(StrictModel):
@@ -83,7 +71,7 @@ class PointsTarget(StrictModel):
     normals: bool = Field(True, description="Use the file's normals when it has them (else PCA estimates).")
     normalize: bool = True
 
-    _path = field_validator("path")(_resolve_path)
+    _path = field_validator("path")(scene_file)
 
 
 TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget], Field(discriminator="type")]

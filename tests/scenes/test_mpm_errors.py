@@ -1,4 +1,7 @@
-"""Bad MPM scene input gets errors that name the file: an open mesh used as a filled body."""
+"""MPM scene shapes: an open mesh used as a filled body is rejected naming the file; CSG shapes
+(union, intersection, difference) fill their analytic volume; bad CSG gets a clear error."""
+
+import math
 
 import pytest
 import torch
@@ -21,3 +24,28 @@ def test_open_mesh_body_is_rejected_naming_the_file(tmp_path):
     inside = sdf(torch.full((1, 3), 0.5, dtype=torch.float64))  # re-centred at the default centre
     assert float(inside.reshape(-1)[0]) < 0
 
+
+
+def test_csg_shapes_fill_their_analytic_volume():
+    from diffworld.sims.mpm.bodies import fill_shape
+
+    block = {"type": "box", "center": [0.5, 0.5, 0.5], "half_extents": [0.2, 0.1, 0.1]}
+    slot = {"type": "box", "center": [0.55, 0.5, 0.5], "half_extents": [0.05, 0.2, 0.2]}
+    ball = {"type": "sphere", "center": [0.5, 0.5, 0.5], "radius": 0.1}
+    h = 0.01
+    # union: a ball centred on the block's +x face (it fits the cross-section): box + half a ball.
+    # intersection: the ball centred in the block lies inside it: the ball.
+    cases = [
+        ({"type": "difference", "children": [block, slot]}, 0.4 * 0.2 * 0.2 - 0.1 * 0.2 * 0.2),
+        ({"type": "union", "children": [block, {**ball, "center": [0.7, 0.5, 0.5]}]},
+         0.4 * 0.2 * 0.2 + 2 / 3 * math.pi * 0.1 ** 3),
+        ({"type": "intersection", "children": [block, ball]}, 4 / 3 * math.pi * 0.1 ** 3),
+    ]
+    for cfg, volume in cases:
+        sdf = ShapeConfig(**cfg).build()
+        n = fill_shape(sdf, (0.2, 0.2, 0.2), (0.9, 0.8, 0.8), h).shape[0]
+        assert abs(n * h ** 3 - volume) / volume < 0.03, (cfg["type"], n * h ** 3, volume)
+    with pytest.raises(ValueError, match="two or more 'children'"):
+        ShapeConfig(type="union", children=[block])
+    with pytest.raises(ValueError, match="'children' belong to union"):
+        ShapeConfig(type="box", children=[block, ball])

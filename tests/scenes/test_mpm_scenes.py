@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from diffworld.engine.cli import app
@@ -22,6 +23,15 @@ HORIZON_REDUCED = {"optimizer.iterations": 6, "task.outputs.frames": 3, "task.st
                    "task.objective.horizon": {"initial": 3, "grow": 3, "patience": 1, "tolerance": 1.0}}
 
 
+def _reduced(path: Path, horizon: bool) -> dict:
+    over = dict(HORIZON_REDUCED if horizon else REDUCED)
+    if path.stem == "mpm_latte_art":  # a shorter pour: 20 control steps, the jet stops at 0.25 s
+        emitters = yaml.safe_load(path.read_text())["task"]["emitters"]
+        emitters[0]["stop"] = 0.25
+        over.update({"task.steps": 20, "task.emitters": emitters})
+    return over
+
+
 def _has_horizon(path: Path) -> bool:
     obj = load_scene(path).task.objective
     return getattr(obj, "horizon", None) is not None
@@ -33,7 +43,7 @@ def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.scene import TASKS
 
     horizon = _has_horizon(path)
-    scene = load_scene(path, HORIZON_REDUCED if horizon else REDUCED)
+    scene = load_scene(path, _reduced(path, horizon))
     metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
                                              progress=False)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -49,7 +59,8 @@ def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     else:
         assert losses[-1] < losses[0]
     assert metrics["final_loss"] < metrics["initial_loss"]  # both over every control step
-    for name in ("metrics.json", "loss.png", "before.png", "after.png", "rollout.gif", "trajectory.npz"):
+    for name in ("metrics.json", "loss.png", "before.png", "after.png", "rollout.gif", "trajectory.npz",
+                 *metrics.get("pattern_images", [])):
         assert (tmp_path / name).is_file(), name
     traj = np.load(tmp_path / "trajectory.npz")
     assert traj["positions"].shape == (scene.task.steps + 1, metrics["particles"], 3)
@@ -92,3 +103,31 @@ def test_mpm_trajectory_aids_errors_name_the_key(tmp_path):
         bad.write_text(path.read_text().replace(old, new))
         result = runner.invoke(app, ["validate", str(bad)])
         assert result.exit_code == 2 and want in result.output, (want, result.output)
+
+
+def test_mpm_emitter_and_pattern_errors_name_the_key(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "scenes" / "mpm_latte_art.yaml"
+    text = path.read_text()
+    bad = tmp_path / "bad.yaml"
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "latte_heart.png").write_bytes((path.parent / "assets" / "latte_heart.png").read_bytes())
+    (tmp_path / "assets" / "broken.png").write_text("not an image")
+    cases = [
+        (("collider: pitcher", "collider: jug"), "emitters[0].collider: 'jug' is not a collider"),
+        (("start: 0.0", "start: 0.5"), "expected start < stop"),
+        (("- name: milk", "- name: coffee"), "names (one namespace)"),
+        (("latte_heart.png", "missing.png"), "missing.png"),
+        (("latte_heart.png", "broken.png"), "broken.png: not a readable image"),
+        (("lower: [0.06, 0.06], upper: [0.18, 0.18]", "lower: [0.18, 0.06], upper: [0.06, 0.18]"),
+         "expected lower < upper in x and y"),
+    ]
+    for (old, new), want in cases:
+        assert old in text, old
+        bad.write_text(text.replace(old, new, 1))
+        result = runner.invoke(app, ["validate", str(bad)])
+        assert result.exit_code == 2 and want in result.output, (want, result.output)
+    # Checked once dt is known: a jet that would still be pouring when the run ends.
+    bad.write_text(text.replace("stop: 0.45", "stop: 0.9"))
+    result = runner.invoke(app, ["optimize", str(bad), "--out", str(tmp_path / "run"), "-n", "1", "--no-progress"])
+    assert result.exit_code == 2 and "task.emitters[0].stop: 0.9 s is after the end of the run" in result.output, \
+        result.output

@@ -17,7 +17,6 @@ runner = CliRunner()
 
 
 def reduced(scene_path: Path) -> dict:
-    scene = load_scene(scene_path)
     over = {"optimizer.iterations": 12, "task.samples": 3000, "task.evaluation.n_points": 20000,
             "output.render": False}
     task = load_scene(scene_path).task

@@ -93,3 +93,27 @@ def test_bad_emitters_are_rejected_with_the_key():
         _model([mpm.Emitter(mpm.material("water"), center=(0.3, 0.3, 0.3), collider="nope")])
     with pytest.raises(ValueError, match="emitters\\[0\\].*outside the domain"):
         _model([mpm.Emitter(mpm.material("water"), center=(0.3, 0.3, 0.59))])
+
+
+def test_parked_particles_of_a_riding_nozzle_are_not_checked_until_released():
+    # The nozzle rides a collider: its parked particles sit at their collider-frame points (near the
+    # origin, outside the domain's interior) until released. Recording every substep checks the
+    # state after each one; a particle released in substep s is live in the state after s + 1.
+    col = mpm.Collider("sphere", size=(0.02, 0, 0), friction=0.0, softness=0.0, name="pitcher")
+    jet = mpm.Emitter(mpm.material("water", E=2e3), center=(0.0, 0.0, -0.04), radius=0.02, speed=1.5, start=0.0,
+                      stop=0.025, collider="pitcher")  # layers released in substeps 0, 5 and 10
+    model, state = _model([jet], colliders=[col], dt=2e-3)
+    T = 14
+    ctrl = torch.zeros(T, 1, 13, dtype=torch.float64)
+    ctrl[:, 0, :3] = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+    ctrl[:, 0, 6] = 1.0
+    out = mpm.rollout(model, state, T, ctrl, record_every=1)  # check_state after every substep
+    steps = model.emitted.step
+    assert sorted(set(steps.tolist())) == [0, 5, 10] and bool((state.x[model.emitted.index] < 0.1).all())  # parked off the domain
+    for s, st in zip(out.substeps, out.states):
+        live = model.released_mask(s)
+        assert torch.equal(live, model.active_mask(s - 1))
+        assert int(live.sum()) == int((steps < s).sum())
+        released = live[model.emitted.index]
+        if bool(released.any()):  # released particles are in the domain, below the nozzle
+            assert bool((st.x[model.emitted.index[released], 2] < 0.37).all())

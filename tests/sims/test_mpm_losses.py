@@ -540,3 +540,55 @@ def test_target_trajectory_loss_and_its_shape_errors(tmp_path):
 def test_bad_config_errors_name_the_key(tmp_path, loss, extra, match):
     with pytest.raises(SceneError, match=match):
         load_scene(_write(tmp_path, loss, extra))
+
+
+# --- top-view pattern (latte art) ---------------------------------------------------------------
+
+def _half_image():
+    """8 x 8 image, bright in its left half: the pattern is x < middle of the rectangle."""
+    img = np.zeros((8, 8))
+    img[:, :4] = 1.0
+    return img
+
+
+def test_pattern_target_lays_the_image_on_the_rectangle():
+    img = np.zeros((8, 8), dtype=np.uint8)
+    img[:2, :2] = 255  # top-left corner of the picture: low x, high y
+    t = L.pattern_target(img, (0.2, 0.2), (0.8, 0.8), LOWER, DX, SHAPE, dtype=torch.float64)
+    assert t.fraction.shape == SHAPE[:2] and abs(float(t.fraction.sum()) - 1.0) < 1e-12
+    i, j = np.unravel_index(int(t.fraction.argmax()), SHAPE[:2])
+    assert i * DX < 0.4 and j * DX > 0.6, (i * DX, j * DX)
+    assert float(t.fraction[:4].sum()) == 0.0 and float(t.fraction[:, :4].sum()) == 0.0  # outside the rectangle
+    assert float(t.distance[t.fraction > 0.5 * t.fraction.max()].max()) == 0.0
+    with pytest.raises(ValueError, match="covers no grid node"):
+        L.pattern_target(np.zeros((8, 8)), (0.2, 0.2), (0.8, 0.8), LOWER, DX, SHAPE)
+    with pytest.raises(ValueError, match="lower < upper"):
+        L.pattern_target(img, (0.8, 0.2), (0.2, 0.8), LOWER, DX, SHAPE)
+
+
+def test_pattern_loss_on_and_off_the_pattern():
+    t = L.pattern_target(_half_image(), (0.2, 0.2), (0.8, 0.8), LOWER, DX, SHAPE, dtype=torch.float64)
+    on = t.fraction > 0
+    # Particles on every pattern column with its mass fraction: the projection matches.
+    cols = torch.nonzero(on).double() * DX
+    x = torch.cat([cols, torch.full((cols.shape[0], 1), 0.5, dtype=torch.float64)], 1)
+    r = L.pattern_loss(x, t.fraction[on], t, LOWER, DX)
+    assert float(r.density) < 0.35 and float(r.sdf) < 0.05, r  # B-spline blur at the pattern's edges only
+    # A compact cluster well to the right of the pattern (x = 0.7, the pattern ends near x = 0.5):
+    # disjoint (density term 2) and about (0.7 - 0.5) / dx cells away.
+    far = torch.tensor([[0.7, 0.5, 0.5]], dtype=torch.float64)
+    r = L.pattern_loss(far, 1.0, t, LOWER, DX)
+    edge = float((torch.nonzero(on)[:, 0].max()) * DX)
+    assert abs(float(r.density) - 2.0) < 1e-12
+    assert abs(float(r.sdf) - (0.7 - edge) / DX) < 0.6, (float(r.sdf), (0.7 - edge) / DX)
+    # The distance term pulls the cluster towards the pattern (-x).
+    far.requires_grad_()
+    L.pattern_loss(far, 1.0, t, LOWER, DX).loss.backward()
+    assert float(far.grad[0, 0]) > 0
+
+
+def test_pattern_loss_gradient_matches_finite_differences():
+    t = L.pattern_target(_half_image(), (0.2, 0.2), (0.8, 0.8), LOWER, DX, SHAPE, dtype=torch.float64)
+    x = _points(80).requires_grad_()
+    mass = (0.5 + torch.rand(80, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    _assert_fd(lambda x, m: L.pattern_loss(x, m, t, LOWER, DX, distance_weight=0.3).loss, [x, mass])

@@ -6,11 +6,27 @@ them as strings; the loader's YAML resolver and pydantic's lax mode both accept 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, create_model
 
-__all__ = ["OptimizerConfig", "OutputConfig", "RuntimeConfig", "StrictModel", "build_scene_model"]
+__all__ = ["OptimizerConfig", "OutputConfig", "RuntimeConfig", "StrictModel", "build_scene_model", "scene_file"]
+
+
+def scene_file(value: str, info: ValidationInfo) -> str:
+    """Field validator of a file path: relative to the scene file's folder, and it must exist.
+
+    Use as ``_path = field_validator("path")(scene_file)``; the loader passes the scene's folder
+    as the validation context ``scene_dir``.
+    """
+    base = (info.context or {}).get("scene_dir")
+    p = Path(value)
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    if not p.is_file():
+        raise ValueError(f"file not found: {p}")
+    return str(p)
 
 
 class StrictModel(BaseModel):

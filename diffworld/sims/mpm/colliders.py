@@ -12,41 +12,16 @@ tensor from what a user optimizes:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from diffworld.sims.mpm.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix
 from diffworld.sims.mpm.solver import Collider
 
 __all__ = ["axis_angle_to_quat", "collider_mesh", "from_keyframes", "from_velocities", "quat_multiply",
            "quat_to_matrix", "static"]
-
-
-def axis_angle_to_quat(aa: torch.Tensor) -> torch.Tensor:
-    """Quaternions (x, y, z, w) of rotation vectors [rad], shape (..., 3) -> (..., 4)."""
-    angle = torch.sqrt((aa * aa).sum(-1, keepdim=True) + 1e-30)
-    axis = aa / angle
-    half = 0.5 * angle
-    return torch.cat([axis * torch.sin(half), torch.cos(half)], -1)
-
-
-def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product a * b of (x, y, z, w) quaternions."""
-    av, aw = a[..., :3], a[..., 3:]
-    bv, bw = b[..., :3], b[..., 3:]
-    return torch.cat([aw * bv + bw * av + torch.cross(av, bv, dim=-1), aw * bw - (av * bv).sum(-1, keepdim=True)], -1)
-
-
-def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices of (x, y, z, w) quaternions (normalized first), (..., 4) -> (..., 3, 3)."""
-    q = q / q.norm(dim=-1, keepdim=True)
-    x, y, z, w = q.unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).reshape(*q.shape[:-1], 3, 3)
 
 
 def static(position: Sequence[float], rotation: Sequence[float] = (0.0, 0.0, 0.0), n_substeps: int = 1,

@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from diffworld.sims.mpm.materials import Material
+from diffworld.sims.mpm.quaternion import quat_rotate
 
 __all__ = ["Emitter", "EmitterParticles", "emitter_particles", "place_emitted"]
 
@@ -127,13 +128,6 @@ def emitter_particles(e: Emitter, dx: float, dt: float) -> tuple[torch.Tensor, t
     return steps.reshape(-1), x.reshape(-1, 3), v.reshape(-1, 3).contiguous(), h ** 3
 
 
-def _quat_rotate(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Rotate v (..., 3) by unit quaternions q (..., 4) in (x, y, z, w) order."""
-    qv, w = q[..., :3], q[..., 3:]
-    t = 2.0 * torch.linalg.cross(qv, v, dim=-1)
-    return v + w * t + torch.linalg.cross(qv, t, dim=-1)
-
-
 def place_emitted(local_x: torch.Tensor, local_v: torch.Tensor, collider_state: torch.Tensor | None):
     """World position and velocity at activation of particles whose nozzle rides a collider.
 
@@ -151,5 +145,5 @@ def place_emitted(local_x: torch.Tensor, local_v: torch.Tensor, collider_state: 
     pos, q = collider_state[:, :3], collider_state[:, 3:7]
     q = q / q.norm(dim=1, keepdim=True)
     lin, ang = collider_state[:, 7:10], collider_state[:, 10:13]
-    r = _quat_rotate(q, local_x)
-    return pos + r, lin + torch.linalg.cross(ang, r, dim=-1) + _quat_rotate(q, local_v)
+    r = quat_rotate(q, local_x)
+    return pos + r, lin + torch.linalg.cross(ang, r, dim=-1) + quat_rotate(q, local_v)

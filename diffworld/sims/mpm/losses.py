@@ -9,6 +9,9 @@ positions (and masses where they appear) and works in float32 and float64 on any
   mass and a target's, plus the mass-weighted distance outside the target (an SDF term that
   gives a gradient before the shapes overlap). :func:`target_grids` builds the target grids from
   an SDF and a total mass.
+* :func:`pattern_loss` (latte art): a body's mass seen from above (projected along z) vs a
+  target image, as distributions (L1), plus the mean distance of the mass outside the pattern.
+  :func:`pattern_target` builds the target from an image.
 * :func:`trajectory_loss`: mean squared distance of particle positions to a target trajectory.
 * :func:`chamfer_distance`: symmetric Chamfer distance between two point sets, computed in
   chunks; its backward keeps only the matched pairs (memory O(N + M), not O(N M)).
@@ -50,6 +53,10 @@ __all__ = [
     "load_callable",
     "mixing_loss",
     "nearest_sq_distance",
+    "PatternTarget",
+    "pattern_loss",
+    "pattern_target",
+    "top_view_fraction",
     "region_loss",
     "sample_shape",
     "shape_cover_loss",
@@ -285,6 +292,134 @@ def shape_matching_loss(x: torch.Tensor, mass: torch.Tensor | float, target_dens
     density = diff.abs().sum() / t_sum if norm == "l1" else (diff * diff).sum() / (t * t).sum()
     sdf = (m * target_sdf.to(m.dtype).clamp_min(0)).sum() / (dx * t_sum)
     return ShapeMatching(density_weight * density + sdf_weight * sdf, density, sdf)
+
+
+# --- top-view pattern (latte art) ------------------------------------------------------------------
+
+class PatternTarget(NamedTuple):
+    """Target of :func:`pattern_loss`, built by :func:`pattern_target` (grid nodes in x and y).
+
+    Attributes:
+        fraction: Target fraction of the mass per node column, shape (gx, gy), sums to 1.
+        distance: Distance from each node column to the pattern [m], 0 on it, shape (gx, gy).
+    """
+
+    fraction: torch.Tensor
+    distance: torch.Tensor
+
+
+def pattern_target(image, lower: Sequence[float], upper: Sequence[float], grid_lower: Sequence[float], dx: float,
+                   shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> PatternTarget:
+    """A top-view target from an image laid on the rectangle ``lower..upper`` of the xy plane.
+
+    The image is read as intensity in [0, 1] (grey, or RGB averaged; alpha, where present,
+    multiplies it); its top row lies at ``upper[1]``, its left column at ``lower[0]`` (the
+    picture as seen from above, +x right, +y up). Node columns outside the rectangle get 0.
+
+    Args:
+        image: Intensities, array (H, W) or (H, W, C) in [0, 1] (uint8 is scaled by 1/255).
+        lower, upper: Corners of the rectangle in the xy plane [m], 2 numbers each.
+        grid_lower: Position of node (0, 0, 0) [m], 3 numbers.
+        dx: Node spacing [m].
+        shape: Grid nodes per axis (gx, gy, gz); only gx and gy are used.
+        dtype, device: Of the returned tensors.
+
+    Returns:
+        :class:`PatternTarget`.
+
+    Raises:
+        ValueError: An empty image, a rectangle with lower >= upper, or a pattern that covers no
+            node column (too small or outside the grid).
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    img = np.asarray(image)
+    if img.dtype == np.uint8:
+        img = img.astype(np.float64) / 255.0
+    img = img.astype(np.float64)
+    if img.ndim == 3:
+        alpha = img[..., 3] if img.shape[2] == 4 else 1.0
+        img = img[..., :3].mean(-1) * alpha if img.shape[2] >= 3 else img[..., 0]
+    if img.ndim != 2 or img.size == 0:
+        raise ValueError(f"pattern image: expected an (H, W) or (H, W, C) array, got shape {np.shape(image)}")
+    lo, hi = [float(v) for v in lower[:2]], [float(v) for v in upper[:2]]
+    if not (len(lower) == 2 and len(upper) == 2 and lo[0] < hi[0] and lo[1] < hi[1]):
+        raise ValueError(f"pattern rectangle: expected 2 numbers each with lower < upper, got {list(lower)}, "
+                         f"{list(upper)}")
+    gx, gy = int(shape[0]), int(shape[1])
+    xs = float(grid_lower[0]) + dx * np.arange(gx)
+    ys = float(grid_lower[1]) + dx * np.arange(gy)
+    h, w = img.shape
+    # Node column -> continuous pixel coordinates (row 0 at the top = upper y), linear interpolation.
+    col = (xs - lo[0]) / (hi[0] - lo[0]) * w - 0.5
+    row = (hi[1] - ys) / (hi[1] - lo[1]) * h - 0.5
+    cc, rr = np.meshgrid(col, row, indexing="ij")
+    inside = (cc >= -0.5) & (cc <= w - 0.5) & (rr >= -0.5) & (rr <= h - 0.5)
+    values = ndimage.map_coordinates(img, [rr.ravel(), cc.ravel()], order=1, mode="nearest").reshape(gx, gy)
+    values = np.where(inside, np.clip(values, 0.0, 1.0), 0.0)
+    if values.sum() <= 0:
+        raise ValueError(f"pattern image: the pattern covers no grid node in the rectangle {lo}..{hi} "
+                         f"(node spacing {dx:g} m); enlarge the rectangle or check the image")
+    on = values >= 0.5 * values.max()
+    distance = ndimage.distance_transform_edt(~on, sampling=dx)
+    to = dict(dtype=dtype, device=device)
+    return PatternTarget(torch.as_tensor(values / values.sum(), **to), torch.as_tensor(distance, **to))
+
+
+def top_view_fraction(x: torch.Tensor, mass: torch.Tensor | float, grid_lower: Sequence[float], dx: float,
+                      shape_xy: Sequence[int]) -> torch.Tensor:
+    """Fraction of the mass per grid column seen from above (splatted, summed along z), shape (gx, gy).
+
+    Args:
+        x: Particle positions [m], shape (N, 3).
+        mass: Particle masses [kg], shape (N,), or one number.
+        grid_lower: Position of node (0, 0, 0) [m].
+        dx: Node spacing [m].
+        shape_xy: Nodes along x and y.
+
+    Returns:
+        Fractions summing to 1 (0 everywhere for no mass), differentiable w.r.t. ``x`` and ``mass``.
+    """
+    gx, gy = int(shape_xy[0]), int(shape_xy[1])
+    # Only the z layers the particles reach: the sum along z needs no more.
+    gz = int(x.detach()[:, 2].max().sub(float(grid_lower[2])).div(dx).floor()) + 3 if x.shape[0] else 1
+    m = grid_density(x, mass, grid_lower, dx, (gx, gy, max(gz, 1))).sum(-1)
+    return m / m.sum().clamp_min(torch.finfo(m.dtype).tiny)
+
+
+def pattern_loss(x: torch.Tensor, mass: torch.Tensor | float, target: PatternTarget, grid_lower: Sequence[float],
+                 dx: float, *, density_weight: float = 1.0, distance_weight: float = 1.0) -> ShapeMatching:
+    """How far a body's mass seen from above is from a target pattern.
+
+    The mass is splatted to the grid (:func:`grid_density`), summed along z and normalized to a
+    fraction ``p`` per node column (so the amount of mass does not matter, only where it is):
+
+    * density term: ``sum |p - t|`` (0 on a match, 2 when disjoint);
+    * distance term, in cells: ``sum p * distance / dx``, the mean distance of the mass from the
+      pattern; it gives a gradient where the density term has none (mass far from the pattern).
+
+    Args:
+        x: Particle positions [m], shape (N, 3), N >= 1.
+        mass: Particle masses [kg], shape (N,), or one number.
+        target: From :func:`pattern_target` on the same grid.
+        grid_lower: Position of node (0, 0, 0) [m].
+        dx: Node spacing [m].
+        density_weight, distance_weight: Weights (>= 0).
+
+    Returns:
+        :class:`ShapeMatching` whose ``sdf`` field holds the distance term; differentiable with
+        respect to ``x`` and ``mass``.
+    """
+    check_tensor("target.fraction", target.fraction, ndim=2, finite=False)
+    for name, w in (("density_weight", density_weight), ("distance_weight", distance_weight)):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"Expected '{name}' a finite number >= 0, got {w!r}")
+    p = top_view_fraction(x, mass, grid_lower, dx, target.fraction.shape)
+    density = (p - target.fraction.to(p.dtype)).abs().sum()
+    distance = (p * target.distance.to(p.dtype)).sum() / dx
+    return ShapeMatching(density_weight * density + distance_weight * distance, density, distance)
 
 
 # --- mixing -----------------------------------------------------------------------------------------
@@ -526,7 +661,9 @@ class SceneInfo:
 
     Attributes:
         model: The :class:`~diffworld.sims.mpm.Model` (``model.params``, ``model.body``...).
-        masks: Particles of each body, by body name: bool tensors (N,).
+        masks: Particles of each body and emitter, by name: bool tensors (N,); an emitter's mask
+            holds only the particles released by the last recorded state (``model.released_mask(k *
+            substeps)`` gives those released by state ``k``).
         mass: Particle masses [kg], shape (N,).
         grid_lower: Position of grid node (0, 0, 0) [m].
         dx: Grid spacing [m].

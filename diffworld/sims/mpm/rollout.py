@@ -127,7 +127,7 @@ def check_state(model: Model, state: State, substep: int) -> None:
     """
     with torch.no_grad():
         if model.emitted is not None:  # parked particles are not checked
-            keep = model.active_mask(substep)
+            keep = model.released_mask(substep)
             state = State(*(t[keep] for t in state))
         for name, t in zip(State._fields, state):
             bad = ~torch.isfinite(t)

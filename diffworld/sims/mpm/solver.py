@@ -188,6 +188,14 @@ class Model:
             mask[self.emitted.index] = self.emitted.step <= substep
         return mask
 
+    def released_mask(self, n_substeps: int) -> torch.Tensor:
+        """Particles live in the state after ``n_substeps`` substeps, bool (N,).
+
+        Those released in substeps ``0 .. n_substeps - 1``, i.e. ``active_mask(n_substeps - 1)``;
+        the others are still parked (their positions mean nothing yet).
+        """
+        return self.active_mask(n_substeps - 1)
+
 
 def _zeros(shape, dtype, device):
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -1,4 +1,7 @@
-"""The ``mpm`` scene task: bodies, colliders and an objective, optimized through the simulator.
+"""The ``mpm`` scene task: bodies, emitters, colliders and an objective, optimized through the simulator.
+
+Emitters release particles over time (a pitcher, a dispenser; their nozzle may ride a
+collider); losses and renders select them by name like bodies and count only the released ones.
 
 Objectives:
 
@@ -12,7 +15,8 @@ Objectives:
   shape matching: grid mass vs a target shape, plus the distance outside it), ``chamfer`` (final
   particles vs points filling a target shape), ``target_trajectory`` (positions at every control
   step vs an .npz file), ``mixing`` (intensity of segregation of two bodies on the grid) and
-  ``python`` (a user function ``fn(states, info) -> scalar tensor``).
+  ``pattern`` (a body seen from above vs a target image: latte art) and ``python`` (a user
+  function ``fn(states, info) -> scalar tensor``).
   Aids (FluidLab): action clipping (``max_speed``, ``max_angular_speed``), gradient clipping
   (``optimizer.clip_grad_norm``), ``freeze_steps`` (the first actions are not optimized), ``dofs``
   (only some velocity components are optimized), a ``workspace`` box for a collider's position,
@@ -38,8 +42,8 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from diffworld.engine.scene.registry import TASKS
-from diffworld.engine.scene.schema import StrictModel
-from diffworld.geometry.reconstruction_task import _resolve_path
+from diffworld.engine.scene.schema import StrictModel, scene_file
+from diffworld.sims.mpm.quaternion import quat_to_rotvec
 
 __all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
 
@@ -50,21 +54,27 @@ BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.3
 
 
 def _resolve_optional(value: Optional[str], info: ValidationInfo) -> Optional[str]:
-    return None if value is None else _resolve_path(value, info)
+    return None if value is None else scene_file(value, info)
 
 
 # --- configuration --------------------------------------------------------------------------------
 
 class ShapeConfig(StrictModel):
-    """A solid region: analytic primitive or a watertight mesh file."""
+    """A solid region: analytic primitive, a watertight mesh file, or CSG of other shapes.
 
-    type: Literal["box", "sphere", "cylinder", "capsule", "mesh"]
+    CSG: ``union`` and ``intersection`` of ``children`` (two or more), ``difference`` of the
+    first child minus the others.
+    """
+
+    type: Literal["box", "sphere", "cylinder", "capsule", "mesh", "union", "intersection", "difference"]
     center: Vec3 = Field((0.5, 0.5, 0.5), description="Centre [m].")
     half_extents: Vec3 = Field((0.1, 0.1, 0.1), description="Box half extents [m].")
     radius: float = Field(0.1, gt=0, description="Sphere/cylinder/capsule radius [m].")
     half_height: float = Field(0.1, gt=0, description="Cylinder half height / capsule half segment [m] (z axis).")
     path: Optional[str] = Field(None, description="Mesh file (watertight), relative to the scene file.")
     scale: float = Field(1.0, gt=0, description="Mesh scale.")
+    children: list["ShapeConfig"] = Field(default_factory=list, description="Operands of union, intersection, "
+                                                                             "difference (two or more).")
 
     _path = field_validator("path")(_resolve_optional)
 
@@ -72,12 +82,23 @@ class ShapeConfig(StrictModel):
     def _mesh_path(self):
         if self.type == "mesh" and self.path is None:
             raise ValueError("type 'mesh' needs 'path'")
+        csg = self.type in ("union", "intersection", "difference")
+        if csg and len(self.children) < 2:
+            raise ValueError(f"type {self.type!r} needs two or more 'children', got {len(self.children)}")
+        if not csg and self.children:
+            raise ValueError(f"'children' belong to union, intersection or difference, not to type {self.type!r}")
         return self
 
     def build(self):
         """The SDF of the shape."""
         from diffworld.geometry import sdf
 
+        if self.type in ("union", "intersection"):
+            parts = [c.build() for c in self.children]
+            return sdf.Union(*parts) if self.type == "union" else sdf.Intersection(*parts)
+        if self.type == "difference":
+            first, *rest = [c.build() for c in self.children]
+            return sdf.Difference(first, rest[0] if len(rest) == 1 else sdf.Union(*rest))
         c = self.center
         if self.type == "box":
             return sdf.Box(self.half_extents, c)
@@ -136,6 +157,41 @@ class BodyConfig(StrictModel):
     velocity: Vec3 = (0.0, 0.0, 0.0)
     ppc: int = Field(8, ge=1, description="Particles per cell.")
     sampling: Literal["grid", "poisson"] = "grid"
+
+
+class EmitterConfig(StrictModel):
+    """A nozzle releasing a jet of one material between ``start`` and ``stop`` (a pitcher, a dispenser).
+
+    Its particles are parked until released (see :mod:`diffworld.sims.mpm.emitters`); losses and
+    renders select them by ``name`` like a body's, and count only the released ones.
+    """
+
+    name: str = "emitter"
+    material: MaterialConfig
+    center: Vec3 = Field(..., description="Nozzle exit centre [m]: world frame, or the collider's frame when "
+                                          "'collider' is given.")
+    direction: Vec3 = Field((0.0, 0.0, -1.0), description="Jet direction (normalized), same frame as 'center'.")
+    radius: float = Field(0.02, gt=0, description="Nozzle radius [m].")
+    speed: float = Field(0.5, gt=0, description="Jet speed [m/s].")
+    start: float = Field(0.0, ge=0, description="Time the jet starts [s].")
+    stop: float = Field(..., gt=0, description="Time the jet stops [s]; at most the end of the run.")
+    ppc: int = Field(8, ge=1, description="Particles per cell of the jet.")
+    collider: Optional[str] = Field(None, description="Collider carrying the nozzle (it moves with it); "
+                                                      "default: a fixed nozzle.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.start >= self.stop:
+            raise ValueError(f"expected start < stop [s], got start={self.start}, stop={self.stop}")
+        if sum(d * d for d in self.direction) < 1e-24:
+            raise ValueError(f"direction: expected a non-zero vector, got {list(self.direction)}")
+        return self
+
+    def build(self):
+        from diffworld.sims.mpm.emitters import Emitter
+
+        return Emitter(self.material.build(), self.center, self.direction, self.radius, self.speed, self.start,
+                       self.stop, self.ppc, self.collider, self.name)
 
 
 class KeyframeConfig(StrictModel):
@@ -240,7 +296,7 @@ class TargetTrajectoryLossConfig(_LossTerm):
     key: str = Field("x", description="Array of the .npz: shape (steps, N, 3) [m], row k = after control step k+1, "
                                       "particles in the body's order.")
 
-    _path = field_validator("path")(_resolve_path)
+    _path = field_validator("path")(scene_file)
 
     @model_validator(mode="after")
     def _array(self):
@@ -294,6 +350,44 @@ class MixingLossConfig(_LossTerm):
         return v
 
 
+class PatternLossConfig(_LossTerm):
+    """A body seen from above vs a target image (latte art), final state.
+
+    The body's mass, projected along z, as a fraction per grid column vs the image laid on the
+    rectangle ``lower..upper`` (top row at ``upper[1]``): ``density_weight * sum|p - t|`` (0 to 2)
+    plus ``distance_weight`` times the mean distance of the mass from the pattern [cells] (see
+    :func:`diffworld.sims.mpm.losses.pattern_loss`).
+    """
+
+    type: Literal["pattern"]
+    body: str
+    image: str = Field(..., description="Image file (PNG...), relative to the scene file; bright = pattern.")
+    lower: tuple[float, float] = Field(..., description="Lower corner (x, y) of the image on the xy plane [m].")
+    upper: tuple[float, float] = Field(..., description="Upper corner (x, y) [m].")
+    density_weight: float = Field(1.0, ge=0, description="Weight of the L1 difference of the fractions.")
+    distance_weight: float = Field(1.0, ge=0, description="Weight of the distance from the pattern [cells].")
+
+    _image = field_validator("image")(scene_file)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.lower[0] < self.upper[0] and self.lower[1] < self.upper[1]):
+            raise ValueError(f"expected lower < upper in x and y, got lower={list(self.lower)}, "
+                             f"upper={list(self.upper)}")
+        _read_image(self.image)
+        return self
+
+
+def _read_image(path: str) -> np.ndarray:
+    """Pixels of an image file (ValueError naming the file otherwise)."""
+    import imageio.v3 as iio
+
+    try:
+        return np.asarray(iio.imread(path))
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
 class PythonLossConfig(_LossTerm):
     """A user-written torch loss: ``fn(states, info) -> scalar tensor``.
 
@@ -323,7 +417,8 @@ class PythonLossConfig(_LossTerm):
 
 
 LossTermConfig = Annotated[Union[ComLossConfig, RegionLossConfig, ShapeLossConfig, DensityLossConfig,
-                                 TargetTrajectoryLossConfig, ChamferLossConfig, MixingLossConfig, PythonLossConfig],
+                                 TargetTrajectoryLossConfig, ChamferLossConfig, MixingLossConfig, PatternLossConfig,
+                                 PythonLossConfig],
                            Field(discriminator="type")]
 
 
@@ -400,6 +495,9 @@ class OutputsConfig(StrictModel):
                                                    "renders and the movie (particles outside it stay points).")
     surface_level: float = Field(0.5, gt=0, lt=1, description="Iso level of the liquid surface, a fraction of "
                                                               "the rest density.")
+    camera: Union[Literal["iso", "front", "side", "top"], tuple[float, float]] = Field(
+        "iso", description="View of the renders and the movie: iso, front, side, top, or [azimuth, elevation] "
+                           "[deg].")
 
 
 class MPMTask(StrictModel):
@@ -412,20 +510,30 @@ class MPMTask(StrictModel):
     substeps: int = Field(10, ge=1, description="Substeps per control step.")
     steps: int = Field(20, ge=1, description="Control steps (horizon).")
     window: int = Field(20, ge=1, description="Substeps per checkpoint window.")
-    bodies: list[BodyConfig] = Field(..., min_length=1)
+    bodies: list[BodyConfig] = Field(default_factory=list, description="Bodies present from the start.")
+    emitters: list[EmitterConfig] = Field(default_factory=list, description="Nozzles releasing particles over "
+                                                                            "time; at least one body or emitter.")
     colliders: list[ColliderConfig] = Field(default_factory=list)
     objective: ObjectiveConfig
     outputs: OutputsConfig = OutputsConfig()
 
     @model_validator(mode="after")
     def _references(self):
-        bodies = [b.name for b in self.bodies]
+        if not self.bodies and not self.emitters:
+            raise ValueError("bodies: expected at least one body or emitter, got none")
+        # Emitters are selected by name like bodies (losses, renders): one namespace.
+        bodies = [b.name for b in self.bodies] + [e.name for e in self.emitters]
         cols = [c.name for c in self.colliders]
         if len(set(bodies)) != len(bodies) or len(set(cols)) != len(cols):
-            raise ValueError("body and collider names must be unique")
+            raise ValueError(f"body and emitter names (one namespace) and collider names must be unique, got "
+                             f"{bodies} and {cols}")
+        for i, e in enumerate(self.emitters):
+            if e.collider is not None and e.collider not in cols:
+                raise ValueError(f"emitters[{i}].collider: {e.collider!r} is not a collider; expected one of {cols}")
         obj = self.objective
-        if obj.type == "system_identification" and obj.body not in bodies:
-            raise ValueError(f"objective.body {obj.body!r} is not a body; expected one of {bodies}")
+        if obj.type == "system_identification" and obj.body not in bodies[:len(self.bodies)]:
+            raise ValueError(f"objective.body {obj.body!r} is not a body; expected one of "
+                             f"{bodies[:len(self.bodies)]}")
         if obj.type == "trajectory":
             for c in obj.controlled:
                 if c not in cols:
@@ -439,6 +547,9 @@ class MPMTask(StrictModel):
                         raise ValueError(f"objective.losses[{i}].bodies[{j}]: {b!r} is not a body; expected one of "
                                          f"{bodies}")
                 if term.type == "target_trajectory":
+                    if term.body not in bodies[:len(self.bodies)]:
+                        raise ValueError(f"objective.losses[{i}].body: {term.body!r} is an emitter; a target "
+                                         f"trajectory needs a body present from the start")
                     shape = _npz_array(term.path, term.key).shape
                     if shape[0] != self.steps:
                         raise ValueError(f"objective.losses[{i}].path: {term.path} holds {term.key!r} of shape "
@@ -505,21 +616,34 @@ class _Scene:
         bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
                   for b in task.bodies]
         colliders = [_collider(c, dtype) for c in task.colliders]
+        emitters = [e.build() for e in task.emitters]
+
+        def build(dt: float):
+            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
+                                   wall=task.domain.wall, wall_friction=task.domain.wall_friction, dtype=dtype,
+                                   device=device, seed=seed, emitters=emitters)
+
         # dt first from a provisional model (stable_dt needs the particles' materials).
-        model, state = mpm.build_model(self.grid, bodies, dt=task.dt or 1.0, gravity=task.gravity,
-                                       colliders=colliders, wall=task.domain.wall,
-                                       wall_friction=task.domain.wall_friction, dtype=dtype, device=device, seed=seed)
+        model, state = build(task.dt or 1.0)
         limit = mpm.stable_dt(model, cfl=1.0)
         if task.dt is None:
             model.dt = 0.5 * limit
+            if emitters:  # activation substeps depend on dt
+                model, state = build(0.5 * limit)
         elif task.dt > limit:
             raise ValueError(f"task.dt: {task.dt:g} s is above the stability limit {limit:.3g} s of this scene "
                              f"(elastic wave speed and viscosity at dx = {self.grid.dx:.3g} m); use at most "
                              f"{0.5 * limit:.3g} s or a coarser grid")
+        end = task.steps * task.substeps * model.dt
+        for i, e in enumerate(task.emitters):
+            if e.stop > end * (1 + 1e-9):
+                raise ValueError(f"task.emitters[{i}].stop: {e.stop:g} s is after the end of the run ({end:.4g} s = "
+                                 f"steps x substeps x dt); particles released later would stay parked")
         self.model, self.state = model, state
         self.stepper = mpm.Stepper(model)
         self.n_substeps = task.steps * task.substeps
-        self.body_index = {b.name: i for i, b in enumerate(task.bodies)}
+        # bodies, then emitters (their particles' ids in model.body)
+        self.body_index = {name: i for i, name in enumerate(model.body_names)}
 
     def initial_motion(self, cfg: ColliderConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Start pose and per-control-step velocities of a collider, float64.
@@ -544,8 +668,8 @@ class _Scene:
         p, q = states[:, :3], states[:, 3:7]
         step_time = k * self.model.dt
         conj = torch.cat([-q[:-1, :3], q[:-1, 3:]], 1)
-        turn = _quat_to_rotvec(C.quat_multiply(q[1:], conj))  # world-frame rotation over each step
-        return p[0], _quat_to_rotvec(q[0]), torch.cat([(p[1:] - p[:-1]) / step_time, turn / step_time], 1)
+        turn = quat_to_rotvec(C.quat_multiply(q[1:], conj))  # world-frame rotation over each step
+        return p[0], quat_to_rotvec(q[0]), torch.cat([(p[1:] - p[:-1]) / step_time, turn / step_time], 1)
 
     def control(self, velocities: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Collider states (T, n_col, 13) with the given optimized velocities (S, 6) by name."""
@@ -591,17 +715,6 @@ class _Scene:
         return self.model.body == self.body_index[body]
 
 
-def _quat_to_rotvec(q: torch.Tensor) -> torch.Tensor:
-    """Rotation vectors [rad] of (x, y, z, w) quaternions, (..., 4) -> (..., 3), angles in [0, pi]."""
-    q = q / q.norm(dim=-1, keepdim=True)
-    q = torch.where(q[..., 3:] < 0, -q, q)
-    v, w = q[..., :3], q[..., 3:]
-    sin = v.norm(dim=-1, keepdim=True)
-    angle = 2.0 * torch.atan2(sin, w)
-    scale = torch.where(sin > 1e-12, angle / sin.clamp_min(1e-12), 2.0 / w.clamp_min(1e-12))
-    return v * scale
-
-
 def _term_names(terms) -> list[str]:
     """Log names of the loss terms: ``type_body`` (``python_<callable>``, ``mixing_<a>_<b>``), indexed when not
     unique."""
@@ -630,7 +743,7 @@ class _Losses:
         dtype, device, grid = scene.model.dtype, scene.model.device, scene.grid
         self.mass = scene.masses()
         self.masks = {name: scene.mask(name) for name in scene.body_index}
-        body_cfg = {b.name: b for b in scene.task.bodies}
+        body_cfg = {b.name: b for b in [*scene.task.bodies, *scene.task.emitters]}  # (ppc)
         self.prepared: list = []
         for i, term in enumerate(self.terms):
             key = f"task.objective.losses[{i}]"
@@ -666,6 +779,12 @@ class _Losses:
                 prep = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
             elif term.type == "mixing":
                 prep = None
+            elif term.type == "pattern":
+                try:
+                    prep = L.pattern_target(_read_image(term.image), term.lower, term.upper, grid.lower, grid.dx,
+                                            grid.shape, dtype=dtype, device=device)
+                except ValueError as exc:
+                    raise ValueError(f"{key}.image: {exc}") from None
             else:
                 try:
                     prep = L.load_callable(term.function)
@@ -681,11 +800,16 @@ class _Losses:
         scene, grid = self.scene, self.scene.grid
         horizon = len(states) - 1
         final = states[-1].x
+        # Emitted particles count from their release on (parked ones sit at the nozzle).
+        masks = self.masks
+        if scene.model.emitted is not None:
+            active = scene.model.released_mask(horizon * scene.task.substeps)
+            masks = {k: m & active for k, m in masks.items()}
         out: dict[str, torch.Tensor] = {}
         total = final.new_zeros(())
         for i, (term, name, prep) in enumerate(zip(self.terms, self.names, self.prepared)):
             body = getattr(term, "body", None)
-            mask = self.masks.get(body) if body is not None else None
+            mask = masks.get(body) if body is not None else None
             x = final[mask] if mask is not None else final
             if term.type == "com":
                 value = L.com_loss(x, prep, ["xyz".index(a) for a in term.axes])
@@ -699,15 +823,18 @@ class _Losses:
                                               norm=term.norm).loss
             elif term.type == "chamfer":
                 value = L.chamfer_distance(x, prep)
+            elif term.type == "pattern":
+                value = L.pattern_loss(x, self.mass[mask], prep, grid.lower, grid.dx,
+                                       density_weight=term.density_weight, distance_weight=term.distance_weight).loss
             elif term.type == "mixing":
-                ma, mb = (self.masks[b] for b in term.bodies)
+                ma, mb = (masks[b] for b in term.bodies)
                 value = L.mixing_loss(final[ma], self.mass[ma], final[mb], self.mass[mb], grid.lower, grid.dx,
                                       grid.shape, target=term.target, norm=term.norm)
             elif term.type == "target_trajectory":
                 value = L.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
                     final.sum() * 0.0
             else:
-                info = L.SceneInfo(model=scene.model, masks=self.masks, mass=self.mass, grid_lower=grid.lower,
+                info = L.SceneInfo(model=scene.model, masks=masks, mass=self.mass, grid_lower=grid.lower,
                                    dx=grid.dx, grid_shape=grid.shape, dt=scene.model.dt, substeps=scene.task.substeps,
                                    steps=horizon, total_steps=scene.task.steps, actions=dict(actions or {}),
                                    body=term.body, options=dict(term.options))
@@ -1003,6 +1130,7 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
             after, l1, terms1 = problem.evaluate()
         metrics["final_loss"] = float(l1)
         metrics["final_terms"] = {k: float(v) for k, v in terms1.items()}
+        metrics["pattern_images"] = _write_patterns(problem.losses, before, after, out_dir)
         np.save(out_dir / "velocities.npy", {n: v.detach().numpy() for n, v in vel.items()}, allow_pickle=True)
     metrics["seconds"] = time.perf_counter() - t0
     if obj.type == "system_identification":
@@ -1013,10 +1141,10 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
 
 
 def _liquid_bodies(task: MPMTask) -> list[int]:
-    """Indices of the bodies whose material is a liquid (law ``fluid``: water, viscous)."""
+    """Ids of the bodies and emitters (in that order) whose material is a liquid (law ``fluid``)."""
     from diffworld.sims.mpm.materials import MATERIALS
 
-    return [i for i, b in enumerate(task.bodies) if MATERIALS[b.material.name][0] == "fluid"]
+    return [i for i, b in enumerate([*task.bodies, *task.emitters]) if MATERIALS[b.material.name][0] == "fluid"]
 
 
 class _SurfaceDrawer:
@@ -1036,24 +1164,29 @@ class _SurfaceDrawer:
         self.mask = torch.zeros_like(ids, dtype=torch.bool)
         for b in liquid:
             self.mask |= ids == b
-        lut = torch.full((len(task.bodies),), -1, dtype=torch.int64)
+        lut = torch.full((len(task.bodies) + len(task.emitters),), -1, dtype=torch.int64)
         lut[liquid] = torch.arange(len(liquid))
         self.group = lut[ids[self.mask].long()]  # liquid body number 0..G-1 of each liquid particle
         self.group_colors = BODY_COLORS[np.array(liquid, dtype=np.int64) % len(BODY_COLORS)].reshape(-1, 3)
         self.volume = scene.model.params["volume"].detach().cpu()[self.mask] if liquid else None
         self.report = {"enabled": bool(liquid), "frames": 0, "with_surface": 0, "fallback": 0, "error": None}
 
-    def frame(self, x: torch.Tensor):
+    def frame(self, x: torch.Tensor, substep: int):
+        """Points, colours and surface meshes of the state after ``substep`` substeps (parked particles
+        hidden)."""
         x = x.detach().cpu()
         self.report["frames"] += 1
+        active = self.scene.model.released_mask(substep).cpu()
         if not self.report["enabled"]:
-            return x, self.colors, []
+            return x[active], self.colors[active.numpy()], []
+        liquid = self.mask & active
         try:
             from diffworld.sims.mpm.surface import liquid_surface
 
             g = self.scene.grid
-            surf = liquid_surface(x[self.mask], self.volume, self.group, self.group_colors, g.lower, g.dx, g.shape,
-                                  level=self.level)
+            sel = active[self.mask]  # released ones among the liquid particles
+            surf = liquid_surface(x[liquid], self.volume[sel], self.group[sel], self.group_colors, g.lower, g.dx,
+                                  g.shape, level=self.level)
         except Exception as exc:  # noqa: BLE001 - a picture must never stop a run
             if self.report["error"] is None:
                 import warnings
@@ -1062,14 +1195,52 @@ class _SurfaceDrawer:
                 warnings.warn(f"liquid surface failed ({self.report['error']}); drawing the particles instead",
                               RuntimeWarning, stacklevel=2)
             self.report["fallback"] += 1
-            return x, self.colors, []
+            return x[active], self.colors[active.numpy()], []
         if surf.faces.shape[0] == 0:
             self.report["fallback"] += 1
-            return x, self.colors, []
+            return x[active], self.colors[active.numpy()], []
         self.report["with_surface"] += 1
-        keep = torch.ones(x.shape[0], dtype=torch.bool)
-        keep[torch.nonzero(self.mask).reshape(-1)[torch.from_numpy(surf.covered)]] = False
+        keep = active.clone()
+        keep[torch.nonzero(liquid).reshape(-1)[torch.from_numpy(surf.covered)]] = False
         return x[keep], self.colors[keep.numpy()], [(surf.vertices, surf.faces, surf.colors)]
+
+
+def _write_patterns(losses: _Losses, before, after, out_dir: Path) -> list[str]:
+    """For each ``pattern`` loss term: ``pattern_<body>.png``, the target next to the body seen from
+    above before and after optimization (fraction of the mass per grid column). Returns the names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffworld.sims.mpm import losses as L
+
+    scene, names = losses.scene, []
+    g = scene.grid
+    extent = (g.lower[0], g.lower[0] + g.dx * (g.shape[0] - 1), g.lower[1], g.lower[1] + g.dx * (g.shape[1] - 1))
+    for term, prep in zip(losses.terms, losses.prepared):
+        if term.type != "pattern":
+            continue
+        views = [("target", prep.fraction)]
+        for label, out in (("before", before), ("after", after)):
+            live = losses.masks[term.body] & scene.model.released_mask(out.substeps[-1])
+            with torch.no_grad():
+                views.append((label, L.top_view_fraction(out.final.x[live], losses.mass[live], g.lower, g.dx,
+                                                         prep.fraction.shape)))
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+        vmax = max(float(v.max()) for _, v in views)
+        for ax, (label, v) in zip(axes, views):
+            ax.imshow(v.detach().cpu().numpy().T, origin="lower", extent=extent, cmap="copper", vmin=0, vmax=vmax)
+            ax.set_title(f"{term.body}: {label}")
+            ax.set_xlabel("x [m]")
+        axes[0].set_ylabel("y [m]")
+        fig.suptitle("seen from above: fraction of the mass per grid column")
+        fig.tight_layout()
+        name = f"pattern_{term.body}.png"
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
 
 
 def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, control, control_before=None) -> dict:
@@ -1084,10 +1255,14 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
     pos = after.positions().detach().cpu().numpy()
     ids = scene.model.body.cpu().numpy()
     col_states = control.detach().cpu().numpy() if control is not None else np.zeros((0, 0, 13))
+    # active[k, i]: particle i released by state k (emitters; parked particles' positions mean nothing)
+    active = np.stack([scene.model.released_mask(s).cpu().numpy() for s in after.substeps])
     np.savez_compressed(out_dir / "trajectory.npz", positions=pos, body=ids, substeps=np.array(after.substeps),
-                        collider_states=col_states, dt=scene.model.dt, bodies=np.array(scene.model.body_names))
+                        collider_states=col_states, dt=scene.model.dt, bodies=np.array(scene.model.body_names),
+                        active=active)
     colors = BODY_COLORS[ids % len(BODY_COLORS)]
     bounds = (scene.grid.lower, scene.grid.upper)
+    camera = task.outputs.camera if isinstance(task.outputs.camera, str) else tuple(task.outputs.camera)
     drawer = _SurfaceDrawer(scene, task, colors)
 
     def meshes(step: int, states=control):
@@ -1096,10 +1271,10 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
         t = min(step, states.shape[0] - 1)
         return [collider_mesh(c, states[t, i], plane_extent=0.5) for i, c in enumerate(scene.model.colliders)]
 
-    def draw(states):
+    def draw(states, substeps):
         frames, surfaces = [], []
-        for s in states:
-            x, c, surf = drawer.frame(s.x)
+        for s, k in zip(states, substeps):
+            x, c, surf = drawer.frame(s.x, k)
             frames.append((x, c))
             surfaces.append(surf)
         return frames, surfaces
@@ -1107,14 +1282,15 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
     last = after.substeps[-1]
     for name, rollout, states, title in (("before", before, control if control_before is None else control_before,
                                           "before optimization"), ("after", after, control, "after optimization")):
-        frames, surfaces = draw([rollout.final])
+        frames, surfaces = draw([rollout.final], [rollout.substeps[-1]])
         render_particles(out_dir / f"{name}.png", frames, meshes=[meshes(last, states)], surfaces=surfaces,
-                         bounds=bounds, titles=[title])
+                         bounds=bounds, titles=[title], camera=camera)
     if task.outputs.movie != "none":
         idx = np.unique(np.linspace(0, len(after.states) - 1, task.outputs.frames).round().astype(int))
-        frames, surfaces = draw([after.states[i] for i in idx])
+        frames, surfaces = draw([after.states[i] for i in idx], [after.substeps[i] for i in idx])
         render_particles(out_dir / f"rollout.{task.outputs.movie}", frames,
-                         meshes=[meshes(after.substeps[i]) for i in idx], surfaces=surfaces, bounds=bounds, fps=10)
+                         meshes=[meshes(after.substeps[i]) for i in idx], surfaces=surfaces, bounds=bounds, fps=10,
+                         camera=camera)
     return drawer.report
 
 
