@@ -29,6 +29,8 @@ def _reduced(path: Path, horizon: bool) -> dict:
         emitters = yaml.safe_load(path.read_text())["task"]["emitters"]
         emitters[0]["stop"] = 0.25
         over.update({"task.steps": 20, "task.emitters": emitters})
+    if path.stem == "mpm_sysid_jelly":  # LBFGS: 4 loss evaluations per iteration, not 20
+        over["optimizer.lbfgs_max_iter"] = 4
     if path.stem == "mpm_cut_plasticine":  # the cut only (20 control steps), not the push
         over["task.steps"] = 20
     return over

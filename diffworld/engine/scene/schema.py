@@ -56,6 +56,8 @@ class OptimizerConfig(StrictModel):
     schedule_step: PositiveInt = 100
     clip_grad_norm: Optional[float] = Field(None, gt=0)
     clip_grad_value: Optional[float] = Field(None, gt=0)
+    lbfgs_max_iter: PositiveInt = Field(20, description="LBFGS: loss evaluations (inner iterations) per iteration.")
+    lbfgs_line_search: Literal["strong_wolfe", "none"] = Field("strong_wolfe", description="LBFGS line search.")
     checkpoint_every: PositiveInt = 50
     log_format: Literal["csv", "jsonl"] = "csv"
 
