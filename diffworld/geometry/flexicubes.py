@@ -1,0 +1,218 @@
+"""FlexiCubes (Shen et al. 2023): a dual isosurface with learnable weights, in torch (reference).
+
+One *dual vertex* per connected piece of the surface inside each cube (groups of cut edges from
+:mod:`diffworld.geometry.flexicubes_tables`), placed at a weighted mean of the crossings on its
+edges; a quad around every cut grid edge, from the dual vertices of the 4 cubes that share it,
+split into 2 triangles (eval, choice by ``gamma``) or 4 around a weighted centre (training).
+
+Weights (raw values, normalized as in the paper): ``beta`` (12 per cube, one per edge) weights
+the crossings in a dual vertex, ``1 + 0.99 tanh(raw)``; ``alpha`` (8 per cube, one per corner)
+moves each crossing, ``1 + 0.99 tanh(raw)``; ``gamma`` (1 per cube) chooses and weights the quad
+split, ``0.99 sigmoid(raw) + 0.005``. ``deform`` moves the grid nodes by at most half a cell,
+``(0.5 - 1e-8) h tanh(raw)``. All optional (all-ones weights, no deformation: a plain dual mesh).
+
+Work and memory beyond the node values are proportional to the surface: only cubes with a sign
+change are gathered (found by integer ops over the node signs), and weights given per cube are
+read only there. Everything after the sign scan is differentiable torch (autograd).
+
+Conventions: node grid (nx+1, ny+1, nz+1) over ``bounds``; negative inside; faces oriented with
+normals towards positive values (outward for an SDF).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from diffworld.geometry import flexicubes_tables as T
+from diffworld.geometry.grid import Grid
+from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_CORNERS
+
+__all__ = ["FlexiCubesMesh", "flexicubes"]
+
+
+class FlexiCubesMesh(NamedTuple):
+    """Result of :func:`flexicubes`.
+
+    Attributes:
+        vertices: (V, 3) [m]: dual vertices, then (training) one centre per quad.
+        faces: (F, 3) int64, oriented towards positive values.
+        l_dev: (P,) FlexiCubes' L_dev per (dual vertex, cut edge) pair: ``|d - mean_d|`` with
+            ``d`` the distance from the vertex to the edge's plain (unweighted) crossing.
+        cubes: (M, 3) int64, the cubes that hold the dual vertices (surface cubes).
+    """
+
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    l_dev: torch.Tensor
+    cubes: torch.Tensor
+
+
+def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], k: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    want = (*res, k) if k > 1 else res
+    if tuple(value.shape) != want:
+        raise ValueError(f"'{name}': expected shape {want} (one row per cube), got {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"'{name}': expected finite values")
+    return value
+
+
+def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), *,
+               beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
+               gamma: torch.Tensor | None = None, deform: torch.Tensor | None = None,
+               training: bool = False) -> FlexiCubesMesh:
+    """Extract the FlexiCubes surface of node values.
+
+    Args:
+        sdf: Node values (nx+1, ny+1, nz+1), float32/float64, negative inside.
+        bounds: ((x0, y0, z0), (x1, y1, z1)) [m] of the node grid.
+        beta: Raw edge weights (nx, ny, nz, 12) or None.
+        alpha: Raw corner weights (nx, ny, nz, 8) or None.
+        gamma: Raw split weights (nx, ny, nz) or None.
+        deform: Raw node offsets (nx+1, ny+1, nz+1, 3) or None.
+        training: Split each quad into 4 triangles around a weighted centre (differentiable in
+            gamma) instead of choosing a diagonal.
+
+    Returns:
+        :class:`FlexiCubesMesh`; empty tensors when the values do not change sign.
+
+    Raises:
+        ValueError: Bad shapes, non-finite values, or a surface that reaches the grid boundary
+            (the field must be positive on the boundary nodes, else the mesh would be open).
+    """
+    if sdf.dim() != 3 or min(sdf.shape) < 2 or not sdf.is_floating_point():
+        raise ValueError(f"'sdf': expected a float tensor (nx+1, ny+1, nz+1) with n >= 1, got {tuple(sdf.shape)} "
+                         f"{sdf.dtype}")
+    if not bool(torch.isfinite(sdf).all()):
+        raise ValueError("'sdf': expected finite values")
+    grid = Grid.from_values(sdf, bounds)
+    res = tuple(int(n) - 1 for n in sdf.shape)
+    beta, alpha, gamma = (_per_cube(n, v, res, k) for n, v, k in (("beta", beta, 12), ("alpha", alpha, 8),
+                                                                   ("gamma", gamma, 1)))
+    dev, dtype = sdf.device, sdf.dtype
+    inside = sdf.detach() < 0
+    boundary = torch.zeros_like(inside)
+    boundary[0], boundary[-1], boundary[:, 0], boundary[:, -1], boundary[:, :, 0], boundary[:, :, -1] = (True,) * 6
+    if bool((inside & boundary).any()):
+        raise ValueError("'sdf': negative (inside) values on the grid boundary: the surface would be open there; "
+                         "enlarge the bounds or make the field positive on the boundary nodes")
+    # Cube cases from the node signs (integer ops over the grid; the only volume-sized work).
+    ins = inside.to(torch.int64)
+    case = torch.zeros(res, dtype=torch.int64, device=dev)
+    for c in range(8):
+        ox, oy, oz = (int(v) for v in CORNER_OFFSETS[c])
+        case |= ins[ox:ox + res[0], oy:oy + res[1], oz:oz + res[2]] << c
+    surf = (case > 0) & (case < 255)
+    cubes = torch.nonzero(surf)  # (M, 3)
+    empty = sdf.new_zeros((0, 3))
+    if cubes.shape[0] == 0:
+        z = torch.zeros((0, 3), dtype=torch.int64, device=dev)
+        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z)
+    c_case = case[surf]
+    # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
+    # ambiguous face is flagged too.
+    amb = torch.as_tensor(T.AMBIGUOUS_FACE, device=dev)
+    face = amb[c_case]
+    flagged = face >= 0
+    if bool(flagged.any()):
+        axis, side = face.clamp_min(0) // 2, face.clamp_min(0) % 2
+        step = torch.zeros_like(cubes)
+        step.scatter_(1, axis[:, None], (2 * side - 1)[:, None])
+        nb = cubes + step
+        ok = flagged & (nb >= 0).all(1) & (nb < torch.tensor(res, device=dev)).all(1)
+        nb_case = torch.zeros_like(c_case)
+        nb_case[ok] = case[nb[ok, 0], nb[ok, 1], nb[ok, 2]]
+        flip = ok & (amb[nb_case] >= 0)
+        c_case = torch.where(flip, 255 - c_case, c_case)
+    count, group_edges, edge_group = (torch.as_tensor(t, device=dev, dtype=torch.int64) for t in T.dual_tables())
+    M = cubes.shape[0]
+
+    # Node positions of the cube corners (deformed), values, and per-cube weights.
+    offs = torch.as_tensor(CORNER_OFFSETS, device=dev)
+    corner_idx = cubes[:, None, :] + offs[None]  # (M, 8, 3)
+    lo = torch.tensor(grid.lower, dtype=dtype, device=dev)
+    h = torch.tensor(grid.spacing, dtype=dtype, device=dev)
+    x = lo + corner_idx.to(dtype) * h
+    if deform is not None:
+        if tuple(deform.shape) != (*sdf.shape, 3):
+            raise ValueError(f"'deform': expected shape {(*sdf.shape, 3)}, got {tuple(deform.shape)}")
+        x = x + (0.5 - 1e-8) * h * torch.tanh(deform[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]])
+    s = sdf[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]  # (M, 8)
+    ci, cj, ck = cubes.unbind(1)
+    a_w = 1 + 0.99 * torch.tanh(alpha[ci, cj, ck]) if alpha is not None else torch.ones_like(s)
+    b_w = 1 + 0.99 * torch.tanh(beta[ci, cj, ck]) if beta is not None else s.new_ones((M, 12))
+    g_w = 0.99 * torch.sigmoid(gamma[ci, cj, ck]) + 0.005 if gamma is not None else s.new_ones((M,))
+
+    # Crossings on the 12 edges of each cube (uncut edges masked out below).
+    ea = torch.as_tensor(EDGE_CORNERS[:, 0], device=dev)
+    eb = torch.as_tensor(EDGE_CORNERS[:, 1], device=dev)
+    sa, sb = s[:, ea], s[:, eb]
+    cut = (sa < 0) != (sb < 0)  # (M, 12)
+    den_ok = torch.where(cut, sb - sa, torch.ones_like(sa))  # never 0 on cut edges
+    xa, xb = x[:, ea], x[:, eb]
+    wa, wb = a_w[:, ea] * sa, a_w[:, eb] * sb
+    den_w = torch.where(cut, wb - wa, torch.ones_like(sa))
+    u = (xa * wb[..., None] - xb * wa[..., None]) / den_w[..., None]  # weighted crossing (M, 12, 3)
+    u_plain = (xa * sb[..., None] - xb * sa[..., None]) / den_ok[..., None]
+
+    # Dual vertices: one per (cube, group).
+    n_groups = count[c_case]  # (M,)
+    gid = torch.arange(T.MAX_GROUPS, device=dev)
+    has = gid[None] < n_groups[:, None]  # (M, 4)
+    e_tab = group_edges[c_case]  # (M, 4, 7)
+    e_valid = (e_tab >= 0) & has[..., None]
+    e_safe = e_tab.clamp_min(0)
+    b_sel = torch.gather(b_w, 1, e_safe.reshape(M, -1)).reshape(M, T.MAX_GROUPS, -1) * e_valid
+    u_sel = torch.gather(u, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, 3)).reshape(M, T.MAX_GROUPS, -1, 3)
+    v_all = (b_sel[..., None] * u_sel).sum(2) / b_sel.sum(2).clamp_min(1e-30)[..., None]  # (M, 4, 3)
+    vert_of = torch.full((M, T.MAX_GROUPS), -1, dtype=torch.int64, device=dev)
+    vert_of[has] = torch.arange(int(has.sum()), device=dev)
+    vertices = v_all[has]
+
+    # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
+    up_sel = torch.gather(u_plain, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, 3)).reshape(M, T.MAX_GROUPS, -1, 3)
+    d = (up_sel - v_all[:, :, None]).norm(dim=-1)  # (M, 4, 7)
+    n_e = e_valid.sum(2).clamp_min(1)
+    mean_d = (d * e_valid).sum(2) / n_e
+    l_dev = (d - mean_d[..., None]).abs()[e_valid]
+
+    # Quads around the cut grid edges: the 4 cubes sharing the edge, counter-clockwise.
+    lin = (cubes[:, 0] * res[1] + cubes[:, 1]) * res[2] + cubes[:, 2]  # sorted (nonzero is row-major)
+    quads, flips = [], []
+    quad_tab = torch.as_tensor(T.QUAD_CUBES, device=dev)
+    for a in range(3):
+        n0 = inside.narrow(a, 0, inside.shape[a] - 1)
+        n1 = inside.narrow(a, 1, inside.shape[a] - 1)
+        start = torch.nonzero(n0 != n1)  # grid edges along a with a sign change, (Q, 3) start nodes
+        if start.shape[0] == 0:
+            continue
+        cube = start[:, None, :] + quad_tab[a, :, :3][None]  # (Q, 4, 3): all inside the grid (boundary > 0)
+        key = (cube[..., 0] * res[1] + cube[..., 1]) * res[2] + cube[..., 2]
+        pos = torch.searchsorted(lin, key.contiguous())
+        local = quad_tab[a, :, 3][None].expand_as(key)
+        grp = edge_group[c_case[pos], local]
+        quads.append(vert_of[pos, grp])
+        flips.append(~n0[start[:, 0], start[:, 1], start[:, 2]])  # start outside: reverse the order
+    quad = torch.cat(quads)
+    flip = torch.cat(flips)
+    quad = torch.where(flip[:, None], quad.flip(1), quad)
+    # gamma of the 4 cubes of each quad (by dual vertex: its cube)
+    cube_of_vert = torch.nonzero(has)[:, 0]
+    gq = g_w[cube_of_vert[quad]]  # (Q, 4)
+    g02, g13 = gq[:, 0] * gq[:, 2], gq[:, 1] * gq[:, 3]
+    if training:
+        vq = vertices[quad]  # (Q, 4, 3)
+        centre = (g02[:, None] * (vq[:, 0] + vq[:, 2]) / 2 + g13[:, None] * (vq[:, 1] + vq[:, 3]) / 2) / \
+            (g02 + g13)[:, None]
+        c_id = vertices.shape[0] + torch.arange(quad.shape[0], device=dev)
+        faces = torch.cat([torch.stack([quad[:, q], quad[:, (q + 1) % 4], c_id], 1) for q in range(4)])
+        vertices = torch.cat([vertices, centre])
+    else:
+        split02 = (g02 > g13).detach()
+        t02 = torch.cat([quad[:, [0, 1, 2]], quad[:, [0, 2, 3]]])
+        t13 = torch.cat([quad[:, [1, 2, 3]], quad[:, [1, 3, 0]]])
+        faces = torch.where(torch.cat([split02, split02])[:, None], t02, t13)
+    return FlexiCubesMesh(vertices, faces, l_dev, cubes)
