@@ -97,3 +97,19 @@ def test_empty_and_bad_input():
     bad[4, 4, 4] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         flexicubes(bad)
+
+
+def test_sdf_sign_loss():
+    from diffworld.geometry import sdf_sign_loss
+
+    # One sign change on a 2-node line of a 2x2x2 grid: the loss is the two BCE terms by hand.
+    s = torch.full((2, 2, 2), 1.0, dtype=torch.float64)
+    s[0, 0, 0] = -0.5
+    sp = torch.nn.functional.softplus
+    # edges from node 000 along x, y, z: each (s_a = -0.5 -> target 1) + (s_b = 1 -> target 0)
+    by_hand = (sp(torch.tensor(0.5, dtype=torch.float64)) + sp(torch.tensor(1.0, dtype=torch.float64))).item()
+    assert abs(float(sdf_sign_loss(s)) - by_hand) < 1e-12
+    assert float(sdf_sign_loss(torch.ones(3, 3, 3))) == 0.0
+    x = _sphere(6).requires_grad_()
+    for c in directional_check(sdf_sign_loss, [x], eps=1e-6, n_dirs=2):
+        assert c.rel_error < 1e-7, c
