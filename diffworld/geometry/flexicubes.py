@@ -41,12 +41,15 @@ class FlexiCubesMesh(NamedTuple):
         l_dev: (P,) FlexiCubes' L_dev per (dual vertex, cut edge) pair: ``|d - mean_d|`` with
             ``d`` the distance from the vertex to the edge's plain (unweighted) crossing.
         cubes: (M, 3) int64, the cubes that hold the dual vertices (surface cubes).
+        attributes: (V, k) per-node ``attributes`` carried to the vertices with the weights of
+            the positions (G-Shell's manifold SDF), or None.
     """
 
     vertices: torch.Tensor
     faces: torch.Tensor
     l_dev: torch.Tensor
     cubes: torch.Tensor
+    attributes: torch.Tensor | None = None
 
 
 def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], k: int) -> torch.Tensor | None:
@@ -63,7 +66,7 @@ def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], 
 def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), *,
                beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
                gamma: torch.Tensor | None = None, deform: torch.Tensor | None = None,
-               training: bool = False) -> FlexiCubesMesh:
+               training: bool = False, attributes: torch.Tensor | None = None) -> FlexiCubesMesh:
     """Extract the FlexiCubes surface of node values.
 
     Args:
@@ -75,6 +78,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         deform: Raw node offsets (nx+1, ny+1, nz+1, 3) or None.
         training: Split each quad into 4 triangles around a weighted centre (differentiable in
             gamma) instead of choosing a diagonal.
+        attributes: Extra node values (nx+1, ny+1, nz+1) or (nx+1, ny+1, nz+1, k), interpolated to
+            the vertices exactly like the positions (crossings, dual vertices, centres).
 
     Returns:
         :class:`FlexiCubesMesh`; empty tensors when the values do not change sign.
@@ -88,6 +93,12 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
                          f"{sdf.dtype}")
     if not bool(torch.isfinite(sdf).all()):
         raise ValueError("'sdf': expected finite values")
+    if attributes is not None:
+        if tuple(attributes.shape[:3]) != tuple(sdf.shape) or attributes.dim() not in (3, 4):
+            raise ValueError(f"'attributes': expected shape {tuple(sdf.shape)} or {(*sdf.shape, 'k')}, got "
+                             f"{tuple(attributes.shape)}")
+        if not bool(torch.isfinite(attributes).all()):
+            raise ValueError("'attributes': expected finite values")
     grid = Grid.from_values(sdf, bounds)
     res = tuple(int(n) - 1 for n in sdf.shape)
     beta, alpha, gamma = (_per_cube(n, v, res, k) for n, v, k in (("beta", beta, 12), ("alpha", alpha, 8),
@@ -110,7 +121,10 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     empty = sdf.new_zeros((0, 3))
     if cubes.shape[0] == 0:
         z = torch.zeros((0, 3), dtype=torch.int64, device=dev)
-        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z)
+        attr0 = None
+        if attributes is not None:
+            attr0 = attributes.reshape(*sdf.shape, -1).new_zeros((0, attributes.reshape(*sdf.shape, -1).shape[-1]))
+        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0)
     c_case = case[surf]
     # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
     # ambiguous face is flagged too.
@@ -141,6 +155,12 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
             raise ValueError(f"'deform': expected shape {(*sdf.shape, 3)}, got {tuple(deform.shape)}")
         x = x + (0.5 - 1e-8) * h * torch.tanh(deform[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]])
     s = sdf[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]  # (M, 8)
+    n_attr = 0
+    if attributes is not None:
+        # Carried as extra coordinates: every interpolation below treats them like x, y, z.
+        attr = attributes.reshape(*sdf.shape, -1).to(dtype)
+        n_attr = attr.shape[-1]
+        x = torch.cat([x, attr[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]], -1)
     ci, cj, ck = cubes.unbind(1)
     a_w = 1 + 0.99 * torch.tanh(alpha[ci, cj, ck]) if alpha is not None else torch.ones_like(s)
     b_w = 1 + 0.99 * torch.tanh(beta[ci, cj, ck]) if beta is not None else s.new_ones((M, 12))
@@ -155,8 +175,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     xa, xb = x[:, ea], x[:, eb]
     wa, wb = a_w[:, ea] * sa, a_w[:, eb] * sb
     den_w = torch.where(cut, wb - wa, torch.ones_like(sa))
-    u = (xa * wb[..., None] - xb * wa[..., None]) / den_w[..., None]  # weighted crossing (M, 12, 3)
-    u_plain = (xa * sb[..., None] - xb * sa[..., None]) / den_ok[..., None]
+    u = (xa * wb[..., None] - xb * wa[..., None]) / den_w[..., None]  # weighted crossing (M, 12, 3 + k)
+    u_plain = ((xa * sb[..., None] - xb * sa[..., None]) / den_ok[..., None])[..., :3]
 
     # Dual vertices: one per (cube, group).
     n_groups = count[c_case]  # (M,)
@@ -166,15 +186,16 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     e_valid = (e_tab >= 0) & has[..., None]
     e_safe = e_tab.clamp_min(0)
     b_sel = torch.gather(b_w, 1, e_safe.reshape(M, -1)).reshape(M, T.MAX_GROUPS, -1) * e_valid
-    u_sel = torch.gather(u, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, 3)).reshape(M, T.MAX_GROUPS, -1, 3)
-    v_all = (b_sel[..., None] * u_sel).sum(2) / b_sel.sum(2).clamp_min(1e-30)[..., None]  # (M, 4, 3)
+    width = 3 + n_attr
+    u_sel = torch.gather(u, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, width)).reshape(M, T.MAX_GROUPS, -1, width)
+    v_all = (b_sel[..., None] * u_sel).sum(2) / b_sel.sum(2).clamp_min(1e-30)[..., None]  # (M, 4, 3 + k)
     vert_of = torch.full((M, T.MAX_GROUPS), -1, dtype=torch.int64, device=dev)
     vert_of[has] = torch.arange(int(has.sum()), device=dev)
     vertices = v_all[has]
 
     # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
     up_sel = torch.gather(u_plain, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, 3)).reshape(M, T.MAX_GROUPS, -1, 3)
-    d = (up_sel - v_all[:, :, None]).norm(dim=-1)  # (M, 4, 7)
+    d = (up_sel - v_all[:, :, None, :3]).norm(dim=-1)  # (M, 4, 7)
     n_e = e_valid.sum(2).clamp_min(1)
     mean_d = (d * e_valid).sum(2) / n_e
     l_dev = (d - mean_d[..., None]).abs()[e_valid]
@@ -204,7 +225,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     gq = g_w[cube_of_vert[quad]]  # (Q, 4)
     g02, g13 = gq[:, 0] * gq[:, 2], gq[:, 1] * gq[:, 3]
     if training:
-        vq = vertices[quad]  # (Q, 4, 3)
+        vq = vertices[quad]  # (Q, 4, 3 + k)
         centre = (g02[:, None] * (vq[:, 0] + vq[:, 2]) / 2 + g13[:, None] * (vq[:, 1] + vq[:, 3]) / 2) / \
             (g02 + g13)[:, None]
         c_id = vertices.shape[0] + torch.arange(quad.shape[0], device=dev)
@@ -215,7 +236,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         t02 = torch.cat([quad[:, [0, 1, 2]], quad[:, [0, 2, 3]]])
         t13 = torch.cat([quad[:, [1, 2, 3]], quad[:, [1, 3, 0]]])
         faces = torch.where(torch.cat([split02, split02])[:, None], t02, t13)
-    return FlexiCubesMesh(vertices, faces, l_dev, cubes)
+    attrs = vertices[:, 3:] if attributes is not None else None
+    return FlexiCubesMesh(vertices[:, :3], faces, l_dev, cubes, attrs)
 
 
 def sdf_sign_loss(sdf: torch.Tensor) -> torch.Tensor:

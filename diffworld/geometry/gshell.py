@@ -1,0 +1,123 @@
+"""G-Shell (Liu et al. 2024): open surfaces cut from a watertight template by a manifold SDF.
+
+A watertight template comes from ``sdf`` (here FlexiCubes); a second node field ``msdf`` (the
+manifold SDF, nu) is carried to the template vertices with the weights of the positions. The
+open surface is the part of the template where ``msdf > 0``: triangles with three positive
+corners are kept, three non-positive ones dropped, and mixed ones cut at ``msdf = 0`` by linear
+interpolation along their edges. A cut vertex is made once per template edge and shared by the
+two triangles of that edge (welded by construction: the boundary is a closed polyline, not a
+soup), and vertices no triangle uses are dropped. Gradients reach ``msdf`` (and ``sdf``) through
+the cut vertices' positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from diffworld.geometry.flexicubes import FlexiCubesMesh, flexicubes
+
+__all__ = ["GShellMesh", "cut_open_surface", "gshell_flexicubes"]
+
+
+class GShellMesh(NamedTuple):
+    """An open surface and the watertight template it was cut from.
+
+    Attributes:
+        vertices: (V, 3) [m] of the open surface.
+        faces: (F, 3) int64, oriented like the template.
+        boundary_edges: (B, 2) int64 vertex pairs of the boundary, each traversed in the
+            direction of its face (the boundary loops run consistently).
+        template: The watertight template (``attributes`` holds msdf at its vertices).
+    """
+
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    boundary_edges: torch.Tensor
+    template: FlexiCubesMesh | None
+
+
+def cut_open_surface(vertices: torch.Tensor, faces: torch.Tensor, nu: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the part of a triangle mesh where ``nu > 0``, cutting triangles at ``nu = 0``.
+
+    Args:
+        vertices: (V, 3) [m].
+        faces: (F, 3) int64.
+        nu: (V,) values at the vertices.
+
+    Returns:
+        (vertices (V', 3), faces (F', 3), boundary edges (B, 2)); differentiable w.r.t.
+        ``vertices`` and ``nu``.
+    """
+    if nu.shape != vertices.shape[:1]:
+        raise ValueError(f"'nu': expected shape ({vertices.shape[0]},), got {tuple(nu.shape)}")
+    dev = vertices.device
+    pos = (nu > 0).detach()
+    fp = pos[faces]  # (F, 3)
+    n_pos = fp.sum(1)
+    # Template edges of the mixed faces, one cut vertex per undirected edge.
+    mixed = (n_pos == 1) | (n_pos == 2)
+    fm = faces[mixed]
+    e0 = fm.reshape(-1)
+    e1 = fm[:, [1, 2, 0]].reshape(-1)
+    crossing = pos[e0] != pos[e1]
+    lo, hi = torch.minimum(e0, e1)[crossing], torch.maximum(e0, e1)[crossing]
+    n_v = vertices.shape[0]
+    keys, inv = torch.unique(lo * n_v + hi, return_inverse=True)
+    a, b = keys // n_v, keys % n_v
+    na, nb = nu[a], nu[b]
+    t = (na / (na - nb))[:, None]
+    cut_x = vertices[a] + t * (vertices[b] - vertices[a])
+    # cut id per (mixed face, local edge k = edge from corner k to corner k+1)
+    cut_id = torch.full((fm.shape[0] * 3,), -1, dtype=torch.int64, device=dev)
+    cut_id[crossing] = n_v + inv
+    cut_id = cut_id.reshape(-1, 3)
+    all_x = torch.cat([vertices, cut_x])
+
+    out = [faces[n_pos == 3]]
+    boundary = []
+    fpm = fp[mixed]
+    # Rotate each mixed face so that its odd corner (the lone positive one for n_pos == 1, the lone
+    # non-positive one for n_pos == 2) comes first; orientation is kept by a cyclic shift.
+    lone = torch.where(fpm.sum(1, keepdim=True) == 1, fpm, ~fpm).to(torch.int64).argmax(1)
+    r = (lone[:, None] + torch.arange(3, device=dev)[None]) % 3
+    f = torch.gather(fm, 1, r)
+    c = torch.gather(cut_id, 1, r)  # c[:, 0]: edge (0, 1), c[:, 2]: edge (2, 0)
+    one = fpm.sum(1) == 1
+    # One positive corner p: triangle (p, cut01, cut20); the boundary runs cut01 -> cut20.
+    out.append(torch.stack([f[one, 0], c[one, 0], c[one, 2]], 1))
+    boundary.append(torch.stack([c[one, 0], c[one, 2]], 1))
+    # Two positive corners (1, 2): quad (cut01, 1, 2, cut20) -> 2 triangles; boundary cut20 -> cut01.
+    two = ~one
+    out.append(torch.stack([c[two, 0], f[two, 1], f[two, 2]], 1))
+    out.append(torch.stack([c[two, 0], f[two, 2], c[two, 2]], 1))
+    boundary.append(torch.stack([c[two, 2], c[two, 0]], 1))
+    new_faces = torch.cat(out)
+    edges = torch.cat(boundary)
+    # Drop vertices no face uses, renumber.
+    used = torch.zeros(all_x.shape[0], dtype=torch.bool, device=dev)
+    used[new_faces.reshape(-1)] = True
+    remap = torch.cumsum(used.to(torch.int64), 0) - 1
+    return all_x[used], remap[new_faces], remap[edges]
+
+
+def gshell_flexicubes(sdf: torch.Tensor, msdf: torch.Tensor,
+                      bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), **kwargs) -> GShellMesh:
+    """G-Shell on the FlexiCubes template: the open surface where ``msdf > 0``.
+
+    Args:
+        sdf: Node values of the template (nx+1, ny+1, nz+1), negative inside.
+        msdf: Manifold SDF at the nodes, same shape; the surface is kept where it is positive.
+        bounds: Node grid box [m].
+        **kwargs: FlexiCubes options (``beta``, ``alpha``, ``gamma``, ``deform``, ``training``).
+
+    Returns:
+        :class:`GShellMesh`.
+    """
+    if tuple(msdf.shape) != tuple(sdf.shape):
+        raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
+    template = flexicubes(sdf, bounds, attributes=msdf, **kwargs)
+    v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
+    return GShellMesh(v, f, b, template)
