@@ -105,14 +105,13 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
                                                                    ("gamma", gamma, 1)))
     dev, dtype = sdf.device, sdf.dtype
     inside = sdf.detach() < 0
-    boundary = torch.zeros_like(inside)
-    boundary[0], boundary[-1], boundary[:, 0], boundary[:, -1], boundary[:, :, 0], boundary[:, :, -1] = (True,) * 6
-    if bool((inside & boundary).any()):
+    faces_in = (inside[0], inside[-1], inside[:, 0], inside[:, -1], inside[:, :, 0], inside[:, :, -1])
+    if any(bool(f.any()) for f in faces_in):
         raise ValueError("'sdf': negative (inside) values on the grid boundary: the surface would be open there; "
                          "enlarge the bounds or make the field positive on the boundary nodes")
     # Cube cases from the node signs (integer ops over the grid; the only volume-sized work).
-    ins = inside.to(torch.int64)
-    case = torch.zeros(res, dtype=torch.int64, device=dev)
+    ins = inside.to(torch.uint8)  # uint8 cases: 8x less memory traffic than int64 over the volume
+    case = torch.zeros(res, dtype=torch.uint8, device=dev)
     for c in range(8):
         ox, oy, oz = (int(v) for v in CORNER_OFFSETS[c])
         case |= ins[ox:ox + res[0], oy:oy + res[1], oz:oz + res[2]] << c
@@ -125,7 +124,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         if attributes is not None:
             attr0 = attributes.reshape(*sdf.shape, -1).new_zeros((0, attributes.reshape(*sdf.shape, -1).shape[-1]))
         return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0)
-    c_case = case[surf]
+    c_case = case[surf].to(torch.int64)
     # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
     # ambiguous face is flagged too.
     amb = torch.as_tensor(T.AMBIGUOUS_FACE, device=dev)
@@ -138,7 +137,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         nb = cubes + step
         ok = flagged & (nb >= 0).all(1) & (nb < torch.tensor(res, device=dev)).all(1)
         nb_case = torch.zeros_like(c_case)
-        nb_case[ok] = case[nb[ok, 0], nb[ok, 1], nb[ok, 2]]
+        nb_case[ok] = case[nb[ok, 0], nb[ok, 1], nb[ok, 2]].to(torch.int64)
         flip = ok & (amb[nb_case] >= 0)
         c_case = torch.where(flip, 255 - c_case, c_case)
     count, group_edges, edge_group = (torch.as_tensor(t, device=dev, dtype=torch.int64) for t in T.dual_tables())
