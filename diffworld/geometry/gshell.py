@@ -1,6 +1,6 @@
 """G-Shell (Liu et al. 2024): open surfaces cut from a watertight template by a manifold SDF.
 
-A watertight template comes from ``sdf`` (here FlexiCubes); a second node field ``msdf`` (the
+A watertight template comes from ``sdf`` (FlexiCubes or marching tets); a second node field ``msdf`` (the
 manifold SDF, nu) is carried to the template vertices with the weights of the positions. The
 open surface is the part of the template where ``msdf > 0``: triangles with three positive
 corners are kept, three non-positive ones dropped, and mixed ones cut at ``msdf = 0`` by linear
@@ -17,8 +17,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from diffworld.geometry.flexicubes import FlexiCubesMesh, flexicubes
+from diffworld.geometry.marching_tets import MarchingTetsMesh, marching_tets
 
-__all__ = ["GShellMesh", "cut_open_surface", "gshell_flexicubes"]
+__all__ = ["GShellMesh", "cut_open_surface", "gshell_flexicubes", "gshell_marching_tets"]
 
 
 class GShellMesh(NamedTuple):
@@ -35,7 +36,7 @@ class GShellMesh(NamedTuple):
     vertices: torch.Tensor
     faces: torch.Tensor
     boundary_edges: torch.Tensor
-    template: FlexiCubesMesh | None
+    template: FlexiCubesMesh | MarchingTetsMesh | None
 
 
 def cut_open_surface(vertices: torch.Tensor, faces: torch.Tensor, nu: torch.Tensor
@@ -119,5 +120,24 @@ def gshell_flexicubes(sdf: torch.Tensor, msdf: torch.Tensor,
     if tuple(msdf.shape) != tuple(sdf.shape):
         raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
     template = flexicubes(sdf, bounds, attributes=msdf, **kwargs)
+    v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
+    return GShellMesh(v, f, b, template)
+
+
+def gshell_marching_tets(sdf: torch.Tensor, msdf: torch.Tensor,
+                         bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3)) -> GShellMesh:
+    """G-Shell on the marching-tets (DMTet) template: the open surface where ``msdf > 0``.
+
+    Args:
+        sdf: Node values (nx+1, ny+1, nz+1), negative inside.
+        msdf: Manifold SDF at the nodes, same shape.
+        bounds: Node grid box [m].
+
+    Returns:
+        :class:`GShellMesh`.
+    """
+    if tuple(msdf.shape) != tuple(sdf.shape):
+        raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
+    template = marching_tets(sdf, bounds, attributes=msdf)
     v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
     return GShellMesh(v, f, b, template)

@@ -1,4 +1,4 @@
-"""G-Shell on the FlexiCubes template: the sphere r = 0.4 cut by msdf = 0.1 - z gives one
+"""G-Shell on the FlexiCubes and marching-tets templates: the sphere r = 0.4 cut by msdf = 0.1 - z gives one
 boundary loop of the analytic length (2.4335 within 0.2 % at 64^3), Euler characteristic 1, a
 manifold with boundary whose boundary vertices are welded, and gradients w.r.t. sdf and msdf
 that match float64 finite differences."""
@@ -11,7 +11,7 @@ import torch
 
 from diffworld.engine.gradcheck import directional_check
 from diffworld.geometry.grid import Grid
-from diffworld.geometry.gshell import cut_open_surface, gshell_flexicubes
+from diffworld.geometry.gshell import cut_open_surface, gshell_flexicubes, gshell_marching_tets
 from diffworld.geometry.mesh_ops import mesh_report
 
 
@@ -27,9 +27,14 @@ def _edge_face_counts(faces):
     return {tuple(k): int(c) for k, c in zip(keys, counts)}
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_sphere_cut_by_a_plane(training):
-    m = gshell_flexicubes(*_fields(64), training=training)
+TEMPLATES = {"flexicubes_eval": lambda s, nu: gshell_flexicubes(s, nu),
+             "flexicubes_training": lambda s, nu: gshell_flexicubes(s, nu, training=True),
+             "marching_tets": gshell_marching_tets}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_sphere_cut_by_a_plane(template):
+    m = TEMPLATES[template](*_fields(64))
     r = mesh_report(m.vertices, m.faces)
     assert r.edge_manifold and r.consistently_oriented and r.n_components == 1
     assert r.euler_characteristic == 1 and not r.watertight
@@ -53,15 +58,17 @@ def test_sphere_cut_by_a_plane(training):
     assert bool((m.vertices[:, 2] <= 0.1 + 1e-9).all())
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("template", ["flexicubes_training", "marching_tets"])
+def test_gradients_match_finite_differences(template):
+    build = TEMPLATES[template]
     s, nu = _fields(8)
     gen = torch.Generator().manual_seed(0)
     s = s + 0.01 * torch.randn(s.shape, generator=gen, dtype=torch.float64)
-    ref = gshell_flexicubes(s, nu, training=True)
+    ref = build(s, nu)
     w = torch.randn(ref.vertices.shape, generator=gen, dtype=torch.float64)
 
     def loss(sdf, msdf):
-        return (gshell_flexicubes(sdf, msdf, training=True).vertices * w).sum()
+        return (build(sdf, msdf).vertices * w).sum()
 
     for grad_of in (0, 1):
         args = [t.clone().requires_grad_(i == grad_of) for i, t in enumerate((s, nu))]
