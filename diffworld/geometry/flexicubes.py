@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from diffworld.geometry import flexicubes_tables as T
-from diffworld.geometry.grid import Grid
+from diffworld.geometry.grid import Grid, check_closed_boundary, check_node_values, cube_cases, node_attributes
 from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_CORNERS
 
 __all__ = ["FlexiCubesMesh", "flexicubes", "sdf_sign_loss"]
@@ -88,41 +88,23 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         ValueError: Bad shapes, non-finite values, or a surface that reaches the grid boundary
             (the field must be positive on the boundary nodes, else the mesh would be open).
     """
-    if sdf.dim() != 3 or min(sdf.shape) < 2 or not sdf.is_floating_point():
-        raise ValueError(f"'sdf': expected a float tensor (nx+1, ny+1, nz+1) with n >= 1, got {tuple(sdf.shape)} "
-                         f"{sdf.dtype}")
-    if not bool(torch.isfinite(sdf).all()):
-        raise ValueError("'sdf': expected finite values")
+    check_node_values(sdf)
     if attributes is not None:
-        if tuple(attributes.shape[:3]) != tuple(sdf.shape) or attributes.dim() not in (3, 4):
-            raise ValueError(f"'attributes': expected shape {tuple(sdf.shape)} or {(*sdf.shape, 'k')}, got "
-                             f"{tuple(attributes.shape)}")
-        if not bool(torch.isfinite(attributes).all()):
-            raise ValueError("'attributes': expected finite values")
+        attributes = node_attributes(attributes, sdf.shape, sdf.dtype)
     grid = Grid.from_values(sdf, bounds)
     res = tuple(int(n) - 1 for n in sdf.shape)
     beta, alpha, gamma = (_per_cube(n, v, res, k) for n, v, k in (("beta", beta, 12), ("alpha", alpha, 8),
                                                                    ("gamma", gamma, 1)))
     dev, dtype = sdf.device, sdf.dtype
     inside = sdf.detach() < 0
-    faces_in = (inside[0], inside[-1], inside[:, 0], inside[:, -1], inside[:, :, 0], inside[:, :, -1])
-    if any(bool(f.any()) for f in faces_in):
-        raise ValueError("'sdf': negative (inside) values on the grid boundary: the surface would be open there; "
-                         "enlarge the bounds or make the field positive on the boundary nodes")
-    # Cube cases from the node signs (integer ops over the grid; the only volume-sized work).
-    ins = inside.to(torch.uint8)  # uint8 cases: 8x less memory traffic than int64 over the volume
-    case = torch.zeros(res, dtype=torch.uint8, device=dev)
-    for c in range(8):
-        ox, oy, oz = (int(v) for v in CORNER_OFFSETS[c])
-        case |= ins[ox:ox + res[0], oy:oy + res[1], oz:oz + res[2]] << c
+    check_closed_boundary(inside)
+    case = cube_cases(inside)  # the only volume-sized work besides the cut-edge scan
     surf = (case > 0) & (case < 255)
     cubes = torch.nonzero(surf)  # (M, 3)
     empty = sdf.new_zeros((0, 3))
     if cubes.shape[0] == 0:
         z = torch.zeros((0, 3), dtype=torch.int64, device=dev)
-        attr0 = None
-        if attributes is not None:
-            attr0 = attributes.reshape(*sdf.shape, -1).new_zeros((0, attributes.reshape(*sdf.shape, -1).shape[-1]))
+        attr0 = None if attributes is None else attributes.new_zeros((0, attributes.shape[-1]))
         return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0)
     c_case = case[surf].to(torch.int64)
     # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
@@ -157,9 +139,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     n_attr = 0
     if attributes is not None:
         # Carried as extra coordinates: every interpolation below treats them like x, y, z.
-        attr = attributes.reshape(*sdf.shape, -1).to(dtype)
-        n_attr = attr.shape[-1]
-        x = torch.cat([x, attr[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]], -1)
+        n_attr = attributes.shape[-1]
+        x = torch.cat([x, attributes[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]], -1)
     ci, cj, ck = cubes.unbind(1)
     a_w = 1 + 0.99 * torch.tanh(alpha[ci, cj, ck]) if alpha is not None else torch.ones_like(s)
     b_w = 1 + 0.99 * torch.tanh(beta[ci, cj, ck]) if beta is not None else s.new_ones((M, 12))

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Grid", "check_bounds"]
+__all__ = ["Grid", "check_bounds", "check_closed_boundary", "check_node_values", "cube_cases", "node_attributes"]
 
 Bounds = tuple[Sequence[float], Sequence[float]]
 
@@ -34,6 +34,57 @@ def check_bounds(bounds, name: str = "bounds") -> tuple[tuple[float, float, floa
         if not lower[a] < upper[a]:
             raise ValueError(f"'{name}': lower must be < upper on every axis, got lower={lower}, upper={upper}")
     return lower, upper
+
+
+def check_node_values(values: torch.Tensor, name: str = "sdf") -> torch.Tensor:
+    """Validate node values: a finite float tensor (nx+1, ny+1, nz+1) with every n >= 1."""
+    from diffworld.engine.bridge import check_tensor
+
+    check_tensor(name, values, ndim=3)
+    if min(values.shape) < 2:
+        raise ValueError(f"Expected '{name}' of shape (nx+1, ny+1, nz+1) with every n >= 1, got {tuple(values.shape)}")
+    return values
+
+
+def check_closed_boundary(inside: torch.Tensor, name: str = "sdf") -> None:
+    """Raise ValueError when a boundary node is inside (the extracted surface would be open there).
+
+    Args:
+        inside: bool node grid (nx+1, ny+1, nz+1).
+        name: Argument named in the message.
+    """
+    faces = (inside[0], inside[-1], inside[:, 0], inside[:, -1], inside[:, :, 0], inside[:, :, -1])
+    if any(bool(f.any()) for f in faces):
+        raise ValueError(f"'{name}': negative (inside) values on the grid boundary: the surface would be open there; "
+                         f"enlarge the bounds or make the field positive on the boundary nodes")
+
+
+def cube_cases(inside: torch.Tensor) -> torch.Tensor:
+    """Marching-cubes case of every cube: ``sum(inside_c << c)``, corner ``c`` at ``(c & 1, c >> 1 & 1, c >> 2)``.
+
+    Args:
+        inside: bool node grid (nx+1, ny+1, nz+1).
+
+    Returns:
+        uint8 (nx, ny, nz) (uint8 rather than int64: 8x less memory traffic over the volume).
+    """
+    ins = inside.to(torch.uint8)
+    nx, ny, nz = (int(n) - 1 for n in inside.shape)
+    case = torch.zeros((nx, ny, nz), dtype=torch.uint8, device=inside.device)
+    for c in range(8):
+        ox, oy, oz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+        case |= ins[ox:ox + nx, oy:oy + ny, oz:oz + nz] << c
+    return case
+
+
+def node_attributes(attributes: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Validate extra node values (shape or (*shape, k)) and return them as (*shape, k) in ``dtype``."""
+    if attributes.dim() not in (3, 4) or tuple(attributes.shape[:3]) != tuple(shape):
+        raise ValueError(f"'attributes': expected shape {tuple(shape)} or {(*shape, 'k')}, got "
+                         f"{tuple(attributes.shape)}")
+    if not bool(torch.isfinite(attributes).all()):
+        raise ValueError("'attributes': expected finite values")
+    return attributes.reshape(*shape, -1).to(dtype)
 
 
 @dataclass(frozen=True)

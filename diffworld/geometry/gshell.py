@@ -104,6 +104,17 @@ def cut_open_surface(vertices: torch.Tensor, faces: torch.Tensor, nu: torch.Tens
     return all_x[used], remap[new_faces], remap[edges]
 
 
+def _check_msdf(sdf: torch.Tensor, msdf: torch.Tensor) -> None:
+    if tuple(msdf.shape) != tuple(sdf.shape):
+        raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
+
+
+def _cut(template: FlexiCubesMesh | MarchingTetsMesh) -> GShellMesh:
+    """The open part of a template whose ``attributes[:, 0]`` holds msdf."""
+    v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
+    return GShellMesh(v, f, b, template)
+
+
 def gshell_flexicubes(sdf: torch.Tensor, msdf: torch.Tensor,
                       bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), **kwargs) -> GShellMesh:
     """G-Shell on the FlexiCubes template: the open surface where ``msdf > 0``.
@@ -117,11 +128,8 @@ def gshell_flexicubes(sdf: torch.Tensor, msdf: torch.Tensor,
     Returns:
         :class:`GShellMesh`.
     """
-    if tuple(msdf.shape) != tuple(sdf.shape):
-        raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
-    template = flexicubes(sdf, bounds, attributes=msdf, **kwargs)
-    v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
-    return GShellMesh(v, f, b, template)
+    _check_msdf(sdf, msdf)
+    return _cut(flexicubes(sdf, bounds, attributes=msdf, **kwargs))
 
 
 def gshell_marching_tets(sdf: torch.Tensor, msdf: torch.Tensor,
@@ -136,8 +144,5 @@ def gshell_marching_tets(sdf: torch.Tensor, msdf: torch.Tensor,
     Returns:
         :class:`GShellMesh`.
     """
-    if tuple(msdf.shape) != tuple(sdf.shape):
-        raise ValueError(f"'msdf': expected the shape of 'sdf' {tuple(sdf.shape)}, got {tuple(msdf.shape)}")
-    template = marching_tets(sdf, bounds, attributes=msdf)
-    v, f, b = cut_open_surface(template.vertices, template.faces, template.attributes[:, 0])
-    return GShellMesh(v, f, b, template)
+    _check_msdf(sdf, msdf)
+    return _cut(marching_tets(sdf, bounds, attributes=msdf))

@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from diffworld.engine.bridge import check_tensor, launch, to_warp
+from diffworld.engine.bridge import launch, to_warp
 from diffworld.engine.runtime import init_warp
-from diffworld.geometry.grid import Grid
+from diffworld.geometry.grid import Grid, check_node_values
 from diffworld.geometry import mc_tables
 
 __all__ = ["IsoSurface", "marching_cubes", "marching_cubes_field"]
@@ -131,13 +131,6 @@ class _MarchingCubesFn(torch.autograd.Function):
         return grad_s.view(s.shape)
 
 
-def _validate_grid_values(sdf, name: str = "sdf") -> torch.Tensor:
-    check_tensor(name, sdf, ndim=3)
-    if min(sdf.shape) < 2:
-        raise ValueError(f"Expected '{name}' of shape (nx+1, ny+1, nz+1) with every n >= 1, got {tuple(sdf.shape)}")
-    return sdf
-
-
 def marching_cubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = DEFAULT_BOUNDS,
                    level: float = 0.0) -> IsoSurface:
     """Extract the ``level`` set of node values as a welded, oriented triangle mesh.
@@ -156,7 +149,7 @@ def marching_cubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = DEFAUL
         TypeError: ``sdf`` is not a float tensor.
         ValueError: Bad shape, non-finite values, bad bounds or level.
     """
-    _validate_grid_values(sdf)
+    check_node_values(sdf)
     grid = Grid.from_values(sdf, bounds)
     if not np.isfinite(level):
         raise ValueError(f"Expected 'level' to be a finite number, got {level!r}")

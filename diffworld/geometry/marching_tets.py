@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from diffworld.geometry.grid import Grid
+from diffworld.geometry.grid import Grid, check_closed_boundary, check_node_values, cube_cases, node_attributes
 from diffworld.geometry.mc_tables import CORNER_OFFSETS
 
 __all__ = ["MarchingTetsMesh", "TET_CORNERS", "marching_tets"]
@@ -101,29 +101,14 @@ def marching_tets(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,
         ValueError: Bad shapes, non-finite values, or inside values on the grid boundary (the
             surface would be open).
     """
-    if sdf.dim() != 3 or min(sdf.shape) < 2 or not sdf.is_floating_point():
-        raise ValueError(f"'sdf': expected a float tensor (nx+1, ny+1, nz+1), got {tuple(sdf.shape)} {sdf.dtype}")
-    if not bool(torch.isfinite(sdf).all()):
-        raise ValueError("'sdf': expected finite values")
+    check_node_values(sdf)
+    attr = None if attributes is None else node_attributes(attributes, sdf.shape, sdf.dtype)
     grid = Grid.from_values(sdf, bounds)
     dev, dtype = sdf.device, sdf.dtype
     inside = sdf.detach() < 0
-    if any(bool(f.any()) for f in (inside[0], inside[-1], inside[:, 0], inside[:, -1], inside[:, :, 0],
-                                   inside[:, :, -1])):
-        raise ValueError("'sdf': negative (inside) values on the grid boundary: the surface would be open there")
-    attr = None
-    if attributes is not None:
-        if tuple(attributes.shape[:3]) != tuple(sdf.shape) or attributes.dim() not in (3, 4):
-            raise ValueError(f"'attributes': expected shape {tuple(sdf.shape)} or {(*sdf.shape, 'k')}, got "
-                             f"{tuple(attributes.shape)}")
-        attr = attributes.reshape(*sdf.shape, -1).to(dtype)
-    res = tuple(int(n) - 1 for n in sdf.shape)
-    ins = inside.to(torch.uint8)
-    n_in = torch.zeros(res, dtype=torch.uint8, device=dev)
-    for c in range(8):
-        ox, oy, oz = (int(v) for v in CORNER_OFFSETS[c])
-        n_in += ins[ox:ox + res[0], oy:oy + res[1], oz:oz + res[2]]
-    cubes = torch.nonzero((n_in > 0) & (n_in < 8))  # (M, 3)
+    check_closed_boundary(inside)
+    case = cube_cases(inside)
+    cubes = torch.nonzero((case > 0) & (case < 255))  # (M, 3)
     empty_attr = None if attr is None else attr.new_zeros((0, attr.shape[-1]))
     if cubes.shape[0] == 0:
         return MarchingTetsMesh(sdf.new_zeros((0, 3)) + sdf.sum() * 0, torch.zeros((0, 3), dtype=torch.int64,

@@ -103,17 +103,30 @@ def from_keyframes(times: Sequence[float], positions: torch.Tensor, rotations: t
     return torch.cat([pos, q, lin, ang], -1)
 
 
-def collider_mesh(c: Collider, state: torch.Tensor, plane_extent: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def collider_mesh(c: Collider, state: torch.Tensor | None = None, plane_extent: float = 1.0,
+                  local: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A triangle mesh of a collider at one kinematic state (for rendering).
 
     Args:
         c: The collider.
-        state: Its state, shape (13,).
+        state: Its state, shape (13,); None for the mesh in the collider's own frame.
         plane_extent: Half size [m] of the square drawn for a plane.
+        local: The collider's own-frame mesh from an earlier call without ``state`` (built once
+            and placed per frame: a mesh collider's costs a marching-cubes pass).
 
     Returns:
         (vertices (V, 3), faces (F, 3)) as numpy arrays.
     """
+    if local is None:
+        local = _local_mesh(c, plane_extent)
+    if state is None:
+        return local
+    st = state.detach().cpu().double()
+    R = quat_to_matrix(st[3:7]).numpy()
+    return local[0] @ R.T + st[:3].numpy(), local[1]
+
+
+def _local_mesh(c: Collider, plane_extent: float) -> tuple[np.ndarray, np.ndarray]:
     import trimesh
 
     s = c.size
@@ -142,7 +155,4 @@ def collider_mesh(c: Collider, state: torch.Tensor, plane_extent: float = 1.0) -
         hi = lo + c.sdf_spacing * (np.asarray(vals.shape) - 1)
         iso = marching_cubes(vals, (tuple(lo), tuple(hi)))
         m = trimesh.Trimesh(vertices=iso.vertices.numpy(), faces=iso.faces.numpy(), process=False)
-    st = state.detach().cpu().double()
-    R = quat_to_matrix(st[3:7]).numpy()
-    v = np.asarray(m.vertices) @ R.T + st[:3].numpy()
-    return v, np.asarray(m.faces, dtype=np.int64)
+    return np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64)

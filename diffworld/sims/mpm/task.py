@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from diffworld.engine.scene.registry import TASKS
 from diffworld.engine.scene.schema import StrictModel, scene_file
@@ -298,9 +298,12 @@ class TargetTrajectoryLossConfig(_LossTerm):
 
     _path = field_validator("path")(scene_file)
 
+    _targets: Optional[np.ndarray] = PrivateAttr(None)  # the array, read once at validation
+
     @model_validator(mode="after")
     def _array(self):
-        shape = _npz_array(self.path, self.key).shape
+        self._targets = _npz_array(self.path, self.key)
+        shape = self._targets.shape
         if len(shape) != 3 or shape[2] != 3:
             raise ValueError(f"{self.path}: array {self.key!r} has shape {shape}; expected (steps, N, 3)")
         return self
@@ -368,13 +371,14 @@ class PatternLossConfig(_LossTerm):
     distance_weight: float = Field(1.0, ge=0, description="Weight of the distance from the pattern [cells].")
 
     _image = field_validator("image")(scene_file)
+    _pixels: Optional[np.ndarray] = PrivateAttr(None)  # the image, read once at validation
 
     @model_validator(mode="after")
     def _check(self):
         if not (self.lower[0] < self.upper[0] and self.lower[1] < self.upper[1]):
             raise ValueError(f"expected lower < upper in x and y, got lower={list(self.lower)}, "
                              f"upper={list(self.upper)}")
-        _read_image(self.image)
+        self._pixels = _read_image(self.image)
         return self
 
 
@@ -550,7 +554,7 @@ class MPMTask(StrictModel):
                     if term.body not in bodies[:len(self.bodies)]:
                         raise ValueError(f"objective.losses[{i}].body: {term.body!r} is an emitter; a target "
                                          f"trajectory needs a body present from the start")
-                    shape = _npz_array(term.path, term.key).shape
+                    shape = term._targets.shape
                     if shape[0] != self.steps:
                         raise ValueError(f"objective.losses[{i}].path: {term.path} holds {term.key!r} of shape "
                                          f"{shape}; expected ({self.steps}, N, 3): one row per control step "
@@ -769,7 +773,7 @@ class _Losses:
                     raise ValueError(f"{key}.shape: the target shape holds no point inside the domain")
                 prep = points.to(device, dtype)
             elif term.type == "target_trajectory":
-                arr = _npz_array(term.path, term.key)
+                arr = term._targets
                 n = int(self.masks[term.body].sum())
                 want = (scene.task.steps, n, 3)
                 if tuple(arr.shape) != want:
@@ -781,7 +785,7 @@ class _Losses:
                 prep = None
             elif term.type == "pattern":
                 try:
-                    prep = L.pattern_target(_read_image(term.image), term.lower, term.upper, grid.lower, grid.dx,
+                    prep = L.pattern_target(term._pixels, term.lower, term.upper, grid.lower, grid.dx,
                                             grid.shape, dtype=dtype, device=device)
                 except ValueError as exc:
                     raise ValueError(f"{key}.image: {exc}") from None
@@ -1265,11 +1269,13 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
     camera = task.outputs.camera if isinstance(task.outputs.camera, str) else tuple(task.outputs.camera)
     drawer = _SurfaceDrawer(scene, task, colors)
 
+    local = [collider_mesh(c, plane_extent=0.5) for c in scene.model.colliders]  # own frames, built once
+
     def meshes(step: int, states=control):
         if states is None:
             return []
         t = min(step, states.shape[0] - 1)
-        return [collider_mesh(c, states[t, i], plane_extent=0.5) for i, c in enumerate(scene.model.colliders)]
+        return [collider_mesh(c, states[t, i], local=m) for i, (c, m) in enumerate(zip(scene.model.colliders, local))]
 
     def draw(states, substeps):
         frames, surfaces = [], []
