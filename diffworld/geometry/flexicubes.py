@@ -26,7 +26,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from diffworld.geometry import flexicubes_tables as T
-from diffworld.geometry.grid import Grid, check_closed_boundary, check_node_values, cube_cases, node_attributes
+from diffworld.geometry.flexicubes_tets import tetrahedralize
+from diffworld.geometry.grid import Grid, check_node_values, cube_cases, node_attributes
+from diffworld.geometry.kernels_flexicubes import surface_scan
 from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_CORNERS
 
 __all__ = ["FlexiCubesMesh", "flexicubes", "sdf_sign_loss"]
@@ -43,6 +45,10 @@ class FlexiCubesMesh(NamedTuple):
         cubes: (M, 3) int64, the cubes that hold the dual vertices (surface cubes).
         attributes: (V, k) per-node ``attributes`` carried to the vertices with the weights of
             the positions (G-Shell's manifold SDF), or None.
+        tets: (T, 4) int64 tetrahedra filling the surface (``output="tetrahedra"``), positively
+            oriented; ``vertices`` then continues after the surface vertices with the interior
+            ones (inside nodes, centres of full cubes, component points), and ``faces`` (which
+            index only surface vertices) is the boundary of ``tets``. None for triangles.
     """
 
     vertices: torch.Tensor
@@ -50,6 +56,7 @@ class FlexiCubesMesh(NamedTuple):
     l_dev: torch.Tensor
     cubes: torch.Tensor
     attributes: torch.Tensor | None = None
+    tets: torch.Tensor | None = None
 
 
 def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], k: int) -> torch.Tensor | None:
@@ -66,7 +73,8 @@ def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], 
 def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), *,
                beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
                gamma: torch.Tensor | None = None, deform: torch.Tensor | None = None,
-               training: bool = False, attributes: torch.Tensor | None = None) -> FlexiCubesMesh:
+               training: bool = False, attributes: torch.Tensor | None = None,
+               output: str = "triangles") -> FlexiCubesMesh:
     """Extract the FlexiCubes surface of node values.
 
     Args:
@@ -80,6 +88,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
             gamma) instead of choosing a diagonal.
         attributes: Extra node values (nx+1, ny+1, nz+1) or (nx+1, ny+1, nz+1, k), interpolated to
             the vertices exactly like the positions (crossings, dual vertices, centres).
+        output: ``"triangles"`` (the surface) or ``"tetrahedra"`` (the surface and tets filling
+            it, :mod:`diffworld.geometry.flexicubes_tets`).
 
     Returns:
         :class:`FlexiCubesMesh`; empty tensors when the values do not change sign.
@@ -89,6 +99,10 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
             (the field must be positive on the boundary nodes, else the mesh would be open).
     """
     check_node_values(sdf)
+    if output not in ("triangles", "tetrahedra"):
+        raise ValueError(f"'output': expected 'triangles' or 'tetrahedra', got {output!r}")
+    if output == "tetrahedra" and attributes is not None:
+        raise ValueError("'attributes': only with output='triangles' (tetrahedra carry no attributes)")
     if attributes is not None:
         attributes = node_attributes(attributes, sdf.shape, sdf.dtype)
     grid = Grid.from_values(sdf, bounds)
@@ -96,17 +110,20 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     beta, alpha, gamma = (_per_cube(n, v, res, k) for n, v, k in (("beta", beta, 12), ("alpha", alpha, 8),
                                                                    ("gamma", gamma, 1)))
     dev, dtype = sdf.device, sdf.dtype
-    inside = sdf.detach() < 0
-    check_closed_boundary(inside)
-    case = cube_cases(inside)  # the only volume-sized work besides the cut-edge scan
-    surf = (case > 0) & (case < 255)
-    cubes = torch.nonzero(surf)  # (M, 3)
+    # The only volume-sized work (Warp kernels, one pass over the values): the surface cubes in
+    # row-major order, their cases, the cut grid edges; a boundary node inside raises here.
+    scan = surface_scan(sdf)
+    values = sdf.detach()
+    cubes = scan.cubes  # (M, 3)
     empty = sdf.new_zeros((0, 3))
     if cubes.shape[0] == 0:
         z = torch.zeros((0, 3), dtype=torch.int64, device=dev)
         attr0 = None if attributes is None else attributes.new_zeros((0, attributes.shape[-1]))
-        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0)
-    c_case = case[surf].to(torch.int64)
+        tets = torch.zeros((0, 4), dtype=torch.int64, device=dev) if output == "tetrahedra" else None
+        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0, tets)
+    raw_case = scan.case.to(torch.int64)
+    c_case = raw_case
+    lin = (cubes[:, 0] * res[1] + cubes[:, 1]) * res[2] + cubes[:, 2]  # sorted (row-major scan)
     # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
     # ambiguous face is flagged too.
     amb = torch.as_tensor(T.AMBIGUOUS_FACE, device=dev)
@@ -119,7 +136,9 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         nb = cubes + step
         ok = flagged & (nb >= 0).all(1) & (nb < torch.tensor(res, device=dev)).all(1)
         nb_case = torch.zeros_like(c_case)
-        nb_case[ok] = case[nb[ok, 0], nb[ok, 1], nb[ok, 2]].to(torch.int64)
+        # The neighbour across an ambiguous face shares its mixed signs: it is a surface cube.
+        nb_lin = (nb[ok, 0] * res[1] + nb[ok, 1]) * res[2] + nb[ok, 2]
+        nb_case[ok] = raw_case[torch.searchsorted(lin, nb_lin)]
         flip = ok & (amb[nb_case] >= 0)
         c_case = torch.where(flip, 255 - c_case, c_case)
     count, group_edges, edge_group = (torch.as_tensor(t, device=dev, dtype=torch.int64) for t in T.dual_tables())
@@ -130,11 +149,17 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     corner_idx = cubes[:, None, :] + offs[None]  # (M, 8, 3)
     lo = torch.tensor(grid.lower, dtype=dtype, device=dev)
     h = torch.tensor(grid.spacing, dtype=dtype, device=dev)
-    x = lo + corner_idx.to(dtype) * h
-    if deform is not None:
-        if tuple(deform.shape) != (*sdf.shape, 3):
-            raise ValueError(f"'deform': expected shape {(*sdf.shape, 3)}, got {tuple(deform.shape)}")
-        x = x + (0.5 - 1e-8) * h * torch.tanh(deform[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]])
+    if deform is not None and tuple(deform.shape) != (*sdf.shape, 3):
+        raise ValueError(f"'deform': expected shape {(*sdf.shape, 3)}, got {tuple(deform.shape)}")
+
+    def node_position(idx: torch.Tensor) -> torch.Tensor:
+        """Deformed positions of nodes ``idx`` (..., 3) int64."""
+        p = lo + idx.to(dtype) * h
+        if deform is not None:
+            p = p + (0.5 - 1e-8) * h * torch.tanh(deform[idx[..., 0], idx[..., 1], idx[..., 2]])
+        return p
+
+    x = node_position(corner_idx)
     s = sdf[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]  # (M, 8)
     n_attr = 0
     if attributes is not None:
@@ -181,13 +206,10 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     l_dev = (d - mean_d[..., None]).abs()[e_valid]
 
     # Quads around the cut grid edges: the 4 cubes sharing the edge, counter-clockwise.
-    lin = (cubes[:, 0] * res[1] + cubes[:, 1]) * res[2] + cubes[:, 2]  # sorted (nonzero is row-major)
-    quads, flips = [], []
+    quads, flips, quad_nodes = [], [], []
     quad_tab = torch.as_tensor(T.QUAD_CUBES, device=dev)
     for a in range(3):
-        n0 = inside.narrow(a, 0, inside.shape[a] - 1)
-        n1 = inside.narrow(a, 1, inside.shape[a] - 1)
-        start = torch.nonzero(n0 != n1)  # grid edges along a with a sign change, (Q, 3) start nodes
+        start = scan.cut_starts[a]  # grid edges along a with a sign change, (Q, 3) start nodes
         if start.shape[0] == 0:
             continue
         cube = start[:, None, :] + quad_tab[a, :, :3][None]  # (Q, 4, 3): all inside the grid (boundary > 0)
@@ -196,7 +218,11 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         local = quad_tab[a, :, 3][None].expand_as(key)
         grp = edge_group[c_case[pos], local]
         quads.append(vert_of[pos, grp])
-        flips.append(~n0[start[:, 0], start[:, 1], start[:, 2]])  # start outside: reverse the order
+        start_in = values[start[:, 0], start[:, 1], start[:, 2]] < 0
+        flips.append(~start_in)  # start outside: reverse the order
+        step = torch.zeros(3, dtype=torch.int64, device=dev)
+        step[a] = 1
+        quad_nodes.append(torch.where(start_in[:, None], start, start + step))  # the inside end
     quad = torch.cat(quads)
     flip = torch.cat(flips)
     quad = torch.where(flip[:, None], quad.flip(1), quad)
@@ -217,7 +243,18 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         t13 = torch.cat([quad[:, [1, 2, 3]], quad[:, [1, 3, 0]]])
         faces = torch.where(torch.cat([split02, split02])[:, None], t02, t13)
     attrs = vertices[:, 3:] if attributes is not None else None
-    return FlexiCubesMesh(vertices[:, :3], faces, l_dev, cubes, attrs)
+    vertices = vertices[:, :3]
+    tets = None
+    if output == "tetrahedra":
+        quad_node = torch.cat(quad_nodes)
+        inside = values < 0  # the tets fill the volume: dense node signs and cases are fine here
+        case = cube_cases(inside)
+        vertices, tets = tetrahedralize(
+            inside=inside, case=case, cubes=cubes, raw_case=raw_case, flipped=c_case != raw_case,
+            vert_of=vert_of, vertices=vertices, faces=faces,
+            face_node=quad_node.repeat(faces.shape[0] // quad.shape[0], 1), node_position=node_position,
+            spacing=h)
+    return FlexiCubesMesh(vertices, faces, l_dev, cubes, attrs, tets)
 
 
 def sdf_sign_loss(sdf: torch.Tensor) -> torch.Tensor:

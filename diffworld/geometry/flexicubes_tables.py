@@ -152,3 +152,91 @@ def cut_edges(case: int) -> np.ndarray:
     """Edges of a case whose two corners differ in sign, int64 (k,)."""
     inside = np.array([(case >> c) & 1 for c in range(8)])
     return np.nonzero(inside[EDGE_CORNERS[:, 0]] != inside[EDGE_CORNERS[:, 1]])[0]
+
+
+def _inside_components(case: int, grouping: int) -> list[list[int]]:
+    """Inside corners of ``case`` grouped by connectivity inside the cube.
+
+    Corners joined by an edge with both ends inside are connected; two diagonal inside corners
+    of an ambiguous face are connected unless the contour of ``grouping`` (the case whose loops
+    the cube uses, see :func:`resolved_case`) cuts one of them off on that face.
+    """
+    inside = [(case >> c) & 1 for c in range(8)]
+    parent = list(range(8))
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            c = parent[c]
+        return c
+
+    for a, b in EDGE_CORNERS:
+        if inside[a] and inside[b]:
+            parent[root(int(a))] = root(int(b))
+    segments = set()  # contour segments as unordered pairs of consecutive loop edges
+    for loop in case_loops(grouping):
+        for i, e in enumerate(loop):
+            segments.add(frozenset((e, loop[(i + 1) % len(loop)])))
+    for f in _ambiguous_faces(case):
+        a, c = (int(x) for x in FACE_CORNERS[f] if inside[x])
+        a_edges = frozenset(e for e in range(12) if a in EDGE_CORNERS[e] and set(EDGE_CORNERS[e]) <= set(FACE_CORNERS[f]))
+        if a_edges not in segments:  # the contour does not cut corner a off: a and c meet across the face
+            parent[root(a)] = root(c)
+    groups: dict[int, list[int]] = {}
+    for c in range(8):
+        if inside[c]:
+            groups.setdefault(root(c), []).append(c)
+    return list(groups.values())
+
+
+@functools.lru_cache(maxsize=None)
+def tet_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which point of a cube the tetrahedral interior uses on each edge.
+
+    The interior of a FlexiCubes surface is filled cell by cell around the inside grid nodes
+    (:mod:`diffworld.geometry.flexicubes_tets`). Each cell needs, in every cube around its node and
+    for every cube edge leaving the node, one point of that cube: the edge's dual vertex when the
+    surface crosses the edge, else a point shared by the whole inside component of the cube that
+    holds the edge. A component bounded by one surface piece uses that piece's dual vertex; a
+    component bounded by several (or none: a cube fully inside) gets its own point, a *slot*
+    ``MAX_GROUPS + k``.
+
+    Returns:
+        ``(slot, slot_groups)``:
+
+        * ``slot`` int8 (256, 2, 12), indexed by (raw case, flipped to the complement's grouping,
+          edge): -1 for edges with no inside corner, ``g < MAX_GROUPS`` for dual vertex ``g``,
+          ``MAX_GROUPS + k`` for the component point ``k``;
+        * ``slot_groups`` bool (256, 2, MAX_GROUPS, MAX_GROUPS): the dual vertices whose mean
+          places component point ``k`` (none for the full cube: its centre is used);
+        * ``corner_slot`` int8 (256, 2, 8): the component point of each inside corner's
+          component, -1 where that component is bounded by a single surface piece.
+    """
+    _, _, edge_group = dual_tables()
+    slot = -np.ones((256, 2, 12), dtype=np.int8)
+    corner_slot = -np.ones((256, 2, 8), dtype=np.int8)
+    slot_groups = np.zeros((256, 2, MAX_GROUPS, MAX_GROUPS), dtype=bool)
+    for case in range(1, 256):
+        for flip in (0, 1):
+            grouping = 255 - case if flip else case
+            if flip and AMBIGUOUS_FACE[case] < 0:
+                continue  # never used: only flagged cases flip
+            k = 0
+            for comp in _inside_components(case, grouping):
+                touched = sorted({int(edge_group[grouping, e]) for e in range(12)
+                                  if (EDGE_CORNERS[e, 0] in comp) != (EDGE_CORNERS[e, 1] in comp)})
+                for e in range(12):
+                    a, b = (int(x) for x in EDGE_CORNERS[e])
+                    if a in comp and b in comp:
+                        if len(touched) == 1:
+                            slot[case, flip, e] = touched[0]
+                        else:
+                            slot[case, flip, e] = MAX_GROUPS + k
+                    elif a in comp or b in comp:
+                        slot[case, flip, e] = edge_group[grouping, e]
+                if len(touched) != 1:
+                    if k >= MAX_GROUPS:
+                        raise AssertionError(f"case {case}: more than {MAX_GROUPS} component points")
+                    slot_groups[case, flip, k, touched] = True
+                    corner_slot[case, flip, comp] = MAX_GROUPS + k
+                    k += 1
+    return slot, slot_groups, corner_slot

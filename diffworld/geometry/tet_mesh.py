@@ -1,0 +1,152 @@
+"""Tetrahedral meshes: signed volumes, a validity report, and files FEM tools read (VTK).
+
+A tet ``(a, b, c, d)`` is positively oriented when ``det(b - a, c - a, d - a) > 0``; its faces,
+oriented outwards, are ``(b, c, d)``, ``(a, d, c)``, ``(a, b, d)`` and ``(a, c, b)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["TetReport", "load_tet_mesh", "save_tet_mesh", "tet_report", "tet_volumes"]
+
+_FACES = ((1, 2, 3), (0, 3, 2), (0, 1, 3), (0, 2, 1))
+
+
+def tet_volumes(vertices: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
+    """Signed volumes (T,) [m^3] of tets (T, 4) over vertices (V, 3); differentiable."""
+    p = vertices[tets]
+    return torch.linalg.det(p[:, 1:] - p[:, :1]) / 6
+
+
+class TetReport(NamedTuple):
+    """Validity of a tet mesh (see :func:`tet_report`).
+
+    Attributes:
+        n_tets: Number of tets.
+        n_inverted: Tets with signed volume <= 0.
+        min_volume: Smallest signed volume [m^3].
+        volume: Sum of signed volumes [m^3].
+        n_boundary_faces: Faces used by exactly one tet.
+        n_bad_interior_faces: Faces used by two tets with the same orientation, or by more than two.
+        boundary_is_surface: Whether the boundary faces, oriented, are exactly the given surface
+            triangles (None when no surface was given).
+        n_unreferenced_vertices: Vertices no tet uses.
+    """
+
+    n_tets: int
+    n_inverted: int
+    min_volume: float
+    volume: float
+    n_boundary_faces: int
+    n_bad_interior_faces: int
+    boundary_is_surface: bool | None
+    n_unreferenced_vertices: int
+
+    @property
+    def valid(self) -> bool:
+        """Positively oriented, conforming, and bounded by the surface (when one was given)."""
+        return (self.n_inverted == 0 and self.n_bad_interior_faces == 0 and self.n_unreferenced_vertices == 0
+                and self.boundary_is_surface is not False)
+
+
+def _canonical(tris: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted vertex triples and the parity (0/1) of the sort, per oriented triangle."""
+    key, order = tris.sort(1)
+    parity = ((order[:, 0] > order[:, 1]).long() + (order[:, 0] > order[:, 2]).long()
+              + (order[:, 1] > order[:, 2]).long()) % 2
+    return key, parity
+
+
+@torch.no_grad()
+def tet_report(vertices: torch.Tensor, tets: torch.Tensor, surface: torch.Tensor | None = None) -> TetReport:
+    """Check a tet mesh: orientation, conformity, and (optionally) its boundary against a surface.
+
+    Args:
+        vertices: (V, 3) [m].
+        tets: (T, 4) int64.
+        surface: (F, 3) int64 outward triangles the boundary should equal, or None.
+
+    Returns:
+        :class:`TetReport`.
+    """
+    vol = tet_volumes(vertices.detach(), tets)
+    faces = torch.cat([tets[:, list(f)] for f in _FACES])
+    key, parity = _canonical(faces)
+    uniq, inv, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    signed = torch.zeros(uniq.shape[0], dtype=torch.int64, device=tets.device).index_add_(0, inv, 1 - 2 * parity)
+    bad_interior = int(((count == 2) & (signed != 0)).sum() + (count > 2).sum())
+    boundary = count == 1
+    boundary_is_surface = None
+    if surface is not None:
+        b_key = uniq[boundary]
+        b_sign = signed[boundary]
+        s_key, s_par = _canonical(surface)
+        order = torch.argsort(s_key[:, 0] * (1 << 42) + s_key[:, 1] * (1 << 21) + s_key[:, 2])
+        s_key, s_sign = s_key[order], (1 - 2 * s_par)[order]
+        border = torch.argsort(b_key[:, 0] * (1 << 42) + b_key[:, 1] * (1 << 21) + b_key[:, 2])
+        boundary_is_surface = (b_key.shape[0] == s_key.shape[0]
+                               and bool((b_key[border] == s_key).all()) and bool((b_sign[border] == s_sign).all()))
+    used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=tets.device)
+    used[tets.reshape(-1)] = True
+    return TetReport(
+        n_tets=int(tets.shape[0]), n_inverted=int((vol <= 0).sum()),
+        min_volume=float(vol.min()) if vol.numel() else 0.0, volume=float(vol.sum()),
+        n_boundary_faces=int(boundary.sum()), n_bad_interior_faces=bad_interior,
+        boundary_is_surface=boundary_is_surface, n_unreferenced_vertices=int((~used).sum()))
+
+
+def save_tet_mesh(path: str | Path, vertices: torch.Tensor, tets: torch.Tensor, **cell_data: torch.Tensor) -> Path:
+    """Write a tet mesh as a VTK unstructured grid (``.vtu`` or ``.vtk``), which FEM tools and
+    ParaView read (meshio converts it further).
+
+    Args:
+        path: Output file; its suffix picks the format.
+        vertices: (V, 3) [m].
+        tets: (T, 4) int64, positively oriented.
+        **cell_data: Optional per-tet arrays (T, ...) stored by name.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: An unsupported suffix, or tets that index outside ``vertices``.
+    """
+    import pyvista as pv
+
+    path = Path(path)
+    if path.suffix not in (".vtu", ".vtk"):
+        raise ValueError(f"save_tet_mesh: expected a '.vtu' or '.vtk' path, got {str(path)!r}")
+    t = tets.detach().cpu().numpy().astype(np.int64)
+    v = vertices.detach().cpu().numpy().astype(np.float64)
+    if t.ndim != 2 or t.shape[1] != 4:
+        raise ValueError(f"save_tet_mesh: expected 'tets' of shape (T, 4), got {tuple(t.shape)}")
+    if t.size and (t.min() < 0 or t.max() >= v.shape[0]):
+        raise ValueError(f"save_tet_mesh: 'tets' index vertices 0..{v.shape[0] - 1}, got {t.min()}..{t.max()}")
+    grid = pv.UnstructuredGrid({pv.CellType.TETRA: t}, v)
+    for name, value in cell_data.items():
+        grid.cell_data[name] = value.detach().cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(str(path))
+    return path
+
+
+def load_tet_mesh(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a tet mesh written by :func:`save_tet_mesh`: (V, 3) float64 and (T, 4) int64.
+
+    Raises:
+        ValueError: The file holds cells other than tetrahedra.
+    """
+    import pyvista as pv
+
+    grid = pv.read(str(path))
+    cells = grid.cells_dict
+    if set(cells) != {pv.CellType.TETRA}:
+        raise ValueError(f"load_tet_mesh: {str(path)!r} holds cell types {sorted(int(c) for c in cells)}, "
+                         f"expected only tetrahedra ({int(pv.CellType.TETRA)})")
+    return (torch.as_tensor(np.asarray(grid.points, dtype=np.float64)),
+            torch.as_tensor(np.asarray(cells[pv.CellType.TETRA], dtype=np.int64)))
