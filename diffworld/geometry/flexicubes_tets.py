@@ -76,7 +76,7 @@ def _face_tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FACE_CORNER, _FACE_EDGES = _face_tables()
-# Edges leaving each cube corner (3 per corner), for the caps.
+# Edges leaving each cube corner (3 per corner): a node's cell points in each of its 8 cubes.
 _CORNER_EDGES = torch.tensor([[e for e in range(12) if c in EDGE_CORNERS[e]] for c in range(8)], dtype=torch.int64)
 
 
