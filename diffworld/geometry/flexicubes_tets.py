@@ -242,6 +242,20 @@ def _refine_nodes(positions: torch.Tensor, first_node: int, nodes: torch.Tensor,
     return offset
 
 
+def _conforming(tets: torch.Tensor, fast: bool = False) -> bool:
+    """Whether no face of ``tets`` is used by more than two of them, or twice the same way round.
+    ``fast``: vertex ids fit in 21 bits, so a face is keyed by one int64 (a 1-D unique)."""
+    faces = torch.cat([tets[:, [1, 2, 3]], tets[:, [0, 3, 2]], tets[:, [0, 1, 3]], tets[:, [0, 2, 1]]])
+    key, order = faces.sort(1)
+    parity = ((order[:, 0] > order[:, 1]).long() + (order[:, 0] > order[:, 2]).long()
+              + (order[:, 1] > order[:, 2]).long()) % 2
+    if fast:
+        key = (key[:, 0] << 42) | (key[:, 1] << 21) | key[:, 2]
+    _, inv, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    signed = torch.zeros(count.shape[0], dtype=torch.int64, device=tets.device).index_add_(0, inv, 1 - 2 * parity)
+    return not bool(((count > 2) | ((count == 2) & (signed != 0))).any())
+
+
 def _signed_volumes(positions: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
     p = positions[tets]
     return torch.linalg.det(p[:, 1:] - p[:, :1])
@@ -325,21 +339,35 @@ def _merge_step(assemble: Callable[..., torch.Tensor], positions: torch.Tensor, 
     inner = torch.where(member[edge_a], edge_a, edge_b)[one_end]
     outer = torch.where(member[edge_a], edge_b, edge_a)[one_end]
     inner_label = label[torch.searchsorted(idx, inner)]
+    # Merges chosen this round: rep[i] != i marks members; is_target marks the fanning nodes.
+    # A later cluster may join an earlier merge's target, but never take its nodes or target.
+    is_target = torch.zeros(N, dtype=torch.bool, device=dev)
     for k in range(int(label.max()) + 1):
         cluster = torch.zeros(N, dtype=torch.bool, device=dev)
         cluster[idx[label == k]] = True
         candidates = torch.unique(outer[inner_label == k])
         best, best_s, best_c = -float("inf"), None, None
         for c in candidates.tolist():
+            if int(rep[c]) != c:
+                continue
             grown = _grow_cluster(cluster, c, nodes, candidates, positions, first_node, edge_a, edge_b, edge_p, floor)
+            members = rep != torch.arange(N, device=dev)
+            if bool((grown & ((members & (rep != c)) | is_target)).any()):
+                continue  # it would take another merge's nodes: each region needs one fanning node
             trial = rep.clone()
             trial[grown] = c
+            with_c = grown.clone()
+            with_c[c] = True
+            local = assemble(trial, with_c)
+            if not _conforming(local):
+                continue  # the merged region folds onto itself around c: not a cell c can fan
             v = _signed_volumes(positions, assemble(trial, grown))
             worst = float(v.min()) if v.numel() else float("inf")
             if worst > best:
                 best, best_s, best_c = worst, grown, c
         if best_c is not None:
             rep[best_s] = best_c
+            is_target[best_c] = True
     return rep, member
 
 
@@ -557,7 +585,7 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
 
     rep, member = identity, torch.zeros(N, dtype=torch.bool, device=dev)
     floor = _MIN_DET * float(spacing.min()) ** 3  # tets at or below this count as flat
-    best = None
+    best = first = None
     for _ in range(_PLACEMENT_ROUNDS):
         tets = assemble(rep)
         # Nodes fanning merged cells may also slide towards the centre of the nodes they took.
@@ -584,10 +612,14 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
         n_bad = int((_signed_volumes(positions, tets) <= floor).sum())
         if best is None or n_bad < best[0]:
             best = (n_bad, tets, node_pos)
+        if first is None:
+            first = best
         if n_bad == 0:
             break
         rep, member = _merge_step(assemble, positions, V, edge_a, edge_b, edge_p, nodes, member, tets, floor)
     n_bad, tets, node_pos = best
+    if best is not first and not _conforming(tets, fast=V + N + full.shape[0] + hub_pos.shape[0] < (1 << 21)):
+        n_bad, tets, node_pos = first  # merges that interact badly: the unmerged mesh is always conforming
     if n_bad:
         warnings.warn(f"flexicubes: {n_bad} of {tets.shape[0]} tetrahedra are flat or inverted (volume under "
                       f"1e-4 of a cell) where the surface has features about a cell thin; a finer grid removes them",
