@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import platform
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
             if not same(ref, out):
                 print(f"MISMATCH {name} {n}: warp scan differs from torch", file=sys.stderr)
                 return 1
-            t_torch, t_warp = time_pair([lambda: K.surface_scan_torch(sdf), lambda: K.surface_scan(sdf)],
-                                        args.repeat, device)
+            t_torch, t_warp = time_pair([functools.partial(K.surface_scan_torch, sdf),
+                                         functools.partial(K.surface_scan, sdf)], args.repeat, device)
             q = sum(c.shape[0] for c in out.cut_starts)
             print(f"{name:<7} {n:>5} {out.cubes.shape[0]:>9} {q:>10} {t_torch * 1e3:>11.1f} {t_warp * 1e3:>10.1f} "
                   f"{t_torch / t_warp:>10.1f}x")

@@ -21,15 +21,17 @@ normals towards positive values (outward for an SDF).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import functools
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from diffworld.geometry import flexicubes_tables as T
 from diffworld.geometry.flexicubes_tets import tetrahedralize
 from diffworld.geometry.grid import Grid, check_node_values, cube_cases, node_attributes
 from diffworld.geometry.kernels_flexicubes import surface_scan
-from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_CORNERS
+from diffworld.geometry.mc_tables import EDGE_CORNERS
 
 __all__ = ["FlexiCubesMesh", "flexicubes", "sdf_sign_loss"]
 
@@ -59,31 +61,118 @@ class FlexiCubesMesh(NamedTuple):
     tets: torch.Tensor | None = None
 
 
-def _per_cube(name: str, value: torch.Tensor | None, res: tuple[int, int, int], k: int) -> torch.Tensor | None:
-    if value is None:
-        return None
-    want = (*res, k) if k > 1 else res
-    if tuple(value.shape) != want:
-        raise ValueError(f"'{name}': expected shape {want} (one row per cube), got {tuple(value.shape)}")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"'{name}': expected finite values")
-    return value
+WeightsFn = Callable[[torch.Tensor], Sequence[Optional[torch.Tensor]]]
+"""``fn(cubes (M, 3) int64) -> (beta_raw (M, 12) | None, alpha_raw (M, 8) | None, gamma_raw (M,) | None)``."""
+DeformFn = Callable[[torch.Tensor], torch.Tensor]
+"""``fn(nodes (N, 3) int64) -> deform_raw (N, 3)``."""
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_tables() -> tuple[np.ndarray, ...]:
+    """Tables of the flat (cut grid edge, 4 cubes) layout, from :func:`flexicubes_tables.dual_tables`.
+
+    Returns:
+        ``(count, edge_group, edge_rank, n_cut, slot_edge, slot_corners)``: ``count`` (256,) dual
+        vertices per case; ``edge_group`` (256 * 12,) the group of each edge (-1: not cut);
+        ``edge_rank`` (256 * 12,) the rank of each cut edge among the case's cut edges taken
+        group by group in contour order (the order of ``group_edges``, which is the order of
+        ``l_dev``); ``n_cut`` (256,) cut edges per case; ``slot_edge`` (3, 4) the cube edge that
+        a grid edge along axis ``a`` is in the ``q``-th cube around it (``QUAD_CUBES``);
+        ``slot_corners`` (3, 4, 2) that edge's two corners (start node first).
+    """
+    count, group_edges, edge_group = T.dual_tables()
+    edge_rank = -np.ones((256, 12), dtype=np.int64)
+    n_cut = np.zeros(256, dtype=np.int64)
+    for case in range(256):
+        flat = [int(e) for e in group_edges[case].reshape(-1) if e >= 0]
+        edge_rank[case, flat] = np.arange(len(flat))
+        n_cut[case] = len(flat)
+    slot_edge = T.QUAD_CUBES[:, :, 3]
+    slot_corners = EDGE_CORNERS[slot_edge]  # (3, 4, 2)
+    return (count.astype(np.int64), edge_group.astype(np.int64).reshape(-1), edge_rank.reshape(-1), n_cut,
+            slot_edge, slot_corners)
+
+
+def _check_shape(name: str, value: torch.Tensor | None, want: tuple[int, ...], what: str) -> None:
+    if value is not None and tuple(value.shape) != want:
+        raise ValueError(f"'{name}': expected shape {want} ({what}), got {tuple(value.shape)}")
+
+
+def _check_finite(name: str, read: torch.Tensor) -> None:
+    # Only the entries the extraction reads (surface cubes / nodes), never a pass over the volume.
+    if not bool(torch.isfinite(read.detach()).all()):
+        raise ValueError(f"'{name}': expected finite values (found NaN or Inf where the surface reads them)")
+
+
+def _lookup_weights(weights: WeightsFn, cubes: torch.Tensor, sdf: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Call a ``weights`` function on the surface cubes and validate what it returns."""
+    out = weights(cubes)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise ValueError(f"'weights': expected the function to return (beta_raw, alpha_raw, gamma_raw) "
+                         f"(each a tensor or None), got {type(out).__name__}")
+    M = cubes.shape[0]
+    checked = []
+    for name, value, want in zip(("beta", "alpha", "gamma"), out, ((M, 12), (M, 8), (M,))):
+        if value is not None:
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ValueError(f"'weights': {name}_raw must be a floating-point tensor or None, "
+                                 f"got {type(value).__name__}")
+            if tuple(value.shape) != want:
+                raise ValueError(f"'weights': expected {name}_raw of shape {want} (one row per cube passed), "
+                                 f"got {tuple(value.shape)}")
+            if value.device != sdf.device:
+                raise ValueError(f"'weights': {name}_raw on {value.device}, expected {sdf.device} (the device of 'sdf')")
+        checked.append(value)
+    return tuple(checked)
 
 
 def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), *,
                beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
-               gamma: torch.Tensor | None = None, deform: torch.Tensor | None = None,
-               training: bool = False, attributes: torch.Tensor | None = None,
-               output: str = "triangles") -> FlexiCubesMesh:
+               gamma: torch.Tensor | None = None, deform: torch.Tensor | DeformFn | None = None,
+               weights: WeightsFn | None = None, training: bool = False,
+               attributes: torch.Tensor | None = None, output: str = "triangles") -> FlexiCubesMesh:
     """Extract the FlexiCubes surface of node values.
+
+    The per-cube weights can be given densely (``beta``, ``alpha``, ``gamma``: one row per cube of
+    the grid) or looked up (``weights``: a function called once with the surface cubes). Dense
+    weights are only read at the surface cubes, but their gradients are dense (autograd allocates
+    a gradient the size of each dense leaf: at 256^3, 1.4 GB for the three). With ``weights`` the
+    caller stores the raw weights in whatever structure it likes (a tensor indexed through a
+    sorted key table or a dict, a hash grid, a small network of the cube index), and memory and
+    gradients stay proportional to the surface. Example, raw weights for a fixed set of cubes
+    ``keys`` (K, 3) (unknown cubes get raw 0, i.e. weights 1 + 0.99 tanh(0) = 1)::
+
+        lin = lambda c: (c[:, 0] * ny + c[:, 1]) * nz + c[:, 2]
+        order = lin(keys).sort()
+        table = torch.zeros(K, 12, requires_grad=True)   # beta rows of keys[order.indices]
+
+        def weights(cubes):
+            q = lin(cubes)
+            row = torch.searchsorted(order.values, q).clamp_max(K - 1)
+            found = (order.values[row] == q)[:, None]
+            return torch.where(found, table[row], 0.0), None, None
+
+    ``deform`` likewise accepts a function of node indices.
 
     Args:
         sdf: Node values (nx+1, ny+1, nz+1), float32/float64, negative inside.
         bounds: ((x0, y0, z0), (x1, y1, z1)) [m] of the node grid.
-        beta: Raw edge weights (nx, ny, nz, 12) or None.
-        alpha: Raw corner weights (nx, ny, nz, 8) or None.
-        gamma: Raw split weights (nx, ny, nz) or None.
-        deform: Raw node offsets (nx+1, ny+1, nz+1, 3) or None.
+        beta: Raw edge weights (nx, ny, nz, 12) or None (all 1).
+        alpha: Raw corner weights (nx, ny, nz, 8) or None (all 1).
+        gamma: Raw split weights (nx, ny, nz) or None (all 1).
+        deform: Raw node offsets: a tensor (nx+1, ny+1, nz+1, 3), or a function
+            ``fn(nodes (N, 3) int64) -> (N, 3)`` returning the raw offsets of the given node
+            indices (called with the end nodes of the cut grid edges, repeats included, and with
+            ``output="tetrahedra"`` also with interior nodes; it must be a function of the index
+            only), or None. A node moves by ``(0.5 - 1e-8) h tanh(raw)`` [m].
+        weights: Raw per-cube weights looked up instead of passed densely:
+            ``fn(cubes (M, 3) int64) -> (beta_raw (M, 12) | None, alpha_raw (M, 8) | None,
+            gamma_raw (M,) | None)``, called once per call with the surface cubes (row-major
+            order; not called when there is no surface). Rows follow ``cubes``; None means all 1,
+            as for the dense arguments; values in the units of ``beta``/``alpha``/``gamma``.
+            Gradients flow into whatever the function reads. Mutually exclusive with ``beta``,
+            ``alpha`` and ``gamma``.
         training: Split each quad into 4 triangles around a weighted centre (differentiable in
             gamma) instead of choosing a diagonal.
         attributes: Extra node values (nx+1, ny+1, nz+1) or (nx+1, ny+1, nz+1, k), interpolated to
@@ -95,32 +184,44 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         :class:`FlexiCubesMesh`; empty tensors when the values do not change sign.
 
     Raises:
-        ValueError: Bad shapes, non-finite values, or a surface that reaches the grid boundary
-            (the field must be positive on the boundary nodes, else the mesh would be open).
+        ValueError: Bad shapes, ``weights`` together with ``beta``/``alpha``/``gamma``, a
+            ``weights`` function returning bad shapes, non-finite values (weights and offsets are
+            checked only where the surface reads them), or a surface that reaches the grid
+            boundary (the field must be positive on the boundary nodes, else the mesh would be
+            open).
     """
     check_node_values(sdf)
     if output not in ("triangles", "tetrahedra"):
         raise ValueError(f"'output': expected 'triangles' or 'tetrahedra', got {output!r}")
     if output == "tetrahedra" and attributes is not None:
         raise ValueError("'attributes': only with output='triangles' (tetrahedra carry no attributes)")
+    if weights is not None:
+        given = [n for n, v in (("beta", beta), ("alpha", alpha), ("gamma", gamma)) if v is not None]
+        if given:
+            raise ValueError(f"'weights' and {', '.join(repr(n) for n in given)}: pass the per-cube weights either "
+                             f"densely (beta=, alpha=, gamma=) or as a lookup function (weights=), not both")
+        if not callable(weights):
+            raise ValueError(f"'weights': expected a function cubes (M, 3) -> (beta_raw, alpha_raw, gamma_raw), "
+                             f"got {type(weights).__name__}")
     if attributes is not None:
         attributes = node_attributes(attributes, sdf.shape, sdf.dtype)
     grid = Grid.from_values(sdf, bounds)
     res = tuple(int(n) - 1 for n in sdf.shape)
-    beta, alpha, gamma = (_per_cube(n, v, res, k) for n, v, k in (("beta", beta, 12), ("alpha", alpha, 8),
-                                                                   ("gamma", gamma, 1)))
+    for name, value, k in (("beta", beta, (12,)), ("alpha", alpha, (8,)), ("gamma", gamma, ())):
+        _check_shape(name, value, (*res, *k), "one row per cube")
+    deform_fn = deform if callable(deform) else None
+    if deform_fn is None:
+        _check_shape("deform", deform, (*sdf.shape, 3), "one row per node")
     dev, dtype = sdf.device, sdf.dtype
     # The only volume-sized work (Warp kernels, one pass over the values): the surface cubes in
     # row-major order, their cases, the cut grid edges; a boundary node inside raises here.
     scan = surface_scan(sdf)
-    values = sdf.detach()
     cubes = scan.cubes  # (M, 3)
-    empty = sdf.new_zeros((0, 3))
     if cubes.shape[0] == 0:
         z = torch.zeros((0, 3), dtype=torch.int64, device=dev)
         attr0 = None if attributes is None else attributes.new_zeros((0, attributes.shape[-1]))
         tets = torch.zeros((0, 4), dtype=torch.int64, device=dev) if output == "tetrahedra" else None
-        return FlexiCubesMesh(empty + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0, tets)
+        return FlexiCubesMesh(sdf.new_zeros((0, 3)) + sdf.sum() * 0, z, sdf.new_zeros((0,)), z, attr0, tets)
     raw_case = scan.case.to(torch.int64)
     c_case = raw_case
     lin = (cubes[:, 0] * res[1] + cubes[:, 1]) * res[2] + cubes[:, 2]  # sorted (row-major scan)
@@ -130,129 +231,170 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     face = amb[c_case]
     flagged = face >= 0
     if bool(flagged.any()):
-        axis, side = face.clamp_min(0) // 2, face.clamp_min(0) % 2
-        step = torch.zeros_like(cubes)
-        step.scatter_(1, axis[:, None], (2 * side - 1)[:, None])
-        nb = cubes + step
-        ok = flagged & (nb >= 0).all(1) & (nb < torch.tensor(res, device=dev)).all(1)
-        nb_case = torch.zeros_like(c_case)
+        sel = torch.nonzero(flagged)[:, 0]  # a few percent of the cubes: work on those only
+        f = face[sel]
+        axis, side = f // 2, f % 2
+        nb = cubes[sel].clone()
+        nb[torch.arange(sel.shape[0], device=dev), axis] += 2 * side - 1
+        ok = (nb >= 0).all(1) & (nb < torch.tensor(res, device=dev)).all(1)
         # The neighbour across an ambiguous face shares its mixed signs: it is a surface cube.
-        nb_lin = (nb[ok, 0] * res[1] + nb[ok, 1]) * res[2] + nb[ok, 2]
-        nb_case[ok] = raw_case[torch.searchsorted(lin, nb_lin)]
-        flip = ok & (amb[nb_case] >= 0)
-        c_case = torch.where(flip, 255 - c_case, c_case)
-    count, group_edges, edge_group = (torch.as_tensor(t, device=dev, dtype=torch.int64) for t in T.dual_tables())
+        nb_lin = (nb[:, 0] * res[1] + nb[:, 1]) * res[2] + nb[:, 2]
+        nb_pos = torch.searchsorted(lin, nb_lin).clamp_max(lin.shape[0] - 1)
+        flip = ok & (amb[raw_case[nb_pos]] >= 0)
+        c_case = c_case.clone()
+        c_case[sel[flip]] = 255 - c_case[sel[flip]]
+    count, edge_group, edge_rank, n_cut, slot_edge, slot_corners = (
+        torch.as_tensor(t, device=dev) for t in _pair_tables())
     M = cubes.shape[0]
+    n_groups = count[c_case]  # (M,)
+    first_vert = torch.cumsum(n_groups, 0) - n_groups  # dual vertex (m, g) is first_vert[m] + g
+    V = int(first_vert[-1] + n_groups[-1])
 
-    # Node positions of the cube corners (deformed), values, and per-cube weights.
-    offs = torch.as_tensor(CORNER_OFFSETS, device=dev)
-    corner_idx = cubes[:, None, :] + offs[None]  # (M, 8, 3)
+    # Flat layout: one row per cut grid edge, 4 slots = the 4 cubes around it (QUAD_CUBES order).
+    # Every (surface cube, cut edge) pair is exactly one (edge, slot): nothing is computed for
+    # the uncut edges of a cube, and the edge's end nodes are read once for its 4 cubes.
+    n_per_axis = [int(c.shape[0]) for c in scan.cut_starts]
+    start = torch.cat(scan.cut_starts)  # (Q, 3) start node of each cut grid edge
+    Q = start.shape[0]
+    axis = torch.repeat_interleave(torch.arange(3, device=dev), torch.tensor(n_per_axis, device=dev))
+    quad_off = torch.as_tensor(T.QUAD_CUBES[:, :, :3], device=dev)  # (3, 4, 3)
+    off_lin = (quad_off[..., 0] * res[1] + quad_off[..., 1]) * res[2] + quad_off[..., 2]  # (3, 4)
+    # All 4 cubes lie inside the grid (the boundary is outside), so the start node's cube
+    # coordinates plus the slot's offset are valid cubes, all surface cubes.
+    key = ((start[:, 0] * res[1] + start[:, 1]) * res[2] + start[:, 2])[:, None] + off_lin[axis]  # (Q, 4)
+    pos = torch.searchsorted(lin, key)  # (Q, 4) row of each cube in `cubes`
+    case_edge = c_case[pos] * 12 + slot_edge[axis]  # (Q, 4) index into the (case, edge) tables
+    vid = first_vert[pos] + edge_group[case_edge]  # (Q, 4) dual vertex of each (edge, cube) pair
+
+    # End nodes, values and (deformed) positions, once per cut grid edge.
+    n_shape = sdf.shape
+    node_stride = torch.tensor([n_shape[1] * n_shape[2], n_shape[2], 1], device=dev)
+    node0 = (start[:, 0] * n_shape[1] + start[:, 1]) * n_shape[2] + start[:, 2]
+    nodes = torch.stack([node0, node0 + node_stride[axis]], 1)  # (Q, 2) linear node ids
+    s2 = sdf.reshape(-1).index_select(0, nodes.reshape(-1)).view(Q, 2)  # one gather: one dense grad buffer
+    sa, sb = s2[:, 0], s2[:, 1]
     lo = torch.tensor(grid.lower, dtype=dtype, device=dev)
     h = torch.tensor(grid.spacing, dtype=dtype, device=dev)
-    if deform is not None and tuple(deform.shape) != (*sdf.shape, 3):
-        raise ValueError(f"'deform': expected shape {(*sdf.shape, 3)}, got {tuple(deform.shape)}")
 
-    def node_position(idx: torch.Tensor) -> torch.Tensor:
-        """Deformed positions of nodes ``idx`` (..., 3) int64."""
+    def deform_raw(idx: torch.Tensor, lin_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw offsets (N, 3) of nodes ``idx`` (N, 3) int64 (``lin_idx``: their linear ids)."""
+        if deform_fn is not None:
+            out = deform_fn(idx)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (idx.shape[0], 3):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"'deform': expected the function to return raw offsets of shape "
+                                 f"{(idx.shape[0], 3)} (one row per node passed), got {got}")
+            return out
+        if lin_idx is None:
+            lin_idx = (idx[:, 0] * n_shape[1] + idx[:, 1]) * n_shape[2] + idx[:, 2]
+        return deform.reshape(-1, 3).index_select(0, lin_idx)
+
+    def node_position(idx: torch.Tensor, lin_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Deformed positions (..., 3) [m] of nodes ``idx`` (..., 3) int64."""
         p = lo + idx.to(dtype) * h
         if deform is not None:
-            p = p + (0.5 - 1e-8) * h * torch.tanh(deform[idx[..., 0], idx[..., 1], idx[..., 2]])
+            raw = deform_raw(idx.reshape(-1, 3), None if lin_idx is None else lin_idx.reshape(-1))
+            _check_finite("deform", raw)
+            p = p + (0.5 - 1e-8) * h * torch.tanh(raw.reshape(p.shape))
         return p
 
-    x = node_position(corner_idx)
-    s = sdf[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]  # (M, 8)
+    unit = torch.eye(3, dtype=torch.int64, device=dev)
+    end_idx = torch.stack([start, start + unit[axis]], 1)  # (Q, 2, 3)
+    x2 = node_position(end_idx, nodes)  # (Q, 2, 3)
     n_attr = 0
     if attributes is not None:
         # Carried as extra coordinates: every interpolation below treats them like x, y, z.
         n_attr = attributes.shape[-1]
-        x = torch.cat([x, attributes[corner_idx[..., 0], corner_idx[..., 1], corner_idx[..., 2]]], -1)
-    ci, cj, ck = cubes.unbind(1)
-    a_w = 1 + 0.99 * torch.tanh(alpha[ci, cj, ck]) if alpha is not None else torch.ones_like(s)
-    b_w = 1 + 0.99 * torch.tanh(beta[ci, cj, ck]) if beta is not None else s.new_ones((M, 12))
-    g_w = 0.99 * torch.sigmoid(gamma[ci, cj, ck]) + 0.005 if gamma is not None else s.new_ones((M,))
-
-    # Crossings on the 12 edges of each cube (uncut edges masked out below).
-    ea = torch.as_tensor(EDGE_CORNERS[:, 0], device=dev)
-    eb = torch.as_tensor(EDGE_CORNERS[:, 1], device=dev)
-    sa, sb = s[:, ea], s[:, eb]
-    cut = (sa < 0) != (sb < 0)  # (M, 12)
-    den_ok = torch.where(cut, sb - sa, torch.ones_like(sa))  # never 0 on cut edges
-    xa, xb = x[:, ea], x[:, eb]
-    wa, wb = a_w[:, ea] * sa, a_w[:, eb] * sb
-    den_w = torch.where(cut, wb - wa, torch.ones_like(sa))
-    u = (xa * wb[..., None] - xb * wa[..., None]) / den_w[..., None]  # weighted crossing (M, 12, 3 + k)
-    u_plain = ((xa * sb[..., None] - xb * sa[..., None]) / den_ok[..., None])[..., :3]
-
-    # Dual vertices: one per (cube, group).
-    n_groups = count[c_case]  # (M,)
-    gid = torch.arange(T.MAX_GROUPS, device=dev)
-    has = gid[None] < n_groups[:, None]  # (M, 4)
-    e_tab = group_edges[c_case]  # (M, 4, 7)
-    e_valid = (e_tab >= 0) & has[..., None]
-    e_safe = e_tab.clamp_min(0)
-    b_sel = torch.gather(b_w, 1, e_safe.reshape(M, -1)).reshape(M, T.MAX_GROUPS, -1) * e_valid
+        x2 = torch.cat([x2, attributes.reshape(-1, n_attr).index_select(0, nodes.reshape(-1)).view(Q, 2, n_attr)], -1)
     width = 3 + n_attr
-    u_sel = torch.gather(u, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, width)).reshape(M, T.MAX_GROUPS, -1, width)
-    v_all = (b_sel[..., None] * u_sel).sum(2) / b_sel.sum(2).clamp_min(1e-30)[..., None]  # (M, 4, 3 + k)
-    vert_of = torch.full((M, T.MAX_GROUPS), -1, dtype=torch.int64, device=dev)
-    vert_of[has] = torch.arange(int(has.sum()), device=dev)
-    vertices = v_all[has]
+    xa, xb = x2[:, 0], x2[:, 1]  # (Q, 3 + k)
+
+    # Raw per-cube weights: dense tensors are read at (cube linear id, entry), lookup results at
+    # (row in `cubes`, entry); either way one gather per tensor and only the entries used.
+    if weights is not None:
+        beta, alpha, gamma = _lookup_weights(weights, cubes, sdf)
+        row_of, cube_row = pos, torch.arange(M, device=dev)
+    else:
+        row_of, cube_row = key, lin
+    # Plain (unweighted) crossing, one per grid edge: L_dev measures against it; without alpha it
+    # is also every cube's weighted crossing.
+    u1 = (xa * sb[:, None] - xb * sa[:, None]) / (sb - sa)[:, None]  # (Q, 3 + k)
+    u_plain = u1[:, :3]
+    if alpha is not None:
+        corner = (row_of[..., None] * 8 + slot_corners[axis]).reshape(-1)  # (Q * 4 * 2,)
+        a_raw = alpha.reshape(-1).index_select(0, corner).view(Q, 4, 2)
+        _check_finite("alpha", a_raw)
+        a_w = 1 + 0.99 * torch.tanh(a_raw)
+        wa, wb = a_w[..., 0] * sa[:, None], a_w[..., 1] * sb[:, None]  # (Q, 4)
+        # weighted crossing of each (edge, cube) pair (alpha is per cube: 4 crossings per edge)
+        u = (xa[:, None] * wb[..., None] - xb[:, None] * wa[..., None]) / (wb - wa)[..., None]  # (Q, 4, 3 + k)
+    else:
+        u = u1[:, None].expand(Q, 4, width)
+    # Dual vertices: beta-weighted mean of the crossings of their edges (scatter-add per vertex).
+    flat_vid = vid.reshape(-1)
+    n_e = torch.bincount(flat_vid, minlength=V).to(dtype)  # cut edges per dual vertex (3..7)
+    if beta is not None:
+        b_raw = beta.reshape(-1).index_select(0, (row_of * 12 + slot_edge[axis]).reshape(-1)).view(Q, 4)
+        _check_finite("beta", b_raw)
+        b_w = 1 + 0.99 * torch.tanh(b_raw)
+        terms = torch.cat([b_w[..., None] * u, b_w[..., None]], -1).reshape(-1, width + 1)
+        acc = u.new_zeros((V, width + 1)).index_add(0, flat_vid, terms)
+        v_all = acc[:, :width] / acc[:, width:].clamp_min(1e-30)  # (V, 3 + k)
+    else:
+        v_all = u.new_zeros((V, width)).index_add(0, flat_vid, u.reshape(-1, width)) / n_e[:, None]
 
     # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
-    up_sel = torch.gather(u_plain, 1, e_safe.reshape(M, -1, 1).expand(-1, -1, 3)).reshape(M, T.MAX_GROUPS, -1, 3)
-    d = (up_sel - v_all[:, :, None, :3]).norm(dim=-1)  # (M, 4, 7)
-    n_e = e_valid.sum(2).clamp_min(1)
-    mean_d = (d * e_valid).sum(2) / n_e
-    l_dev = (d - mean_d[..., None]).abs()[e_valid]
+    vq = v_all[vid]  # (Q, 4, 3 + k), also the quad corners below
+    d = (u_plain[:, None] - vq[..., :3]).norm(dim=-1)  # (Q, 4)
+    mean_d = d.new_zeros(V).index_add(0, flat_vid, d.reshape(-1)) / n_e
+    dev_pair = (d - mean_d[vid]).reshape(-1)
+    # Returned per (dual vertex, edge) in vertex order, each vertex's edges in contour order:
+    # the pair's rank is the cube's first pair plus the edge's rank within its case.
+    pair_first = torch.cumsum(n_cut[c_case], 0) - n_cut[c_case]
+    rank = (pair_first[pos] + edge_rank[case_edge]).reshape(-1)
+    order = torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.shape[0], device=dev))
+    l_dev = dev_pair[order].abs()
 
-    # Quads around the cut grid edges: the 4 cubes sharing the edge, counter-clockwise.
-    quads, flips, quad_nodes = [], [], []
-    quad_tab = torch.as_tensor(T.QUAD_CUBES, device=dev)
-    for a in range(3):
-        start = scan.cut_starts[a]  # grid edges along a with a sign change, (Q, 3) start nodes
-        if start.shape[0] == 0:
-            continue
-        cube = start[:, None, :] + quad_tab[a, :, :3][None]  # (Q, 4, 3): all inside the grid (boundary > 0)
-        key = (cube[..., 0] * res[1] + cube[..., 1]) * res[2] + cube[..., 2]
-        pos = torch.searchsorted(lin, key.contiguous())
-        local = quad_tab[a, :, 3][None].expand_as(key)
-        grp = edge_group[c_case[pos], local]
-        quads.append(vert_of[pos, grp])
-        start_in = values[start[:, 0], start[:, 1], start[:, 2]] < 0
-        flips.append(~start_in)  # start outside: reverse the order
-        step = torch.zeros(3, dtype=torch.int64, device=dev)
-        step[a] = 1
-        quad_nodes.append(torch.where(start_in[:, None], start, start + step))  # the inside end
-    quad = torch.cat(quads)
-    flip = torch.cat(flips)
-    quad = torch.where(flip[:, None], quad.flip(1), quad)
-    # gamma of the 4 cubes of each quad (by dual vertex: its cube)
-    cube_of_vert = torch.nonzero(has)[:, 0]
-    gq = g_w[cube_of_vert[quad]]  # (Q, 4)
+    # Quads around the cut grid edges: the 4 cubes counter-clockwise about +axis; reversed when
+    # the start node is outside, so that the normals point to positive values.
+    start_in = sa.detach() < 0
+    quad = torch.where(start_in[:, None], vid, vid.flip(1))
+    if gamma is not None:
+        g_raw = gamma.reshape(-1).index_select(0, cube_row)  # (M,): one value per surface cube
+        _check_finite("gamma", g_raw)
+        g_w = 0.99 * torch.sigmoid(g_raw) + 0.005
+    else:
+        g_w = sdf.new_ones((M,))
+    gq = g_w[pos]  # (Q, 4) gamma of the 4 cubes, unreversed order
     g02, g13 = gq[:, 0] * gq[:, 2], gq[:, 1] * gq[:, 3]
     if training:
-        vq = vertices[quad]  # (Q, 4, 3 + k)
+        # Independent of the reversal (it swaps the 0-2 and 1-3 terms): unreversed corners.
         centre = (g02[:, None] * (vq[:, 0] + vq[:, 2]) / 2 + g13[:, None] * (vq[:, 1] + vq[:, 3]) / 2) / \
             (g02 + g13)[:, None]
-        c_id = vertices.shape[0] + torch.arange(quad.shape[0], device=dev)
+        c_id = V + torch.arange(Q, device=dev)
         faces = torch.cat([torch.stack([quad[:, q], quad[:, (q + 1) % 4], c_id], 1) for q in range(4)])
-        vertices = torch.cat([vertices, centre])
+        vertices = torch.cat([v_all, centre])
     else:
-        split02 = (g02 > g13).detach()
+        # Diagonal 0-2 of the (possibly reversed) quad: the unreversed 1-3 diagonal when reversed.
+        split02 = torch.where(start_in, g02 > g13, g13 > g02).detach()
         t02 = torch.cat([quad[:, [0, 1, 2]], quad[:, [0, 2, 3]]])
         t13 = torch.cat([quad[:, [1, 2, 3]], quad[:, [1, 3, 0]]])
         faces = torch.where(torch.cat([split02, split02])[:, None], t02, t13)
+        vertices = v_all
     attrs = vertices[:, 3:] if attributes is not None else None
     vertices = vertices[:, :3]
     tets = None
     if output == "tetrahedra":
-        quad_node = torch.cat(quad_nodes)
+        gid = torch.arange(T.MAX_GROUPS, device=dev)
+        vert_of = torch.where(gid < n_groups[:, None], first_vert[:, None] + gid, -1)  # (M, MAX_GROUPS)
+        quad_node = torch.where(start_in[:, None], start, start + unit[axis])  # the inside end of each edge
+        values = sdf.detach()
         inside = values < 0  # the tets fill the volume: dense node signs and cases are fine here
         case = cube_cases(inside)
         vertices, tets = tetrahedralize(
             inside=inside, case=case, cubes=cubes, raw_case=raw_case, flipped=c_case != raw_case,
             vert_of=vert_of, vertices=vertices, faces=faces,
-            face_node=quad_node.repeat(faces.shape[0] // quad.shape[0], 1), node_position=node_position,
+            face_node=quad_node.repeat(faces.shape[0] // Q, 1), node_position=node_position,
             spacing=h)
     return FlexiCubesMesh(vertices, faces, l_dev, cubes, attrs, tets)
 
