@@ -8,6 +8,12 @@ interpolation along their edges. A cut vertex is made once per template edge and
 two triangles of that edge (welded by construction: the boundary is a closed polyline, not a
 soup), and vertices no triangle uses are dropped. Gradients reach ``msdf`` (and ``sdf``) through
 the cut vertices' positions.
+
+Training regularizers (:func:`msdf_regularizers`): a fit supervises the surface only where the
+target is (points, or pixels in views); elsewhere nothing tells msdf to cut the template, so the
+unsupervised template vertices are pushed to ``msdf <= -eps`` (dropped) and the supervised ones
+to ``msdf >= +eps`` (kept, which opens the boundary wherever the target goes on).
+:func:`msdf_supervision` marks the supervised vertices for a point target.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 from diffworld.geometry.flexicubes import FlexiCubesMesh, flexicubes
 from diffworld.geometry.marching_tets import MarchingTetsMesh, marching_tets
 
-__all__ = ["GShellMesh", "cut_open_surface", "gshell_flexicubes", "gshell_marching_tets"]
+__all__ = ["GShellMesh", "MSDFRegularizers", "cut_open_surface", "gshell_flexicubes", "gshell_marching_tets",
+           "msdf_regularizers", "msdf_supervision"]
 
 
 class GShellMesh(NamedTuple):
@@ -146,3 +153,113 @@ def gshell_marching_tets(sdf: torch.Tensor, msdf: torch.Tensor,
     """
     _check_msdf(sdf, msdf)
     return _cut(marching_tets(sdf, bounds, attributes=msdf))
+
+
+class MSDFRegularizers(NamedTuple):
+    """The two G-Shell msdf regularizers, dimensionless 0-d tensors attached to the graph of nu.
+
+    Attributes:
+        negative: Mean over the unsupervised vertices of ``relu(nu + eps)^2 / eps^2`` (0 when
+            there are none): pushes their msdf down to ``-eps`` and no further.
+        positive: Mean over the supervised vertices of ``relu(eps - nu)^2 / eps^2`` (0 when
+            there are none): pushes their msdf up to ``+eps`` and no further.
+    """
+
+    negative: torch.Tensor
+    positive: torch.Tensor
+
+
+def msdf_supervision(vertices: torch.Tensor, target_points: torch.Tensor, radius: float, *,
+                     target_normals: torch.Tensor | None = None, tangential: float | None = None,
+                     tree=None) -> torch.Tensor:
+    """Which template vertices a point target supervises.
+
+    A vertex ``v`` is supervised when its nearest target point ``q`` is within ``radius``; with
+    ``target_normals`` and ``tangential``, also when ``v - q`` stays within ``tangential`` of
+    the normal line through ``q`` (``|(v - q) - ((v - q) . n) n| <= tangential``). The second test
+    is what marks the template past the edge of an open target: a vertex beyond the boundary,
+    along the surface, is near the boundary points but off to the side of all of them.
+
+    Args:
+        vertices: Template vertices [m], shape (V, 3) (read detached).
+        target_points: Target surface points [m], shape (M, 3), M >= 1.
+        radius: Supervision distance [m], > 0 (about a cell: the template passes within a cell
+            of the target wherever the fit is converged).
+        target_normals: Unit normals of the target points (M, 3) (orientation does not matter),
+            or None.
+        tangential: Largest offset across the normal [m], > 0 (about the target's point spacing
+            or half a cell, whichever is larger), or None (distance test only).
+        tree: Optional ``scipy.spatial.cKDTree`` of ``target_points`` (reused across iterations).
+
+    Returns:
+        (V,) bool on the device of ``vertices``.
+
+    Raises:
+        ValueError: Bad shapes, an empty target, or a radius or tangential tolerance not > 0.
+    """
+    from scipy.spatial import cKDTree
+
+    if vertices.dim() != 2 or vertices.shape[1] != 3:
+        raise ValueError(f"'vertices': expected shape (V, 3), got {tuple(vertices.shape)}")
+    if target_points.dim() != 2 or target_points.shape[1] != 3 or target_points.shape[0] == 0:
+        raise ValueError(f"'target_points': expected shape (M, 3) with M >= 1, got {tuple(target_points.shape)}")
+    if not float(radius) > 0:
+        raise ValueError(f"'radius': expected a distance > 0 [m], got {radius!r}")
+    if tangential is not None and not float(tangential) > 0:
+        raise ValueError(f"'tangential': expected a distance > 0 [m] or None, got {tangential!r}")
+    if target_normals is not None and tuple(target_normals.shape) != tuple(target_points.shape):
+        raise ValueError(f"'target_normals': expected shape {tuple(target_points.shape)}, "
+                         f"got {tuple(target_normals.shape)}")
+    if vertices.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=vertices.device)
+    if tree is None:
+        tree = cKDTree(target_points.detach().cpu().numpy())
+    d, i = tree.query(vertices.detach().cpu().numpy(), k=1, distance_upper_bound=float(radius))
+    near = torch.from_numpy(d <= float(radius))
+    if tangential is not None and target_normals is not None and bool(near.any()):
+        idx = torch.from_numpy(i[near.numpy()]).to(target_points.device)
+        off = (vertices.detach()[near.to(vertices.device)] - target_points[idx]).to(target_normals.dtype)
+        n = target_normals[idx]
+        across = (off - (off * n).sum(-1, keepdim=True) * n).norm(dim=-1)
+        near[near.clone()] = (across <= float(tangential)).cpu()
+    return near.to(vertices.device)
+
+
+def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float) -> MSDFRegularizers:
+    """G-Shell's msdf regularizers on the template vertices.
+
+    Unsupervised template vertices (no target near them) are pushed to ``nu <= -eps`` so that
+    the template is cut away where nothing asks for a surface; supervised ones to ``nu >= +eps``
+    so that the surface is kept, and its boundary pushed outwards, wherever the target is.
+    One-sided (hinge) penalties: past the margin msdf is left to the other terms (it is a
+    distance along the surface and may grow beyond ``eps``); squared, so that the push fades
+    as the margin is reached. Normalized by ``eps^2``, so a vertex at ``nu = 0`` costs 1.
+
+    Args:
+        nu: msdf at the template vertices [m], shape (V,) (e.g. ``template.attributes[:, 0]``);
+            differentiable.
+        supervised: (V,) bool, e.g. from :func:`msdf_supervision`.
+        eps: Margin [m], > 0 (about a cell).
+
+    Returns:
+        :class:`MSDFRegularizers`.
+
+    Raises:
+        ValueError: Mismatched shapes or ``eps`` not > 0.
+    """
+    if nu.dim() != 1:
+        raise ValueError(f"'nu': expected shape (V,), got {tuple(nu.shape)}")
+    if supervised.shape != nu.shape or supervised.dtype != torch.bool:
+        raise ValueError(f"'supervised': expected a bool tensor of shape {tuple(nu.shape)}, "
+                         f"got {supervised.dtype} {tuple(supervised.shape)}")
+    if not float(eps) > 0:
+        raise ValueError(f"'eps': expected a margin > 0 [m], got {eps!r}")
+    eps = float(eps)
+    zero = nu.sum() * 0.0
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean() if x.numel() else zero
+
+    negative = mean(torch.relu(nu[~supervised] + eps).pow(2)) / eps ** 2
+    positive = mean(torch.relu(eps - nu[supervised]).pow(2)) / eps ** 2
+    return MSDFRegularizers(negative, positive)

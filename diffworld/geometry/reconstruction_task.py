@@ -2,7 +2,15 @@
 
 Registered in :data:`diffworld.engine.scene.TASKS` on import. A run writes to its output folder:
 ``scene.yaml`` (resolved), ``log.csv``, ``loss.png``, ``metrics.json``, ``result.ply``,
-``render.png`` (result beside target) and ``checkpoints/`` (``--resume`` continues from them).
+``render.png`` (result beside target) and ``checkpoints/`` (``--resume`` continues from them);
+G-Shell runs also write ``template.ply`` (the watertight template the result was cut from).
+
+Representations: ``grid`` (marching cubes), ``neural`` (DeepMesh gradient), ``flexicubes``
+(node values + per-cube weights + node offsets) and ``gshell`` (FlexiCubes template + manifold
+SDF, for open surfaces). ``metrics.json`` holds the result's distances to the reference, its
+topology and boundary, and baselines from the true field on the final grid where there is one:
+marching cubes (closed targets), FlexiCubes with default weights (flexicubes/gshell on closed
+targets), G-Shell on the open shape's own template and manifold SDF (open registry shapes).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
@@ -19,6 +27,8 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from diffworld.engine.scene.registry import TASKS, Registry
 from diffworld.engine.scene.schema import StrictModel, scene_file
 from diffworld.geometry.reconstruction import (
+    FlexiCubesGrid,
+    GShellGrid,
     GridSDF,
     LossWeights,
     NeuralSDFRepresentation,
@@ -37,7 +47,8 @@ class ShapeTarget(StrictModel):
     """A procedural shape shipped with diffworld (exact SDF known: exact metrics)."""
 
     type: Literal["shape"]
-    shape: str = Field(..., description="Name in the shape registry: genus2, cad_part, sphere, torus.")
+    shape: str = Field(..., description="Name in the shape registry: genus2, cad_part, sphere, torus (closed), "
+                                        "open_cup (an open surface: representation gshell).")
     n_points: PositiveInt = Field(50000, description="Target points sampled on the surface.")
     noise: float = Field(0.0, ge=0, description="Gaussian noise on the target points [m].")
     normals: bool = Field(True, description="Give the reconstruction the (oriented) normals.")
@@ -108,7 +119,41 @@ class NeuralRepresentationConfig(StrictModel):
     init_radius: float = Field(0.35, gt=0)
 
 
-RepresentationConfig = Annotated[Union[GridRepresentationConfig, NeuralRepresentationConfig],
+class FlexiCubesRepresentationConfig(GridRepresentationConfig):
+    """An SDF grid extracted with FlexiCubes, refined coarse to fine like ``grid``.
+
+    Optimized: the node values (at ``optimizer.lr`` cells per step, like ``grid``), the raw
+    per-cube weights beta (12), alpha (8), gamma (1) and the raw node offsets. At a refinement
+    the field is interpolated and the weights and offsets start again from zero (they are per
+    cube / per node of the coarser grid). Mesh terms use FlexiCubes' training mode (4 triangles
+    per quad); ``result.ply`` is the eval-mode mesh (2 triangles per quad, split chosen by gamma).
+    """
+
+    type: Literal["flexicubes"]
+    learn_weights: bool = Field(True, description="Optimize the per-cube weights beta, alpha, gamma.")
+    learn_deform: bool = Field(True, description="Optimize the node offsets (at most half a cell).")
+    weights_lr: float = Field(0.01, gt=0, description="Learning rate of the raw weights [raw units per step] (the "
+                                                     "FlexiCubes reference: 0.01 over 1000 steps; the shipped scenes "
+                                                     "use 0.1 over 60 steps per stage).")
+    deform_lr: float = Field(0.01, gt=0, description="Learning rate of the raw node offsets [raw units per step].")
+
+
+class GShellRepresentationConfig(FlexiCubesRepresentationConfig):
+    """G-Shell on FlexiCubes: a template SDF grid and a manifold-SDF grid; the result is the part
+    of the template where msdf > 0 (an open surface when the target is open)."""
+
+    type: Literal["gshell"]
+    msdf_init: float = Field(1.0, description="Initial msdf everywhere [cells] (> 0: keep the whole template).")
+    msdf_eps: float = Field(1.0, gt=0, description="Margin of the msdf regularizers [cells].")
+    msdf_radius: float = Field(1.0, gt=0, description="Template vertices within this distance of a target "
+                                                      "point are supervised [cells].")
+    msdf_tangential: Optional[float] = Field(0.5, gt=0, description="With target normals, a supervised vertex "
+                                             "must also be within this distance of its nearest point's normal line "
+                                             "[cells] (not past the edge of an open target); None: distance only.")
+
+
+RepresentationConfig = Annotated[Union[GridRepresentationConfig, NeuralRepresentationConfig,
+                                       FlexiCubesRepresentationConfig, GShellRepresentationConfig],
                                  Field(discriminator="type")]
 
 
@@ -121,7 +166,24 @@ class WeightsConfig(StrictModel):
     normal: float = Field(1.0, ge=0, description="1 - cos(field gradient, target normal).")
     eikonal: float = Field(1.0, ge=0, description="(|grad s| - 1)^2.")
     smoothness: float = Field(0.0, ge=0, description="Squared Laplacian (grids).")
-    sign: float = Field(1.0, ge=0, description="Side of the nearest oriented target point, beyond one cell.")
+    sign: float = Field(1.0, ge=0, description="Side of the nearest oriented target point, beyond a margin.")
+    sign_band: Optional[float] = Field(None, gt=0, description="Sign term only within this many cells of the "
+                                                               "target (None: everywhere; open targets need one).")
+    mesh_normal: float = Field(0.0, ge=0, description="1 - cos of mesh-sample vs nearest target normals (1 - |cos| "
+                                                      "for unoriented normals; with chamfer_final_stage_only: finest "
+                                                      "stage only).")
+    dev: float = Field(0.0, ge=0, description="FlexiCubes L_dev [cells] (flexicubes, gshell).")
+    sdf_sign: float = Field(0.0, ge=0, description="FlexiCubes SDF sign regularizer (BCE over cut grid edges; "
+                                                   "flexicubes, gshell).")
+    sdf_sign_final: Optional[float] = Field(None, ge=0, description="Decay sdf_sign linearly to this weight "
+                                                                    "(None: constant).")
+    sdf_sign_until: float = Field(0.25, gt=0, le=1, description="Fraction of each stage over which sdf_sign "
+                                                                "decays to sdf_sign_final.")
+    weight_norm: float = Field(0.0, ge=0, description="Mean |raw| of the surface cubes' FlexiCubes weights "
+                                                      "(flexicubes, gshell).")
+    msdf_negative: float = Field(0.0, ge=0, description="Push msdf to -eps on template vertices no target point "
+                                                        "supervises (gshell).")
+    msdf_positive: float = Field(0.0, ge=0, description="Push msdf to +eps on supervised template vertices (gshell).")
 
 
 class EvaluationConfig(StrictModel):
@@ -149,10 +211,36 @@ class ReconstructionTask(StrictModel):
             raise ValueError(f"bounds: lower must be < upper on every axis, got {self.bounds}")
         return self
 
+    @model_validator(mode="after")
+    def _combinations(self):
+        rep, w = self.representation.type, self.weights
+        for key, allowed in (("dev", FLEXIBLE), ("sdf_sign", FLEXIBLE), ("weight_norm", FLEXIBLE),
+                             ("msdf_negative", ("gshell",)), ("msdf_positive", ("gshell",))):
+            if getattr(w, key) and rep not in allowed:
+                raise ValueError(f"weights.{key}: expected 0 with representation.type {rep!r} (it regularizes "
+                                 f"representation.type {' or '.join(map(repr, allowed))}), got {getattr(w, key)}")
+        if w.sdf_sign_final is not None and not w.sdf_sign:
+            raise ValueError(f"weights.sdf_sign_final: expected it only with weights.sdf_sign > 0 (the start of "
+                             f"the decay), got sdf_sign_final={w.sdf_sign_final} and sdf_sign=0")
+        if self.target.type == "shape" and self.target.shape in OPEN_SHAPES:
+            if rep != "gshell":
+                raise ValueError(f"representation.type: expected 'gshell' for the open target shape "
+                                 f"{self.target.shape!r} (the other representations make closed surfaces), "
+                                 f"got {rep!r}")
+            if w.sign and w.sign_band is None:
+                raise ValueError(f"weights.sign_band: expected a band in cells with weights.sign > 0 and the "
+                                 f"open target shape {self.target.shape!r} (far from an open surface the side of "
+                                 f"its nearest point means nothing), got None")
+        return self
+
 
 # --- shape registry -----------------------------------------------------------------------------
 
 SHAPES = Registry("shape")
+
+
+FLEXIBLE = ("flexicubes", "gshell")  # representations extracted with FlexiCubes
+OPEN_SHAPES = ("open_cup",)  # registry shapes that are open surfaces (shapes.OpenSurface)
 
 
 def _register_shapes() -> None:
@@ -162,6 +250,7 @@ def _register_shapes() -> None:
     SHAPES.register("cad_part", StrictModel, shapes.cad_part)
     SHAPES.register("sphere", StrictModel, lambda: sdf.Sphere(0.35))
     SHAPES.register("torus", StrictModel, lambda: sdf.Torus(0.28, 0.1))
+    SHAPES.register("open_cup", StrictModel, shapes.open_cup)
 
 
 _register_shapes()
@@ -190,8 +279,14 @@ class _Reference:
         gen = torch.Generator().manual_seed(seed)
         self.sdf = None
         self.mesh = None
-        if cfg.type == "shape":
-            self.sdf = SHAPES.builder(cfg.shape)()
+        self.open = None  # a shapes.OpenSurface for open registry shapes
+        if cfg.type == "shape" and isinstance(built := SHAPES.builder(cfg.shape)(), shapes.OpenSurface):
+            self.open = built
+            self.mesh = built.mesh()
+            pts, nrm = built.sample(cfg.n_points, seed=seed, dtype=torch.float64)
+            self.eval_points, self.eval_normals = built.sample(n_eval, seed=seed + 1, dtype=torch.float64)
+        elif cfg.type == "shape":
+            self.sdf = built
             pts, nrm = shapes.surface_points(self.sdf, cfg.n_points, bounds, seed=seed)
             self.eval_points, self.eval_normals = shapes.surface_points(self.sdf, n_eval, bounds, seed=seed + 1)
         elif cfg.type == "mesh":
@@ -225,6 +320,8 @@ class _Reference:
         from diffworld.geometry.grid import Grid
 
         grid = Grid.make(resolution, bounds)
+        if self.open is not None:
+            return None  # no SDF: see baseline_gshell
         if self.sdf is not None:
             from diffworld.geometry.sdf import sample_grid
 
@@ -236,7 +333,58 @@ class _Reference:
         return None
 
 
+    def baseline_gshell(self, resolution: int, bounds, dtype):
+        """G-Shell on the open target's own template SDF and manifold SDF on the final grid (eval
+        mode, default weights): what the representation gives with the true fields."""
+        if self.open is None:
+            return None
+        from diffworld.geometry.grid import Grid
+        from diffworld.geometry.gshell import gshell_flexicubes
+        from diffworld.geometry.sdf import sample_grid
+
+        grid = Grid.make(resolution, bounds)
+        with torch.no_grad():
+            sdf = sample_grid(self.open.template_sdf(), grid, dtype=dtype)
+            msdf = self.open.manifold_sdf(grid.nodes(dtype=dtype).reshape(-1, 3)).reshape(grid.shape)
+            return gshell_flexicubes(sdf, msdf, bounds)
+
+
+def _boundary_loops(edges: torch.Tensor) -> tuple[int, bool]:
+    """Number of loops of a set of boundary edges (B, 2), and whether they chain into simple loops.
+
+    Simple: every boundary vertex starts exactly one boundary edge and ends exactly one (no
+    pinched vertex where two loops touch).
+    """
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if edges.shape[0] == 0:
+        return 0, True
+    e = edges.detach().cpu().numpy()
+    used, inv = np.unique(e.reshape(-1), return_inverse=True)
+    inv = inv.reshape(-1, 2)
+    starts, ends = np.bincount(inv[:, 0], minlength=used.size), np.bincount(inv[:, 1], minlength=used.size)
+    simple = bool((starts == 1).all() and (ends == 1).all())
+    graph = coo_matrix((np.ones(len(inv)), (inv[:, 0], inv[:, 1])), shape=(used.size, used.size))
+    return int(connected_components(graph, directed=False)[0]), simple
+
+
+def _boundary_edges(faces: torch.Tensor) -> torch.Tensor:
+    """Directed edges (B, 2) used by exactly one face (in that face's direction)."""
+    a = faces.reshape(-1)
+    b = faces[:, [1, 2, 0]].reshape(-1)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    n = int(faces.max()) + 1 if faces.numel() else 1
+    _, inv, counts = torch.unique(lo * n + hi, return_inverse=True, return_counts=True)
+    one = counts[inv] == 1
+    return torch.stack([a[one], b[one]], 1)
+
+
 def _metrics(vertices, faces, ref: _Reference, cfg: EvaluationConfig, seed: int) -> dict:
+    """Distances to the reference, topology, and the boundary (edges with one face: their count,
+    loops and length [m]; 0 for a closed mesh; for an open registry shape also the distance to
+    its true boundary [m])."""
     from diffworld.geometry.mesh_ops import mesh_report
     from diffworld.geometry.metrics import mesh_to_points_metrics
 
@@ -248,9 +396,33 @@ def _metrics(vertices, faces, ref: _Reference, cfg: EvaluationConfig, seed: int)
     rep = mesh_report(vertices.detach(), faces)
     out = m.as_dict()
     out.update(vertices=int(vertices.shape[0]), faces=int(faces.shape[0]), watertight=bool(rep.watertight),
-               edge_manifold=bool(rep.edge_manifold), genus=None if rep.genus is None else float(rep.genus),
+               edge_manifold=bool(rep.edge_manifold), consistently_oriented=bool(rep.consistently_oriented),
+               genus=None if rep.genus is None else float(rep.genus),
                components=int(rep.n_components), euler_characteristic=int(rep.euler_characteristic))
+    b = _boundary_edges(faces)
+    loops, simple = _boundary_loops(b)
+    v = vertices.detach().double()
+    out.update(boundary_edges=int(b.shape[0]), boundary_loops=loops, boundary_simple=simple,
+               boundary_length=float((v[b[:, 0]] - v[b[:, 1]]).norm(dim=1).sum()))
+    if ref.open is not None:
+        # Symmetric mean distance [m] between the mesh boundary (its vertices) and the target's
+        # boundary (dense points): where the cut is, not only how long it is.
+        from scipy.spatial import cKDTree
+
+        rim = ref.open.boundary_points(20000).numpy()
+        if b.shape[0]:
+            bv = v[b.reshape(-1).unique()].numpy()
+            d_br = cKDTree(rim).query(bv, k=1)[0]
+            d_rb = cKDTree(bv).query(rim, k=1)[0]
+            out.update(boundary_chamfer_l1=0.5 * float(d_br.mean() + d_rb.mean()),
+                       boundary_hausdorff=float(max(d_br.max(), d_rb.max())))
+        else:
+            out.update(boundary_chamfer_l1=None, boundary_hausdorff=None)
     return out
+
+
+def _cells(value: float | None, cell: float) -> float | None:
+    return None if value is None else value * cell
 
 
 def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, *, resume: bool = False,
@@ -268,14 +440,24 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
     target = ReconstructionTarget(ref.target.points.to(device), None if ref.target.normals is None
                                   else ref.target.normals.to(device), ref.target.oriented)
     w = task.weights
-    weights = LossWeights(w.chamfer, w.surface, w.normal, w.eikonal, w.smoothness, w.sign)
+    weights = LossWeights(**{f.name: getattr(w, f.name) for f in dataclasses.fields(LossWeights)})
     base_settings = scene.optimizer.model_dump()
     init = Sphere(task.representation.init_radius).to(dtype)
 
     rep_cfg = task.representation
-    if rep_cfg.type == "grid":
-        stages = [(f"grid{r}", r) for r in rep_cfg.resolutions]
+    staged = rep_cfg.type in ("grid", *FLEXIBLE)
+    if staged:
+        stages = [(f"{rep_cfg.type}{r}", r) for r in rep_cfg.resolutions]
         rep = GridSDF.from_field(init, rep_cfg.resolutions[0], task.bounds, dtype, device)
+        if rep_cfg.type in FLEXIBLE:
+            opts = {"learn_weights": rep_cfg.learn_weights, "learn_deform": rep_cfg.learn_deform}
+            if rep_cfg.type == "gshell":
+                h = rep.cell
+                rep = GShellGrid(rep.values, torch.full_like(rep.values, rep_cfg.msdf_init * h), task.bounds,
+                                 msdf_eps=rep_cfg.msdf_eps * h, msdf_radius=rep_cfg.msdf_radius * h,
+                                 msdf_tangential=_cells(rep_cfg.msdf_tangential, h), **opts)
+            else:
+                rep = FlexiCubesGrid(rep.values, task.bounds, **opts)
     else:
         from diffworld.geometry.neural_sdf import NeuralSDF
 
@@ -287,21 +469,33 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
     t0 = time.perf_counter()
     history = []
     for i, (stage, res) in enumerate(stages):
-        if rep_cfg.type == "grid" and i > 0:
+        if staged and i > 0:
             rep = rep.upsampled(res)
+            if rep_cfg.type == "gshell":
+                # msdf margins and supervision radius are in cells of the current grid.
+                rep.msdf_eps, rep.msdf_radius = rep_cfg.msdf_eps * rep.cell, rep_cfg.msdf_radius * rep.cell
+                rep.msdf_tangential = _cells(rep_cfg.msdf_tangential, rep.cell)
         if not optimize:
             break
         stage_weights = weights
         if w.chamfer_final_stage_only and i < len(stages) - 1:
-            stage_weights = dataclasses.replace(weights, chamfer=0.0)
+            stage_weights = dataclasses.replace(weights, chamfer=0.0, mesh_normal=0.0)
         # Grid learning rates are in cells per step, so every resolution moves alike.
         lr = base_settings["lr"]
-        if rep_cfg.type == "grid":
-            lr *= rep.cell * (rep_cfg.final_lr_scale if i == len(stages) - 1 else 1.0)
+        scale = 1.0
+        if staged:
+            scale = rep_cfg.final_lr_scale if i == len(stages) - 1 else 1.0
+            lr *= rep.cell * scale
         settings = OptimizerSettings(**{**base_settings, "lr": lr, "seed": scene.seed})
-        result = run_optimizer(rep.parameters(),
-                               lambda it: reconstruction_losses(rep, target, stage_weights, task.samples, gen),
-                               settings, out_dir, stage=stage, resume=resume, progress=progress)
+        params = rep.parameters()
+        if rep_cfg.type in FLEXIBLE:
+            params = rep.parameter_groups(lr, rep_cfg.weights_lr * scale, rep_cfg.deform_lr * scale)
+        n_it = max(settings.iterations, 1)
+        result = run_optimizer(params,
+                               lambda it: reconstruction_losses(rep, target, stage_weights, task.samples, gen,
+                                                                progress=it / n_it),
+                               settings, out_dir, stage=stage, resume=resume, progress=progress,
+                               projection=getattr(rep, "project", None))
         history.extend(result.history)
     fit_seconds = time.perf_counter() - t0
 
@@ -317,11 +511,28 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         base = marching_cubes(base_values, task.bounds)
         metrics["baseline_marching_cubes_true_sdf"] = _metrics(base.vertices, base.faces, ref, task.evaluation,
                                                                scene.seed)
+        if rep_cfg.type in FLEXIBLE:
+            from diffworld.geometry.flexicubes import flexicubes
+
+            try:
+                base = flexicubes(base_values, task.bounds)
+            except ValueError as exc:  # a true surface that leaves the grid: no closed FlexiCubes mesh
+                metrics["baseline_flexicubes_true_sdf"] = {"error": str(exc)}
+            else:
+                metrics["baseline_flexicubes_true_sdf"] = _metrics(base.vertices, base.faces, ref, task.evaluation,
+                                                                   scene.seed)
+    if ref.open is not None:
+        metrics["target_boundary_length"] = ref.open.boundary_length()
+        base = ref.baseline_gshell(final_res, task.bounds, torch.float64)
+        metrics["baseline_gshell_true_fields"] = _metrics(base.vertices, base.faces, ref, task.evaluation,
+                                                          scene.seed)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if scene.output.save_mesh and mesh.faces.shape[0]:
         from diffworld.engine.io import save_mesh
 
         save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
+        if rep_cfg.type == "gshell":  # the watertight template the open surface was cut from
+            save_mesh(out_dir / "template.ply", mesh.template.vertices.detach().cpu(), mesh.template.faces.cpu())
     if scene.output.render and mesh.faces.shape[0]:
         from diffworld.engine.render import render_side_by_side
 

@@ -11,8 +11,10 @@ from diffworld.engine.cli import app
 from diffworld.engine.scene import SceneError, load_scene, scene_json_schema
 
 ALL_SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("*.yaml"))
-# Reconstruction scenes here; simulation scenes have their own reduced runs (test_mpm_scenes.py).
-SCENES = [p for p in ALL_SCENES if not p.stem.startswith("mpm_")]
+# Reconstruction scenes on marching cubes here; simulation scenes (test_mpm_scenes.py) and the
+# FlexiCubes / G-Shell scenes (test_isosurface_scenes.py) have their own reduced runs.
+SCENES = [p for p in ALL_SCENES if not p.stem.startswith("mpm_")
+          and load_scene(p).task.representation.type in ("grid", "neural")]
 runner = CliRunner()
 
 
@@ -94,6 +96,18 @@ task:
         (BASE.replace("version: 1", "version: 7"), "version"),
         (BASE.replace("target: {type: shape, shape: sphere}", "target: {type: mesh, path: missing.obj}"),
          "task.target.path"),
+        (BASE.replace("type: grid, resolutions: [8]", "type: flexicubes, resolutions: [8], weights_lr: 0"),
+         "task.representation.weights_lr: Input should be greater than 0 (given: 0)"),
+        (BASE + "  weights: {dev: 0.5}\n", "weights.dev: expected 0 with representation.type 'grid'"),
+        (BASE.replace("type: grid", "type: flexicubes") + "  weights: {msdf_negative: 1.0}\n",
+         "weights.msdf_negative: expected 0 with representation.type 'flexicubes'"),
+        (BASE.replace("type: grid", "type: flexicubes") + "  weights: {sdf_sign_final: 0.01}\n",
+         "weights.sdf_sign_final: expected it only with weights.sdf_sign > 0"),
+        (BASE.replace("shape: sphere", "shape: open_cup"),
+         "representation.type: expected 'gshell' for the open target shape 'open_cup'"),
+        (BASE.replace("shape: sphere", "shape: open_cup").replace("type: grid", "type: gshell"),
+         "weights.sign_band: expected a band in cells"),
+        (BASE.replace("type: grid", "type: gshell") + "  weights: {sign_band: -1}\n", "task.weights.sign_band"),
         ("version: 1\ntask: [1, 2\n", "invalid YAML"),
         ("- just\n- a list\n", "expected a mapping"),
     ],
