@@ -34,6 +34,11 @@ bench: $(STAMP)
 	# The MPM baseline is Taichi (FluidLab's formulation); --quick skips the long memory runs.
 	$(PY) -m pip install -q 'taichi==1.7.4'
 	$(PY) benchmarks/mpm.py --quick
+	# FlexiCubes vs the public nv-tlabs implementation when DIFFWORLD_FLEXICUBES_REF names a folder
+	# holding its flexicubes.py and tables.py (not shipped here), else vs our marching cubes.
+	$(PY) benchmarks/flexicubes.py
+	$(PY) benchmarks/gshell.py
+	$(PY) benchmarks/isosurface_quality.py
 
 clean:
 	rm -rf build runs .cache .pytest_cache

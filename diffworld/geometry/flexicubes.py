@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from diffworld.geometry import flexicubes_tables as T
 from diffworld.geometry.flexicubes_tets import tetrahedralize
@@ -264,7 +265,9 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     key = ((start[:, 0] * res[1] + start[:, 1]) * res[2] + start[:, 2])[:, None] + off_lin[axis]  # (Q, 4)
     pos = torch.searchsorted(lin, key)  # (Q, 4) row of each cube in `cubes`
     case_edge = c_case[pos] * 12 + slot_edge[axis]  # (Q, 4) index into the (case, edge) tables
-    vid = first_vert[pos] + edge_group[case_edge]  # (Q, 4) dual vertex of each (edge, cube) pair
+    # (Q, 4) dual vertex of each (edge, cube) pair; int32 (V < 2^31): autograd keeps it for every
+    # gather below, and half the bytes is a visible share of the peak at 256^3.
+    vid = (first_vert[pos] + edge_group[case_edge]).to(torch.int32)
 
     # End nodes, values and (deformed) positions, once per cut grid edge.
     n_shape = sdf.shape
@@ -301,6 +304,9 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     unit = torch.eye(3, dtype=torch.int64, device=dev)
     end_idx = torch.stack([start, start + unit[axis]], 1)  # (Q, 2, 3)
     x2 = node_position(end_idx, nodes)  # (Q, 2, 3)
+    # Locals live until the return: temporaries are dropped as soon as they are used, so that
+    # later steps reuse their memory (at 256^3 they add up to about a quarter of the peak).
+    del end_idx, node0
     n_attr = 0
     if attributes is not None:
         # Carried as extra coordinates: every interpolation below treats them like x, y, z.
@@ -316,49 +322,70 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         row_of, cube_row = pos, torch.arange(M, device=dev)
     else:
         row_of, cube_row = key, lin
-    # Plain (unweighted) crossing, one per grid edge: L_dev measures against it; without alpha it
-    # is also every cube's weighted crossing.
-    u1 = (xa * sb[:, None] - xb * sa[:, None]) / (sb - sa)[:, None]  # (Q, 3 + k)
-    u_plain = u1[:, :3]
+    a_raw = b_raw = None
     if alpha is not None:
         corner = (row_of[..., None] * 8 + slot_corners[axis]).reshape(-1)  # (Q * 4 * 2,)
         a_raw = alpha.reshape(-1).index_select(0, corner).view(Q, 4, 2)
         _check_finite("alpha", a_raw)
-        a_w = 1 + 0.99 * torch.tanh(a_raw)
-        wa, wb = a_w[..., 0] * sa[:, None], a_w[..., 1] * sb[:, None]  # (Q, 4)
-        # weighted crossing of each (edge, cube) pair (alpha is per cube: 4 crossings per edge)
-        u = (xa[:, None] * wb[..., None] - xb[:, None] * wa[..., None]) / (wb - wa)[..., None]  # (Q, 4, 3 + k)
-    else:
-        u = u1[:, None].expand(Q, 4, width)
-    # Dual vertices: beta-weighted mean of the crossings of their edges (scatter-add per vertex).
-    flat_vid = vid.reshape(-1)
-    n_e = torch.bincount(flat_vid, minlength=V).to(dtype)  # cut edges per dual vertex (3..7)
+        del corner
     if beta is not None:
         b_raw = beta.reshape(-1).index_select(0, (row_of * 12 + slot_edge[axis]).reshape(-1)).view(Q, 4)
         _check_finite("beta", b_raw)
-        b_w = 1 + 0.99 * torch.tanh(b_raw)
-        terms = torch.cat([b_w[..., None] * u, b_w[..., None]], -1).reshape(-1, width + 1)
-        acc = u.new_zeros((V, width + 1)).index_add(0, flat_vid, terms)
-        v_all = acc[:, :width] / acc[:, width:].clamp_min(1e-30)  # (V, 3 + k)
-    else:
-        v_all = u.new_zeros((V, width)).index_add(0, flat_vid, u.reshape(-1, width)) / n_e[:, None]
+    flat_vid = vid.reshape(-1)
+    n_e = torch.bincount(flat_vid, minlength=V).to(dtype)  # cut edges per dual vertex (3..7)
 
-    # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
-    vq = v_all[vid]  # (Q, 4, 3 + k), also the quad corners below
-    d = (u_plain[:, None] - vq[..., :3]).norm(dim=-1)  # (Q, 4)
-    mean_d = d.new_zeros(V).index_add(0, flat_vid, d.reshape(-1)) / n_e
-    dev_pair = (d - mean_d[vid]).reshape(-1)
+    def dual_vertices(xa, xb, sa, sb, a_raw, b_raw):
+        """Dual vertices (V, 3 + k) and the signed L_dev terms (Q * 4,) of every (edge, cube) pair."""
+        # Plain (unweighted) crossing, one per grid edge: L_dev measures against it; without
+        # alpha it is also every cube's weighted crossing.
+        u1 = (xa * sb[:, None] - xb * sa[:, None]) / (sb - sa)[:, None]  # (Q, 3 + k)
+        if a_raw is not None:
+            a_w = 1 + 0.99 * torch.tanh(a_raw)
+            wa, wb = a_w[..., 0] * sa[:, None], a_w[..., 1] * sb[:, None]  # (Q, 4)
+            # weighted crossing of each (edge, cube) pair (alpha is per cube: 4 crossings per edge)
+            u = (xa[:, None] * wb[..., None] - xb[:, None] * wa[..., None]) / (wb - wa)[..., None]  # (Q, 4, 3 + k)
+            del a_w, wa, wb
+        else:
+            u = u1[:, None].expand(Q, 4, width)
+        # Dual vertices: beta-weighted mean of the crossings of their edges (scatter-add per vertex).
+        if b_raw is not None:
+            b_w = 1 + 0.99 * torch.tanh(b_raw)
+            terms = torch.cat([b_w[..., None] * u, b_w[..., None]], -1).reshape(-1, width + 1)
+            del b_w, u
+            acc = terms.new_zeros((V, width + 1)).index_add(0, flat_vid, terms)
+            del terms
+            v_all = acc[:, :width] / acc[:, width:].clamp_min(1e-30)  # (V, 3 + k)
+            del acc
+        else:
+            v_all = u.new_zeros((V, width)).index_add(0, flat_vid, u.reshape(-1, width)) / n_e[:, None]
+            del u
+        # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
+        d = (u1[:, None, :3] - v_all[vid][..., :3]).norm(dim=-1)  # (Q, 4)
+        mean_d = d.new_zeros(V).index_add(0, flat_vid, d.reshape(-1)) / n_e
+        return v_all, (d - mean_d[vid]).reshape(-1)
+
+    inputs = (xa, xb, sa, sb, a_raw, b_raw)
+    del a_raw, b_raw
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        # Recomputed in the backward pass instead of keeping its (Q, 4, 3) intermediates alive
+        # from here to the backward: elementwise work, cheap to redo.
+        v_all, dev_pair = torch.utils.checkpoint.checkpoint(dual_vertices, *inputs, use_reentrant=False)
+    else:
+        v_all, dev_pair = dual_vertices(*inputs)
+    del inputs
+    vq = v_all[vid]  # (Q, 4, 3 + k): the quad corners
     # Returned per (dual vertex, edge) in vertex order, each vertex's edges in contour order:
     # the pair's rank is the cube's first pair plus the edge's rank within its case.
     pair_first = torch.cumsum(n_cut[c_case], 0) - n_cut[c_case]
     rank = (pair_first[pos] + edge_rank[case_edge]).reshape(-1)
     order = torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.shape[0], device=dev))
     l_dev = dev_pair[order].abs()
+    del dev_pair, pair_first, rank, order, case_edge, key, row_of, nodes
 
     # Quads around the cut grid edges: the 4 cubes counter-clockwise about +axis; reversed when
     # the start node is outside, so that the normals point to positive values.
     start_in = sa.detach() < 0
-    quad = torch.where(start_in[:, None], vid, vid.flip(1))
+    quad = torch.where(start_in[:, None], vid, vid.flip(1)).long()
     if gamma is not None:
         g_raw = gamma.reshape(-1).index_select(0, cube_row)  # (M,): one value per surface cube
         _check_finite("gamma", g_raw)
