@@ -242,16 +242,19 @@ def _refine_nodes(positions: torch.Tensor, first_node: int, nodes: torch.Tensor,
     return offset
 
 
-def _conforming(tets: torch.Tensor, fast: bool = False) -> bool:
-    """Whether no face of ``tets`` is used by more than two of them, or twice the same way round.
-    ``fast``: vertex ids fit in 21 bits, so a face is keyed by one int64 (a 1-D unique)."""
+def _conforming(tets: torch.Tensor) -> bool:
+    """Whether no face of ``tets`` is used by more than two of them, or twice the same way round."""
+    if tets.shape[0] == 0:
+        return True
     faces = torch.cat([tets[:, [1, 2, 3]], tets[:, [0, 3, 2]], tets[:, [0, 1, 3]], tets[:, [0, 2, 1]]])
     key, order = faces.sort(1)
     parity = ((order[:, 0] > order[:, 1]).long() + (order[:, 0] > order[:, 2]).long()
               + (order[:, 1] > order[:, 2]).long()) % 2
-    if fast:
+    if int(key[:, 2].max()) < (1 << 21):
+        # Vertex ids fit in 21 bits: a face is one int64 and the unique is 1-D (10x faster than
+        # unique over rows, which dominated the merge loop).
         key = (key[:, 0] << 42) | (key[:, 1] << 21) | key[:, 2]
-    _, inv, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    _, inv, count = torch.unique(key, dim=0 if key.dim() > 1 else None, return_inverse=True, return_counts=True)
     signed = torch.zeros(count.shape[0], dtype=torch.int64, device=tets.device).index_add_(0, inv, 1 - 2 * parity)
     return not bool(((count > 2) | ((count == 2) & (signed != 0))).any())
 
@@ -618,7 +621,7 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
             break
         rep, member = _merge_step(assemble, positions, V, edge_a, edge_b, edge_p, nodes, member, tets, floor)
     n_bad, tets, node_pos = best
-    if best is not first and not _conforming(tets, fast=V + N + full.shape[0] + hub_pos.shape[0] < (1 << 21)):
+    if best is not first and not _conforming(tets):
         n_bad, tets, node_pos = first  # merges that interact badly: the unmerged mesh is always conforming
     if n_bad:
         warnings.warn(f"flexicubes: {n_bad} of {tets.shape[0]} tetrahedra are flat or inverted (volume under "
