@@ -109,6 +109,8 @@ def test_tet_tables_facts():
     assert ((slot_groups.sum(-1) == 1).sum()) == 0
 
 
+# A 6^3 sphere with random offsets has a few near-flat tets (warned); the gradients are exact anyway.
+@pytest.mark.filterwarnings("ignore:flexicubes.*flat or inverted")
 def test_gradients_match_float64_finite_differences():
     res = 6
     s0 = _field("sphere", res)
