@@ -43,7 +43,14 @@ everything (in every child process):
   and imports excluded. Without the reset (old kernels) the growth of ``ru_maxrss`` over the
   RSS before the call is reported (its high-water mark may predate the call: then the number is
   a lower bound, marked ``~``). With ``--device cuda`` the torch allocator's peak over the
-  memory allocated before the call is reported as well;
+  memory allocated before the call is reported as well. glibc's malloc keeps freed heap
+  memory for reuse (its mmap threshold rises to the largest block freed, up to 32 MiB, so
+  mid-sized tensors come from the heap and their pages stay resident after they are freed):
+  for an implementation made of many mid-sized tensors the default RSS peak is about twice the
+  memory it holds at once (ours at 256^3: about 380 MB against 183 MB held). ``--malloc tight``
+  runs the memory children with ``MALLOC_TRIM_THRESHOLD_=0 MALLOC_MMAP_THRESHOLD_=131072`` (both
+  implementations), so that the RSS peak is the memory held; the same settings cost ours about
+  40 % more time (fresh pages for every temporary), so the timing child keeps the defaults;
 * times, in one more child that runs both implementations in alternation (so both see the same
   load on a shared machine): forward = one extraction call; forward+backward = the call, the
   loss ``vertices.square().sum() + l_dev.mean()`` (marching cubes: without ``l_dev``) and
@@ -278,6 +285,8 @@ def run_child(script: pathlib.Path, job: dict, timeout: float, max_rss_bytes: fl
     env = dict(os.environ)
     env.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if job.get("task") == "memory" and job.get("malloc") == "tight":
+        env.update(MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, str(script), "--worker", json.dumps(job)],
                                 stdout=out, stderr=err, text=True, env=env)
@@ -593,7 +602,9 @@ def print_table(rows: list[dict], args, reference: str | None) -> bool:
     print(f"timing  : best of up to {args.repeat} forward+backward rounds, implementations alternating in one process "
           f"(no new round after {args.budget:.0f} s); loss = vertices.square().sum() + l_dev.mean()")
     print("clock   : " + CLOCK_NOTE[args.device == "cpu"])
-    print("memory  : peak RSS growth of the first forward+backward in a fresh process [MiB], inputs excluded")
+    print("memory  : peak RSS growth of the first forward+backward in a fresh process [MiB], inputs excluded; "
+          + ("glibc malloc defaults (freed heap memory is kept for reuse)" if args.malloc == "default" else
+             "glibc malloc tight (MALLOC_TRIM_THRESHOLD_=0, MALLOC_MMAP_THRESHOLD_=128 KiB: RSS = memory held)"))
     if reference and args.device == "cpu":
         print(f"targets : speedup >= {SPEEDUP_TARGET:g}x (fwd and fwd+bwd) at {SPEEDUP_RES}^3; "
               f"memory ratio <= {MEMORY_TARGET:g} at {MEMORY_RES}^3")
@@ -684,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public-grid-max-res", type=int, default=128,
                         help="largest n for which the public construct_voxel_grid is run (above: index arithmetic)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc", default="default", choices=["default", "tight"],
+                        help="glibc malloc in the memory children: 'default', or 'tight' (MALLOC_TRIM_THRESHOLD_=0, "
+                             "MALLOC_MMAP_THRESHOLD_=128 KiB: freed memory goes back to the system, so the RSS peak "
+                             "is the memory an implementation holds rather than what glibc keeps after frees)")
     parser.add_argument("--weights", default="lookup", choices=["lookup", "dense"],
                         help="how ours gets its raw weights and offsets: tables over a band of cubes around the "
                              "surface through weights=/deform= functions (default), or the dense tensors")
@@ -714,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         for mode in args.modes:
             job = dict(size=n, mode=mode, device=args.device, repeat=args.repeat, budget=args.budget,
-                       seed=args.seed, weights=args.weights, reference=reference,
+                       seed=args.seed, weights=args.weights, malloc=args.malloc, reference=reference,
                        public_grid_max_res=args.public_grid_max_res)
             run = lambda extra: run_child(script, dict(job, **extra), args.timeout,  # noqa: E731
                                           args.max_rss_gb * 2**30)
