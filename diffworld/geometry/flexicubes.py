@@ -1,4 +1,4 @@
-"""FlexiCubes (Shen et al. 2023): a dual isosurface with learnable weights, in torch (reference).
+"""FlexiCubes (Shen et al. 2023): a dual isosurface with learnable weights, sparse (surface cubes only).
 
 One *dual vertex* per connected piece of the surface inside each cube (groups of cut edges from
 :mod:`diffworld.geometry.flexicubes_tables`), placed at a weighted mean of the crossings on its
@@ -11,9 +11,11 @@ moves each crossing, ``1 + 0.99 tanh(raw)``; ``gamma`` (1 per cube) chooses and 
 split, ``0.99 sigmoid(raw) + 0.005``. ``deform`` moves the grid nodes by at most half a cell,
 ``(0.5 - 1e-8) h tanh(raw)``. All optional (all-ones weights, no deformation: a plain dual mesh).
 
-Work and memory beyond the node values are proportional to the surface: only cubes with a sign
-change are gathered (found by integer ops over the node signs), and weights given per cube are
-read only there. Everything after the sign scan is differentiable torch (autograd).
+Work and memory beyond the node values are proportional to the surface: a Warp kernel scans the
+node signs once and finds the cubes with a sign change; weights given per cube are read only
+there. After the scan, the dual vertices and L_dev distances are Warp kernels with a hand-written
+adjoint (:mod:`diffworld.geometry.kernels_flexicubes_dual`, which keeps no per-(edge, cube)
+intermediates for the backward pass); the rest is torch (autograd), one row per cut grid edge.
 
 Conventions: node grid (nx+1, ny+1, nz+1) over ``bounds``; negative inside; faces oriented with
 normals towards positive values (outward for an SDF).
@@ -26,12 +28,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 
 from diffworld.geometry import flexicubes_tables as T
 from diffworld.geometry.flexicubes_tets import tetrahedralize
 from diffworld.geometry.grid import Grid, check_node_values, cube_cases, node_attributes
 from diffworld.geometry.kernels_flexicubes import surface_scan
+from diffworld.geometry.kernels_flexicubes_dual import dual_vertices
 from diffworld.geometry.mc_tables import EDGE_CORNERS
 
 __all__ = ["FlexiCubesMesh", "flexicubes", "sdf_sign_loss"]
@@ -312,7 +314,6 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         # Carried as extra coordinates: every interpolation below treats them like x, y, z.
         n_attr = attributes.shape[-1]
         x2 = torch.cat([x2, attributes.reshape(-1, n_attr).index_select(0, nodes.reshape(-1)).view(Q, 2, n_attr)], -1)
-    width = 3 + n_attr
     xa, xb = x2[:, 0], x2[:, 1]  # (Q, 3 + k)
 
     # Raw per-cube weights: dense tensors are read at (cube linear id, entry), lookup results at
@@ -334,45 +335,17 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     flat_vid = vid.reshape(-1)
     n_e = torch.bincount(flat_vid, minlength=V).to(dtype)  # cut edges per dual vertex (3..7)
 
-    def dual_vertices(xa, xb, sa, sb, a_raw, b_raw):
-        """Dual vertices (V, 3 + k) and the signed L_dev terms (Q * 4,) of every (edge, cube) pair."""
-        # Plain (unweighted) crossing, one per grid edge: L_dev measures against it; without
-        # alpha it is also every cube's weighted crossing.
-        u1 = (xa * sb[:, None] - xb * sa[:, None]) / (sb - sa)[:, None]  # (Q, 3 + k)
-        if a_raw is not None:
-            a_w = 1 + 0.99 * torch.tanh(a_raw)
-            wa, wb = a_w[..., 0] * sa[:, None], a_w[..., 1] * sb[:, None]  # (Q, 4)
-            # weighted crossing of each (edge, cube) pair (alpha is per cube: 4 crossings per edge)
-            u = (xa[:, None] * wb[..., None] - xb[:, None] * wa[..., None]) / (wb - wa)[..., None]  # (Q, 4, 3 + k)
-            del a_w, wa, wb
-        else:
-            u = u1[:, None].expand(Q, 4, width)
-        # Dual vertices: beta-weighted mean of the crossings of their edges (scatter-add per vertex).
-        if b_raw is not None:
-            b_w = 1 + 0.99 * torch.tanh(b_raw)
-            terms = torch.cat([b_w[..., None] * u, b_w[..., None]], -1).reshape(-1, width + 1)
-            del b_w, u
-            acc = terms.new_zeros((V, width + 1)).index_add(0, flat_vid, terms)
-            del terms
-            v_all = acc[:, :width] / acc[:, width:].clamp_min(1e-30)  # (V, 3 + k)
-            del acc
-        else:
-            v_all = u.new_zeros((V, width)).index_add(0, flat_vid, u.reshape(-1, width)) / n_e[:, None]
-            del u
-        # L_dev: distance of each dual vertex to its edges' plain crossings, vs their mean.
-        d = (u1[:, None, :3] - v_all[vid][..., :3]).norm(dim=-1)  # (Q, 4)
-        mean_d = d.new_zeros(V).index_add(0, flat_vid, d.reshape(-1)) / n_e
-        return v_all, (d - mean_d[vid]).reshape(-1)
-
-    inputs = (xa, xb, sa, sb, a_raw, b_raw)
+    # Dual vertices (beta-weighted means of the alpha-weighted crossings of their edges) and the
+    # L_dev distances (each pair's dual vertex to the edge's plain crossing), in Warp kernels
+    # whose backward recomputes the crossings: no (Q, 4, 3) tensor is kept (kernels_flexicubes_dual).
+    a_w = 1 + 0.99 * torch.tanh(a_raw) if a_raw is not None else xa.new_ones((Q, 4, 2))
+    b_w = 1 + 0.99 * torch.tanh(b_raw) if b_raw is not None else xa.new_ones((Q, 4))
     del a_raw, b_raw
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        # Recomputed in the backward pass instead of keeping its (Q, 4, 3) intermediates alive
-        # from here to the backward: elementwise work, cheap to redo.
-        v_all, dev_pair = torch.utils.checkpoint.checkpoint(dual_vertices, *inputs, use_reentrant=False)
-    else:
-        v_all, dev_pair = dual_vertices(*inputs)
-    del inputs
+    v_all, d = dual_vertices(xa, xb, sa, sb, a_w, b_w, vid, V)
+    del a_w, b_w
+    mean_d = d.new_zeros(V).index_add(0, flat_vid, d.reshape(-1)) / n_e
+    dev_pair = (d - mean_d[vid]).reshape(-1)
+    del d, mean_d
     vq = v_all[vid]  # (Q, 4, 3 + k): the quad corners
     # Returned per (dual vertex, edge) in vertex order, each vertex's edges in contour order:
     # the pair's rank is the cube's first pair plus the edge's rank within its case.
