@@ -27,6 +27,8 @@ from diffworld.engine.bridge import launch, to_warp
 from diffworld.engine.runtime import init_warp
 
 init_warp()
+# The adjoint is written by hand below (it recomputes instead of storing): Warp's is not needed.
+wp.set_module_options({"enable_backward": False})
 
 
 @wp.kernel
