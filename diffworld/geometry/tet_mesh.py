@@ -1,4 +1,4 @@
-"""Tetrahedral meshes: signed volumes, a validity report, and files FEM tools read (VTK).
+"""Tetrahedral meshes: signed volumes, element quality, a validity report, and files FEM tools read (VTK).
 
 A tet ``(a, b, c, d)`` is positively oriented when ``det(b - a, c - a, d - a) > 0``; its faces,
 oriented outwards, are ``(b, c, d)``, ``(a, d, c)``, ``(a, b, d)`` and ``(a, c, b)``.
@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["TetReport", "load_tet_mesh", "save_tet_mesh", "tet_report", "tet_volumes"]
+__all__ = ["TetQuality", "TetReport", "load_tet_mesh", "save_tet_mesh", "tet_quality", "tet_report", "tet_volumes"]
 
 _FACES = ((1, 2, 3), (0, 3, 2), (0, 1, 3), (0, 2, 1))
 
@@ -21,6 +21,59 @@ def tet_volumes(vertices: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
     """Signed volumes (T,) [m^3] of tets (T, 4) over vertices (V, 3); differentiable."""
     p = vertices[tets]
     return torch.linalg.det(p[:, 1:] - p[:, :1]) / 6
+
+
+# For each of the 6 edges (i, j): the two other corners (k, l); the edge is shared by the faces
+# opposite k and opposite l.
+_EDGE_OPPOSITE = ((2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 1))  # edges 01, 02, 03, 12, 13, 23
+
+
+class TetQuality(NamedTuple):
+    """Per-tet shape measures (see :func:`tet_quality`); all (T,).
+
+    Attributes:
+        mean_ratio: ``12 (3 |V|)^(2/3) / sum of squared edge lengths``, signed like the volume: 1
+            for a regular tet, 0 for a flat one, negative for an inverted one. Scale-invariant.
+        min_dihedral: Smallest of the 6 interior dihedral angles [rad].
+        max_dihedral: Largest of them [rad].
+    """
+
+    mean_ratio: torch.Tensor
+    min_dihedral: torch.Tensor
+    max_dihedral: torch.Tensor
+
+
+def tet_quality(vertices: torch.Tensor, tets: torch.Tensor) -> TetQuality:
+    """Shape quality of each tet, differentiable in the vertices (away from flat tets).
+
+    FEM cares about both measures: the mean ratio (Liu and Joe 1994) bounds the conditioning of a
+    linear element's stiffness, and dihedral angles near 0 or 180 degrees (slivers, caps) make
+    its gradients large. A regular tet has mean ratio 1 and all dihedral angles arccos(1/3)
+    (70.53 degrees).
+
+    Args:
+        vertices: (V, 3) [m].
+        tets: (T, 4) int64, positively oriented (see the module).
+
+    Returns:
+        :class:`TetQuality`.
+    """
+    p = vertices[tets]  # (T, 4, 3)
+    e = p[:, 1:] - p[:, :1]
+    vol = torch.linalg.det(e) / 6
+    # all 6 edges: 01 02 03 from e, then 12 13 23
+    edges = torch.cat([e, (p[:, [2, 3, 3]] - p[:, [1, 1, 2]])], 1)  # (T, 6, 3)
+    sum_l2 = edges.square().sum((1, 2))
+    mean_ratio = 12 * torch.sign(vol) * (3 * vol.abs()).pow(2 / 3) / sum_l2.clamp_min(torch.finfo(p.dtype).tiny)
+    # Outward normals of the faces opposite each corner; interior dihedral angle at an edge is
+    # pi minus the angle between the outward normals of its two faces.
+    normals = torch.stack([torch.linalg.cross(p[:, b] - p[:, a], p[:, c] - p[:, a]) for a, b, c in _FACES], 1)
+    normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    k, m = torch.tensor(_EDGE_OPPOSITE, device=tets.device).unbind(1)
+    cos = -(normals[:, k] * normals[:, m]).sum(-1)  # (T, 6)
+    # acos' is infinite at +-1: clamp just inside so that degenerate tets keep finite gradients
+    angles = torch.acos(cos.clamp(-1 + 1e-12, 1 - 1e-12))
+    return TetQuality(mean_ratio, angles.min(1).values, angles.max(1).values)
 
 
 class TetReport(NamedTuple):
@@ -36,6 +89,10 @@ class TetReport(NamedTuple):
         boundary_is_surface: Whether the boundary faces, oriented, are exactly the given surface
             triangles (None when no surface was given).
         n_unreferenced_vertices: Vertices no tet uses.
+        min_mean_ratio: Smallest mean ratio (see :class:`TetQuality`; 1 regular, <= 0 flat or
+            inverted); 0 for an empty mesh.
+        min_dihedral_deg: Smallest dihedral angle of any tet [deg].
+        max_dihedral_deg: Largest dihedral angle of any tet [deg].
     """
 
     n_tets: int
@@ -46,6 +103,9 @@ class TetReport(NamedTuple):
     n_bad_interior_faces: int
     boundary_is_surface: bool | None
     n_unreferenced_vertices: int
+    min_mean_ratio: float = 0.0
+    min_dihedral_deg: float = 0.0
+    max_dihedral_deg: float = 0.0
 
     @property
     def valid(self) -> bool:
@@ -97,13 +157,17 @@ def tet_report(vertices: torch.Tensor, tets: torch.Tensor, surface: torch.Tensor
         border = torch.argsort(b_key[:, 0] * (1 << 42) + b_key[:, 1] * (1 << 21) + b_key[:, 2])
         boundary_is_surface = (b_key.shape[0] == s_key.shape[0]
                                and bool((b_key[border] == s_key).all()) and bool((b_sign[border] == s_sign).all()))
+    quality = tet_quality(vertices.detach(), tets) if tets.shape[0] else None
     used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=tets.device)
     used[tets.reshape(-1)] = True
     return TetReport(
         n_tets=int(tets.shape[0]), n_inverted=int((vol <= 0).sum()),
         min_volume=float(vol.min()) if vol.numel() else 0.0, volume=float(vol.sum()),
         n_boundary_faces=int(boundary.sum()), n_bad_interior_faces=bad_interior,
-        boundary_is_surface=boundary_is_surface, n_unreferenced_vertices=int((~used).sum()))
+        boundary_is_surface=boundary_is_surface, n_unreferenced_vertices=int((~used).sum()),
+        min_mean_ratio=float(quality.mean_ratio.min()) if quality else 0.0,
+        min_dihedral_deg=float(quality.min_dihedral.min().rad2deg()) if quality else 0.0,
+        max_dihedral_deg=float(quality.max_dihedral.max().rad2deg()) if quality else 0.0)
 
 
 def save_tet_mesh(path: str | Path, vertices: torch.Tensor, tets: torch.Tensor, **cell_data: torch.Tensor) -> Path:
