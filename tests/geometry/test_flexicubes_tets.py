@@ -1,6 +1,6 @@
 """FlexiCubes tetrahedral output: exact boundary and volume on any field, positive tets on
-resolved shapes at resolutions 8-96 (both quad splits), float64 finite-difference gradients,
-and the VTK round trip."""
+resolved shapes at resolutions 8-96 (both quad splits), their shape quality (slivers),
+float64 finite-difference gradients, and the VTK round trip."""
 
 import math
 import warnings
@@ -16,7 +16,7 @@ from diffworld.geometry.grid import Grid
 from diffworld.geometry.mc_tables import EDGE_CORNERS
 from diffworld.geometry.mesh_ops import mesh_volume
 from diffworld.geometry.shapes import cad_part
-from diffworld.geometry.tet_mesh import load_tet_mesh, save_tet_mesh, tet_report, tet_volumes
+from diffworld.geometry.tet_mesh import load_tet_mesh, save_tet_mesh, tet_quality, tet_report, tet_volumes
 
 
 def _field(name, res):
@@ -66,6 +66,20 @@ def test_resolved_shapes_give_positive_exact_tets(shape, res, training):
     plain = flexicubes(s, training=training)
     assert torch.equal(m.faces, plain.faces)
     assert torch.allclose(m.vertices[: plain.vertices.shape[0]], plain.vertices)
+
+
+# Shape quality at 32^3 (eval), with margin under what the sliver pass reaches (mean ratio 1 is
+# a regular tet; without the pass: sphere min 0.092, and 0.16 % / 0.44 % of the blob's / torus'
+# tets under 0.1): smallest mean ratio, and the largest share of tets under 0.1.
+QUALITY = {"sphere": (0.2, 0.0), "box": (0.3, 0.0), "cad": (0.25, 0.0), "blob": (0.0, 5e-4), "torus": (0.0, 2e-3)}
+
+
+@pytest.mark.parametrize("shape", sorted(QUALITY))
+def test_slivers_are_improved(shape):
+    m = flexicubes(_field(shape, 32), output="tetrahedra")
+    q = tet_quality(m.vertices, m.tets).mean_ratio
+    min_q, share = QUALITY[shape]
+    assert float(q.min()) > min_q and float((q < 0.1).double().mean()) <= share, (float(q.min()), float((q < 0.1).double().mean()))
 
 
 def test_sphere_volume_converges():
@@ -128,7 +142,10 @@ def test_gradients_match_float64_finite_differences():
         inputs = [s0, beta, deform]
         k = [id(v) for v in inputs].index(id(x))
         inputs = [v.clone().requires_grad_(i == k) for i, v in enumerate(inputs)]
-        for c in directional_check(loss, inputs, eps=1e-6, n_dirs=2):
+        # eps 1e-5: some directional derivatives here are ~2e-5, where the round-off of a 1e-6
+        # step alone reaches 1e-5 relative (it falls as 1/eps: 1.2e-5, 1.1e-6, 6.6e-8 at 1e-6,
+        # 1e-5, 1e-4); larger steps start to cross the discrete placement choices.
+        for c in directional_check(loss, inputs, eps=1e-5, n_dirs=2):
             assert c.rel_error < 1e-5, c
 
 
