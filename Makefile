@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/flexicubes.py
 	$(PY) benchmarks/gshell.py
 	$(PY) benchmarks/isosurface_quality.py
+	$(PY) benchmarks/flexicubes_tets.py
 
 clean:
 	rm -rf build runs .cache .pytest_cache
