@@ -44,6 +44,7 @@ import torch
 
 from diffworld.geometry import flexicubes_tables as T
 from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_AXIS, EDGE_CORNERS
+from diffworld.geometry.tet_mesh import edge_mean_ratio
 
 __all__ = ["tetrahedralize"]
 
@@ -207,15 +208,6 @@ def _node_score(vol: torch.Tensor, owner: torch.Tensor, N: int, h: float,
     return -count + torch.atan(w / h ** 3) / torch.pi
 
 
-def _mean_ratio(e: torch.Tensor) -> torch.Tensor:
-    """Mean ratio (see :func:`diffworld.geometry.tet_mesh.tet_quality`) of tets given by their
-    edge vectors from corner 0, ``e`` (T, 3, 3)."""
-    det = torch.linalg.det(e)  # 6 x volume
-    l2 = (e.square().sum((1, 2)) + (e[:, 1] - e[:, 0]).square().sum(1) + (e[:, 2] - e[:, 0]).square().sum(1)
-          + (e[:, 2] - e[:, 1]).square().sum(1))
-    return 12 * torch.sign(det) * (det.abs() / 2).pow(2 / 3) / l2.clamp_min(torch.finfo(e.dtype).tiny), det
-
-
 @torch.no_grad()
 def _refine_nodes(positions: torch.Tensor, first_node: int, nodes: torch.Tensor, tets: torch.Tensor,
                   movable: torch.Tensor, h: float, trials: int = 48, radii: tuple[float, ...] = (0.3, 0.15, 0.07),
@@ -232,7 +224,7 @@ def _refine_nodes(positions: torch.Tensor, first_node: int, nodes: torch.Tensor,
     offset = torch.zeros((N, 3), dtype=positions.dtype, device=positions.device)
     if sliver is not None:
         p = positions[tets]
-        bad = _mean_ratio(p[:, 1:] - p[:, :1])[0] < sliver
+        bad = edge_mean_ratio(p[:, 1:] - p[:, :1])[0] < sliver
         del p
     else:
         bad = _signed_volumes(positions, tets) <= _MIN_DET * h ** 3
@@ -258,7 +250,7 @@ def _refine_nodes(positions: torch.Tensor, first_node: int, nodes: torch.Tensor,
         p = pos[sub]
         p[rows, slot] = positions[first_node + owner] + off[owner]
         if sliver is not None:
-            q, det = _mean_ratio(p[:, 1:] - p[:, :1])
+            q, det = edge_mean_ratio(p[:, 1:] - p[:, :1])
             return _node_score(det, owner, N, h, quality=q)
         return _node_score(torch.linalg.det(p[:, 1:] - p[:, :1]), owner, N, h)
 

@@ -28,6 +28,23 @@ def tet_volumes(vertices: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
 _EDGE_OPPOSITE = ((2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 1))  # edges 01, 02, 03, 12, 13, 23
 
 
+def edge_mean_ratio(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ratio (see :class:`TetQuality`) of tets given by their edge vectors from corner 0.
+
+    Args:
+        edges: (T, 3, 3) ``p1 - p0, p2 - p0, p3 - p0`` [m].
+
+    Returns:
+        ``(mean_ratio, det)``: both (T,); ``det`` is 6 x the signed volume [m^3].
+    """
+    det = torch.linalg.det(edges)
+    e0, e1, e2 = edges.unbind(1)
+    sum_l2 = edges.square().sum((1, 2)) + (e1 - e0).square().sum(1) + (e2 - e0).square().sum(1) + (e2 - e1).square().sum(1)
+    # 12 (3 |V|)^(2/3) / sum l^2 with V = det / 6
+    ratio = 12 * torch.sign(det) * (det.abs() / 2).pow(2 / 3) / sum_l2.clamp_min(torch.finfo(edges.dtype).tiny)
+    return ratio, det
+
+
 class TetQuality(NamedTuple):
     """Per-tet shape measures (see :func:`tet_quality`); all (T,).
 
@@ -59,12 +76,7 @@ def tet_quality(vertices: torch.Tensor, tets: torch.Tensor) -> TetQuality:
         :class:`TetQuality`.
     """
     p = vertices[tets]  # (T, 4, 3)
-    e = p[:, 1:] - p[:, :1]
-    vol = torch.linalg.det(e) / 6
-    # all 6 edges: 01 02 03 from e, then 12 13 23
-    edges = torch.cat([e, (p[:, [2, 3, 3]] - p[:, [1, 1, 2]])], 1)  # (T, 6, 3)
-    sum_l2 = edges.square().sum((1, 2))
-    mean_ratio = 12 * torch.sign(vol) * (3 * vol.abs()).pow(2 / 3) / sum_l2.clamp_min(torch.finfo(p.dtype).tiny)
+    mean_ratio, _ = edge_mean_ratio(p[:, 1:] - p[:, :1])
     # Outward normals of the faces opposite each corner; interior dihedral angle at an edge is
     # pi minus the angle between the outward normals of its two faces.
     normals = torch.stack([torch.linalg.cross(p[:, b] - p[:, a], p[:, c] - p[:, a]) for a, b, c in _FACES], 1)
