@@ -95,6 +95,8 @@ import tempfile
 import time
 from typing import Callable
 
+from bench_env import cpu_name, warp_version
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MIB = 1024.0 * 1024.0
 SPEEDUP_TARGET, SPEEDUP_RES = 5.0, 128  # ours at least 5x faster than public at 128^3 (CPU)
@@ -324,27 +326,44 @@ def machine_lines(device: str) -> list[str]:
     """Machine, library versions and threads, for the table header."""
     import torch
 
-    try:
-        import warp
-
-        warp_version = warp.config.version
-    except Exception:  # noqa: BLE001
-        warp_version = "?"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     mem = pathlib.Path("/proc/meminfo").read_text()
     total = int(re.search(r"MemTotal:\s+(\d+)", mem).group(1)) / 2**20
-    lines = [f"machine : {cpu}, {os.cpu_count()} logical cores, {total:.0f} GiB RAM, "
+    lines = [f"machine : {cpu_name()}, {os.cpu_count()} logical cores, {total:.0f} GiB RAM, "
              f"{platform.system()} {platform.release()}",
-             f"versions: python {platform.python_version()}, torch {torch.__version__}, warp {warp_version}",
+             f"versions: python {platform.python_version()}, torch {torch.__version__}, warp {warp_version()}",
              "threads : torch intra-op 1 (set in every child), Warp CPU kernels 1"]
     if device.startswith("cuda"):
         lines.append(f"device  : {device} ({torch.cuda.get_device_name(torch.device(device))})")
     return lines
+
+
+def add_child_arguments(parser: argparse.ArgumentParser, *, budget: float, timeout: float) -> None:
+    """The options of the benchmarks that measure in child processes (this one and gshell.py):
+    sizes, device, timing budget, child limits, JSON output and the hidden ``--worker``."""
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="cells per axis (default 64 128 256; --quick: 64 128)")
+    parser.add_argument("--quick", action="store_true", help="only 64^3 and 128^3")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda[:N]'")
+    parser.add_argument("--repeat", type=int, default=5, help="most timed runs per measurement")
+    parser.add_argument("--budget", type=float, default=budget, help="no new timed run after this many seconds")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per child process")
+    parser.add_argument("--max-rss-gb", type=float, default=default_max_rss_gb(), help="kill a child above this RSS")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def checked_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: int, why: str = "") -> list[int]:
+    """The sizes to run (``--sizes``, else the ``--quick`` or full default), each at least
+    ``minimum``; also rejects a ``--device`` this machine does not have (through ``parser.error``)."""
+    sizes = args.sizes or ([64, 128] if args.quick else [64, 128, 256])
+    if any(n < minimum for n in sizes):
+        parser.error(f"--sizes must be >= {minimum}{why}, got {sizes}")
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            parser.error(f"--device {args.device!r}: expected 'cpu', or 'cuda[:N]' on a machine with CUDA")
+    return sizes
 
 
 def default_max_rss_gb() -> float:
@@ -352,6 +371,15 @@ def default_max_rss_gb() -> float:
     before the OOM killer acts."""
     mem = pathlib.Path("/proc/meminfo").read_text()
     return 0.9 * int(re.search(r"MemAvailable:\s+(\d+)", mem).group(1)) / 2**20
+
+
+def timing_cells(res: dict) -> str:
+    """One implementation's forward s, forward+backward s and peak MiB columns (``~``: a lower
+    bound), or its error, then the column separator."""
+    if "error" in res:
+        return f"{res['error'][:30]:>30} | "
+    approx = "" if res["peak_exact"] else "~"
+    return f"{res['fwd_s']:10.3f} {res['fwdbwd_s']:10.3f} {approx + format(res['peak_bytes'] / MIB, '.0f'):>8} | "
 
 
 def fmt(value, spec: str, width: int) -> str:
@@ -630,13 +658,9 @@ def print_table(rows: list[dict], args, reference: str | None) -> bool:
         check = check_agreement(o, b) if reference else ""
         line = f"{str(r['size']) + '^3':>5} {r['mode']:<8} | "
         for res in (o, b):
+            line += timing_cells(res)
             if "error" in res:
-                line += f"{res['error'][:30]:>30} | "
                 notes.append(f"{r['size']}^3 {r['mode']} {'ours' if res is o else ref}: {res['error']}")
-            else:
-                approx = "" if res["peak_exact"] else "~"
-                line += (f"{res['fwd_s']:10.3f} {res['fwdbwd_s']:10.3f} "
-                         f"{approx + format(res['peak_bytes'] / MIB, '.0f'):>8} | ")
         line += f"{fmt(sp_f, '.2f', 7)} {fmt(sp_t, '.2f', 7)} {fmt(mem, '.3f', 6)} | "
         line += " ".join(fmt(res.get(k), "d", 7) for res in (o, b) for k in ("vertices", "faces"))
         line += f" {check:>5}"
@@ -680,18 +704,11 @@ def print_table(rows: list[dict], args, reference: str | None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
-                        help="cells per axis (default 64 128 256; --quick: 64 128)")
-    parser.add_argument("--quick", action="store_true", help="only 64^3 and 128^3")
+    add_child_arguments(parser, budget=60.0, timeout=1200.0)
     parser.add_argument("--modes", nargs="+", default=["training", "eval"], choices=["training", "eval"])
     parser.add_argument("--reference", default=os.environ.get("DIFFWORLD_FLEXICUBES_REF"),
                         help="folder with the public flexicubes.py + tables.py (default $DIFFWORLD_FLEXICUBES_REF); "
                              "without it the baseline is diffworld marching cubes")
-    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda[:N]'")
-    parser.add_argument("--repeat", type=int, default=5, help="most timed runs per measurement")
-    parser.add_argument("--budget", type=float, default=60.0, help="no new timed run after this many seconds")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child process")
-    parser.add_argument("--max-rss-gb", type=float, default=default_max_rss_gb(), help="kill a child above this RSS")
     parser.add_argument("--public-grid-max-res", type=int, default=128,
                         help="largest n for which the public construct_voxel_grid is run (above: index arithmetic)")
     parser.add_argument("--seed", type=int, default=0)
@@ -702,21 +719,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="lookup", choices=["lookup", "dense"],
                         help="how ours gets its raw weights and offsets: tables over a band of cubes around the "
                              "surface through weights=/deform= functions (default), or the dense tensors")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if a target or check fails")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-    sizes = args.sizes or ([64, 128] if args.quick else [64, 128, 256])
-    if any(n < 2 for n in sizes):
-        parser.error(f"--sizes must be >= 2, got {sizes}")
-    if args.device != "cpu":
-        import torch
-
-        if not args.device.startswith("cuda") or not torch.cuda.is_available():
-            parser.error(f"--device {args.device!r}: expected 'cpu', or 'cuda[:N]' on a machine with CUDA")
+    sizes = checked_sizes(parser, args, 2)
     reference = args.reference
     if reference:
         reference = str(pathlib.Path(reference).resolve())

@@ -35,6 +35,8 @@ import sys
 import time
 import warnings
 
+from bench_env import cpu_name, warp_version
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -103,13 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import warp as wp
 
     torch.set_num_threads(1)
     print("FlexiCubes tetrahedra: validity, shape quality and time (baseline = no sliver pass)")
     print("=" * 84)
-    print(f"machine : {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"torch {torch.__version__}, warp {wp.__version__}; one torch thread, float64, "
+    print(f"machine : {cpu_name()}, python {platform.python_version()}, "
+          f"torch {torch.__version__}, warp {warp_version()}; one torch thread, float64, "
           f"{'training' if args.training else 'eval'} split")
     print("quality : mean ratio (1 regular, 0 flat), share of tets under 0.1, smallest dihedral angle; "
           "baseline -> default\n")

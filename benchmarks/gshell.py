@@ -165,13 +165,9 @@ def print_table(rows: list[dict], args) -> None:
         t, c = r["template"], r["gshell"]
         line = f"{str(r['size']) + '^3':>5} {r['name']:<16} | "
         for res, who in ((t, "template"), (c, "gshell")):
+            line += fcb.timing_cells(res)
             if "error" in res:
-                line += f"{res['error'][:30]:>30} | "
                 notes.append(f"{r['size']}^3 {r['name']} {who}: {res['error']}")
-            else:
-                approx = "" if res["peak_exact"] else "~"
-                line += (f"{res['fwd_s']:10.3f} {res['fwdbwd_s']:10.3f} "
-                         f"{approx + format(res['peak_bytes'] / mib, '.0f'):>8} | ")
         ok = "error" not in t and "error" not in c
         ratios = (c["fwd_s"] / t["fwd_s"], c["fwdbwd_s"] / t["fwdbwd_s"],
                   c["peak_bytes"] / t["peak_bytes"] if t["peak_bytes"] > 0 else None) if ok else (None,) * 3
@@ -195,30 +191,13 @@ def print_table(rows: list[dict], args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
-                        help="cells per axis (default 64 128 256; --quick: 64 128)")
-    parser.add_argument("--quick", action="store_true", help="only 64^3 and 128^3")
+    fcb.add_child_arguments(parser, budget=30.0, timeout=600.0)
     parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=TEMPLATES)
-    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda[:N]'")
-    parser.add_argument("--repeat", type=int, default=5, help="most timed runs per measurement")
-    parser.add_argument("--budget", type=float, default=30.0, help="no new timed run after this many seconds")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
-    parser.add_argument("--max-rss-gb", type=float, default=fcb.default_max_rss_gb(),
-                        help="kill a child above this RSS")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(fcb.RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-    sizes = args.sizes or ([64, 128] if args.quick else [64, 128, 256])
-    if any(n < 8 for n in sizes):
-        parser.error(f"--sizes must be >= 8 (the sphere must fit inside the grid), got {sizes}")
-    if args.device != "cpu":
-        import torch
-
-        if not args.device.startswith("cuda") or not torch.cuda.is_available():
-            parser.error(f"--device {args.device!r}: expected 'cpu', or 'cuda[:N]' on a machine with CUDA")
+    sizes = fcb.checked_sizes(parser, args, 8, " (the sphere must fit inside the grid)")
 
     script = pathlib.Path(__file__).resolve()
     rows = []

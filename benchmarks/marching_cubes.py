@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from bench_env import cpu_name, warp_version
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ("sphere", "torus")
 FWD_TARGET = 1.5  # ours / scikit-image, forward, CPU
@@ -201,25 +203,11 @@ def environment_lines(device: str, threads: dict) -> list[str]:
     import skimage
     import torch
 
-    try:
-        import warp
-
-        warp_version = warp.config.version
-    except Exception:  # noqa: BLE001
-        warp_version = "?"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     env_threads = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                              "DIFFWORLD_TORCH_THREADS") if k in os.environ)
     lines = [
-        f"machine : {cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, warp {warp_version}, "
+        f"machine : {cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, warp {warp_version()}, "
         f"scikit-image {skimage.__version__}, numpy {np.__version__}",
         f"device  : {device}" + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else ""),
         f"threads : torch intra-op {threads.get('torch_threads')} / inter-op {threads.get('torch_interop_threads')} "
