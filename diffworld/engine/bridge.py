@@ -15,7 +15,8 @@ Two ways to write the backward are supported:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -25,11 +26,17 @@ __all__ = [
     "TapeFunction",
     "check_tensor",
     "launch",
+    "on_torch_stream",
     "scalar_type",
     "tape_apply",
     "to_warp",
+    "torch_stream",
     "vec3_type",
 ]
+
+# Warp stream objects wrapping torch's CUDA streams, by (device index, raw handle): creating one
+# per launch would cost more than many of the launches themselves.
+_STREAMS: dict[tuple[int, int], Any] = {}
 
 
 def scalar_type(dtype: torch.dtype):
@@ -65,15 +72,52 @@ def to_warp(t: torch.Tensor, dtype: Any = None, requires_grad: bool = False):
     return wp.from_torch(t, dtype=dtype, requires_grad=requires_grad)
 
 
+def torch_stream(device: torch.device | str):
+    """The Warp stream of torch's current CUDA stream on ``device``; None on the CPU.
+
+    Launching there orders Warp's work with the torch ops around it, also inside a
+    ``torch.cuda.stream(...)`` block (Warp's own per-device stream would race with it).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    wp = init_warp()
+    current = torch.cuda.current_stream(dev)
+    key = (current.device_index, current.cuda_stream)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = wp.stream_from_torch(current)
+    return stream
+
+
+@contextlib.contextmanager
+def on_torch_stream(device: torch.device | str) -> Iterator[None]:
+    """Run the Warp calls of the block that are not :func:`launch` (mesh builds, copies) on torch's
+    current CUDA stream of ``device``; nothing changes on the CPU."""
+    stream = torch_stream(device)
+    if stream is None:
+        yield
+        return
+    wp = init_warp()
+    with wp.ScopedStream(stream):
+        yield
+
+
 def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torch.device | str,
            outputs: Sequence[Any] = (), adjoint: bool = False, adj_inputs=None, adj_outputs=None) -> None:
-    """Launch a Warp kernel on the torch device ``device``; a zero-size launch is skipped."""
+    """Launch a Warp kernel on the torch device ``device``; a zero-size launch is skipped.
+
+    On CUDA the kernel runs on torch's current stream (:func:`torch_stream`).
+    """
     wp = init_warp()
     if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
         return
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if adjoint:
         kwargs = dict(adjoint=True, adj_inputs=list(adj_inputs or []), adj_outputs=list(adj_outputs or []))
+    stream = torch_stream(device)
+    if stream is not None:
+        kwargs["stream"] = stream
     wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device), **kwargs)
 
 

@@ -28,7 +28,6 @@ Three passes, no sort, no atomics:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -350,25 +349,23 @@ def surface_scan(sdf: torch.Tensor, *, check_boundary: bool = True, name: str = 
     counts = torch.empty((4, n0 * n1), dtype=torch.int32, device=dev)
     flag = torch.zeros(1, dtype=torch.int32, device=dev)
     wp_bits = to_warp(bits, dtype=wp.uint64)
-    # On CUDA, Warp launches on torch's current stream: ordered with the torch ops around them.
-    on_stream = wp.ScopedStream(wp.stream_from_torch(dev)) if dev.type == "cuda" else contextlib.nullcontext()
-    with on_stream:
-        launch(pack_signs_kernel, (n0, n1, n_words), [to_warp(s.view(-1)), n2, wp_bits], dev)
-        launch(scan_count_kernel, (n0, n1), [wp_bits, n2, to_warp(counts), to_warp(flag)], dev)
-        inclusive = torch.cumsum(counts, 1, dtype=torch.int64)
-        # One readback for the four totals and the boundary flag.
-        head = torch.cat([inclusive[:, -1], flag.to(torch.int64)]).tolist()
-        totals, hit = head[:4], head[4]
-        if check_boundary and hit:
-            _raise_open_boundary(s, name)
-        cubes = torch.empty((totals[0], 3), dtype=torch.int64, device=dev)
-        case = torch.empty(totals[0], dtype=torch.uint8, device=dev)
-        cuts = tuple(torch.empty((q, 3), dtype=torch.int64, device=dev) for q in totals[1:])
-        if any(totals):
-            first = (inclusive - counts).to(torch.int32)
-            launch(scan_emit_kernel, (n0, n1),
-                   [wp_bits, n2, to_warp(counts), to_warp(first), to_warp(cubes), to_warp(case),
-                    *(to_warp(c) for c in cuts)], dev)
+    # On CUDA, ``launch`` runs on torch's current stream: ordered with the torch ops around it.
+    launch(pack_signs_kernel, (n0, n1, n_words), [to_warp(s.view(-1)), n2, wp_bits], dev)
+    launch(scan_count_kernel, (n0, n1), [wp_bits, n2, to_warp(counts), to_warp(flag)], dev)
+    inclusive = torch.cumsum(counts, 1, dtype=torch.int64)
+    # One readback for the four totals and the boundary flag.
+    head = torch.cat([inclusive[:, -1], flag.to(torch.int64)]).tolist()
+    totals, hit = head[:4], head[4]
+    if check_boundary and hit:
+        _raise_open_boundary(s, name)
+    cubes = torch.empty((totals[0], 3), dtype=torch.int64, device=dev)
+    case = torch.empty(totals[0], dtype=torch.uint8, device=dev)
+    cuts = tuple(torch.empty((q, 3), dtype=torch.int64, device=dev) for q in totals[1:])
+    if any(totals):
+        first = (inclusive - counts).to(torch.int32)
+        launch(scan_emit_kernel, (n0, n1),
+               [wp_bits, n2, to_warp(counts), to_warp(first), to_warp(cubes), to_warp(case),
+                *(to_warp(c) for c in cuts)], dev)
     return SurfaceScan(cubes, case, cuts)
 
 

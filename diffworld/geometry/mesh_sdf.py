@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from diffworld.engine.bridge import launch, to_warp
+from diffworld.engine.bridge import launch, on_torch_stream, to_warp
 from diffworld.engine.runtime import init_warp
 from diffworld.geometry.grid import Grid
 from diffworld.geometry.sdf import SDF, _register, sample_grid
@@ -108,8 +108,9 @@ class _WarpMesh:
         self.points64 = vertices.detach().to(device=device, dtype=torch.float64).contiguous()
         self.points = self.points64.to(torch.float32)
         self.indices = faces.to(device=device, dtype=torch.int32).reshape(-1).contiguous()
-        self.mesh = wp.Mesh(points=to_warp(self.points, dtype=wp.vec3), indices=to_warp(self.indices),
-                            support_winding_number=winding)
+        with on_torch_stream(device):  # the BVH build reads what torch just wrote
+            self.mesh = wp.Mesh(points=to_warp(self.points, dtype=wp.vec3), indices=to_warp(self.indices),
+                                support_winding_number=winding)
         self.margin = self._margin()
 
     def _margin(self) -> float:
@@ -121,7 +122,8 @@ class _WarpMesh:
             return
         self.points64.copy_(vertices.detach())
         self.points.copy_(self.points64)
-        self.mesh.refit()
+        with on_torch_stream(self.points.device):
+            self.mesh.refit()
         self.margin = self._margin()
         self.source, self.version = vertices, vertices._version
 

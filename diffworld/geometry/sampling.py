@@ -54,8 +54,9 @@ def sample_surface(vertices: torch.Tensor, faces: torch.Tensor, n: int,
         vertices: [m], shape (V, 3), float32 or float64; gradients flow to it.
         faces: Integer vertex indices, shape (F, 3).
         n: Number of points, >= 0.
-        generator: Torch generator on the device of ``vertices`` for reproducible draws
-            (the global RNG when ``None``).
+        generator: Torch generator for reproducible draws (the global RNG of the device of
+            ``vertices`` when ``None``). The draws are made on the generator's device and moved
+            to the vertices', so a CPU generator gives the same samples on every device.
 
     Returns:
         :class:`SurfaceSamples`. A mesh without faces or without area (every face degenerate)
@@ -81,13 +82,16 @@ def sample_surface(vertices: torch.Tensor, faces: torch.Tensor, n: int,
         empty = tri.sum(dim=1)
         return SurfaceSamples(empty, empty.clone(), idx)
 
+    draw = generator.device if generator is not None else dev
+    weights = weights.to(draw)
     if weights.numel() <= _MULTINOMIAL_MAX_CATEGORIES:
         idx = torch.multinomial(weights, n, replacement=True, generator=generator)
     else:
         cdf = torch.cumsum(weights.double(), 0)
-        u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev) * cdf[-1]
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=draw) * cdf[-1]
         idx = torch.searchsorted(cdf, u, right=True).clamp_max(weights.numel() - 1)
-    r = torch.rand((n, 2), generator=generator, dtype=dtype, device=dev)
+    idx = idx.to(dev)
+    r = torch.rand((n, 2), generator=generator, dtype=dtype, device=draw).to(dev)
     s = torch.sqrt(r[:, 0:1])
     bary = torch.cat((1.0 - s, s * (1.0 - r[:, 1:2]), s * r[:, 1:2]), dim=1)  # (n, 3)
 
