@@ -181,3 +181,52 @@ def test_bad_input_errors_name_the_argument():
     nan_state.v[3, 0] = float("nan")
     with pytest.raises(mpm.SimulationError, match=r"non-finite .* of particle \d+ after substep 4"):
         mpm.rollout(model, nan_state, 4, ctrl[:4], window=2)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct tensor storages autograd keeps for the backward pass of ``fn()``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_recording_does_not_cut_the_windows():
+    """Recording every 4 substeps (as the MPM task records every control step) must leave the
+    window setting in force: fewer checkpoints, hence less memory held, as the window grows."""
+    model, state, ctrl = _scene("jelly", E=2e3)
+    T2 = 32
+    ctrl = ctrl[:1].expand(T2, -1, -1).clone()
+    held = []
+    for window in (4, 8, 16, 32):
+        x0 = state.x.clone().requires_grad_()
+        nbytes, out = _saved_bytes(lambda: mpm.rollout(model, mpm.State(x0, state.v, state.C, state.F), T2, ctrl,
+                                                       window=window, record_every=4, keep_last_window=False))
+        assert out.substeps == list(range(0, T2 + 1, 4))
+        held.append(nbytes)
+    assert held[0] > held[1] > held[2] > held[3], held
+    # one state (x, v, C, F) is 24 values per particle; 8 windows -> 1 window saves 7 checkpoints
+    per_state = state.x.shape[0] * 24 * 8
+    assert held[0] - held[3] >= 7 * per_state, (held, per_state)
+
+
+def test_gradients_do_not_depend_on_the_window_when_recording_inside_windows():
+    model, state, ctrl = _scene("plasticine", E=2e3, yield_stress=200.0)
+    grads, xs = [], []
+    for window in (3, 5, 16):
+        c = ctrl.clone().requires_grad_()
+        x0 = state.x.clone().requires_grad_()
+        out = mpm.rollout(model, mpm.State(x0, state.v, state.C, state.F), T, c, window=window, record_every=4)
+        xs.append(torch.stack([s.x for s in out.states]).detach())
+        loss = sum((s.x ** 2).sum() * (i + 1) + s.F.sum() for i, s in enumerate(out.states[1:]))
+        loss.backward()
+        grads.append((c.grad, x0.grad))
+    for other, g in zip(xs[1:], grads[1:]):
+        assert torch.equal(other, xs[0])  # the same forward numbers, bit for bit
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -5,7 +5,9 @@ forward keeps nothing but its input state (the checkpoint); its backward recompu
 keeping every intermediate, then runs the substep adjoints in reverse. Memory is O(T/K) particle
 states plus one window's intermediates; compute is about two forwards and one backward.
 
-Losses may read any recorded state: windows end at every recording point.
+Losses may read any recorded state. Recording does not cut windows: a window returns the states
+recorded inside it as extra outputs, and its backward adds their incoming gradients to the
+adjoint at the substep where each was recorded, so the window setting alone sets the memory.
 """
 
 from __future__ import annotations
@@ -46,60 +48,84 @@ class Rollout(NamedTuple):
         return torch.stack([s.x for s in self.states])
 
 
-def _run_window(stepper: Stepper, state: State, params, control: torch.Tensor, first: int, keep: bool):
-    """Run the substeps of one window; the elastic stress is carried from substep to substep (one
-    SVD each). Returns the final state and, when ``keep``, every substep's intermediates."""
+def _run_window(stepper: Stepper, state: State, params, control: torch.Tensor, first: int, keep: bool,
+                record: tuple[int, ...] = (), tau: torch.Tensor | None = None):
+    """Run the substeps of one window, carrying the elastic stress from substep to substep (one SVD
+    each; ``tau`` is the stress at ``state.F`` when the previous window computed it, else None).
+
+    Returns the final state, the stress at its F, every substep's intermediates when ``keep``, and
+    the states after the substeps at the window offsets ``record`` (1 = after the first substep).
+    """
     has_col = control.shape[1] > 0
-    kept = []
-    tau = None
+    kept, recorded = [], []
     for s in range(control.shape[0]):
         state, saved = stepper.substep(state, params, control[s] if has_col else None, keep=keep, step=first + s,
                                        tau=tau)
         tau = stepper.last_tau
         if keep:
             kept.append(saved)
-    return state, kept
+        if s + 1 in record:
+            recorded.append(state)
+    return state, tau, kept, recorded
 
 
 class _Window(torch.autograd.Function):
+    """One checkpoint window.
+
+    Inputs: the state (x, v, C, F) and the stress at its F (``tau``, None for a rollout's first
+    window: computed from F). Outputs: the final state's (x, v, C, F), the stress at its F (the
+    next window's ``tau``: carrying it keeps the numbers independent of where windows end), then
+    the (x, v, C, F) of each state recorded inside the window, in order.
+    """
+
     @staticmethod
-    def forward(ctx, stepper: Stepper, first: int, keep_last: bool, control: torch.Tensor, x, v, C, F,
-                *params):
+    def forward(ctx, stepper: Stepper, first: int, keep_last: bool, record: tuple[int, ...], control: torch.Tensor,
+                tau, x, v, C, F, *params):
         # keep_last: this is the rollout's last window and a backward pass will follow: keep its
         # intermediates now instead of recomputing them (the backward peak holds one window's
         # intermediates anyway, so the peak does not grow).
         with torch.no_grad():
-            state, kept = _run_window(stepper, State(x, v, C, F), params, control, first, keep_last)
+            state, tau_out, kept, recorded = _run_window(stepper, State(x, v, C, F), params, control, first,
+                                                         keep_last, record, tau)
         if kept:
-            # The caller gets the last substep's C' as output C and may modify it in place.
+            # The caller gets the last substep's C' as output C and may modify it in place, and
+            # recorded states alias kept intermediates: hand out copies.
             kept[-1] = kept[-1]._replace(C_out=kept[-1].C_out.clone())
-        ctx.stepper, ctx.first, ctx.kept = stepper, first, kept or None
-        ctx.save_for_backward(control, x, v, C, F, *params)
-        return tuple(state)
+            recorded = [r.clone() for r in recorded]
+        ctx.stepper, ctx.first, ctx.record, ctx.kept = stepper, first, record, kept or None
+        ctx.has_tau = tau is not None
+        ctx.save_for_backward(control, tau, x, v, C, F, *params)
+        return (*state, tau_out) + tuple(t for r in recorded for t in r)
 
     @staticmethod
-    def backward(ctx, gx, gv, gC, gF):
-        control, x, v, C, F, *params = ctx.saved_tensors
+    def backward(ctx, *grads):
+        control, tau, x, v, C, F, *params = ctx.saved_tensors
         stepper: Stepper = ctx.stepper
         has_col = control.shape[1] > 0
         saved = ctx.kept
         ctx.kept = None
+        # Incoming gradients of the states recorded inside the window, by window offset.
+        inside = {off: grads[5 + 4 * i: 9 + 4 * i] for i, off in enumerate(ctx.record)}
         with torch.no_grad():
             if saved is None:  # recompute the window, keeping every intermediate
-                _, saved = _run_window(stepper, State(x, v, C, F), params, control, ctx.first, True)
-            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip((x, v, C, F), (gx, gv, gC, gF))))
+                _, _, saved, _ = _run_window(stepper, State(x, v, C, F), params, control, ctx.first, True,
+                                             tau=tau if ctx.has_tau else None)
+            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip((x, v, C, F), grads[:4])))
             adj_params = [torch.zeros_like(p) for p in params]
             adj_control = torch.zeros_like(control)
-            adj_tau = None
+            adj_tau = grads[4]  # from the next window, which read this window's final stress
             F0 = saved[0].F
             for s in range(len(saved) - 1, -1, -1):
+                if s + 1 in inside:  # the state after substep s was recorded: its loss gradient joins here
+                    adj = State(*(a if g is None else a + g for a, g in zip(adj, inside[s + 1])))
                 adj, adj_tau = stepper.substep_adjoint(saved[s], params, adj, adj_params,
                                                        adj_control[s] if has_col else None, adj_tau)
                 saved[s] = None  # free this substep's intermediates as soon as they are used
-            # the window's first stress, computed from its input F (accumulates into adj.F)
-            stepper.stress_adjoint(F0, params, adj_tau, adj.F, adj_params)
+            if not ctx.has_tau:  # the window's first stress was computed from its input F
+                stepper.stress_adjoint(F0, params, adj_tau, adj.F, adj_params)
+                adj_tau = None
         ctx.stepper = None
-        return (None, None, None, adj_control, *adj, *adj_params)
+        return (None, None, None, None, adj_control, adj_tau, *adj, *adj_params)
 
 
 def stable_dt(model: Model, cfl: float = 0.5) -> float:
@@ -165,8 +191,12 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
         n_substeps: Number of substeps.
         control: Collider states per substep, shape (n_substeps, n_colliders, 13); required when
             the model has colliders. Differentiable.
-        window: Substeps per checkpoint window (memory vs recompute trade-off).
+        window: Substeps per checkpoint window (memory vs recompute trade-off): the forward keeps
+            one state per window, the backward one window's intermediates. Independent of
+            ``record_every``, and the numbers do not depend on it (the stress at the end of a
+            window is carried into the next, not recomputed).
         record_every: Record the state every this many substeps (default: only the final state).
+            Recorded states are differentiable outputs; recording does not end a window.
         params: Per-particle parameters overriding ``model.params`` (e.g. tensors that require
             gradients); missing names fall back to the model's.
         stepper: A :class:`Stepper` to reuse (kernels and collider buffers are prepared once).
@@ -206,19 +236,26 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
     record = record_every or n_substeps or 1
     states, steps = [state], [0]
     s = 0
+    tau = None  # the elastic stress at the current F, carried between windows
     tensors = [control, *state, *plist]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     while s < n_substeps:
-        next_record = min((s // record + 1) * record, n_substeps)
-        n = min(window, next_record - s)
+        n = min(window, n_substeps - s)
+        # record points strictly inside this window come back as extra outputs
+        inside = tuple(r - s for r in range((s // record + 1) * record, s + n, record))
         last = keep_last_window and grad and s + n == n_substeps
-        out = _Window.apply(stepper, start_substep + s, last, control[s:s + n],
+        out = _Window.apply(stepper, start_substep + s, last, inside, control[s:s + n], tau,
                             *(t.contiguous() for t in state), *plist)
-        state = State(*out)
+        state, tau = State(*out[:4]), out[4]
+        first_new = len(states)
+        for i, off in enumerate(inside):
+            states.append(State(*out[5 + 4 * i: 9 + 4 * i]))
+            steps.append(s + off)
         s += n
-        if s == next_record:
-            if check:
-                check_state(model, state, start_substep + s)
+        if s % record == 0 or s == n_substeps:
             states.append(state)
             steps.append(s)
+        if check:  # in order, so the message names the first bad recorded state
+            for st, k in zip(states[first_new:], steps[first_new:]):
+                check_state(model, st, start_substep + k)
     return Rollout(states, steps)
