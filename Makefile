@@ -27,7 +27,8 @@ demo: $(STAMP)
 	$(VENV)/bin/diffworld optimize scenes/reconstruct_genus2.yaml --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	# -n auto: one worker per core (pytest-xdist); Warp builds each kernel module once into the shared cache.
+	$(PY) -m pytest -q -p no:cacheprovider -n auto tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/marching_cubes.py
