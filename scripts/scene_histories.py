@@ -24,6 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WALL_CLOCK = ("time_s",)  # differs between runs by nature
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in WALL_CLOCK}
+
+
 def record(path: Path, names: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "tests" / "cuda"))
     import test_cuda_parity as scenes  # the reduced-scene table and runner
@@ -34,14 +41,13 @@ def record(path: Path, names: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             scenes._run_scene(name, scenes.CPU, Path(tmp))
             rows = list(csv.DictReader(open(Path(tmp) / "log.csv")))
-        # wall-clock columns differ between runs by nature
-        out[name] = [{k: v for k, v in r.items() if k not in ("time", "seconds", "it_per_s")} for r in rows]
+        out[name] = [_numbers(r) for r in rows]
         print(f"{name}: {len(rows)} rows, last loss {rows[-1]['loss']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     path.write_text(json.dumps(out, indent=1))
 
 
 def compare(a: Path, b: Path) -> int:
-    x, y = json.loads(a.read_text()), json.loads(b.read_text())
+    x, y = ({n: [_numbers(r) for r in rows] for n, rows in json.loads(p.read_text()).items()} for p in (a, b))
     bad = 0
     for name in sorted(set(x) | set(y)):
         if x.get(name) != y.get(name):

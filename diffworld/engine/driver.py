@@ -143,28 +143,8 @@ class OptimizerSettings:
             TypeError: A field has the wrong type (names the field, expected and given).
             ValueError: A field has an invalid value (names the field, expected and given).
         """
-        _check_choice("name", self.name, OPTIMIZERS)
-        _check_real("lr", self.lr, low=0.0, low_open=True)
-        _check_int("iterations", self.iterations, low=0)
-        _check_real("momentum", self.momentum, low=0.0, high=1.0)
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
-            raise TypeError(f"OptimizerSettings.betas: expected a tuple of 2 floats, got {self.betas!r}")
-        for k, b in enumerate(self.betas):
-            _check_real(f"betas[{k}]", b, low=0.0, high=1.0)
-        _check_real("weight_decay", self.weight_decay, low=0.0)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_real("schedule_gamma", self.schedule_gamma, low=0.0, low_open=True)
-        _check_int("schedule_step", self.schedule_step, low=1)
-        if self.clip_grad_norm is not None:
-            _check_real("clip_grad_norm", self.clip_grad_norm, low=0.0, low_open=True, none_ok=True)
-        if self.clip_grad_value is not None:
-            _check_real("clip_grad_value", self.clip_grad_value, low=0.0, low_open=True, none_ok=True)
-        _check_int("checkpoint_every", self.checkpoint_every, low=0)
-        _check_choice("log_format", self.log_format, LOG_FORMATS)
-        _check_int("seed", self.seed)
-        _check_int("lbfgs_max_iter", self.lbfgs_max_iter, low=1)
-        _check_choice("lbfgs_line_search", self.lbfgs_line_search, LINE_SEARCHES)
-        _check_int("print_every", self.print_every, low=0)
+        for name, check in FIELD_CHECKS.items():
+            check(getattr(self, name))
         if self.name == "lbfgs" and self.weight_decay != 0:
             raise ValueError(
                 f"OptimizerSettings.weight_decay: expected 0 with name='lbfgs' (LBFGS has no weight "
@@ -202,6 +182,37 @@ def _check_int(name: str, value: Any, *, low: int | None = None) -> None:
         raise TypeError(f"OptimizerSettings.{name}: expected an int, got {value!r} ({type(value).__name__})")
     if low is not None and value < low:
         raise ValueError(f"OptimizerSettings.{name}: expected an int >= {low}, got {value!r}")
+
+
+def _check_betas(betas: Any) -> None:
+    if not isinstance(betas, tuple) or len(betas) != 2:
+        raise TypeError(f"OptimizerSettings.betas: expected a tuple of 2 floats, got {betas!r}")
+    for k, b in enumerate(betas):
+        _check_real(f"betas[{k}]", b, low=0.0, high=1.0)
+
+
+# The one definition of what each setting accepts: OptimizerSettings.validate and the scene
+# format's optimizer section (diffworld.engine.scene.schema) both run these.
+FIELD_CHECKS: dict[str, Callable[[Any], None]] = {
+    "name": lambda v: _check_choice("name", v, OPTIMIZERS),
+    "lr": lambda v: _check_real("lr", v, low=0.0, low_open=True),
+    "iterations": lambda v: _check_int("iterations", v, low=0),
+    "momentum": lambda v: _check_real("momentum", v, low=0.0, high=1.0),
+    "betas": _check_betas,
+    "weight_decay": lambda v: _check_real("weight_decay", v, low=0.0),
+    "schedule": lambda v: _check_choice("schedule", v, SCHEDULES),
+    "schedule_gamma": lambda v: _check_real("schedule_gamma", v, low=0.0, low_open=True),
+    "schedule_step": lambda v: _check_int("schedule_step", v, low=1),
+    "clip_grad_norm": lambda v: v is None or _check_real("clip_grad_norm", v, low=0.0, low_open=True, none_ok=True),
+    "clip_grad_value": lambda v: v is None or _check_real("clip_grad_value", v, low=0.0, low_open=True, none_ok=True),
+    "checkpoint_every": lambda v: _check_int("checkpoint_every", v, low=0),
+    "log_format": lambda v: _check_choice("log_format", v, LOG_FORMATS),
+    "seed": lambda v: _check_int("seed", v),
+    "lbfgs_max_iter": lambda v: _check_int("lbfgs_max_iter", v, low=1),
+    "lbfgs_line_search": lambda v: _check_choice("lbfgs_line_search", v, LINE_SEARCHES),
+    "print_every": lambda v: _check_int("print_every", v, low=0),
+}
+CHOICES = {"name": OPTIMIZERS, "schedule": SCHEDULES, "log_format": LOG_FORMATS, "lbfgs_line_search": LINE_SEARCHES}
 
 
 def lr_factor(settings: OptimizerSettings, iteration: int) -> float:

@@ -428,7 +428,6 @@ def _cells(value: float | None, cell: float) -> float | None:
 def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, *, resume: bool = False,
                        progress: bool = True, optimize: bool = True) -> dict:
     """Run a reconstruction scene; returns the metrics dictionary written to metrics.json."""
-    from diffworld.engine.driver import OptimizerSettings
     from diffworld.engine.driver import optimize as run_optimizer
     from diffworld.geometry.sdf import Sphere
 
@@ -441,7 +440,6 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
                                   else ref.target.normals.to(device), ref.target.oriented)
     w = task.weights
     weights = LossWeights(**{f.name: getattr(w, f.name) for f in dataclasses.fields(LossWeights)})
-    base_settings = scene.optimizer.model_dump()
     init = Sphere(task.representation.init_radius).to(dtype)
 
     rep_cfg = task.representation
@@ -481,12 +479,12 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         if w.chamfer_final_stage_only and i < len(stages) - 1:
             stage_weights = dataclasses.replace(weights, chamfer=0.0, mesh_normal=0.0)
         # Grid learning rates are in cells per step, so every resolution moves alike.
-        lr = base_settings["lr"]
+        lr = scene.optimizer.lr
         scale = 1.0
         if staged:
             scale = rep_cfg.final_lr_scale if i == len(stages) - 1 else 1.0
             lr *= rep.cell * scale
-        settings = OptimizerSettings(**{**base_settings, "lr": lr, "seed": scene.seed})
+        settings = scene.optimizer.settings(seed=scene.seed, lr=lr)
         params = rep.parameters()
         if rep_cfg.type in FLEXIBLE:
             params = rep.parameter_groups(lr, rep_cfg.weights_lr * scale, rep_cfg.deform_lr * scale)

@@ -170,3 +170,35 @@ def test_same_scene_and_seed_give_the_same_numbers(tmp_path):
         TASKS.builder("reconstruction")(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
         logs.append([r["loss"] for r in csv.DictReader(open(tmp_path / run / "log.csv"))])
     assert logs[0] == logs[1]
+
+
+def test_the_optimizer_section_is_the_drivers_settings(tmp_path):
+    """One definition: the scene's optimizer section has the driver's fields, defaults and choices
+    (less the seed, which is the scene's, and print_every), and runs the driver's checks."""
+    import dataclasses
+
+    from diffworld.engine.driver import OPTIMIZERS, OptimizerSettings
+    from diffworld.engine.scene import OptimizerConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(OptimizerSettings)}
+    section = OptimizerConfig()
+    assert set(fields) - set(OptimizerConfig.model_fields) == {"seed", "print_every"}
+    assert {k: getattr(section, k) for k in OptimizerConfig.model_fields} == \
+        {k: v for k, v in fields.items() if k in OptimizerConfig.model_fields}
+    for name in OPTIMIZERS:  # "adamw" was accepted by the driver but not by scenes
+        assert section.model_copy(update={"name": name}).settings(seed=1).name == name
+    src = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_genus2.yaml"
+    cases = [("lr: 0.3", "lr: true", "optimizer.lr: Value error, expected a number, got a boolean"),
+             ("lr: 0.3", "lr: .inf", "optimizer.lr: Value error, expected a finite number"),
+             ("name: adam", "name: adamw", None),
+             ("  name: adam\n", "  name: lbfgs\n  weight_decay: 0.1\n", "LBFGS has no weight decay")]
+    for old, new, want in cases:
+        bad = tmp_path / "s.yaml"
+        text = src.read_text()
+        assert old in text
+        bad.write_text(text.replace(old, new))
+        result = runner.invoke(app, ["validate", str(bad)])
+        if want is None:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 2 and want in result.output, result.output

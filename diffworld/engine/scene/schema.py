@@ -6,10 +6,14 @@ them as strings; the loader's YAML resolver and pydantic's lax mode both accept 
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+
+from diffworld.engine.driver import CHOICES, FIELD_CHECKS, OptimizerSettings
 
 __all__ = ["OptimizerConfig", "OutputConfig", "RuntimeConfig", "StrictModel", "build_scene_model", "scene_file"]
 
@@ -42,24 +46,63 @@ class RuntimeConfig(StrictModel):
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating-point precision.")
 
 
-class OptimizerConfig(StrictModel):
-    """Gradient-based optimizer settings (see diffworld.engine.driver.OptimizerSettings)."""
+# The scene's optimizer section is derived from the driver's OptimizerSettings: the same fields,
+# defaults, choices and checks (driver.FIELD_CHECKS), so the two cannot drift apart. Left out:
+# the seed (the scene's top-level ``seed``) and print_every (a command-line matter).
+_NOT_IN_SCENES = ("seed", "print_every")
+_DESCRIPTIONS = {
+    "lr": "Learning rate (SDF grids: grid cells per step).",
+    "iterations": "Iterations (per stage for staged tasks).",
+    "lbfgs_max_iter": "LBFGS: loss evaluations (inner iterations) per iteration.",
+    "lbfgs_line_search": "LBFGS line search.",
+    "checkpoint_every": "Checkpoint every this many iterations (0: only at the end of a stage).",
+}
 
-    name: Literal["adam", "sgd", "lbfgs"] = "adam"
-    lr: float = Field(1e-2, gt=0, description="Learning rate (SDF grids: grid cells per step).")
-    iterations: int = Field(200, ge=0, description="Iterations (per stage for staged tasks).")
-    momentum: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine", "exponential", "step"] = "constant"
-    schedule_gamma: float = Field(0.1, gt=0)
-    schedule_step: PositiveInt = 100
-    clip_grad_norm: Optional[float] = Field(None, gt=0)
-    clip_grad_value: Optional[float] = Field(None, gt=0)
-    lbfgs_max_iter: PositiveInt = Field(20, description="LBFGS: loss evaluations (inner iterations) per iteration.")
-    lbfgs_line_search: Literal["strong_wolfe", "none"] = Field("strong_wolfe", description="LBFGS line search.")
-    checkpoint_every: PositiveInt = 50
-    log_format: Literal["csv", "jsonl"] = "csv"
+
+class _OptimizerSection(StrictModel):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML's true/false would otherwise pass as 1/0 (``lr: true`` ran as lr = 1.0)
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _driver_checks(cls, value: Any, info: ValidationInfo) -> Any:
+        try:
+            FIELD_CHECKS[info.field_name](value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    @model_validator(mode="after")
+    def _combination(self):
+        try:
+            self.settings(seed=0)  # the checks across fields (e.g. no weight decay with LBFGS)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc).removeprefix("OptimizerSettings.")) from None
+        return self
+
+    def settings(self, seed: int, **changes: Any) -> OptimizerSettings:
+        """The driver's settings for this section, with the run's ``seed`` and any ``changes``."""
+        return OptimizerSettings(**{**self.model_dump(), "seed": seed, **changes})
+
+
+def _optimizer_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(OptimizerSettings)
+    fields = {}
+    for f in dataclasses.fields(OptimizerSettings):
+        if f.name in _NOT_IN_SCENES:
+            continue
+        kind = Literal[CHOICES[f.name]] if f.name in CHOICES else hints[f.name]
+        fields[f.name] = (kind, Field(f.default, description=_DESCRIPTIONS.get(f.name)))
+    return fields
+
+
+OptimizerConfig = create_model("OptimizerConfig", __base__=_OptimizerSection, **_optimizer_fields())
+OptimizerConfig.__doc__ = "Gradient-based optimizer settings (diffworld.engine.driver.OptimizerSettings)."
 
 
 class OutputConfig(StrictModel):

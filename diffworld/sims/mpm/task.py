@@ -1049,13 +1049,12 @@ _LOG_PARAMS = ("E", "viscosity", "yield_stress", "density")
 def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = False, progress: bool = True,
             optimize: bool = True) -> dict:
     """Run an ``mpm`` scene; returns the metrics written to metrics.json."""
-    from diffworld.engine.driver import OptimizerSettings
     from diffworld.engine.driver import optimize as run_optimizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(scene_cfg.seed)
     scene = _Scene(task, runtime.dtype, runtime.device, scene_cfg.seed)
-    settings = OptimizerSettings(**{**scene_cfg.optimizer.model_dump(), "seed": scene_cfg.seed})
+    settings = scene_cfg.optimizer.settings(seed=scene_cfg.seed)
     obj = task.objective
     metrics: dict = {"particles": scene.model.n_particles, "dt": scene.model.dt, "substeps": scene.n_substeps,
                      "grid": list(scene.model.grid.shape)}
