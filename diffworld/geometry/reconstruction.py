@@ -42,7 +42,10 @@ target points pin the sign on both sides of the surface, which recovers the topo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -77,35 +80,38 @@ class ReconstructionTarget(NamedTuple):
     oriented: bool = True
 
 
-@dataclass
+@pydantic_dataclass(frozen=True)
 class LossWeights:
     """Weights of the reconstruction loss terms (0 disables a term; see the module docstring).
 
+    The one definition of the weights: the scene format's ``task.weights`` section is generated
+    from these fields (defaults, bounds and descriptions), and construction checks the bounds.
     The last group only applies to :class:`FlexiCubesGrid` / :class:`GShellGrid` (the msdf terms
     to :class:`GShellGrid`); other representations ignore them.
-
-    Attributes:
-        sign_band: The sign term acts only on nodes within this many cells of the target
-            (None: everywhere).
-        sdf_sign_final: With a value, the ``sdf_sign`` weight falls linearly from ``sdf_sign`` to
-            it over the first ``sdf_sign_until`` (fraction, (0, 1]) of each stage, then stays.
     """
 
-    chamfer: float = 1.0
-    surface: float = 1.0
-    normal: float = 0.1
-    eikonal: float = 0.1
-    smoothness: float = 0.0
-    sign: float = 1.0
-    sign_band: float | None = None
-    mesh_normal: float = 0.0
-    dev: float = 0.0
-    sdf_sign: float = 0.0
-    sdf_sign_final: float | None = None
-    sdf_sign_until: float = 0.25
-    weight_norm: float = 0.0
-    msdf_negative: float = 0.0
-    msdf_positive: float = 0.0
+    chamfer: float = Field(0.0, ge=0, description="Mesh-sample Chamfer (squared cells).")
+    surface: float = Field(1.0, ge=0, description="Field at target points (squared cells).")
+    normal: float = Field(1.0, ge=0, description="1 - cos(field gradient, target normal).")
+    eikonal: float = Field(1.0, ge=0, description="(|grad s| - 1)^2.")
+    smoothness: float = Field(0.0, ge=0, description="Squared Laplacian (grids).")
+    sign: float = Field(1.0, ge=0, description="Side of the nearest oriented target point, beyond a margin.")
+    sign_band: Optional[float] = Field(None, gt=0, description="Sign term only within this many cells of the "
+                                                               "target (None: everywhere; open targets need one).")
+    mesh_normal: float = Field(0.0, ge=0, description="1 - cos of mesh-sample vs nearest target normals (1 - |cos| "
+                                                      "for unoriented normals).")
+    dev: float = Field(0.0, ge=0, description="FlexiCubes L_dev [cells] (flexicubes, gshell).")
+    sdf_sign: float = Field(0.0, ge=0, description="FlexiCubes SDF sign regularizer (BCE over cut grid edges; "
+                                                   "flexicubes, gshell).")
+    sdf_sign_final: Optional[float] = Field(None, ge=0, description="Decay sdf_sign linearly to this weight "
+                                                                    "(None: constant).")
+    sdf_sign_until: float = Field(0.25, gt=0, le=1, description="Fraction of each stage over which sdf_sign "
+                                                                "decays to sdf_sign_final.")
+    weight_norm: float = Field(0.0, ge=0, description="Mean |raw| of the surface cubes' FlexiCubes weights "
+                                                      "(flexicubes, gshell).")
+    msdf_negative: float = Field(0.0, ge=0, description="Push msdf to -eps on template vertices no target point "
+                                                        "supervises (gshell).")
+    msdf_positive: float = Field(0.0, ge=0, description="Push msdf to +eps on supervised template vertices (gshell).")
 
     def sdf_sign_at(self, progress: float) -> float:
         """The ``sdf_sign`` weight at a fraction ``progress`` in [0, 1] of a stage."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import torch
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, create_model, field_validator, model_validator
 
 from diffworld.engine.scene.registry import TASKS, Registry
 from diffworld.engine.scene.schema import StrictModel, scene_file
@@ -157,33 +157,16 @@ RepresentationConfig = Annotated[Union[GridRepresentationConfig, NeuralRepresent
                                  Field(discriminator="type")]
 
 
-class WeightsConfig(StrictModel):
-    """Loss weights (see diffworld.geometry.reconstruction)."""
-
-    chamfer: float = Field(0.0, ge=0, description="Mesh-sample Chamfer (squared cells).")
-    chamfer_final_stage_only: bool = Field(True, description="Apply Chamfer only at the finest grid stage.")
-    surface: float = Field(1.0, ge=0, description="Field at target points (squared cells).")
-    normal: float = Field(1.0, ge=0, description="1 - cos(field gradient, target normal).")
-    eikonal: float = Field(1.0, ge=0, description="(|grad s| - 1)^2.")
-    smoothness: float = Field(0.0, ge=0, description="Squared Laplacian (grids).")
-    sign: float = Field(1.0, ge=0, description="Side of the nearest oriented target point, beyond a margin.")
-    sign_band: Optional[float] = Field(None, gt=0, description="Sign term only within this many cells of the "
-                                                               "target (None: everywhere; open targets need one).")
-    mesh_normal: float = Field(0.0, ge=0, description="1 - cos of mesh-sample vs nearest target normals (1 - |cos| "
-                                                      "for unoriented normals; with chamfer_final_stage_only: finest "
-                                                      "stage only).")
-    dev: float = Field(0.0, ge=0, description="FlexiCubes L_dev [cells] (flexicubes, gshell).")
-    sdf_sign: float = Field(0.0, ge=0, description="FlexiCubes SDF sign regularizer (BCE over cut grid edges; "
-                                                   "flexicubes, gshell).")
-    sdf_sign_final: Optional[float] = Field(None, ge=0, description="Decay sdf_sign linearly to this weight "
-                                                                    "(None: constant).")
-    sdf_sign_until: float = Field(0.25, gt=0, le=1, description="Fraction of each stage over which sdf_sign "
-                                                                "decays to sdf_sign_final.")
-    weight_norm: float = Field(0.0, ge=0, description="Mean |raw| of the surface cubes' FlexiCubes weights "
-                                                      "(flexicubes, gshell).")
-    msdf_negative: float = Field(0.0, ge=0, description="Push msdf to -eps on template vertices no target point "
-                                                        "supervises (gshell).")
-    msdf_positive: float = Field(0.0, ge=0, description="Push msdf to +eps on supervised template vertices (gshell).")
+# Generated from LossWeights (one definition of every weight: default, bounds, description), plus
+# the one setting that only the staged scene runner has.
+WeightsConfig = create_model(
+    "WeightsConfig",
+    __base__=StrictModel,
+    __doc__="Loss weights (diffworld.geometry.reconstruction.LossWeights).",
+    chamfer_final_stage_only=(bool, Field(True, description="Apply Chamfer and mesh_normal only at the finest grid "
+                                                            "stage.")),
+    **{name: (f.annotation, f) for name, f in LossWeights.__pydantic_fields__.items()},
+)
 
 
 class EvaluationConfig(StrictModel):

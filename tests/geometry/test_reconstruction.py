@@ -64,7 +64,7 @@ def test_without_sign_term_the_sphere_leaves_remnants():
     """Why the sign term exists: field terms at the points alone leave floaters behind."""
     shape = shapes.genus2_shape()
     pts, nrm = shapes.surface_points(shape, 20000, B)
-    rep = fit(ReconstructionTarget(pts, nrm, True), [16], LossWeights(chamfer=0.0, normal=1.0, sign=0.0), 40)
+    rep = fit(ReconstructionTarget(pts, nrm, True), [16], LossWeights(chamfer=0.0, normal=1.0, eikonal=0.1, sign=0.0), 40)
     report = mesh_report(*[t.detach() for t in rep.extract()])
     assert report.n_components > 1 or report.genus != 2
 
@@ -243,3 +243,21 @@ def test_flexicubes_fit_beats_marching_cubes_on_the_sharp_part():
     assert ours.normal_consistency > mc.normal_consistency + 0.03, (ours, mc)
     assert ours.normals_off_5deg < 0.6 * mc.normals_off_5deg, (ours, mc)
     assert ours.chamfer_l1 < 0.8 * mc.chamfer_l1, (ours, mc)
+
+
+def test_scene_weights_are_the_library_weights():
+    """One definition: the scene's task.weights section is LossWeights' fields (defaults and
+    bounds) plus the staged runner's chamfer_final_stage_only."""
+    import dataclasses
+
+    from diffworld.geometry.reconstruction_task import WeightsConfig
+
+    lib = {f.name: f.default for f in dataclasses.fields(LossWeights)}
+    cfg = WeightsConfig()
+    assert set(WeightsConfig.model_fields) == set(lib) | {"chamfer_final_stage_only"}
+    assert {k: getattr(cfg, k) for k in lib} == {k: getattr(LossWeights(), k) for k in lib}
+    for bad in (dict(chamfer=-1.0), dict(sdf_sign_until=1.5), dict(sign_band=0.0)):
+        with pytest.raises(ValueError):
+            LossWeights(**bad)
+        with pytest.raises(ValueError):
+            WeightsConfig(**bad)
