@@ -1,4 +1,8 @@
-"""Engine layer: runtime, torch<->Warp bridge, optimization driver, scenes, I/O, rendering, CLI."""
+"""The ground: runtime (device, dtype, Warp, threads), torch<->Warp bridge, gradient checks, the
+task-agnostic optimization driver and the configuration bases (`config`: strict models, registries).
+
+Imports nothing else from diffworld; everything else builds on it.
+"""
 
 from diffworld.engine.driver import NonFiniteError, OptimizeResult, OptimizerSettings, optimize
 from diffworld.engine.runtime import (

@@ -1,4 +1,4 @@
-"""The torch <-> Warp bridge (ARCHITECTURE contract 2).
+"""The torch <-> Warp bridge (docs/architecture.md, contract 2).
 
 Public API speaks torch; Warp arrays live only inside ops. Tensors are wrapped zero-copy with
 ``wp.from_torch``. A differentiable op is one ``torch.autograd.Function`` whose forward launches

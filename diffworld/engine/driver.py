@@ -1,7 +1,7 @@
 """Optimization driver: gradient descent on torch parameters with logs, plots and checkpoints.
 
 :func:`optimize` runs one *stage* of an optimization (a pipeline calls it once per stage with a
-different ``stage`` name and the same ``out_dir``). It implements ARCHITECTURE contracts 9 and 10:
+different ``stage`` name and the same ``out_dir``). It implements contracts 9 and 10 of docs/architecture.md:
 
 * everything goes to one folder: ``log.csv`` or ``log.jsonl`` (all stages, column ``stage``),
   ``loss.png`` (one line per stage, loss terms dashed) and ``checkpoints/{stage}.pt``;
@@ -192,7 +192,7 @@ def _check_betas(betas: Any) -> None:
 
 
 # The one definition of what each setting accepts: OptimizerSettings.validate and the scene
-# format's optimizer section (diffworld.engine.scene.schema) both run these.
+# format's optimizer section (diffworld.engine.config.schema) both run these.
 FIELD_CHECKS: dict[str, Callable[[Any], None]] = {
     "name": lambda v: _check_choice("name", v, OPTIMIZERS),
     "lr": lambda v: _check_real("lr", v, low=0.0, low_open=True),

@@ -13,7 +13,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from diffworld.engine.io import save_mesh
+from diffworld.geometry.io import save_mesh
 from diffworld.geometry.grid import Grid
 from diffworld.geometry.marching_cubes import marching_cubes
 from diffworld.geometry.sdf import sample_grid

@@ -434,7 +434,7 @@ def _run_scene(name: str, device, out: Path) -> list[float]:
     import csv
 
     from diffworld.engine.runtime import get_runtime
-    from diffworld.engine.scene import TASKS, load_scene
+    from diffworld.app.scenes import TASKS, load_scene
 
     sc = load_scene(SCENES / f"{name}.yaml", _overrides(name))
     TASKS.builder(sc.task.type)(sc, get_runtime(device, sc.runtime.dtype), out, progress=False)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from diffworld.engine.io import load_mesh
+from diffworld.geometry.io import load_mesh
 from diffworld.engine.runtime import get_runtime
-from diffworld.engine.scene import TASKS, load_scene
+from diffworld.app.scenes import TASKS, load_scene
 from diffworld.geometry.mesh_ops import mesh_report
 
 SCENES = Path(__file__).resolve().parents[2] / "scenes"

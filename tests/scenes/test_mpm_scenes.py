@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from diffworld.engine.cli import app
-from diffworld.engine.scene import load_scene
+from diffworld.app.cli import app
+from diffworld.app.scenes import load_scene
 
 SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("mpm_*.yaml"))
 runner = CliRunner()
@@ -44,7 +44,7 @@ def _has_horizon(path: Path) -> bool:
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.runtime import get_runtime
-    from diffworld.engine.scene import TASKS
+    from diffworld.app.scenes import TASKS
 
     horizon = _has_horizon(path)
     scene = load_scene(path, _reduced(path, horizon))

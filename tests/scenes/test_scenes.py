@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffworld.engine.cli import app
-from diffworld.engine.scene import SceneError, load_scene, scene_json_schema
+from diffworld.app.cli import app
+from diffworld.app.scenes import SceneError, load_scene, scene_json_schema
 
 ALL_SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("*.yaml"))
 # Reconstruction scenes on marching cubes here; simulation scenes (test_mpm_scenes.py) and the
@@ -41,7 +41,7 @@ def test_scene_validates(path):
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.runtime import get_runtime
-    from diffworld.engine.scene import TASKS
+    from diffworld.app.scenes import TASKS
 
     scene = load_scene(path, reduced(path))
     metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
@@ -160,7 +160,7 @@ def test_help_everywhere():
 def test_same_scene_and_seed_give_the_same_numbers(tmp_path):
     """Contract 7: determinism on CPU."""
     from diffworld.engine.runtime import get_runtime
-    from diffworld.engine.scene import TASKS
+    from diffworld.app.scenes import TASKS
 
     path = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_genus2.yaml"
     over = {**reduced(path), "optimizer.iterations": 5, "output.save_mesh": False}
@@ -178,7 +178,7 @@ def test_the_optimizer_section_is_the_drivers_settings(tmp_path):
     import dataclasses
 
     from diffworld.engine.driver import OPTIMIZERS, OptimizerSettings
-    from diffworld.engine.scene import OptimizerConfig
+    from diffworld.engine.config import OptimizerConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(OptimizerSettings)}
     section = OptimizerConfig()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffworld.engine.gradcheck import directional_check
-from diffworld.engine.scene import SceneError, load_scene
+from diffworld.app.scenes import SceneError, load_scene
 from diffworld.geometry.sdf import Box, Sphere
 from diffworld.sims.mpm import losses as L
 
@@ -240,7 +240,7 @@ def test_mixing_loss_errors():
 # --- the horizon schedule --------------------------------------------------------------------------
 
 def test_horizon_schedule_grows_when_progress_stalls():
-    from diffworld.sims.mpm.task import HorizonSchedule
+    from diffworld.tasks.mpm.task import HorizonSchedule
 
     s = HorizonSchedule(initial=2, grow=3, patience=2, tolerance=0.1, total=9)
     losses = [10.0, 8.0, 6.0,     # -25 % over 2 iterations: keep h = 2
@@ -309,7 +309,7 @@ def _write(tmp_path, losses=DENSITY, extra="", dtype="float64", name="scene.yaml
 
 
 def _problem(path):
-    from diffworld.sims.mpm.task import TrajectoryProblem, _Scene
+    from diffworld.tasks.mpm.task import TrajectoryProblem, _Scene
 
     scene = load_scene(path)
     dtype = torch.float64 if scene.runtime.dtype == "float64" else torch.float32

@@ -108,8 +108,8 @@ optimizer: {name: adam, lr: 0.01, iterations: 1}
 
 
 def _outputs(tmp_path, option, monkeypatch=None):
-    from diffworld.engine.scene import load_scene
-    from diffworld.sims.mpm.task import TrajectoryProblem, _Scene, _write_outputs
+    from diffworld.app.scenes import load_scene
+    from diffworld.tasks.mpm.task import TrajectoryProblem, _Scene, _write_outputs
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / "scene.yaml"

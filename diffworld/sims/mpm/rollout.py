@@ -1,4 +1,4 @@
-"""Differentiable rollouts with checkpoint windows (ARCHITECTURE contract 5).
+"""Differentiable rollouts with checkpoint windows (docs/architecture.md, contract 5).
 
 A rollout of T substeps is a chain of torch ops, one per *window* of at most K substeps. A window's
 forward keeps nothing but its input state (the checkpoint); its backward recomputes the window

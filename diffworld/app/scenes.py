@@ -6,21 +6,36 @@ from the validation context key ``scene_dir``).
 
 from __future__ import annotations
 
-import importlib
 import re
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from diffworld.engine.scene.registry import TASKS
-from diffworld.engine.scene.schema import build_scene_model
+from diffworld.engine.config.registry import TASKS
+from diffworld.engine.config.schema import build_scene_model
 
-__all__ = ["SceneError", "load_scene", "load_yaml", "scene_json_schema", "scene_model"]
+__all__ = ["SceneError", "TASKS", "load_scene", "load_yaml", "scene_json_schema", "scene_model"]
 
-# Modules whose import registers task types. New simulators add themselves here.
-TASK_MODULES = ("diffworld.geometry.reconstruction_task", "diffworld.sims.mpm.task")
+#: Entry-point group through which other packages add task types (their module registers itself
+#: in ``TASKS`` on import), e.g. in pyproject.toml:
+#: ``[project.entry-points."diffworld.tasks"] my_task = "my_package.my_task"``.
+TASK_ENTRY_POINTS = "diffworld.tasks"
+_LOADED = False
+
+
+def load_tasks() -> None:
+    """Register every task type: the built-in ones (:mod:`diffworld.tasks`) and the entry points."""
+    global _LOADED
+    if _LOADED:
+        return
+    import diffworld.tasks  # noqa: F401 - registers the built-in tasks
+
+    for ep in entry_points(group=TASK_ENTRY_POINTS):
+        ep.load()
+    _LOADED = True
 
 
 class SceneError(ValueError):
@@ -56,8 +71,7 @@ def load_yaml(path: str | Path) -> Any:
 
 def scene_model() -> type[BaseModel]:
     """The scene model for every registered task type."""
-    for mod in TASK_MODULES:
-        importlib.import_module(mod)
+    load_tasks()
     return build_scene_model(TASKS.union())
 
 

@@ -44,6 +44,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from diffworld.render.camera import Camera, orbit_camera
+
 __all__ = [
     "render_backend",
     "render_mesh",
@@ -309,32 +311,10 @@ def _frame(views: Sequence[_View]) -> tuple[np.ndarray, float]:
     return center, (radius if radius > 0 else max(1e-3, 1e-3 * float(np.abs(center).max())))
 
 
-@dataclass(frozen=True)
-class _Camera:
-    eye: np.ndarray
-    center: np.ndarray
-    right: np.ndarray
-    up: np.ndarray
-    forward: np.ndarray  # unit, from eye towards center
-
-
 def _camera(center: np.ndarray, radius: float, azimuth: float, elevation: float, aspect: float,
-            margin: float = FRAME_MARGIN) -> _Camera:
+            margin: float = FRAME_MARGIN) -> Camera:
     """Perspective camera at (azimuth, elevation) framing the sphere (center, radius) in a viewport w/h=aspect."""
-    a, e = math.radians(azimuth), math.radians(elevation)
-    to_eye = np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
-    half_v = math.radians(FOV_DEG) / 2
-    half = min(half_v, math.atan(math.tan(half_v) * aspect))
-    eye = center + to_eye * (radius * margin / math.sin(half))
-    forward = -to_eye
-    # Screen-up is world +z, except looking straight down/up where it becomes the horizontal
-    # direction away from the camera (the limit of the z-up view).
-    world_up = np.array([0.0, 0.0, 1.0]) if abs(math.sin(e)) < 0.9999 else np.sign(e) * -np.array(
-        [math.cos(a), math.sin(a), 0.0])
-    right = np.cross(forward, world_up)
-    right /= np.linalg.norm(right)
-    up = np.cross(right, forward)
-    return _Camera(eye, center, right, up, forward)
+    return orbit_camera(center, radius, azimuth, elevation, aspect, margin, FOV_DEG)
 
 
 # --- backend selection --------------------------------------------------------------------------
@@ -513,7 +493,7 @@ def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     return np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
 
 
-def _render_pyvista(views: list[_View], window: tuple[int, int], cams: list[_Camera]) -> list[np.ndarray]:
+def _render_pyvista(views: list[_View], window: tuple[int, int], cams: list[Camera]) -> list[np.ndarray]:
     import pyvista as pv
 
     w, h = window
@@ -580,7 +560,7 @@ def _render_pyvista(views: list[_View], window: tuple[int, int], cams: list[_Cam
 _OCTAGON = np.stack([np.cos(np.arange(8) * np.pi / 4 + np.pi / 8), np.sin(np.arange(8) * np.pi / 4 + np.pi / 8)], -1)
 
 
-def _shade(normals: np.ndarray, to_eye: np.ndarray, cam: _Camera, base: np.ndarray) -> np.ndarray:
+def _shade(normals: np.ndarray, to_eye: np.ndarray, cam: Camera, base: np.ndarray) -> np.ndarray:
     """Two-sided Lambert + Blinn-Phong from a key and a fill light fixed to the camera -> RGB."""
     n = normals * np.where((normals * to_eye).sum(-1, keepdims=True) < 0, -1.0, 1.0)
     view = -cam.forward
@@ -596,7 +576,7 @@ def _shade(normals: np.ndarray, to_eye: np.ndarray, cam: _Camera, base: np.ndarr
     return np.clip(base * (0.2 + diffuse)[:, None] + spec[:, None], 0.0, 1.0)
 
 
-def _project(cam: _Camera, x: np.ndarray, width: float, height: float) -> tuple[np.ndarray, np.ndarray]:
+def _project(cam: Camera, x: np.ndarray, width: float, height: float) -> tuple[np.ndarray, np.ndarray]:
     """World points -> viewport pixels (x right, y up) and camera depth."""
     rel = x - cam.eye
     depth = rel @ cam.forward
@@ -607,7 +587,7 @@ def _project(cam: _Camera, x: np.ndarray, width: float, height: float) -> tuple[
     return np.stack([px, py], -1), depth
 
 
-def _draw_view_matplotlib(ax, view: _View, cam: _Camera, width: float, height: float, dpi: float) -> None:
+def _draw_view_matplotlib(ax, view: _View, cam: Camera, width: float, height: float, dpi: float) -> None:
     from matplotlib.collections import PolyCollection
 
     polys, depths, rgba, lws = [], [], [], []
@@ -648,7 +628,7 @@ def _draw_view_matplotlib(ax, view: _View, cam: _Camera, width: float, height: f
                 fontsize=_title_px(height) * _MPL_PT_PER_PX * 100.0 / dpi, color="black")
 
 
-def _render_matplotlib(views: list[_View], window: tuple[int, int], cams: list[_Camera]) -> list[np.ndarray]:
+def _render_matplotlib(views: list[_View], window: tuple[int, int], cams: list[Camera]) -> list[np.ndarray]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffworld.engine import render
-from diffworld.engine.render import (
+from diffworld import viz as render
+from diffworld.viz import (
     render_backend,
     render_mesh,
     render_particles,

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from diffworld.engine.scene.registry import TASKS
-from diffworld.engine.scene.schema import StrictModel, scene_file
+from diffworld.engine.config.registry import TASKS
+from diffworld.engine.config.schema import StrictModel, scene_file
 from diffworld.sims.mpm.quaternion import quat_to_rotvec
 
 __all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
@@ -110,7 +110,7 @@ class ShapeConfig(StrictModel):
             a = (c[0], c[1], c[2] - self.half_height)
             b = (c[0], c[1], c[2] + self.half_height)
             return sdf.Capsule(a, b, self.radius)
-        from diffworld.engine.io import load_mesh
+        from diffworld.geometry.io import load_mesh
         from diffworld.geometry.mesh_ops import mesh_report
         from diffworld.geometry.mesh_sdf import MeshSDF
 
@@ -592,7 +592,7 @@ def _collider(cfg: ColliderConfig, dtype):
 
     if cfg.shape != "mesh":
         return Collider(cfg.shape, cfg.size, cfg.friction, cfg.softness, cfg.sticky, name=cfg.name)
-    from diffworld.engine.io import load_mesh
+    from diffworld.geometry.io import load_mesh
     from diffworld.geometry.grid import Grid
     from diffworld.geometry.mesh_sdf import mesh_to_sdf
 
@@ -1252,7 +1252,7 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
     ``control`` moved the colliders of ``after`` (and of the movie), ``control_before`` those of
     ``before`` (default: ``control``).
     """
-    from diffworld.engine.render import render_particles
+    from diffworld.viz import render_particles
     from diffworld.sims.mpm.colliders import collider_mesh
 
     pos = after.positions().detach().cpu().numpy()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from diffworld.engine.io import (
+from diffworld.geometry.io import (
     MESH_FORMATS,
     POINT_FORMATS,
     LoadedMesh,

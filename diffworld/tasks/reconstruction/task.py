@@ -1,6 +1,6 @@
 """The ``reconstruction`` scene task: fit a differentiable isosurface to a target shape.
 
-Registered in :data:`diffworld.engine.scene.TASKS` on import. A run writes to its output folder:
+Registered in :data:`diffworld.app.scenes.TASKS` on import. A run writes to its output folder:
 ``scene.yaml`` (resolved), ``log.csv``, ``loss.png``, ``metrics.json``, ``result.ply``,
 ``render.png`` (result beside target) and ``checkpoints/`` (``--resume`` continues from them);
 G-Shell runs also write ``template.ply`` (the watertight template the result was cut from).
@@ -24,8 +24,8 @@ from typing import Annotated, Literal, Optional, Union
 import torch
 from pydantic import Field, PositiveInt, create_model, field_validator, model_validator
 
-from diffworld.engine.scene.registry import TASKS, Registry
-from diffworld.engine.scene.schema import StrictModel, scene_file
+from diffworld.engine.config.registry import TASKS, Registry
+from diffworld.engine.config.schema import StrictModel, scene_file
 from diffworld.geometry.reconstruction import (
     FlexiCubesGrid,
     GShellGrid,
@@ -255,7 +255,7 @@ class _Reference:
     """Target points for the loss, and dense reference points/normals for the metrics."""
 
     def __init__(self, cfg, bounds, seed: int, n_eval: int, dtype) -> None:
-        from diffworld.engine import io
+        from diffworld.geometry import io
         from diffworld.geometry import shapes
         from diffworld.geometry.sampling import estimate_normals, sample_surface
 
@@ -509,13 +509,13 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
                                                           scene.seed)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if scene.output.save_mesh and mesh.faces.shape[0]:
-        from diffworld.engine.io import save_mesh
+        from diffworld.geometry.io import save_mesh
 
         save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
         if rep_cfg.type == "gshell":  # the watertight template the open surface was cut from
             save_mesh(out_dir / "template.ply", mesh.template.vertices.detach().cpu(), mesh.template.faces.cpu())
     if scene.output.render and mesh.faces.shape[0]:
-        from diffworld.engine.render import render_side_by_side
+        from diffworld.viz import render_side_by_side
 
         right = ref.mesh if ref.mesh is not None else ref.eval_points[:20000]
         if ref.sdf is not None:
@@ -528,7 +528,7 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         render_side_by_side(out_dir / "render.png", (mesh.vertices.detach().cpu(), mesh.faces.cpu()), right,
                             titles=("result", "target"))
     if scene.output.turntable and mesh.faces.shape[0]:
-        from diffworld.engine.render import render_turntable
+        from diffworld.viz import render_turntable
 
         render_turntable(out_dir / "turntable.gif", mesh.vertices.detach().cpu(), mesh.faces.cpu())
     return metrics

@@ -25,7 +25,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(scene_path: Path, overrides: dict):
-    from diffworld.engine.scene import SceneError, load_scene
+    from diffworld.app.scenes import SceneError, load_scene
 
     try:
         return load_scene(scene_path, overrides)
@@ -38,7 +38,7 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     import yaml
 
     from diffworld.engine.runtime import get_runtime
-    from diffworld.engine.scene import TASKS
+    from diffworld.app.scenes import TASKS
 
     overrides = {}
     if iterations is not None:
@@ -98,7 +98,7 @@ def validate(scene: Path = typer.Argument(..., help="Scene YAML file.")) -> None
 @app.command()
 def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout.")) -> None:
     """Print the JSON Schema of the scene format."""
-    from diffworld.engine.scene import scene_json_schema
+    from diffworld.app.scenes import scene_json_schema
 
     text = json.dumps(scene_json_schema(), indent=2)
     if out:
@@ -112,7 +112,8 @@ def render(mesh: Path = typer.Argument(..., help="Mesh file (obj/ply/stl/off/glb
            out: Path = typer.Option(Path("render.png"), "--out", "-o", help="PNG, or GIF/MP4 for a turntable."),
            target: Optional[Path] = typer.Option(None, "--target", help="A second mesh drawn beside it.")) -> None:
     """Render a mesh off-screen (beside a target, or as a turntable for .gif/.mp4)."""
-    from diffworld.engine import io, render as rd
+    from diffworld import viz as rd
+    from diffworld.geometry import io
 
     try:
         m = io.load_mesh(mesh)
