@@ -6,10 +6,10 @@ from diffworld.geometry.gshell import (GShellMesh, gshell_flexicubes, gshell_mar
                                        msdf_supervision)
 from diffworld.geometry.marching_cubes import IsoSurface, marching_cubes, marching_cubes_field
 from diffworld.geometry.marching_tets import MarchingTetsMesh, marching_tets
-from diffworld.geometry.tet_mesh import (TetQuality, TetReport, load_tet_mesh, save_tet_mesh, tet_quality, tet_report,
+from diffworld.geometry.tet_mesh import (TetMesh, TetQuality, TetReport, load_tet_mesh, save_tet_mesh, tet_quality, tet_report,
                                         tet_volumes)
 
-__all__ = ["FlexiCubesMesh", "GShellMesh", "Grid", "IsoSurface", "MarchingTetsMesh", "TetQuality", "TetReport", "flexicubes",
+__all__ = ["FlexiCubesMesh", "GShellMesh", "Grid", "IsoSurface", "MarchingTetsMesh", "TetMesh", "TetQuality", "TetReport", "flexicubes",
            "gshell_flexicubes", "gshell_marching_tets", "load_tet_mesh", "marching_cubes", "marching_cubes_field",
            "marching_tets", "msdf_regularizers", "msdf_supervision", "save_tet_mesh", "sdf_sign_loss",
            "tet_quality", "tet_report", "tet_volumes", "trilinear"]

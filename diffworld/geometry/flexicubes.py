@@ -35,6 +35,7 @@ from diffworld.geometry.grid import Grid, check_node_values, cube_cases, node_at
 from diffworld.geometry.kernels_flexicubes import surface_scan
 from diffworld.geometry.kernels_flexicubes_dual import dual_vertices
 from diffworld.geometry.mc_tables import EDGE_CORNERS
+from diffworld.geometry.tet_mesh import TetMesh
 
 __all__ = ["FlexiCubesMesh", "flexicubes", "sdf_sign_loss"]
 
@@ -62,6 +63,12 @@ class FlexiCubesMesh(NamedTuple):
     cubes: torch.Tensor
     attributes: torch.Tensor | None = None
     tets: torch.Tensor | None = None
+
+    @property
+    def tet_mesh(self) -> TetMesh | None:
+        """The tetrahedral output as a :class:`~diffworld.geometry.tet_mesh.TetMesh` (surface =
+        ``faces``), or None for ``output="triangles"``."""
+        return None if self.tets is None else TetMesh(self.vertices, self.tets, self.faces)
 
 
 WeightsFn = Callable[[torch.Tensor], Sequence[Optional[torch.Tensor]]]

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["TetQuality", "TetReport", "load_tet_mesh", "save_tet_mesh", "tet_quality", "tet_report", "tet_volumes"]
+__all__ = ["TetMesh", "TetQuality", "TetReport", "boundary_faces", "load_tet_mesh", "save_tet_mesh", "tet_quality",
+           "tet_report", "tet_volumes"]
 
 _FACES = ((1, 2, 3), (0, 3, 2), (0, 1, 3), (0, 2, 1))
 
@@ -135,6 +136,19 @@ def _canonical(tris: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def boundary_faces(tets: torch.Tensor) -> torch.Tensor:
+    """The faces used by exactly one tet, (F, 3) int64, oriented outwards for positive tets.
+
+    Args:
+        tets: (T, 4) int64.
+    """
+    faces = torch.cat([tets[:, list(f)] for f in _FACES])
+    key, _ = _canonical(faces)
+    _, inv, count = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    return faces[count[inv] == 1]
+
+
+@torch.no_grad()
 def tet_report(vertices: torch.Tensor, tets: torch.Tensor, surface: torch.Tensor | None = None) -> TetReport:
     """Check a tet mesh: orientation, conformity, and (optionally) its boundary against a surface.
 
@@ -232,3 +246,39 @@ def load_tet_mesh(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
                          f"expected only tetrahedra ({int(pv.CellType.TETRA)})")
     return (torch.as_tensor(np.asarray(grid.points, dtype=np.float64)),
             torch.as_tensor(np.asarray(cells[pv.CellType.TETRA], dtype=np.int64)))
+
+
+class TetMesh(NamedTuple):
+    """A tetrahedral mesh, as FEM takes it.
+
+    Attributes:
+        vertices: (V, 3) [m]; gradients flow through it (e.g. from FlexiCubes' inputs).
+        tets: (T, 4) int64, positively oriented (:func:`tet_volumes` > 0 on a valid mesh).
+        surface: (F, 3) int64 boundary triangles, oriented outwards, indexing ``vertices``.
+    """
+
+    vertices: torch.Tensor
+    tets: torch.Tensor
+    surface: torch.Tensor
+
+    def volumes(self) -> torch.Tensor:
+        """Signed volume of each tet (T,) [m^3]; differentiable."""
+        return tet_volumes(self.vertices, self.tets)
+
+    def quality(self) -> TetQuality:
+        """Mean ratio and dihedral angles of each tet."""
+        return tet_quality(self.vertices, self.tets)
+
+    def report(self) -> TetReport:
+        """Validity: orientation, conformity, and whether the boundary is exactly ``surface``."""
+        return tet_report(self.vertices, self.tets, self.surface)
+
+    def save(self, path: str | Path, **cell_data: torch.Tensor) -> Path:
+        """Write a VTK unstructured grid (:func:`save_tet_mesh`)."""
+        return save_tet_mesh(path, self.vertices, self.tets, **cell_data)
+
+    @staticmethod
+    def load(path: str | Path) -> "TetMesh":
+        """Read a file written by :meth:`save`; the surface is the tets' boundary."""
+        vertices, tets = load_tet_mesh(path)
+        return TetMesh(vertices, tets, boundary_faces(tets))

@@ -101,3 +101,22 @@ def test_report_carries_the_extremes():
     assert math.isclose(r.min_dihedral_deg, 45.0, abs_tol=1e-9) and math.isclose(r.max_dihedral_deg, 90.0, abs_tol=1e-9)
     empty = tet_report(corners, torch.zeros((0, 4), dtype=torch.int64))
     assert empty.n_tets == 0 and empty.min_mean_ratio == 0.0
+
+
+def test_tet_mesh_type_from_flexicubes_round_trips_through_vtk(tmp_path):
+    """FlexiCubes' tetrahedral output as a TetMesh: valid, its boundary is the surface, and a VTK
+    file read back gives the same mesh with the boundary recomputed (oriented outwards)."""
+    from diffworld.geometry import TetMesh, flexicubes
+    from diffworld.geometry.grid import Grid
+
+    x = Grid.make(16).nodes(dtype=torch.float64)
+    m = flexicubes(x.norm(dim=-1) - 0.3, output="tetrahedra")
+    tm = m.tet_mesh
+    assert isinstance(tm, TetMesh) and torch.equal(tm.surface, m.faces)
+    r = tm.report()
+    assert r.valid and r.boundary_is_surface and r.n_tets == m.tets.shape[0]
+    back = TetMesh.load(tm.save(tmp_path / "sphere.vtu"))
+    assert torch.equal(back.tets, m.tets)
+    torch.testing.assert_close(back.vertices, m.vertices.detach())
+    assert back.report().valid and tet_report(back.vertices, back.tets, m.faces).boundary_is_surface
+    assert flexicubes(x.norm(dim=-1) - 0.3).tet_mesh is None
