@@ -115,7 +115,24 @@ def test_projection_returns_to_the_yield_surface():
 def test_material_validation_names_the_parameter():
     with pytest.raises(ValueError, match="unknown name 'honey'"):
         M.Material("honey")
-    with pytest.raises(ValueError, match="nu expected in"):
+    with pytest.raises(ValueError, match=r"nu expected a finite number in \(-1, 0.5\)"):
         M.Material("jelly", nu=0.5)
     with pytest.raises(ValueError, match="friction_angle"):
         M.Material("sand", friction_angle=95.0)
+
+
+def test_scene_material_section_is_the_library_material():
+    """One definition: the scene's material section has the library's parameters and applies the
+    same ranges (and refuses YAML booleans)."""
+    from pydantic import ValidationError
+
+    from diffworld.tasks.mpm.task import MaterialConfig
+
+    assert set(MaterialConfig.model_fields) == {"name", *M.PARAMETERS}
+    for name, value in [("E", -1.0), ("nu", 0.5), ("friction_angle", 95.0), ("theta_c", 1.0), ("E", float("inf")),
+                        ("E", True)]:
+        with pytest.raises(ValueError, match=name):
+            M.Material("sand", **{name: value})
+        with pytest.raises(ValidationError, match=name):
+            MaterialConfig(name="sand", **{name: value})
+    assert MaterialConfig(name="jelly", E=1e4).build() == M.Material("jelly", E=1e4)

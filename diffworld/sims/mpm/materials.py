@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import torch
 
@@ -42,6 +43,38 @@ __all__ = [
 ]
 
 PARAMETERS = ("E", "nu", "density", "viscosity", "yield_stress", "friction_angle", "theta_c", "theta_s")
+
+# The one definition of each parameter: unit and meaning, and its physical range (a test and its
+# wording). Material.validate and the scene format's material section both use it.
+PARAMETER_DOCS = {
+    "E": "Young's modulus [Pa].",
+    "nu": "Poisson's ratio.",
+    "density": "[kg/m^3].",
+    "viscosity": "Dynamic viscosity [Pa s].",
+    "yield_stress": "von Mises yield stress [Pa].",
+    "friction_angle": "Drucker-Prager friction angle [deg].",
+    "theta_c": "Snow: critical compression (fraction).",
+    "theta_s": "Snow: critical stretch (fraction).",
+}
+PARAMETER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "E": (lambda v: v > 0, "> 0"),
+    "nu": (lambda v: -1 < v < 0.5, "in (-1, 0.5)"),
+    "density": (lambda v: v > 0, "> 0"),
+    "viscosity": (lambda v: v >= 0, ">= 0"),
+    "yield_stress": (lambda v: v > 0, "> 0"),
+    "friction_angle": (lambda v: 0 <= v < 90, "in [0, 90) degrees"),
+    "theta_c": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "theta_s": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def parameter_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the material parameter ``name`` (None: nothing)."""
+    ok, want = PARAMETER_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        return f"expected a finite number {want}, got {value!r}"
+    return None
+
 
 # name -> (law, default parameters). Defaults follow FluidLab/NCLaw, rescaled to SI units.
 MATERIALS: dict[str, tuple[str, dict[str, float]]] = {
@@ -100,15 +133,10 @@ class Material:
         Raises:
             ValueError: A parameter outside its physical range.
         """
-        checks = [("E", self.E > 0, "> 0"), ("nu", -1 < self.nu < 0.5, "in (-1, 0.5)"),
-                  ("density", self.density > 0, "> 0"), ("viscosity", self.viscosity >= 0, ">= 0"),
-                  ("yield_stress", self.yield_stress > 0, "> 0"),
-                  ("friction_angle", 0 <= self.friction_angle < 90, "in [0, 90) degrees"),
-                  ("theta_c", 0 <= self.theta_c < 1, "in [0, 1)"), ("theta_s", self.theta_s >= 0, ">= 0")]
-        for name, ok, want in checks:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)) or not ok:
-                raise ValueError(f"material '{self.name}': {name} expected {want}, got {value!r}")
+        for name in PARAMETERS:
+            problem = parameter_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"material '{self.name}': {name} {problem}")
 
     @property
     def law_id(self) -> int:

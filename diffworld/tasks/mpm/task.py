@@ -39,10 +39,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, create_model, field_validator, model_validator
 
 from diffworld.engine.config.registry import TASKS
 from diffworld.engine.config.schema import StrictModel, scene_file
+from diffworld.sims.mpm.kernels import SHAPE
+from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
 from diffworld.sims.mpm.quaternion import quat_to_rotvec
 
 __all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
@@ -122,32 +124,43 @@ class ShapeConfig(StrictModel):
         return MeshSDF(v, m.faces)
 
 
-class MaterialConfig(StrictModel):
+class _MaterialSection(StrictModel):
     """A material by name with optional parameter overrides (see diffworld.sims.mpm.materials)."""
 
-    name: str = Field(..., description="water, viscous, elastic, jelly, neo_hookean, snow, plasticine, sand.")
-    E: Optional[float] = Field(None, gt=0, description="Young's modulus [Pa].")
-    nu: Optional[float] = Field(None, gt=-1, lt=0.5, description="Poisson's ratio.")
-    density: Optional[float] = Field(None, gt=0, description="[kg/m^3].")
-    viscosity: Optional[float] = Field(None, ge=0, description="[Pa s].")
-    yield_stress: Optional[float] = Field(None, gt=0, description="von Mises yield stress [Pa].")
-    friction_angle: Optional[float] = Field(None, ge=0, lt=90, description="Drucker-Prager friction angle [deg].")
-    theta_c: Optional[float] = Field(None, ge=0, lt=1)
-    theta_s: Optional[float] = Field(None, ge=0)
+    name: str = Field(..., description=f"One of: {', '.join(MATERIALS)}.")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from diffworld.sims.mpm.materials import MATERIALS
-
         if v not in MATERIALS:
             raise ValueError(f"unknown material {v!r}; expected one of {sorted(MATERIALS)}")
         return v
 
-    def build(self):
-        from diffworld.sims.mpm.materials import Material
+    @field_validator(*PARAMETERS, mode="before", check_fields=False)
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML's true/false would pass as 1/0
+            raise ValueError("expected a number, got a boolean")
+        return v
 
+    @field_validator(*PARAMETERS, check_fields=False)
+    @classmethod
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        problem = None if v is None else parameter_problem(info.field_name, v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    def build(self) -> Material:
         return Material(**self.model_dump())
+
+
+# Generated from the material parameters (materials.PARAMETERS, PARAMETER_DOCS, PARAMETER_RANGES):
+# one definition for the library's Material and the scene's material section.
+MaterialConfig = create_model(
+    "MaterialConfig", __base__=_MaterialSection,
+    **{p: (Optional[float], Field(None, description=PARAMETER_DOCS[p] + " Default: the material's.")) for p in PARAMETERS},
+)
 
 
 class BodyConfig(StrictModel):
@@ -217,9 +230,13 @@ class MotionConfig(StrictModel):
         return self
 
 
+# The kernel's shapes (its "grid" is what a scene's "mesh" becomes), so the two cannot drift.
+COLLIDER_SHAPES = Literal[tuple(name for name in SHAPE if name != "grid") + ("mesh",)]
+
+
 class ColliderConfig(StrictModel):
     name: str = "collider"
-    shape: Literal["sphere", "box", "capsule", "cylinder", "cup", "plane", "mesh"]
+    shape: COLLIDER_SHAPES = Field(..., description="A kernel shape, or 'mesh' (a file voxelized to an SDF grid).")
     size: Vec3 = Field((0.1, 0.1, 0.1), description="See diffworld.sims.mpm.Collider.size [m].")
     path: Optional[str] = Field(None, description="Mesh file for shape 'mesh' (voxelized to an SDF grid).")
     sdf_resolution: int = Field(64, ge=8, description="SDF grid resolution of a mesh collider.")
