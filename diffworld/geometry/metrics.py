@@ -32,6 +32,8 @@ __all__ = [
     "ChamferLoss",
     "SurfaceMetrics",
     "chamfer_loss",
+    "chamfer_terms",
+    "nearest_indices",
     "mesh_metrics",
     "mesh_to_points_metrics",
     "point_metrics",
@@ -235,6 +237,52 @@ def mesh_to_points_metrics(pred_vertices: torch.Tensor, pred_faces: torch.Tensor
     return point_metrics(pp, pn, gt_points, gt_normals, threshold)
 
 
+def nearest_indices(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest ``dst`` point of every ``src`` point (exact, KD-tree on the CPU).
+
+    Args:
+        src: [m], shape (N, 3).
+        dst: [m], shape (M, 3), M >= 1.
+
+    Returns:
+        int64 indices into ``dst``, shape (N,), on the device of ``src``.
+    """
+    _, i = _nearest(src.detach().cpu().numpy(), dst.detach().cpu().numpy())
+    return torch.from_numpy(i.astype(np.int64)).to(src.device)
+
+
+def chamfer_terms(points: torch.Tensor, target: torch.Tensor, normals: torch.Tensor | None = None,
+                  target_normals: torch.Tensor | None = None, oriented: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The one Chamfer computation of diffworld (reconstruction, MPM losses, :func:`chamfer_loss`).
+
+    Nearest neighbours are found on detached copies (:func:`nearest_indices`, both directions);
+    the matched squared distances are recomputed in torch, so gradients flow to both point sets
+    (the assignment is piecewise constant and not differentiated: exact wherever it does not
+    change). No argument checks: callers validate.
+
+    Args:
+        points: (N, 3) [m], N >= 1.
+        target: (M, 3) [m], M >= 1.
+        normals, target_normals: Unit normals (N, 3) and (M, 3), or None (no normal term).
+        oriented: Normal term ``1 - cos`` (an inside-out pair costs 2) instead of ``1 - |cos|``.
+
+    Returns:
+        ``(mean_i |p_i - t_nn(i)|^2, mean_j |t_j - p_nn(j)|^2, normal term or None)`` [m^2, m^2, -];
+        the normal term averages ``1 - cos`` over the pairs of both directions.
+    """
+    i_pt, i_tp = nearest_indices(points, target), nearest_indices(target, points)
+    to_target = (points - target[i_pt]).square().sum(-1).mean()
+    to_points = (target - points[i_tp]).square().sum(-1).mean()
+    if normals is None or target_normals is None:
+        return to_target, to_points, None
+    cos_pt = (normals * target_normals[i_pt]).sum(-1)
+    cos_tp = (target_normals * normals[i_tp]).sum(-1)
+    if not oriented:
+        cos_pt, cos_tp = cos_pt.abs(), cos_tp.abs()
+    return to_target, to_points, 0.5 * ((1.0 - cos_pt).mean() + (1.0 - cos_tp).mean())
+
+
 def chamfer_loss(pred_points: torch.Tensor, target_points: torch.Tensor, target_normals: torch.Tensor | None = None,
                  pred_normals: torch.Tensor | None = None, normal_weight: float = 1.0) -> ChamferLoss:
     """Differentiable symmetric squared Chamfer distance (plus an optional normal term).
@@ -278,21 +326,12 @@ def chamfer_loss(pred_points: torch.Tensor, target_points: torch.Tensor, target_
         check_tensor("target_normals", target_normals, shape=(target_points.shape[0], 3))
     normal_weight = float(normal_weight)
 
-    p = pred_points.detach().cpu().numpy()
-    g = target_points.detach().cpu().numpy()
-    _, i_pg = _nearest(p, g)
-    _, i_gp = _nearest(g, p)
-    i_pg = torch.from_numpy(i_pg.astype(np.int64)).to(pred_points.device)
-    i_gp = torch.from_numpy(i_gp.astype(np.int64)).to(pred_points.device)
-
-    pred_to_target = (pred_points - target_points[i_pg]).square().sum(-1).mean()
-    target_to_pred = (target_points - pred_points[i_gp]).square().sum(-1).mean()
     if pred_normals is not None and target_normals is not None:
-        pn, tn = _safe_normalize(pred_normals), _safe_normalize(target_normals)
-        cos_pg = (pn * tn[i_pg]).sum(-1).abs()
-        cos_gp = (tn * pn[i_gp]).sum(-1).abs()
-        normal = 0.5 * ((1.0 - cos_pg).mean() + (1.0 - cos_gp).mean())
+        pred_normals, target_normals = _safe_normalize(pred_normals), _safe_normalize(target_normals)
     else:
+        pred_normals = target_normals = None
+    pred_to_target, target_to_pred, normal = chamfer_terms(pred_points, target_points, pred_normals, target_normals)
+    if normal is None:
         normal = pred_to_target.new_zeros(())
     total = pred_to_target + target_to_pred + normal_weight * normal
     return ChamferLoss(total, pred_to_target, target_to_pred, normal)

@@ -42,11 +42,10 @@ target points pin the sign on both sides of the surface, which recovers the topo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
-from typing import Callable, NamedTuple
 
 import torch
 
@@ -54,6 +53,7 @@ from diffworld.geometry.flexicubes import FlexiCubesMesh, flexicubes, sdf_sign_l
 from diffworld.geometry.grid import Grid, trilinear, trilinear_gradient
 from diffworld.geometry.gshell import GShellMesh, gshell_flexicubes, msdf_regularizers, msdf_supervision
 from diffworld.geometry.marching_cubes import IsoSurface, marching_cubes, marching_cubes_field
+from diffworld.geometry.metrics import chamfer_terms
 
 __all__ = [
     "FlexiCubesGrid",
@@ -485,28 +485,16 @@ def _mesh_to_target(points: torch.Tensor, normals: torch.Tensor, target: torch.T
                     target_normals: torch.Tensor | None, oriented: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Symmetric squared Chamfer [m^2] between mesh samples and target points, and the normal
     term over the same nearest-neighbour pairs: ``1 - cos`` with oriented target normals (an
-    inside-out sliver costs 2, not 0 as with ``|cos|``), else ``1 - |cos|``.
+    inside-out sliver costs 2, not 0 as with ``|cos|``), else ``1 - |cos|``
+    (:func:`~diffworld.geometry.metrics.chamfer_terms`).
 
     Args:
         points: Mesh samples (N, 3) [m], differentiable; ``normals`` their unit face normals (N, 3).
         target: Target points (M, 3) [m]; ``target_normals`` (M, 3) or None (no normal term).
         oriented: Whether the target normals point outwards.
     """
-    from scipy.spatial import cKDTree
-
-    p_np, t_np = points.detach().cpu().numpy(), target.detach().cpu().numpy()
-    _, i_pt = cKDTree(t_np, balanced_tree=False).query(p_np, k=1, workers=-1)
-    _, i_tp = cKDTree(p_np, balanced_tree=False).query(t_np, k=1, workers=-1)
-    i_pt = torch.from_numpy(i_pt).to(points.device)
-    i_tp = torch.from_numpy(i_tp).to(points.device)
-    dist2 = (points - target[i_pt]).square().sum(-1).mean() + (target - points[i_tp]).square().sum(-1).mean()
-    if target_normals is None:
-        return dist2, None
-    cos_pt = (normals * target_normals[i_pt]).sum(-1)
-    cos_tp = (target_normals * normals[i_tp]).sum(-1)
-    if not oriented:
-        cos_pt, cos_tp = cos_pt.abs(), cos_tp.abs()
-    return dist2, 0.5 * ((1.0 - cos_pt).mean() + (1.0 - cos_tp).mean())
+    to_target, to_points, normal = chamfer_terms(points, target, normals, target_normals, oriented)
+    return to_target + to_points, normal
 
 
 def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeights, n_samples: int,

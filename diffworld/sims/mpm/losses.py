@@ -13,8 +13,8 @@ positions (and masses where they appear) and works in float32 and float64 on any
   target image, as distributions (L1), plus the mean distance of the mass outside the pattern.
   :func:`pattern_target` builds the target from an image.
 * :func:`trajectory_loss`: mean squared distance of particle positions to a target trajectory.
-* :func:`chamfer_distance`: symmetric Chamfer distance between two point sets, computed in
-  chunks; its backward keeps only the matched pairs (memory O(N + M), not O(N M)).
+* :func:`chamfer_distance`: symmetric Chamfer distance between two point sets (the project's one
+  Chamfer, :func:`diffworld.geometry.metrics.chamfer_terms`; memory O(N + M), not O(N M)).
 * :func:`mixing_loss`: how unmixed two bodies are, from their grid masses (Danckwerts'
   intensity of segregation, or its L1 form): 1 when every node holds one body, 0 when every node
   holds them in the overall ratio (FluidLab's mixing/stirring task).
@@ -41,6 +41,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from diffworld.engine.bridge import check_tensor
+from diffworld.geometry.metrics import chamfer_terms
 
 __all__ = [
     "SceneInfo",
@@ -564,16 +565,16 @@ def nearest_sq_distance(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 4096) 
     return ((a - b[idx]) ** 2).sum(1)
 
 
-def chamfer_distance(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Symmetric Chamfer distance between two point sets (squared distances).
 
-    ``mean_i min_j |a_i - b_j|^2 + mean_j min_i |a_i - b_j|^2``, computed in chunks with
-    :func:`nearest_sq_distance` (memory O(chunk * max(N, M)) forward, O(N + M) backward).
+    ``mean_i min_j |a_i - b_j|^2 + mean_j min_i |a_i - b_j|^2``: the project's one Chamfer,
+    :func:`diffworld.geometry.metrics.chamfer_terms` (exact nearest neighbours on a KD-tree,
+    distances recomputed in torch: O(N + M) memory both ways).
 
     Args:
         a: Points [m], shape (N, 3), N >= 1.
         b: Points [m], shape (M, 3), M >= 1.
-        chunk: Rows per block.
 
     Returns:
         Chamfer distance [m^2], a scalar, differentiable with respect to ``a`` and ``b``.
@@ -582,9 +583,12 @@ def chamfer_distance(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 4096) -> 
         TypeError, ValueError: Wrong shapes, or an empty set.
     """
     check_tensor("a", a, shape=(None, 3), finite=False)
-    if a.shape[0] == 0:
-        raise ValueError("Expected 'a' with at least one point, got shape (0, 3)")
-    return nearest_sq_distance(a, b, chunk=chunk).mean() + nearest_sq_distance(b, a, chunk=chunk).mean()
+    check_tensor("b", b, shape=(None, 3), finite=False)
+    for name, t in (("a", a), ("b", b)):
+        if t.shape[0] == 0:
+            raise ValueError(f"Expected '{name}' with at least one point, got shape (0, 3)")
+    to_b, to_a, _ = chamfer_terms(a, b.to(a.dtype))
+    return to_b + to_a
 
 
 # --- the simple scene-task terms ------------------------------------------------------------------
