@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from diffworld.geometry import flexicubes_tables as T
+from diffworld.geometry import flexicubes_tables as tables
 from diffworld.geometry.flexicubes_tets import tetrahedralize
 from diffworld.geometry.grid import Grid, check_node_values, cube_cases, node_attributes
 from diffworld.geometry.kernels_flexicubes import surface_scan
@@ -90,14 +90,14 @@ def _pair_tables() -> tuple[np.ndarray, ...]:
         a grid edge along axis ``a`` is in the ``q``-th cube around it (``QUAD_CUBES``);
         ``slot_corners`` (3, 4, 2) that edge's two corners (start node first).
     """
-    count, group_edges, edge_group = T.dual_tables()
+    count, group_edges, edge_group = tables.dual_tables()
     edge_rank = -np.ones((256, 12), dtype=np.int64)
     n_cut = np.zeros(256, dtype=np.int64)
     for case in range(256):
         flat = [int(e) for e in group_edges[case].reshape(-1) if e >= 0]
         edge_rank[case, flat] = np.arange(len(flat))
         n_cut[case] = len(flat)
-    slot_edge = T.QUAD_CUBES[:, :, 3]
+    slot_edge = tables.QUAD_CUBES[:, :, 3]
     slot_corners = EDGE_CORNERS[slot_edge]  # (3, 4, 2)
     return (count.astype(np.int64), edge_group.astype(np.int64).reshape(-1), edge_rank.reshape(-1), n_cut,
             slot_edge, slot_corners)
@@ -237,7 +237,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     lin = (cubes[:, 0] * res[1] + cubes[:, 1]) * res[2] + cubes[:, 2]  # sorted (row-major scan)
     # Ambiguity (tables module): flip to the complement's grouping when the neighbour across the
     # ambiguous face is flagged too.
-    amb = torch.as_tensor(T.AMBIGUOUS_FACE, device=dev)
+    amb = torch.as_tensor(tables.AMBIGUOUS_FACE, device=dev)
     face = amb[c_case]
     flagged = face >= 0
     if bool(flagged.any()):
@@ -267,7 +267,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     start = torch.cat(scan.cut_starts)  # (Q, 3) start node of each cut grid edge
     Q = start.shape[0]
     axis = torch.repeat_interleave(torch.arange(3, device=dev), torch.tensor(n_per_axis, device=dev))
-    quad_off = torch.as_tensor(T.QUAD_CUBES[:, :, :3], device=dev)  # (3, 4, 3)
+    quad_off = torch.as_tensor(tables.QUAD_CUBES[:, :, :3], device=dev)  # (3, 4, 3)
     off_lin = (quad_off[..., 0] * res[1] + quad_off[..., 1]) * res[2] + quad_off[..., 2]  # (3, 4)
     # All 4 cubes lie inside the grid (the boundary is outside), so the start node's cube
     # coordinates plus the slot's offset are valid cubes, all surface cubes.
@@ -392,7 +392,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     vertices = vertices[:, :3]
     tets = None
     if output == "tetrahedra":
-        gid = torch.arange(T.MAX_GROUPS, device=dev)
+        gid = torch.arange(tables.MAX_GROUPS, device=dev)
         vert_of = torch.where(gid < n_groups[:, None], first_vert[:, None] + gid, -1)  # (M, MAX_GROUPS)
         quad_node = torch.where(start_in[:, None], start, start + unit[axis])  # the inside end of each edge
         values = sdf.detach()

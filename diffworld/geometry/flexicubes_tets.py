@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from diffworld.geometry import flexicubes_tables as T
+from diffworld.geometry import flexicubes_tables as tables
 from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_AXIS, EDGE_CORNERS
 from diffworld.geometry.tet_mesh import edge_mean_ratio
 
@@ -440,7 +440,7 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
     full = torch.nonzero(case == 255)
     full_centre = node_position((full[:, None, :] + offs[None]).reshape(-1, 3)).reshape(-1, 8, 3).mean(1)
     full_id = V + N + torch.arange(full.shape[0], device=dev)
-    slot_tab, groups_tab, corner_tab = (torch.as_tensor(t, device=dev) for t in T.tet_tables())
+    slot_tab, groups_tab, corner_tab = (torch.as_tensor(t, device=dev) for t in tables.tet_tables())
     flip = flipped.to(torch.int64)
     slot = slot_tab[raw_case, flip].to(torch.int64)  # (M, 12)
     comp_groups = groups_tab[raw_case, flip]  # (M, MAX_GROUPS, MAX_GROUPS)
@@ -452,9 +452,9 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
 
     def resolve(s: torch.Tensor) -> torch.Tensor:
         """Slots (M, k) -> vertex ids (-1 stays -1)."""
-        g = torch.gather(vert_of, 1, s.clamp(0, T.MAX_GROUPS - 1))
-        h = torch.gather(hub_of, 1, (s - T.MAX_GROUPS).clamp(0, T.MAX_GROUPS - 1))
-        return torch.where(s < 0, torch.full_like(s, -1), torch.where(s < T.MAX_GROUPS, g, h))
+        g = torch.gather(vert_of, 1, s.clamp(0, tables.MAX_GROUPS - 1))
+        h = torch.gather(hub_of, 1, (s - tables.MAX_GROUPS).clamp(0, tables.MAX_GROUPS - 1))
+        return torch.where(s < 0, torch.full_like(s, -1), torch.where(s < tables.MAX_GROUPS, g, h))
 
     edge_table = torch.cat([resolve(slot), full_id[:, None].expand(-1, 12)])
     hub_table = torch.cat([resolve(corner_tab[raw_case, flip].to(torch.int64)),
@@ -472,7 +472,7 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
     # 1. The surface: each triangle with the inside node of its cut edge (above).
 
     # 2. Uncut inside edges: nodes (a, b) and the points P_q counter-clockwise about a -> b.
-    quad_tab = torch.as_tensor(T.QUAD_CUBES, device=dev)
+    quad_tab = torch.as_tensor(tables.QUAD_CUBES, device=dev)
     edge_a, edge_b, edge_p = [], [], []
     for a in range(3):
         n0 = inside.narrow(a, 0, inside.shape[a] - 1)

@@ -73,7 +73,7 @@ def _extract(s: torch.Tensor):
         vert_node (V,) int64 linear node index of each vertex's edge start, vert_axis (V,) int64,
         vert_t (V,) edge parameter, faces (F, 3) int64.
     """
-    from diffworld.geometry import kernels_isosurface as K
+    from diffworld.geometry import kernels_isosurface as kernels
 
     dev = s.device
     tris, counts, edge_offset = _tables(dev)
@@ -82,7 +82,7 @@ def _extract(s: torch.Tensor):
     case = torch.empty((n0 - 1, n1 - 1, n2 - 1), dtype=torch.uint8, device=dev)
     row_vertices = torch.empty((n0, n1), dtype=torch.int32, device=dev)
     row_faces = torch.empty((n0, n1), dtype=torch.int32, device=dev)
-    launch(K.count_rows_kernel, (n0, n1),
+    launch(kernels.count_rows_kernel, (n0, n1),
            [to_warp(s), to_warp(counts), to_warp(mask), to_warp(case), to_warp(row_vertices), to_warp(row_faces)], dev)
     row_first_vertex, n_vert = _exclusive_scan(row_vertices)
     row_first_face, n_face = _exclusive_scan(row_faces)
@@ -94,11 +94,11 @@ def _extract(s: torch.Tensor):
     vert_t = torch.empty(n_vert, dtype=s.dtype, device=dev)
     faces = torch.empty((n_face, 3), dtype=torch.int64, device=dev)
     if n_vert:
-        launch(K.emit_vertices_kernel, (n0, n1),
+        launch(kernels.emit_vertices_kernel, (n0, n1),
                [to_warp(s), to_warp(mask), to_warp(row_vertices), to_warp(row_first_vertex), to_warp(vertex_base),
                 to_warp(vert_node), to_warp(vert_axis), to_warp(vert_t)], dev)
     if n_face:
-        launch(K.emit_faces_kernel, (n0 - 1, n1 - 1),
+        launch(kernels.emit_faces_kernel, (n0 - 1, n1 - 1),
                [to_warp(mask), to_warp(case), to_warp(vertex_base), to_warp(row_faces[:-1, :-1]),
                 to_warp(row_first_face[:-1, :-1]), to_warp(tris), to_warp(counts), to_warp(edge_offset),
                 to_warp(faces)], dev)
@@ -118,14 +118,14 @@ class _MarchingCubesFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_t, *_):
-        from diffworld.geometry import kernels_isosurface as K
+        from diffworld.geometry import kernels_isosurface as kernels
 
         wp = init_warp()
         s, vert_node, vert_axis = ctx.saved_tensors
         grad_s = torch.zeros(s.numel(), dtype=s.dtype, device=s.device)
         if grad_t is not None and vert_node.numel():
             n1, n2 = s.shape[1], s.shape[2]
-            launch(K.vertex_t_adjoint_kernel, vert_node.numel(),
+            launch(kernels.vertex_t_adjoint_kernel, vert_node.numel(),
                    [to_warp(s.view(-1)), to_warp(vert_node), to_warp(vert_axis), wp.vec3i(n1 * n2, n2, 1),
                     to_warp(grad_t.contiguous()), to_warp(grad_s)], s.device)
         return grad_s.view(s.shape)

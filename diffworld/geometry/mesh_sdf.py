@@ -136,7 +136,7 @@ def _closest(mesh: _WarpMesh, points: torch.Tensor, max_distance: float | None, 
     ``check_mesh`` guarantees a non-sliver face, so every (unbounded) query finds one. In normal
     mode the returned sign is +1 (signed later by :func:`_pseudo_normal_sign`).
     """
-    from diffworld.geometry import kernels_sdf as K
+    from diffworld.geometry import kernels_sdf as kernels
 
     wp = init_warp()
     dev = points.device
@@ -145,10 +145,10 @@ def _closest(mesh: _WarpMesh, points: torch.Tensor, max_distance: float | None, 
     face = torch.empty(m, dtype=torch.int32, device=dev)
     weights = torch.empty((m, 3), dtype=torch.float64, device=dev)
     sign = torch.empty(m, dtype=torch.float32, device=dev)
-    bound = K.UNBOUNDED if max_distance is None else max_distance
-    kernel_mode = K.SIGN_WINDING if mode == 0 else K.SIGN_NONE
+    bound = kernels.UNBOUNDED if max_distance is None else max_distance
+    kernel_mode = kernels.SIGN_WINDING if mode == 0 else kernels.SIGN_NONE
     scale = mesh.margin + _REFINE_MARGIN * (float(p64.abs().max()) if m else 0.0)
-    launch(K.closest_face_kernel, m,
+    launch(kernels.closest_face_kernel, m,
            [mesh.mesh.id, to_warp(mesh.points64, dtype=wp.vec3d), to_warp(mesh.indices),
             to_warp(p64, dtype=wp.vec3d), float(bound), float(scale), int(kernel_mode),
             int(points.dtype == torch.float64), to_warp(face), to_warp(weights, dtype=wp.vec3d), to_warp(sign)], dev)

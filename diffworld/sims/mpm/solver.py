@@ -25,7 +25,7 @@ import torch
 
 from diffworld.engine.bridge import launch
 from diffworld.engine.runtime import init_warp, warp_device
-from diffworld.sims.mpm import kernels as K
+from diffworld.sims.mpm import kernels
 from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
 from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
 
@@ -34,7 +34,7 @@ __all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS
 # Per-particle float parameters, in the order the window op takes them.
 PARTICLE_PARAMS = ("E", "nu", "viscosity", "density", "volume", "yield_stress", "friction_angle", "theta_c",
                    "theta_s")
-WALL_MODES = tuple(K.WALL)
+WALL_MODES = tuple(kernels.WALL)
 
 
 class State(NamedTuple):
@@ -127,8 +127,8 @@ class Collider:
     name: str = "collider"
 
     def __post_init__(self) -> None:
-        if self.shape not in K.SHAPE:
-            raise ValueError(f"collider '{self.name}': shape expected one of {list(K.SHAPE)}, got {self.shape!r}")
+        if self.shape not in kernels.SHAPE:
+            raise ValueError(f"collider '{self.name}': shape expected one of {list(kernels.SHAPE)}, got {self.shape!r}")
         if self.shape == "grid" and (self.sdf is None or self.sdf.dim() != 3 or min(self.sdf.shape) < 2):
             got = None if self.sdf is None else tuple(self.sdf.shape)
             raise ValueError(f"collider '{self.name}': shape 'grid' expects sdf of shape (a, b, c) with a, b, c >= 2, "
@@ -290,7 +290,7 @@ class Stepper:
         wp = init_warp()
         self.model = model
         name = "float64" if model.dtype == torch.float64 else "float32"
-        self.k = K.build(name)
+        self.k = kernels.build(name)
         self.device = model.device
         self.dtype = model.dtype
         self._wdev = warp_device(self.device)
@@ -302,7 +302,7 @@ class Stepper:
         self.dt = self.k["scalar"](model.dt)
         self.gravity = self.k["vec3"](*model.gravity)
         self.zero = self.k["scalar"](0.0)
-        self.wall_mode = K.WALL[model.wall]
+        self.wall_mode = kernels.WALL[model.wall]
         self.wall_mu = self.k["scalar"](model.wall_friction)
         self.full = wp.vec3i(*g.shape)
         self.law_t = model.law.to(torch.int32).contiguous()
@@ -323,7 +323,7 @@ class Stepper:
         self._prepare_colliders()
         self.last_tau: torch.Tensor | None = None
         self.rigid = None
-        is_rigid = model.law == K.LAW["rigid"]
+        is_rigid = model.law == kernels.LAW["rigid"]
         if bool(is_rigid.any()):
             index = is_rigid.nonzero()[:, 0]
             ids, body = torch.unique(model.body[index], return_inverse=True)
@@ -339,27 +339,35 @@ class Stepper:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _w(self, t: torch.Tensor, kind: str = "s"):
-        """Warp view of a contiguous tensor (``kind``: s scalar, v vec3, m mat33, i int32), cached by
-        address and shape: wrapping costs more than a small kernel."""
-        key = (t.data_ptr(), t.shape, kind)
+    def _view(self, t: torch.Tensor, dtype, shape: tuple[int, ...]):
+        """Warp view of a contiguous tensor, cached by address, shape and dtype: wrapping costs more
+        than a small kernel."""
+        key = (t.data_ptr(), t.shape, dtype)
         a = self._cache.get(key)
         if a is None:
             if not t.is_contiguous():
                 raise ValueError("internal: expected a contiguous tensor")
-            if kind == "v":
-                dtype, shape = self.k["vec3"], t.shape[:-1]
-            elif kind == "m":
-                dtype, shape = self.k["mat33"], t.shape[:-2]
-            elif kind == "i":
-                dtype, shape = self._wp.int32, t.shape
-            else:
-                dtype, shape = self.k["scalar"], t.shape
             if len(self._cache) > 4096:
                 self._cache.clear()
             a = self._wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=self._wdev)
             self._cache[key] = a
         return a
+
+    def _scalars(self, t: torch.Tensor):
+        """Warp view of a float tensor, element by element."""
+        return self._view(t, self.k["scalar"], t.shape)
+
+    def _vec3s(self, t: torch.Tensor):
+        """Warp view of a (..., 3) float tensor as vec3s."""
+        return self._view(t, self.k["vec3"], t.shape[:-1])
+
+    def _mat33s(self, t: torch.Tensor):
+        """Warp view of a (..., 3, 3) float tensor as 3x3 matrices."""
+        return self._view(t, self.k["mat33"], t.shape[:-2])
+
+    def _ints(self, t: torch.Tensor):
+        """Warp view of an int32 tensor."""
+        return self._view(t, self._wp.int32, t.shape)
 
     def _run(self, kernel, dim, inputs, outputs=(), **adjoint) -> None:
         launch(kernel, dim, inputs, self.device, outputs, **adjoint)
@@ -418,17 +426,17 @@ class Stepper:
                 offset += vals.numel()
             else:
                 this = 0
-            self.col_args.append(dict(kind=K.SHAPE[c.shape], size=self.k["vec3"](*c.size),
+            self.col_args.append(dict(kind=kernels.SHAPE[c.shape], size=self.k["vec3"](*c.size),
                                       friction=self.k["scalar"](c.friction), softness=self.k["scalar"](c.softness),
                                       sticky=int(c.sticky), offset=this, dims=wp.vec3i(*dims),
                                       glo=self.k["vec3"](*glo), h=self.k["scalar"](h)))
         data = torch.cat(chunks) if chunks else _zeros(1, self.dtype, self.device)
         self._sdf_data_t = data.contiguous()
-        self.sdf_data = self._w(self._sdf_data_t)
+        self.sdf_data = self._scalars(self._sdf_data_t)
 
     def _collider_inputs(self, gv_in: torch.Tensor, gm, lo, a: dict, control_row: torch.Tensor) -> list:
-        return [self._w(gv_in, "v"), gm, lo, self.dx, a["kind"], a["size"], a["friction"], a["softness"],
-                a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"], self._w(control_row)]
+        return [self._vec3s(gv_in), gm, lo, self.dx, a["kind"], a["size"], a["friction"], a["softness"],
+                a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"], self._scalars(control_row)]
 
     # -- one substep ----------------------------------------------------------------------------
 
@@ -464,15 +472,15 @@ class Stepper:
 
     def stress(self, F: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """Elastic Kirchhoff stress of every particle at ``F`` [Pa], shape (N, 3, 3)."""
-        k, w = self.k, self._w
+        k, w, m33, i32 = self.k, self._scalars, self._mat33s, self._ints
         F = F.contiguous()
         E, nu = params[0].contiguous(), params[1].contiguous()
         tau = torch.empty_like(F)
 
         def run(c, a, b):
             q = slice(a, b)
-            self._run(k["stress_eval"], b - a, [w(F[q], "m"), w(self.law_t[q], "i"), w(E[q]), w(nu[q])],
-                      [w(tau[q], "m")])
+            self._run(k["stress_eval"], b - a, [m33(F[q]), i32(self.law_t[q]), w(E[q]), w(nu[q])],
+                      [m33(tau[q])])
 
         self._parallel(run)
         return tau
@@ -480,15 +488,15 @@ class Stepper:
     def stress_adjoint(self, F: torch.Tensor, params: Sequence[torch.Tensor], adj_tau: torch.Tensor,
                        adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
         """Adjoint of :meth:`stress`: accumulates into ``adj_F`` and the E, nu entries of ``adj_params``."""
-        k, w = self.k, self._w
+        k, w, m33, i32 = self.k, self._scalars, self._mat33s, self._ints
         F, adj_tau = F.contiguous(), adj_tau.contiguous()
         E, nu = params[0].contiguous(), params[1].contiguous()
         aE, anu = adj_params[0], adj_params[1]
 
         def run(c, a, b):
             q = slice(a, b)
-            self._run(k["stress_adjoint"], b - a, [w(F[q], "m"), w(self.law_t[q], "i"), w(E[q]), w(nu[q]),
-                                                    w(adj_tau[q], "m"), w(adj_F[q], "m"), w(aE[q]), w(anu[q])])
+            self._run(k["stress_adjoint"], b - a, [m33(F[q]), i32(self.law_t[q]), w(E[q]), w(nu[q]),
+                                                    m33(adj_tau[q]), m33(adj_F[q]), w(aE[q]), w(anu[q])])
 
         self._parallel(run)
 
@@ -521,7 +529,7 @@ class Stepper:
         m = torch.empty((n,), dtype=dt_, device=dev)
         box = self._box(x if self.emitted is None else x[act.bool()])
         blo = k["vec3"](*box.lower)
-        w = self._w
+        w, v3, m33, i32 = self._scalars, self._vec3s, self._mat33s, self._ints
         many = len(self.chunks) > 1
         mv_parts = self._scatter_grids(box, 3)
         m_parts = self._scatter_grids(box, 1)
@@ -529,40 +537,40 @@ class Stepper:
         def to_grid(c, a, b):
             s = slice(a, b)
             self._run(k["particle_affine"], b - a,
-                      [w(F[s], "m"), w(C[s], "m"), w(v[s], "v"), w(tau[s], "m"), w(act[s], "i"), w(eta[s]), w(rho[s]),
+                      [m33(F[s]), m33(C[s]), v3(v[s]), m33(tau[s]), i32(act[s]), w(eta[s]), w(rho[s]),
                        w(vol[s]), self.dt, self.inv_dx],
-                      [w(A[s], "m"), w(p[s], "v"), w(m[s])])
-            self._run(k["p2g"], b - a, [w(x[s], "v"), w(p[s], "v"), w(A[s], "m"), w(m[s]), w(act[s], "i"), blo,
-                                         self.dx], [w(mv_parts[c], "v"), w(m_parts[c])])
+                      [m33(A[s]), v3(p[s]), w(m[s])])
+            self._run(k["p2g"], b - a, [v3(x[s]), v3(p[s]), m33(A[s]), w(m[s]), i32(act[s]), blo,
+                                         self.dx], [v3(mv_parts[c]), w(m_parts[c])])
 
         self._parallel(to_grid)
         grid_mv = mv_parts.sum(0) if many else mv_parts[0]
         grid_m = m_parts.sum(0) if many else m_parts[0]
         gv = torch.empty_like(grid_mv)
         wgm = w(grid_m)
-        self._run(k["grid_velocity"], box.shape, [w(grid_mv, "v"), wgm, self.gravity, self.dt, self.min_mass],
-                  [w(gv, "v")])
+        self._run(k["grid_velocity"], box.shape, [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass],
+                  [v3(gv)])
         grids = [gv]
         for ci, args in enumerate(self.col_args):
             out = torch.empty_like(gv)
             self._run(k["grid_collider"], box.shape, self._collider_inputs(grids[-1], wgm, blo, args, control[ci]),
-                      [w(out, "v")])
+                      [v3(out)])
             grids.append(out)
         gw = torch.empty_like(gv)
-        self._run(k["grid_walls"], box.shape, [w(grids[-1], "v"), self._wp.vec3i(*box.origin), self.full,
-                                               self.model.grid.bound, self.wall_mode, self.wall_mu], [w(gw, "v")])
+        self._run(k["grid_walls"], box.shape, [v3(grids[-1]), self._wp.vec3i(*box.origin), self.full,
+                                               self.model.grid.bound, self.wall_mode, self.wall_mu], [v3(gw)])
         grids.append(gw)
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         C1, Ft, F1 = torch.empty_like(C), torch.empty_like(F), torch.empty_like(F)
         tau1 = torch.empty_like(F)
-        wgw = w(gw, "v")
+        wgw = v3(gw)
 
         def to_particles(c, a, b):
             s = slice(a, b)
-            self._run(k["g2p"], b - a, [w(x[s], "v"), w(F[s], "m"), w(act[s], "i"), wgw, blo, self.dx, self.dt],
-                      [w(x1[s], "v"), w(v1[s], "v"), w(C1[s], "m"), w(Ft[s], "m")])
-            self._run(k["plasticity_stress"], b - a, [w(Ft[s], "m"), w(law[s], "i"), w(E[s]), w(nu[s]), w(ys[s]),
-                                                       w(fa[s]), w(tc[s]), w(ts[s])], [w(F1[s], "m"), w(tau1[s], "m")])
+            self._run(k["g2p"], b - a, [v3(x[s]), m33(F[s]), i32(act[s]), wgw, blo, self.dx, self.dt],
+                      [v3(x1[s]), v3(v1[s]), m33(C1[s]), m33(Ft[s])])
+            self._run(k["plasticity_stress"], b - a, [m33(Ft[s]), i32(law[s]), w(E[s]), w(nu[s]), w(ys[s]),
+                                                       w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
 
         self._parallel(to_particles)
         rigid_v = None
@@ -589,7 +597,7 @@ class Stepper:
         ``tau``); ``adj_tau_out`` is d loss / d :attr:`last_tau` (None: zero). Accumulates into
         ``adj_params`` (same order as ``params``, contiguous) and ``adj_control`` (n_col, 13)."""
         k, dev, dt_ = self.k, self.device, self.dtype
-        w = self._w
+        w, v3, m33, i32 = self._scalars, self._vec3s, self._mat33s, self._ints
         n = s.x.shape[0]
         E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
         aE, anu, aeta, arho, avol, ays, afa, atc, ats = adj_params
@@ -605,7 +613,7 @@ class Stepper:
         adj_x = _zeros((n, 3), dt_, dev)
         adj_F = _zeros((n, 3, 3), dt_, dev)
         gv_parts = self._scatter_grids(box, 3)
-        wgw = w(s.grid_v[-1], "v")
+        wgw = v3(s.grid_v[-1])
         # (rows of rigid particles are read but do not matter: law 6 has no stress)
         g_tau1 = _zeros((n, 3, 3), dt_, dev) if adj_tau_out is None else adj_tau_out.contiguous()
 
@@ -613,24 +621,24 @@ class Stepper:
             q = slice(a, b)
             # plastic projection and the stress at F' (hand-written, one SVD)
             self._run(k["plasticity_stress_adjoint"], b - a,
-                      [w(s.F_trial[q], "m"), w(law[q], "i"), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
-                       w(ts[q]), w(gF[q], "m"), w(g_tau1[q], "m"), w(adj_Ft[q], "m"), w(aE[q]), w(anu[q]),
+                      [m33(s.F_trial[q]), i32(law[q]), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
+                       w(ts[q]), m33(gF[q]), m33(g_tau1[q]), m33(adj_Ft[q]), w(aE[q]), w(anu[q]),
                        w(ays[q]), w(afa[q]), w(atc[q]), w(ats[q])])
             # g2p (hand-written: a scatter into this chunk's grid)
             self._run(k["g2p_adjoint"], b - a,
-                      [w(s.x[q], "v"), w(s.F[q], "m"), w(act[q], "i"), wgw, w(s.C_out[q], "m"), blo, self.dx,
-                       self.dt, w(gx[q], "v"), w(gv[q], "v"), w(gC[q], "m"), w(adj_Ft[q], "m"), w(adj_x[q], "v"),
-                       w(adj_F[q], "m"), w(gv_parts[c], "v")])
+                      [v3(s.x[q]), m33(s.F[q]), i32(act[q]), wgw, m33(s.C_out[q]), blo, self.dx,
+                       self.dt, v3(gx[q]), v3(gv[q]), m33(gC[q]), m33(adj_Ft[q]), v3(adj_x[q]),
+                       m33(adj_F[q]), v3(gv_parts[c])])
 
         self._parallel(from_particles)
         adj_gv = gv_parts.sum(0) if many else gv_parts[0]
         # walls
         adj_prev = torch.zeros_like(adj_gv)
-        self._run(k["grid_walls"], box.shape, [w(s.grid_v[-2], "v"), self._wp.vec3i(*box.origin), self.full,
+        self._run(k["grid_walls"], box.shape, [v3(s.grid_v[-2]), self._wp.vec3i(*box.origin), self.full,
                                                self.model.grid.bound, self.wall_mode, self.wall_mu],
-                  [w(s.grid_v[-1], "v")], adjoint=True,
-                  adj_inputs=[w(adj_prev, "v"), self._wp.vec3i(), self._wp.vec3i(), 0, 0, self.zero],
-                  adj_outputs=[w(adj_gv, "v")])
+                  [v3(s.grid_v[-1])], adjoint=True,
+                  adj_inputs=[v3(adj_prev), self._wp.vec3i(), self._wp.vec3i(), 0, 0, self.zero],
+                  adj_outputs=[v3(adj_gv)])
         adj_gv = adj_prev
         wgm = w(s.grid_m)
         adj_grid_m = torch.zeros_like(s.grid_m)
@@ -641,18 +649,18 @@ class Stepper:
             a = self.col_args[ci]
             adj_prev = torch.zeros_like(adj_gv)
             # the kernel's adjoint accumulates into the collider's row of adj_control
-            adj_row = adj_control[ci] if adj_control is not None else _zeros((K.COLLIDER_STATE,), dt_, dev)
+            adj_row = adj_control[ci] if adj_control is not None else _zeros((kernels.COLLIDER_STATE,), dt_, dev)
             ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
-            adj_ins = [w(adj_prev, "v"), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
+            adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
                        z, w(adj_row)]
-            self._run(k["grid_collider"], box.shape, ins, [w(s.grid_v[ci + 1], "v")], adjoint=True,
-                      adj_inputs=adj_ins, adj_outputs=[w(adj_gv, "v")])
+            self._run(k["grid_collider"], box.shape, ins, [v3(s.grid_v[ci + 1])], adjoint=True,
+                      adj_inputs=adj_ins, adj_outputs=[v3(adj_gv)])
             adj_gv = adj_prev
         # grid velocity: momentum / mass + g dt
         adj_grid_mv = torch.zeros_like(s.grid_mv)
-        self._run(k["grid_velocity"], box.shape, [w(s.grid_mv, "v"), wgm, self.gravity, self.dt, self.min_mass],
-                  [w(s.grid_v[0], "v")], adjoint=True,
-                  adj_inputs=[w(adj_grid_mv, "v"), wagm, k["vec3"](), z, z], adj_outputs=[w(adj_gv, "v")])
+        self._run(k["grid_velocity"], box.shape, [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass],
+                  [v3(s.grid_v[0])], adjoint=True,
+                  adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z], adj_outputs=[v3(adj_gv)])
         adj_p = _zeros((n, 3), dt_, dev)
         adj_A = _zeros((n, 3, 3), dt_, dev)
         adj_m = _zeros((n,), dt_, dev)
@@ -660,19 +668,19 @@ class Stepper:
         adj_v = _zeros((n, 3), dt_, dev)
         adj_tau = _zeros((n, 3, 3), dt_, dev)
         tau = s.tau
-        wamv = w(adj_grid_mv, "v")
+        wamv = v3(adj_grid_mv)
 
         def from_grid(c, a, b):
             q = slice(a, b)
             # p2g (hand-written: a gather)
             self._run(k["p2g_adjoint"], b - a,
-                      [w(s.x[q], "v"), w(s.p[q], "v"), w(s.A[q], "m"), w(s.m[q]), w(act[q], "i"), blo, self.dx, wamv,
-                       wagm, w(adj_x[q], "v"), w(adj_p[q], "v"), w(adj_A[q], "m"), w(adj_m[q])])
+                      [v3(s.x[q]), v3(s.p[q]), m33(s.A[q]), w(s.m[q]), i32(act[q]), blo, self.dx, wamv,
+                       wagm, v3(adj_x[q]), v3(adj_p[q]), m33(adj_A[q]), w(adj_m[q])])
             # particle affine momentum and stress (hand-written)
             self._run(k["particle_affine_adjoint"], b - a,
-                      [w(s.F[q], "m"), w(s.C[q], "m"), w(s.v[q], "v"), w(tau[q], "m"), w(act[q], "i"), w(eta[q]),
-                       w(rho[q]), w(vol[q]), self.dt, self.inv_dx, w(adj_A[q], "m"), w(adj_p[q], "v"),
-                       w(adj_m[q]), w(adj_F[q], "m"), w(adj_C[q], "m"), w(adj_v[q], "v"), w(adj_tau[q], "m"),
+                      [m33(s.F[q]), m33(s.C[q]), v3(s.v[q]), m33(tau[q]), i32(act[q]), w(eta[q]),
+                       w(rho[q]), w(vol[q]), self.dt, self.inv_dx, m33(adj_A[q]), v3(adj_p[q]),
+                       w(adj_m[q]), m33(adj_F[q]), m33(adj_C[q]), v3(adj_v[q]), m33(adj_tau[q]),
                        w(aeta[q]), w(arho[q]), w(avol[q])])
 
         self._parallel(from_grid)

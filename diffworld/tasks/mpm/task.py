@@ -674,7 +674,7 @@ class _Scene:
         linear and angular velocity within a step): the initial guess of a controlled collider
         that moves through keyframes.
         """
-        from diffworld.sims.mpm import colliders as C
+        from diffworld.sims.mpm import colliders
 
         m, steps = cfg.motion, self.task.steps
         f64 = torch.float64
@@ -682,19 +682,19 @@ class _Scene:
             return (torch.tensor(m.position, dtype=f64), torch.tensor(m.rotation, dtype=f64),
                     torch.tensor(m.velocity, dtype=f64).repeat(steps, 1))
         k = self.task.substeps
-        states = C.from_keyframes([key.t for key in m.keyframes],
+        states = colliders.from_keyframes([key.t for key in m.keyframes],
                                   torch.tensor([key.position for key in m.keyframes], dtype=f64),
                                   torch.tensor([key.rotation for key in m.keyframes], dtype=f64),
                                   steps * k + 1, self.model.dt)[::k]  # poses at the control steps, (steps + 1, 13)
         p, q = states[:, :3], states[:, 3:7]
         step_time = k * self.model.dt
         conj = torch.cat([-q[:-1, :3], q[:-1, 3:]], 1)
-        turn = quat_to_rotvec(C.quat_multiply(q[1:], conj))  # world-frame rotation over each step
+        turn = quat_to_rotvec(colliders.quat_multiply(q[1:], conj))  # world-frame rotation over each step
         return p[0], quat_to_rotvec(q[0]), torch.cat([(p[1:] - p[:-1]) / step_time, turn / step_time], 1)
 
     def control(self, velocities: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Collider states (T, n_col, 13) with the given optimized velocities (S, 6) by name."""
-        from diffworld.sims.mpm import colliders as C
+        from diffworld.sims.mpm import colliders
 
         if not self.task.colliders:
             return None
@@ -707,14 +707,14 @@ class _Scene:
                 vel = velocities.get(cfg.name)
                 if vel is None:
                     vel = vel0.to(dtype)
-                rows.append(C.from_velocities(pos.to(dtype), rot.to(dtype), vel, self.task.substeps, self.model.dt))
+                rows.append(colliders.from_velocities(pos.to(dtype), rot.to(dtype), vel, self.task.substeps, self.model.dt))
             elif m.type == "keyframes":
-                rows.append(C.from_keyframes([k.t for k in m.keyframes],
+                rows.append(colliders.from_keyframes([k.t for k in m.keyframes],
                                              torch.tensor([k.position for k in m.keyframes], dtype=dtype),
                                              torch.tensor([k.rotation for k in m.keyframes], dtype=dtype),
                                              self.n_substeps, self.model.dt))
             else:
-                rows.append(C.static(m.position, m.rotation, self.n_substeps, dtype))
+                rows.append(colliders.static(m.position, m.rotation, self.n_substeps, dtype))
         return torch.stack(rows, 1).to(self.model.device)
 
     def simulate(self, control, params=None, steps: int | None = None):
@@ -758,7 +758,7 @@ class _Losses:
     """
 
     def __init__(self, scene: _Scene, terms) -> None:
-        from diffworld.sims.mpm import losses as L
+        from diffworld.sims.mpm import losses
 
         self.scene, self.terms, self.names = scene, list(terms), _term_names(terms)
         dtype, device, grid = scene.model.dtype, scene.model.device, scene.grid
@@ -774,18 +774,18 @@ class _Losses:
                 prep = (term.lower, term.upper)
             elif term.type == "shape":
                 sdf = term.shape.build()
-                points = L.sample_shape(sdf, grid.lower, grid.upper, grid.dx)
+                points = losses.sample_shape(sdf, grid.lower, grid.upper, grid.dx)
                 prep = (sdf.to(dtype) if isinstance(sdf, torch.nn.Module) else sdf, points.to(device, dtype))
             elif term.type == "density":
                 total = float(self.mass[self.masks[term.body]].double().sum())
                 try:
-                    prep = L.target_grids(term.shape.build(), total, grid.lower, grid.dx, grid.shape,
+                    prep = losses.target_grids(term.shape.build(), total, grid.lower, grid.dx, grid.shape,
                                           ppc=term.ppc or body_cfg[term.body].ppc, dtype=dtype, device=device)
                 except ValueError as exc:
                     raise ValueError(f"{key}.shape: {exc}") from None
             elif term.type == "chamfer":
                 ppc = term.ppc or body_cfg[term.body].ppc
-                points = L.sample_shape(term.shape.build(), grid.lower, grid.upper, grid.dx / ppc ** (1.0 / 3.0))
+                points = losses.sample_shape(term.shape.build(), grid.lower, grid.upper, grid.dx / ppc ** (1.0 / 3.0))
                 if points.shape[0] == 0:
                     raise ValueError(f"{key}.shape: the target shape holds no point inside the domain")
                 prep = points.to(device, dtype)
@@ -802,13 +802,13 @@ class _Losses:
                 prep = None
             elif term.type == "pattern":
                 try:
-                    prep = L.pattern_target(term._pixels, term.lower, term.upper, grid.lower, grid.dx,
+                    prep = losses.pattern_target(term._pixels, term.lower, term.upper, grid.lower, grid.dx,
                                             grid.shape, dtype=dtype, device=device)
                 except ValueError as exc:
                     raise ValueError(f"{key}.image: {exc}") from None
             else:
                 try:
-                    prep = L.load_callable(term.function)
+                    prep = losses.load_callable(term.function)
                 except ValueError as exc:
                     raise ValueError(f"{key}.function: {exc}") from None
             self.prepared.append(prep)
@@ -816,7 +816,7 @@ class _Losses:
     def __call__(self, states, actions: dict[str, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total and the unweighted terms (detached) of the recorded ``states``."""
-        from diffworld.sims.mpm import losses as L
+        from diffworld.sims.mpm import losses
 
         scene, grid = self.scene, self.scene.grid
         horizon = len(states) - 1
@@ -833,33 +833,33 @@ class _Losses:
             mask = masks.get(body) if body is not None else None
             x = final[mask] if mask is not None else final
             if term.type == "com":
-                value = L.com_loss(x, prep, ["xyz".index(a) for a in term.axes])
+                value = losses.com_loss(x, prep, ["xyz".index(a) for a in term.axes])
             elif term.type == "region":
-                value = L.region_loss(x, prep[0], prep[1], grid.dx)
+                value = losses.region_loss(x, prep[0], prep[1], grid.dx)
             elif term.type == "shape":
-                value = L.shape_cover_loss(x, prep[0], prep[1])
+                value = losses.shape_cover_loss(x, prep[0], prep[1])
             elif term.type == "density":
-                value = L.shape_matching_loss(x, self.mass[mask], prep.density, prep.sdf, grid.lower, grid.dx,
+                value = losses.shape_matching_loss(x, self.mass[mask], prep.density, prep.sdf, grid.lower, grid.dx,
                                               density_weight=term.density_weight, sdf_weight=term.sdf_weight,
                                               norm=term.norm).loss
             elif term.type == "chamfer":
-                value = L.chamfer_distance(x, prep)
+                value = losses.chamfer_distance(x, prep)
             elif term.type == "pattern":
-                value = L.pattern_loss(x, self.mass[mask], prep, grid.lower, grid.dx,
+                value = losses.pattern_loss(x, self.mass[mask], prep, grid.lower, grid.dx,
                                        density_weight=term.density_weight, distance_weight=term.distance_weight).loss
             elif term.type == "mixing":
                 ma, mb = (masks[b] for b in term.bodies)
-                value = L.mixing_loss(final[ma], self.mass[ma], final[mb], self.mass[mb], grid.lower, grid.dx,
+                value = losses.mixing_loss(final[ma], self.mass[ma], final[mb], self.mass[mb], grid.lower, grid.dx,
                                       grid.shape, target=term.target, norm=term.norm)
             elif term.type == "target_trajectory":
-                value = L.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
+                value = losses.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
                     final.sum() * 0.0
             else:
-                info = L.SceneInfo(model=scene.model, masks=masks, mass=self.mass, grid_lower=grid.lower,
+                info = losses.SceneInfo(model=scene.model, masks=masks, mass=self.mass, grid_lower=grid.lower,
                                    dx=grid.dx, grid_shape=grid.shape, dt=scene.model.dt, substeps=scene.task.substeps,
                                    steps=horizon, total_steps=scene.task.steps, actions=dict(actions or {}),
                                    body=term.body, options=dict(term.options))
-                value = L.call_user_loss(prep, states, info, f"task.objective.losses[{i}] ({term.function})")
+                value = losses.call_user_loss(prep, states, info, f"task.objective.losses[{i}] ({term.function})")
             out[name] = value.detach()
             total = total + term.weight * value.to(total.dtype)
         return total, out
@@ -1233,7 +1233,7 @@ def _write_patterns(losses: _Losses, before, after, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffworld.sims.mpm import losses as L
+    from diffworld.sims.mpm.losses import top_view_fraction
 
     scene, names = losses.scene, []
     g = scene.grid
@@ -1245,7 +1245,7 @@ def _write_patterns(losses: _Losses, before, after, out_dir: Path) -> list[str]:
         for label, out in (("before", before), ("after", after)):
             live = losses.masks[term.body] & scene.model.released_mask(out.substeps[-1])
             with torch.no_grad():
-                views.append((label, L.top_view_fraction(out.final.x[live], losses.mass[live], g.lower, g.dx,
+                views.append((label, top_view_fraction(out.final.x[live], losses.mass[live], g.lower, g.dx,
                                                          prep.fraction.shape)))
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
         vmax = max(float(v.max()) for _, v in views)
