@@ -1,13 +1,9 @@
-"""Differentiable rollouts with checkpoint windows (docs/architecture.md, contract 5).
+"""MPM rollouts: the engine's checkpointed rollout (:mod:`diffworld.engine.rollout`) over the MPM
+substep, with the MPM's checks (NaN/Inf, particles leaving the grid, CFL) and stable time step.
 
-A rollout of T substeps is a chain of torch ops, one per *window* of at most K substeps. A window's
-forward keeps nothing but its input state (the checkpoint); its backward recomputes the window
-keeping every intermediate, then runs the substep adjoints in reverse. Memory is O(T/K) particle
-states plus one window's intermediates; compute is about two forwards and one backward.
-
-Losses may read any recorded state. Recording does not cut windows: a window returns the states
-recorded inside it as extra outputs, and its backward adds their incoming gradients to the
-adjoint at the substep where each was recorded, so the window setting alone sets the memory.
+Losses may read any recorded state; recording does not cut the checkpoint windows, and the
+numbers do not depend on the window (the elastic stress is carried in the state from substep to
+substep, also across windows).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from diffworld.engine.rollout import checkpointed_rollout
 from diffworld.sims.mpm.kernels import COLLIDER_STATE
 from diffworld.sims.mpm.materials import lame
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Model, State, Stepper
@@ -48,84 +45,32 @@ class Rollout(NamedTuple):
         return torch.stack([s.x for s in self.states])
 
 
-def _run_window(stepper: Stepper, state: State, params, control: torch.Tensor, first: int, keep: bool,
-                record: tuple[int, ...] = (), tau: torch.Tensor | None = None):
-    """Run the substeps of one window, carrying the elastic stress from substep to substep (one SVD
-    each; ``tau`` is the stress at ``state.F`` when the previous window computed it, else None).
+class _Substeps:
+    """The MPM :class:`Stepper` as an :class:`~diffworld.engine.rollout.Simulator`.
 
-    Returns the final state, the stress at its F, every substep's intermediates when ``keep``, and
-    the states after the substeps at the window offsets ``record`` (1 = after the first substep).
-    """
-    has_col = control.shape[1] > 0
-    kept, recorded = [], []
-    for s in range(control.shape[0]):
-        state, saved = stepper.substep(state, params, control[s] if has_col else None, keep=keep, step=first + s,
-                                       tau=tau)
-        tau = stepper.last_tau
-        if keep:
-            kept.append(saved)
-        if s + 1 in record:
-            recorded.append(state)
-    return state, tau, kept, recorded
-
-
-class _Window(torch.autograd.Function):
-    """One checkpoint window.
-
-    Inputs: the state (x, v, C, F) and the stress at its F (``tau``, None for a rollout's first
-    window: computed from F). Outputs: the final state's (x, v, C, F), the stress at its F (the
-    next window's ``tau``: carrying it keeps the numbers independent of where windows end), then
-    the (x, v, C, F) of each state recorded inside the window, in order.
+    Its state is (x, v, C, F, tau): tau, the elastic stress at F, is a by-product of each
+    substep's plastic projection and is carried into the next substep, also across windows (so the
+    numbers do not depend on the window). It is None in a rollout's initial state, and the first
+    substep computes it from F.
     """
 
-    @staticmethod
-    def forward(ctx, stepper: Stepper, first: int, keep_last: bool, record: tuple[int, ...], control: torch.Tensor,
-                tau, x, v, C, F, *params):
-        # keep_last: this is the rollout's last window and a backward pass will follow: keep its
-        # intermediates now instead of recomputing them (the backward peak holds one window's
-        # intermediates anyway, so the peak does not grow).
-        with torch.no_grad():
-            state, tau_out, kept, recorded = _run_window(stepper, State(x, v, C, F), params, control, first,
-                                                         keep_last, record, tau)
-        if kept:
-            # The caller gets the last substep's C' as output C and may modify it in place, and
-            # recorded states alias kept intermediates: hand out copies.
-            kept[-1] = kept[-1]._replace(C_out=kept[-1].C_out.clone())
-            recorded = [r.clone() for r in recorded]
-        ctx.stepper, ctx.first, ctx.record, ctx.kept = stepper, first, record, kept or None
-        ctx.has_tau = tau is not None
-        ctx.save_for_backward(control, tau, x, v, C, F, *params)
-        return (*state, tau_out) + tuple(t for r in recorded for t in r)
+    def __init__(self, stepper: Stepper) -> None:
+        self.stepper = stepper
 
-    @staticmethod
-    def backward(ctx, *grads):
-        control, tau, x, v, C, F, *params = ctx.saved_tensors
-        stepper: Stepper = ctx.stepper
-        has_col = control.shape[1] > 0
-        saved = ctx.kept
-        ctx.kept = None
-        # Incoming gradients of the states recorded inside the window, by window offset.
-        inside = {off: grads[5 + 4 * i: 9 + 4 * i] for i, off in enumerate(ctx.record)}
-        with torch.no_grad():
-            if saved is None:  # recompute the window, keeping every intermediate
-                _, _, saved, _ = _run_window(stepper, State(x, v, C, F), params, control, ctx.first, True,
-                                             tau=tau if ctx.has_tau else None)
-            adj = State(*(torch.zeros_like(t) if g is None else g for t, g in zip((x, v, C, F), grads[:4])))
-            adj_params = [torch.zeros_like(p) for p in params]
-            adj_control = torch.zeros_like(control)
-            adj_tau = grads[4]  # from the next window, which read this window's final stress
-            F0 = saved[0].F
-            for s in range(len(saved) - 1, -1, -1):
-                if s + 1 in inside:  # the state after substep s was recorded: its loss gradient joins here
-                    adj = State(*(a if g is None else a + g for a, g in zip(adj, inside[s + 1])))
-                adj, adj_tau = stepper.substep_adjoint(saved[s], params, adj, adj_params,
-                                                       adj_control[s] if has_col else None, adj_tau)
-                saved[s] = None  # free this substep's intermediates as soon as they are used
-            if not ctx.has_tau:  # the window's first stress was computed from its input F
-                stepper.stress_adjoint(F0, params, adj_tau, adj.F, adj_params)
-                adj_tau = None
-        ctx.stepper = None
-        return (None, None, None, None, adj_control, adj_tau, *adj, *adj_params)
+    def step(self, state, params, control, index: int, keep: bool):
+        x, v, C, F, tau = state
+        out, saved = self.stepper.substep(State(x, v, C, F), params, control, keep=keep, step=index, tau=tau)
+        return (*out, self.stepper.last_tau), (saved, tau is None)
+
+    def step_adjoint(self, saved, params, adj_out, adj_params, adj_control):
+        saved, stress_computed = saved
+        adj = State(*(torch.zeros_like(t) if g is None else g
+                      for t, g in zip((saved.x, saved.v, saved.C, saved.F), adj_out[:4])))
+        adj, adj_tau = self.stepper.substep_adjoint(saved, params, adj, adj_params, adj_control, adj_out[4])
+        if stress_computed:  # this substep computed its input stress from its input F
+            self.stepper.stress_adjoint(saved.F, params, adj_tau, adj.F, adj_params)
+            adj_tau = None
+        return (*adj, adj_tau)
 
 
 def stable_dt(model: Model, cfl: float = 0.5) -> float:
@@ -233,29 +178,12 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
         merged[name] = t.expand(model.n_particles) if t.dim() == 0 else t
     plist = [merged[name].to(dtype).contiguous() for name in PARTICLE_PARAMS]
     stepper = stepper or Stepper(model)
-    record = record_every or n_substeps or 1
-    states, steps = [state], [0]
-    s = 0
-    tau = None  # the elastic stress at the current F, carried between windows
-    tensors = [control, *state, *plist]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    while s < n_substeps:
-        n = min(window, n_substeps - s)
-        # record points strictly inside this window come back as extra outputs
-        inside = tuple(r - s for r in range((s // record + 1) * record, s + n, record))
-        last = keep_last_window and grad and s + n == n_substeps
-        out = _Window.apply(stepper, start_substep + s, last, inside, control[s:s + n], tau,
-                            *(t.contiguous() for t in state), *plist)
-        state, tau = State(*out[:4]), out[4]
-        first_new = len(states)
-        for i, off in enumerate(inside):
-            states.append(State(*out[5 + 4 * i: 9 + 4 * i]))
-            steps.append(s + off)
-        s += n
-        if s % record == 0 or s == n_substeps:
-            states.append(state)
-            steps.append(s)
-        if check:  # in order, so the message names the first bad recorded state
-            for st, k in zip(states[first_new:], steps[first_new:]):
-                check_state(model, st, start_substep + k)
+
+    def check_recorded(st, k: int) -> None:
+        check_state(model, State(*st[:4]), k)
+
+    traj = checkpointed_rollout(_Substeps(stepper), (*state, None), n_substeps, control, plist, window=window,
+                                record_every=record_every, keep_last_window=keep_last_window,
+                                first_index=start_substep, check=check_recorded if check else None)
+    states, steps = [state] + [State(*st[:4]) for st in traj.states[1:]], traj.steps
     return Rollout(states, steps)
