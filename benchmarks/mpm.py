@@ -115,16 +115,14 @@ def ours_forward(model, state, n_substeps: int, repeat: int = 3) -> tuple[float,
     with torch.no_grad():
         s, tau = state, None
         for _ in range(2):
-            s, _ = stepper.substep(s, params, None, tau=tau)
-            tau = stepper.last_tau
+            s, tau, _ = stepper.substep(s, params, None, tau=tau)
         for _ in range(max(1, repeat)):
             _sync(model.device)
             t0 = time.perf_counter()
             s, tau = state, None
             for _ in range(n_substeps):
                 # The elastic stress is carried from substep to substep, as rollout() does.
-                s, _ = stepper.substep(s, params, None, tau=tau)
-                tau = stepper.last_tau
+                s, tau, _ = stepper.substep(s, params, None, tau=tau)
             _sync(model.device)
             times.append(time.perf_counter() - t0)
     mpm.check_state(model, s, n_substeps)  # raises on NaN/Inf or particles leaving the domain

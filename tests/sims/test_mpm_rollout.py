@@ -135,7 +135,7 @@ def test_grid_mass_equals_particle_mass():
     model, state, ctrl = _scene("water")
     stepper = mpm.Stepper(model)
     params = [model.params[k] for k in mpm.PARTICLE_PARAMS]
-    _, keep = stepper.substep(state, params, ctrl[0], keep=True)
+    _, _, keep = stepper.substep(state, params, ctrl[0], keep=True)
     total = float((model.params["density"] * model.params["volume"]).sum())
     assert math.isclose(float(keep.grid_m.sum()), total, rel_tol=1e-12)
 

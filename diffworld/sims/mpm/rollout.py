@@ -59,8 +59,9 @@ class _Substeps:
 
     def step(self, state, params, control, index: int, keep: bool):
         x, v, C, F, tau = state
-        out, saved = self.stepper.substep(State(x, v, C, F), params, control, keep=keep, step=index, tau=tau)
-        return (*out, self.stepper.last_tau), (saved, tau is None)
+        out, tau_out, saved = self.stepper.substep(State(x, v, C, F), params, control, keep=keep, step=index,
+                                                   tau=tau)
+        return (*out, tau_out), (saved, tau is None)
 
     def step_adjoint(self, saved, params, adj_out, adj_params, adj_control):
         saved, stress_computed = saved

@@ -321,7 +321,6 @@ class Stepper:
         bounds = [round(n * w / workers) for w in range(workers + 1)]
         self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
         self._prepare_colliders()
-        self.last_tau: torch.Tensor | None = None
         self.rigid = None
         is_rigid = model.law == kernels.LAW["rigid"]
         if bool(is_rigid.any()):
@@ -501,14 +500,15 @@ class Stepper:
         self._parallel(run)
 
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
-                keep: bool = False, step: int = 0, tau: torch.Tensor | None = None) -> tuple[State, _Substep | None]:
+                keep: bool = False, step: int = 0, tau: torch.Tensor | None = None
+                ) -> tuple[State, torch.Tensor, _Substep | None]:
         """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order (contiguous tensors
         (N,)); ``control`` (n_col, 13); ``step``: the index of this substep in the rollout (emitters
-        activate particles by it); ``tau``: the elastic stress at ``state.F`` when known (the
-        previous substep's :attr:`last_tau`), else it is computed.
+        activate particles by it); ``tau``: the elastic stress at ``state.F`` when known (what the
+        previous substep returned), else it is computed.
 
-        Returns the new state, and the intermediates when ``keep`` is set. The elastic stress at
-        the new F, a by-product of the plastic projection's SVD, is left in :attr:`last_tau`.
+        Returns the new state, the elastic stress at its F (a by-product of the plastic
+        projection's SVD: pass it to the next substep), and the intermediates when ``keep`` is set.
         """
         k, dev, dt_ = self.k, self.device, self.dtype
         n = state.x.shape[0]
@@ -585,8 +585,7 @@ class Stepper:
         if keep:
             saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v, act,
                              emitted_now, tau)
-        self.last_tau = tau1
-        return State(x1, v1, C1, F1), saved
+        return State(x1, v1, C1, F1), tau1, saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
 
@@ -594,7 +593,7 @@ class Stepper:
                         adj_params: Sequence[torch.Tensor], adj_control: torch.Tensor | None,
                         adj_tau_out: torch.Tensor | None = None) -> tuple[State, torch.Tensor]:
         """Adjoint of :meth:`substep`: returns d loss / d (input state) and d loss / d (input stress
-        ``tau``); ``adj_tau_out`` is d loss / d :attr:`last_tau` (None: zero). Accumulates into
+        ``tau``); ``adj_tau_out`` is d loss / d (the stress it returned) (None: zero). Accumulates into
         ``adj_params`` (same order as ``params``, contiguous) and ``adj_control`` (n_col, 13)."""
         k, dev, dt_ = self.k, self.device, self.dtype
         w, v3, m33, i32 = self._scalars, self._vec3s, self._mat33s, self._ints
