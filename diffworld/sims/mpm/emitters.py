@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from diffworld.sims.mpm.materials import Material
-from diffworld.sims.mpm.quaternion import quat_rotate
+from diffworld.sims.common.quaternion import quat_rotate
 
 __all__ = ["Emitter", "EmitterParticles", "emitter_particles", "place_emitted"]
 

@@ -40,19 +40,17 @@ import math
 import warp as wp
 
 from diffworld.engine.runtime import init_warp
+from diffworld.sims.common.colliders import SHAPES
 
 __all__ = ["LAW", "SHAPE", "WALL", "build"]
 
 # Constitutive laws (per particle ``law`` id). The Python names live in materials.py.
 LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5, "rigid": 6}
 # Collider shapes (local frame; z is the axis of capsules, cylinders and cups; planes face +z).
-SHAPE = {"sphere": 0, "box": 1, "capsule": 2, "cylinder": 3, "cup": 4, "plane": 5, "grid": 6}
+SHAPE = {name: code for code, name in enumerate(SHAPES)}  # the kernels' shape codes
 # Domain wall behaviour.
 WALL = {"slip": 0, "sticky": 1, "friction": 2}
 
-# Number of floats that describe one collider's kinematic state at one substep:
-# position (3), quaternion x, y, z, w (4), linear velocity (3), angular velocity (3).
-COLLIDER_STATE = 13
 LOG_CLAMP = 0.05  # singular values are clamped to at least this before taking logs
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from diffworld.engine.rollout import checkpointed_rollout
-from diffworld.sims.mpm.kernels import COLLIDER_STATE
+from diffworld.sims.common.colliders import COLLIDER_STATE
 from diffworld.sims.mpm.materials import lame
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Model, State, Stepper
 

@@ -5,7 +5,7 @@
 * :class:`State` holds x, v, C, F of every particle at one instant. A step never writes its input.
 * Control is a tensor of collider kinematic states per substep, shape (T, n_colliders, 13):
   position [m], quaternion (x, y, z, w), linear velocity [m/s], angular velocity [rad/s]
-  (see :mod:`diffworld.sims.mpm.colliders` for building it from actions or keyframes).
+  (see :mod:`diffworld.sims.common.colliders` for building it from actions or keyframes).
 
 :class:`Stepper` runs substeps on Warp arrays wrapped around torch memory. ``forward`` keeps
 nothing (ping-pong buffers are fine without a tape); ``record`` keeps every intermediate of a span
@@ -25,6 +25,7 @@ import torch
 
 from diffworld.engine.bridge import launch
 from diffworld.engine.runtime import init_warp, warp_device
+from diffworld.sims.common.colliders import COLLIDER_STATE, Collider
 from diffworld.sims.mpm import kernels
 from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
 from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
@@ -95,47 +96,6 @@ class GridSpec:
         """Region where particles may be: the stencil stays inside the grid and off the walls."""
         m = self.bound * self.dx
         return tuple(lo + m for lo in self.lower), tuple(hi - m for hi in self.upper)
-
-
-@dataclass
-class Collider:
-    """A kinematic rigid body with an SDF shape, acting on grid velocities.
-
-    Attributes:
-        shape: One of ``sphere, box, capsule, cylinder, cup, plane, grid``.
-        size: Shape dimensions [m] in the local frame (z is the axis): sphere (r, -, -), box half
-            extents, capsule (r, half segment length, -), cylinder (r, half height, -), cup (inner
-            r, half height, wall thickness); unused for plane (normal +z) and grid.
-        friction: Coulomb coefficient mu (large: no sliding).
-        softness: 0 for hard contact (only nodes inside); > 0 [1/m] blends the contact response
-            with weight min(exp(-softness * sdf), 1) so gradients arrive before contact.
-        sticky: Nodes in contact take the collider's velocity.
-        sdf: For ``grid``: node values of the SDF in the local frame, shape (a, b, c).
-        sdf_lower: For ``grid``: local position of node (0, 0, 0) [m].
-        sdf_spacing: For ``grid``: node spacing [m].
-        name: Label for outputs.
-    """
-
-    shape: str
-    size: tuple[float, float, float] = (0.1, 0.1, 0.1)
-    friction: float = 0.5
-    softness: float = 0.0
-    sticky: bool = False
-    sdf: torch.Tensor | None = None
-    sdf_lower: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    sdf_spacing: float = 1.0
-    name: str = "collider"
-
-    def __post_init__(self) -> None:
-        if self.shape not in kernels.SHAPE:
-            raise ValueError(f"collider '{self.name}': shape expected one of {list(kernels.SHAPE)}, got {self.shape!r}")
-        if self.shape == "grid" and (self.sdf is None or self.sdf.dim() != 3 or min(self.sdf.shape) < 2):
-            got = None if self.sdf is None else tuple(self.sdf.shape)
-            raise ValueError(f"collider '{self.name}': shape 'grid' expects sdf of shape (a, b, c) with a, b, c >= 2, "
-                             f"got {got}")
-        if self.friction < 0 or self.softness < 0:
-            raise ValueError(f"collider '{self.name}': friction and softness expected >= 0, got "
-                             f"{self.friction}, {self.softness}")
 
 
 @dataclass
@@ -648,7 +608,7 @@ class Stepper:
             a = self.col_args[ci]
             adj_prev = torch.zeros_like(adj_gv)
             # the kernel's adjoint accumulates into the collider's row of adj_control
-            adj_row = adj_control[ci] if adj_control is not None else _zeros((kernels.COLLIDER_STATE,), dt_, dev)
+            adj_row = adj_control[ci] if adj_control is not None else _zeros((COLLIDER_STATE,), dt_, dev)
             ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
             adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
                        z, w(adj_row)]

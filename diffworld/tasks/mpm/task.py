@@ -43,9 +43,9 @@ from pydantic import Field, PrivateAttr, ValidationInfo, create_model, field_val
 
 from diffworld.engine.config.registry import TASKS
 from diffworld.engine.config.schema import StrictModel, scene_file
-from diffworld.sims.mpm.kernels import SHAPE
+from diffworld.sims.common.colliders import SHAPES
 from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
-from diffworld.sims.mpm.quaternion import quat_to_rotvec
+from diffworld.sims.common.quaternion import quat_to_rotvec
 
 __all__ = ["HorizonSchedule", "MPMTask", "TrajectoryProblem", "run_mpm"]
 
@@ -230,8 +230,8 @@ class MotionConfig(StrictModel):
         return self
 
 
-# The kernel's shapes (its "grid" is what a scene's "mesh" becomes), so the two cannot drift.
-COLLIDER_SHAPES = Literal[tuple(name for name in SHAPE if name != "grid") + ("mesh",)]
+# The colliders' shapes (a "grid" is what a scene's "mesh" becomes), so the two cannot drift.
+COLLIDER_SHAPES = Literal[tuple(name for name in SHAPES if name != "grid") + ("mesh",)]
 
 
 class ColliderConfig(StrictModel):
@@ -605,7 +605,7 @@ class MPMTask(StrictModel):
 # --- building ----------------------------------------------------------------------------------------
 
 def _collider(cfg: ColliderConfig, dtype):
-    from diffworld.sims.mpm.solver import Collider
+    from diffworld.sims.common.colliders import Collider
 
     if cfg.shape != "mesh":
         return Collider(cfg.shape, cfg.size, cfg.friction, cfg.softness, cfg.sticky, name=cfg.name)
@@ -674,7 +674,7 @@ class _Scene:
         linear and angular velocity within a step): the initial guess of a controlled collider
         that moves through keyframes.
         """
-        from diffworld.sims.mpm import colliders
+        from diffworld.sims.common import colliders
 
         m, steps = cfg.motion, self.task.steps
         f64 = torch.float64
@@ -694,7 +694,7 @@ class _Scene:
 
     def control(self, velocities: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Collider states (T, n_col, 13) with the given optimized velocities (S, 6) by name."""
-        from diffworld.sims.mpm import colliders
+        from diffworld.sims.common import colliders
 
         if not self.task.colliders:
             return None
@@ -1270,7 +1270,7 @@ def _write_outputs(scene: _Scene, before, after, out_dir: Path, task: MPMTask, c
     ``before`` (default: ``control``).
     """
     from diffworld.viz import render_particles
-    from diffworld.sims.mpm.colliders import collider_mesh
+    from diffworld.sims.common.colliders import collider_mesh
 
     pos = after.positions().detach().cpu().numpy()
     ids = scene.model.body.cpu().numpy()

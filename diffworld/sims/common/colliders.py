@@ -1,8 +1,9 @@
-"""Collider motion as torch ops (differentiable), and collider meshes for rendering.
+"""Kinematic colliders shared by the simulators: what a collider is (:class:`Collider`), its motion
+as torch ops (differentiable), and its mesh for rendering.
 
-The solver reads one kinematic state per collider per substep (position, quaternion x y z w,
-linear and angular velocity; see :mod:`diffworld.sims.mpm.solver`). These functions build that
-tensor from what a user optimizes:
+A simulator reads one kinematic state per collider per step, :data:`COLLIDER_STATE` floats
+(position, quaternion x y z w, linear and angular velocity). These functions build that tensor
+from what a user optimizes:
 
 * :func:`from_velocities`: per-control-step linear and angular velocities (FluidLab's actions),
   integrated substep by substep from an initial pose;
@@ -12,16 +13,67 @@ tensor from what a user optimizes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from diffworld.sims.mpm.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix
-from diffworld.sims.mpm.solver import Collider
+from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix
 
-__all__ = ["axis_angle_to_quat", "collider_mesh", "from_keyframes", "from_velocities", "quat_multiply",
-           "quat_to_matrix", "static"]
+__all__ = ["COLLIDER_STATE", "Collider", "SHAPES", "axis_angle_to_quat", "collider_mesh", "from_keyframes",
+           "from_velocities", "quat_multiply", "quat_to_matrix", "static"]
+
+#: Floats of one collider's kinematic state at one step: position (3), quaternion x, y, z, w (4),
+#: linear velocity (3), angular velocity (3).
+COLLIDER_STATE = 13
+
+#: Collider shapes, as signed distance functions in the collider's frame (z is the axis); every
+#: simulator's kernels implement each of them.
+SHAPES = ("sphere", "box", "capsule", "cylinder", "cup", "plane", "grid")
+
+
+@dataclass
+class Collider:
+    """A kinematic rigid body with an SDF shape, acting on grid velocities.
+
+    Attributes:
+        shape: One of ``sphere, box, capsule, cylinder, cup, plane, grid``.
+        size: Shape dimensions [m] in the local frame (z is the axis): sphere (r, -, -), box half
+            extents, capsule (r, half segment length, -), cylinder (r, half height, -), cup (inner
+            r, half height, wall thickness); unused for plane (normal +z) and grid.
+        friction: Coulomb coefficient mu (large: no sliding).
+        softness: 0 for hard contact (only nodes inside); > 0 [1/m] blends the contact response
+            with weight min(exp(-softness * sdf), 1) so gradients arrive before contact.
+        sticky: Nodes in contact take the collider's velocity.
+        sdf: For ``grid``: node values of the SDF in the local frame, shape (a, b, c).
+        sdf_lower: For ``grid``: local position of node (0, 0, 0) [m].
+        sdf_spacing: For ``grid``: node spacing [m].
+        name: Label for outputs.
+    """
+
+    shape: str
+    size: tuple[float, float, float] = (0.1, 0.1, 0.1)
+    friction: float = 0.5
+    softness: float = 0.0
+    sticky: bool = False
+    sdf: torch.Tensor | None = None
+    sdf_lower: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sdf_spacing: float = 1.0
+    name: str = "collider"
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"collider '{self.name}': shape expected one of {list(SHAPES)}, got {self.shape!r}")
+        if self.shape == "grid" and (self.sdf is None or self.sdf.dim() != 3 or min(self.sdf.shape) < 2):
+            got = None if self.sdf is None else tuple(self.sdf.shape)
+            raise ValueError(f"collider '{self.name}': shape 'grid' expects sdf of shape (a, b, c) with a, b, c >= 2, "
+                             f"got {got}")
+        if self.friction < 0 or self.softness < 0:
+            raise ValueError(f"collider '{self.name}': friction and softness expected >= 0, got "
+                             f"{self.friction}, {self.softness}")
+
+
 
 
 def static(position: Sequence[float], rotation: Sequence[float] = (0.0, 0.0, 0.0), n_substeps: int = 1,
