@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from diffworld.tasks.mpm.task import ShapeConfig
+from diffworld.tasks.mpm.config import ShapeConfig
 
 
 def test_open_mesh_body_is_rejected_naming_the_file(tmp_path):

@@ -240,7 +240,7 @@ def test_mixing_loss_errors():
 # --- the horizon schedule --------------------------------------------------------------------------
 
 def test_horizon_schedule_grows_when_progress_stalls():
-    from diffworld.tasks.mpm.task import HorizonSchedule
+    from diffworld.tasks.mpm.objectives import HorizonSchedule
 
     s = HorizonSchedule(initial=2, grow=3, patience=2, tolerance=0.1, total=9)
     losses = [10.0, 8.0, 6.0,     # -25 % over 2 iterations: keep h = 2
@@ -309,7 +309,8 @@ def _write(tmp_path, losses=DENSITY, extra="", dtype="float64", name="scene.yaml
 
 
 def _problem(path):
-    from diffworld.tasks.mpm.task import TrajectoryProblem, _Scene
+    from diffworld.tasks.mpm.build import MPMScene as _Scene
+    from diffworld.tasks.mpm.objectives import TrajectoryProblem
 
     scene = load_scene(path)
     dtype = torch.float64 if scene.runtime.dtype == "float64" else torch.float32

@@ -126,7 +126,7 @@ def test_scene_material_section_is_the_library_material():
     same ranges (and refuses YAML booleans)."""
     from pydantic import ValidationError
 
-    from diffworld.tasks.mpm.task import MaterialConfig
+    from diffworld.tasks.mpm.config import MaterialConfig
 
     assert set(MaterialConfig.model_fields) == {"name", *M.PARAMETERS}
     for name, value in [("E", -1.0), ("nu", 0.5), ("friction_angle", 95.0), ("theta_c", 1.0), ("E", float("inf")),

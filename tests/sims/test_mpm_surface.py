@@ -109,7 +109,9 @@ optimizer: {name: adam, lr: 0.01, iterations: 1}
 
 def _outputs(tmp_path, option, monkeypatch=None):
     from diffworld.app.scenes import load_scene
-    from diffworld.tasks.mpm.task import TrajectoryProblem, _Scene, _write_outputs
+    from diffworld.tasks.mpm.build import MPMScene as _Scene
+    from diffworld.tasks.mpm.objectives import TrajectoryProblem
+    from diffworld.tasks.mpm.outputs import write_outputs as _write_outputs
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / "scene.yaml"

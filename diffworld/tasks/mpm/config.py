@@ -1,0 +1,598 @@
+"""The ``mpm`` task's scene section: bodies, emitters, colliders, domain, objective, outputs
+(pydantic models with the checks that need no simulation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import Field, PrivateAttr, ValidationInfo, create_model, field_validator, model_validator
+
+from diffworld.engine.config.schema import StrictModel, scene_file
+from diffworld.sims.common.colliders import SHAPES
+from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
+
+__all__ = [
+    "BODY_COLORS",
+    "BodyConfig",
+    "COLLIDER_SHAPES",
+    "ChamferLossConfig",
+    "ColliderConfig",
+    "ComLossConfig",
+    "DOFS",
+    "DensityLossConfig",
+    "DomainConfig",
+    "EmitterConfig",
+    "HorizonConfig",
+    "KeyframeConfig",
+    "LossTermConfig",
+    "MPMTask",
+    "MaterialConfig",
+    "MixingLossConfig",
+    "MotionConfig",
+    "ObjectiveConfig",
+    "OutputsConfig",
+    "PatternLossConfig",
+    "PythonLossConfig",
+    "RegionLossConfig",
+    "ShapeConfig",
+    "ShapeLossConfig",
+    "SystemIdentificationConfig",
+    "TargetTrajectoryLossConfig",
+    "TrajectoryConfig",
+    "Vec3",
+    "WorkspaceConfig",
+]
+
+
+Vec3 = tuple[float, float, float]
+DOFS = ("vx", "vy", "vz", "wx", "wy", "wz")  # the components of a collider's per-step velocity
+BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.35], [0.80, 0.25, 0.30],
+                        [0.55, 0.40, 0.75], [0.50, 0.50, 0.50]])
+
+
+def _resolve_optional(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    return None if value is None else scene_file(value, info)
+
+
+class ShapeConfig(StrictModel):
+    """A solid region: analytic primitive, a watertight mesh file, or CSG of other shapes.
+
+    CSG: ``union`` and ``intersection`` of ``children`` (two or more), ``difference`` of the
+    first child minus the others.
+    """
+
+    type: Literal["box", "sphere", "cylinder", "capsule", "mesh", "union", "intersection", "difference"]
+    center: Vec3 = Field((0.5, 0.5, 0.5), description="Centre [m].")
+    half_extents: Vec3 = Field((0.1, 0.1, 0.1), description="Box half extents [m].")
+    radius: float = Field(0.1, gt=0, description="Sphere/cylinder/capsule radius [m].")
+    half_height: float = Field(0.1, gt=0, description="Cylinder half height / capsule half segment [m] (z axis).")
+    path: Optional[str] = Field(None, description="Mesh file (watertight), relative to the scene file.")
+    scale: float = Field(1.0, gt=0, description="Mesh scale.")
+    children: list["ShapeConfig"] = Field(default_factory=list, description="Operands of union, intersection, "
+                                                                             "difference (two or more).")
+
+    _path = field_validator("path")(_resolve_optional)
+
+    @model_validator(mode="after")
+    def _mesh_path(self):
+        if self.type == "mesh" and self.path is None:
+            raise ValueError("type 'mesh' needs 'path'")
+        csg = self.type in ("union", "intersection", "difference")
+        if csg and len(self.children) < 2:
+            raise ValueError(f"type {self.type!r} needs two or more 'children', got {len(self.children)}")
+        if not csg and self.children:
+            raise ValueError(f"'children' belong to union, intersection or difference, not to type {self.type!r}")
+        return self
+
+    def build(self):
+        """The SDF of the shape."""
+        from diffworld.geometry import sdf
+
+        if self.type in ("union", "intersection"):
+            parts = [c.build() for c in self.children]
+            return sdf.Union(*parts) if self.type == "union" else sdf.Intersection(*parts)
+        if self.type == "difference":
+            first, *rest = [c.build() for c in self.children]
+            return sdf.Difference(first, rest[0] if len(rest) == 1 else sdf.Union(*rest))
+        c = self.center
+        if self.type == "box":
+            return sdf.Box(self.half_extents, c)
+        if self.type == "sphere":
+            return sdf.Sphere(self.radius, c)
+        if self.type == "cylinder":
+            return sdf.Cylinder(self.radius, self.half_height, c)
+        if self.type == "capsule":
+            a = (c[0], c[1], c[2] - self.half_height)
+            b = (c[0], c[1], c[2] + self.half_height)
+            return sdf.Capsule(a, b, self.radius)
+        from diffworld.geometry.io import load_mesh
+        from diffworld.geometry.mesh_ops import mesh_report
+        from diffworld.geometry.mesh_sdf import MeshSDF
+
+        m = load_mesh(self.path)
+        if not mesh_report(m.vertices, m.faces).watertight:
+            raise ValueError(f"{self.path}: a filled body needs a watertight mesh (this one has open edges)")
+        v = m.vertices.double()
+        v = (v - (v.min(0).values + v.max(0).values) / 2) * self.scale + torch.tensor(c, dtype=torch.float64)
+        return MeshSDF(v, m.faces)
+
+
+class _MaterialSection(StrictModel):
+    """A material by name with optional parameter overrides (see diffworld.sims.mpm.materials)."""
+
+    name: str = Field(..., description=f"One of: {', '.join(MATERIALS)}.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MATERIALS:
+            raise ValueError(f"unknown material {v!r}; expected one of {sorted(MATERIALS)}")
+        return v
+
+    @field_validator(*PARAMETERS, mode="before", check_fields=False)
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML's true/false would pass as 1/0
+            raise ValueError("expected a number, got a boolean")
+        return v
+
+    @field_validator(*PARAMETERS, check_fields=False)
+    @classmethod
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        problem = None if v is None else parameter_problem(info.field_name, v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    def build(self) -> Material:
+        return Material(**self.model_dump())
+
+
+# Generated from the material parameters (materials.PARAMETERS, PARAMETER_DOCS, PARAMETER_RANGES):
+# one definition for the library's Material and the scene's material section.
+MaterialConfig = create_model(
+    "MaterialConfig", __base__=_MaterialSection,
+    **{p: (Optional[float], Field(None, description=PARAMETER_DOCS[p] + " Default: the material's.")) for p in PARAMETERS},
+)
+
+
+class BodyConfig(StrictModel):
+    name: str = "body"
+    shape: ShapeConfig
+    material: MaterialConfig
+    velocity: Vec3 = (0.0, 0.0, 0.0)
+    ppc: int = Field(8, ge=1, description="Particles per cell.")
+    sampling: Literal["grid", "poisson"] = "grid"
+
+
+class EmitterConfig(StrictModel):
+    """A nozzle releasing a jet of one material between ``start`` and ``stop`` (a pitcher, a dispenser).
+
+    Its particles are parked until released (see :mod:`diffworld.sims.mpm.emitters`); losses and
+    renders select them by ``name`` like a body's, and count only the released ones.
+    """
+
+    name: str = "emitter"
+    material: MaterialConfig
+    center: Vec3 = Field(..., description="Nozzle exit centre [m]: world frame, or the collider's frame when "
+                                          "'collider' is given.")
+    direction: Vec3 = Field((0.0, 0.0, -1.0), description="Jet direction (normalized), same frame as 'center'.")
+    radius: float = Field(0.02, gt=0, description="Nozzle radius [m].")
+    speed: float = Field(0.5, gt=0, description="Jet speed [m/s].")
+    start: float = Field(0.0, ge=0, description="Time the jet starts [s].")
+    stop: float = Field(..., gt=0, description="Time the jet stops [s]; at most the end of the run.")
+    ppc: int = Field(8, ge=1, description="Particles per cell of the jet.")
+    collider: Optional[str] = Field(None, description="Collider carrying the nozzle (it moves with it); "
+                                                      "default: a fixed nozzle.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.start >= self.stop:
+            raise ValueError(f"expected start < stop [s], got start={self.start}, stop={self.stop}")
+        if sum(d * d for d in self.direction) < 1e-24:
+            raise ValueError(f"direction: expected a non-zero vector, got {list(self.direction)}")
+        return self
+
+    def build(self):
+        from diffworld.sims.mpm.emitters import Emitter
+
+        return Emitter(self.material.build(), self.center, self.direction, self.radius, self.speed, self.start,
+                       self.stop, self.ppc, self.collider, self.name)
+
+
+class KeyframeConfig(StrictModel):
+    t: float = Field(..., ge=0, description="Time [s].")
+    position: Vec3
+    rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
+
+
+class MotionConfig(StrictModel):
+    """How a collider moves: at rest, through keyframes, or by per-step velocities (optimizable)."""
+
+    type: Literal["static", "keyframes", "velocities"] = "static"
+    position: Vec3 = (0.5, 0.5, 0.5)
+    rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
+    keyframes: list[KeyframeConfig] = Field(default_factory=list)
+    velocity: tuple[float, float, float, float, float, float] = Field(
+        (0.0,) * 6, description="Initial per-step velocity (linear [m/s], angular [rad/s]) for type velocities.")
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if self.type == "keyframes" and not self.keyframes:
+            raise ValueError("type 'keyframes' needs at least one entry in 'keyframes'")
+        return self
+
+
+# The colliders' shapes (a "grid" is what a scene's "mesh" becomes), so the two cannot drift.
+COLLIDER_SHAPES = Literal[tuple(name for name in SHAPES if name != "grid") + ("mesh",)]
+
+
+class ColliderConfig(StrictModel):
+    name: str = "collider"
+    shape: COLLIDER_SHAPES = Field(..., description="A kernel shape, or 'mesh' (a file voxelized to an SDF grid).")
+    size: Vec3 = Field((0.1, 0.1, 0.1), description="See diffworld.sims.mpm.Collider.size [m].")
+    path: Optional[str] = Field(None, description="Mesh file for shape 'mesh' (voxelized to an SDF grid).")
+    sdf_resolution: int = Field(64, ge=8, description="SDF grid resolution of a mesh collider.")
+    friction: float = Field(0.5, ge=0)
+    softness: float = Field(0.0, ge=0, description="Soft-contact sharpness [1/m]; 0 = hard.")
+    sticky: bool = False
+    motion: MotionConfig = MotionConfig()
+
+    _path = field_validator("path")(_resolve_optional)
+
+
+class DomainConfig(StrictModel):
+    lower: Vec3 = (0.0, 0.0, 0.0)
+    upper: Vec3 = (1.0, 1.0, 1.0)
+    resolution: int = Field(32, ge=8, description="Cells along the longest side.")
+    wall: Literal["slip", "sticky", "friction"] = "slip"
+    wall_friction: float = Field(0.0, ge=0)
+
+
+class _LossTerm(StrictModel):
+    weight: float = Field(1.0, ge=0, description="Weight of the term in the total loss.")
+
+
+class ComLossConfig(_LossTerm):
+    """Squared distance of a body's centre of mass to a target [m^2] (final state)."""
+
+    type: Literal["com"]
+    body: str
+    target: Vec3 = Field(..., description="Target centre of mass [m].")
+    axes: list[Literal["x", "y", "z"]] = Field(["x", "y", "z"], min_length=1,
+                                               description="Axes that count (e.g. [x, y]: horizontal distance).")
+
+
+class RegionLossConfig(_LossTerm):
+    """One minus the soft fraction of a body inside a box (final state), in [0, 1]."""
+
+    type: Literal["region"]
+    body: str
+    lower: Vec3 = Field(..., description="Box lower corner [m].")
+    upper: Vec3 = Field(..., description="Box upper corner [m].")
+
+
+class ShapeLossConfig(_LossTerm):
+    """Particles inside a target shape and covering it [m^2] (final state)."""
+
+    type: Literal["shape"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+
+
+class DensityLossConfig(_LossTerm):
+    """PlasticineLab shape matching (final state): grid mass vs a target filled with the body's mass.
+
+    ``density_weight * sum|m - t| / sum t`` (L1; L2 with ``norm: l2``) plus ``sdf_weight`` times
+    the mass-weighted distance outside the target in cells (see
+    :func:`diffworld.sims.mpm.losses.shape_matching_loss`).
+    """
+
+    type: Literal["density"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+    density_weight: float = Field(1.0, ge=0, description="Weight of the grid-mass difference (dimensionless).")
+    sdf_weight: float = Field(1.0, ge=0, description="Weight of the distance outside the target [cells].")
+    norm: Literal["l1", "l2"] = Field("l1", description="Norm of the grid-mass difference.")
+    ppc: Optional[int] = Field(None, ge=1, description="Target sample points per cell; default: the body's ppc.")
+
+
+class TargetTrajectoryLossConfig(_LossTerm):
+    """Mean squared distance [m^2] of a body's particles to target positions at every control step."""
+
+    type: Literal["target_trajectory"]
+    body: str
+    path: str = Field(..., description="A .npz file, relative to the scene file, holding the targets.")
+    key: str = Field("x", description="Array of the .npz: shape (steps, N, 3) [m], row k = after control step k+1, "
+                                      "particles in the body's order.")
+
+    _path = field_validator("path")(scene_file)
+
+    _targets: Optional[np.ndarray] = PrivateAttr(None)  # the array, read once at validation
+
+    @model_validator(mode="after")
+    def _array(self):
+        self._targets = _npz_array(self.path, self.key)
+        shape = self._targets.shape
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"{self.path}: array {self.key!r} has shape {shape}; expected (steps, N, 3)")
+        return self
+
+
+def _npz_array(path: str, key: str) -> np.ndarray:
+    """Array ``key`` of an .npz file (ValueError naming the file and key otherwise)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive (np.savez), got a single array")
+    with data:
+        if key not in data.files:
+            raise ValueError(f"{path}: no array {key!r} (key); the file holds {sorted(data.files)}")
+        return data[key]
+
+
+class ChamferLossConfig(_LossTerm):
+    """Chamfer distance [m^2] between a body's particles (final state) and points filling a target shape."""
+
+    type: Literal["chamfer"]
+    body: str
+    shape: ShapeConfig = Field(..., description="Target shape.")
+    ppc: Optional[int] = Field(None, ge=1, description="Target points per cell; default: the body's ppc.")
+
+
+class MixingLossConfig(_LossTerm):
+    """How unmixed two bodies are (final state), from their grid masses: 1 segregated ... 0 mixed.
+
+    See :func:`diffworld.sims.mpm.losses.mixing_loss` (``l2``: Danckwerts' intensity of
+    segregation; ``l1``: its absolute-value form).
+    """
+
+    type: Literal["mixing"]
+    bodies: tuple[str, str] = Field(..., description="The two bodies (A, B) to mix.")
+    target: Optional[float] = Field(None, gt=0, lt=1, description="Target mass fraction of A per node; default: "
+                                                                   "A's share of the two bodies' mass.")
+    norm: Literal["l1", "l2"] = Field("l2", description="l2: intensity of segregation; l1: mean |fraction - target|.")
+
+    @field_validator("bodies")
+    @classmethod
+    def _distinct(cls, v: tuple[str, str]) -> tuple[str, str]:
+        if v[0] == v[1]:
+            raise ValueError(f"expected two different bodies, got {list(v)}")
+        return v
+
+
+class PatternLossConfig(_LossTerm):
+    """A body seen from above vs a target image (latte art), final state.
+
+    The body's mass, projected along z, as a fraction per grid column vs the image laid on the
+    rectangle ``lower..upper`` (top row at ``upper[1]``): ``density_weight * sum|p - t|`` (0 to 2)
+    plus ``distance_weight`` times the mean distance of the mass from the pattern [cells] (see
+    :func:`diffworld.sims.mpm.losses.pattern_loss`).
+    """
+
+    type: Literal["pattern"]
+    body: str
+    image: str = Field(..., description="Image file (PNG...), relative to the scene file; bright = pattern.")
+    lower: tuple[float, float] = Field(..., description="Lower corner (x, y) of the image on the xy plane [m].")
+    upper: tuple[float, float] = Field(..., description="Upper corner (x, y) [m].")
+    density_weight: float = Field(1.0, ge=0, description="Weight of the L1 difference of the fractions.")
+    distance_weight: float = Field(1.0, ge=0, description="Weight of the distance from the pattern [cells].")
+
+    _image = field_validator("image")(scene_file)
+    _pixels: Optional[np.ndarray] = PrivateAttr(None)  # the image, read once at validation
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.lower[0] < self.upper[0] and self.lower[1] < self.upper[1]):
+            raise ValueError(f"expected lower < upper in x and y, got lower={list(self.lower)}, "
+                             f"upper={list(self.upper)}")
+        self._pixels = _read_image(self.image)
+        return self
+
+
+def _read_image(path: str) -> np.ndarray:
+    """Pixels of an image file (ValueError naming the file otherwise)."""
+    import imageio.v3 as iio
+
+    try:
+        return np.asarray(iio.imread(path))
+    except Exception as exc:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+class PythonLossConfig(_LossTerm):
+    """A user-written torch loss: ``fn(states, info) -> scalar tensor``.
+
+    ``states``: recorded states (index 0 initial, then one per control step up to the horizon);
+    ``info``: :class:`diffworld.sims.mpm.losses.SceneInfo` (masks, masses, grid, actions, options).
+    """
+
+    type: Literal["python"]
+    function: str = Field(..., description="'package.module:callable' (importable) or 'file.py:callable' "
+                                           "(relative to the scene file); imported, never evaluated.")
+    body: Optional[str] = Field(None, description="Passed to the function as info.body.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the function as info.options.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, v: str, info: ValidationInfo) -> str:
+        from diffworld.sims.mpm.losses import load_callable
+
+        base = (info.context or {}).get("scene_dir")
+        if isinstance(v, str) and v.count(":") == 1 and v.split(":")[0].endswith(".py"):
+            file, attr = v.split(":")
+            p = Path(file)
+            if not p.is_absolute() and base is not None:
+                v = f"{Path(base) / p}:{attr}"
+        load_callable(v, base)
+        return v
+
+
+LossTermConfig = Annotated[Union[ComLossConfig, RegionLossConfig, ShapeLossConfig, DensityLossConfig,
+                                 TargetTrajectoryLossConfig, ChamferLossConfig, MixingLossConfig, PatternLossConfig,
+                                 PythonLossConfig],
+                           Field(discriminator="type")]
+
+
+class SystemIdentificationConfig(StrictModel):
+    type: Literal["system_identification"]
+    body: str
+    truth: dict[str, float] = Field(..., description="Parameters that generate the observations.")
+    initial: dict[str, float] = Field(..., description="Starting guess of the same parameters.")
+
+    @model_validator(mode="after")
+    def _names(self):
+        ok = ("E", "nu", "viscosity", "yield_stress", "friction_angle", "density")
+        for key in list(self.truth) + list(self.initial):
+            if key not in ok:
+                raise ValueError(f"unknown parameter {key!r}; expected one of {list(ok)}")
+        if set(self.truth) != set(self.initial):
+            raise ValueError(f"truth and initial must name the same parameters, got {sorted(self.truth)} and "
+                             f"{sorted(self.initial)}")
+        return self
+
+
+class HorizonConfig(StrictModel):
+    """A loss horizon that grows when progress stalls (FluidLab).
+
+    The loss is evaluated on the first ``initial`` control steps (only they are simulated); when
+    the relative improvement ``(L[i - patience] - L[i]) / |L[i - patience]|`` of the loss over the
+    last ``patience`` iterations at the current horizon falls below ``tolerance``, the horizon
+    grows by ``grow`` steps, up to ``task.steps``.
+    """
+
+    initial: int = Field(..., ge=1, description="Control steps of the first horizon.")
+    grow: int = Field(..., ge=1, description="Control steps added when progress stalls.")
+    patience: int = Field(5, ge=1, description="Iterations over which the improvement is measured.")
+    tolerance: float = Field(0.01, ge=0, description="Relative improvement below which the horizon grows.")
+
+
+class WorkspaceConfig(StrictModel):
+    """A box for a collider's position (its origin) [m]; velocities are projected to stay inside."""
+
+    lower: Vec3
+    upper: Vec3
+
+    @model_validator(mode="after")
+    def _order(self):
+        if any(a >= b for a, b in zip(self.lower, self.upper)):
+            raise ValueError(f"expected lower < upper on every axis, got lower={list(self.lower)}, "
+                             f"upper={list(self.upper)}")
+        return self
+
+
+class TrajectoryConfig(StrictModel):
+    type: Literal["trajectory"]
+    controlled: list[str] = Field(..., min_length=1, description="Colliders whose velocities are optimized.")
+    losses: list[LossTermConfig] = Field(..., min_length=1)
+    max_speed: float = Field(1.0, gt=0, description="Linear speed bound [m/s] (action clipping).")
+    max_angular_speed: float = Field(3.0, ge=0, description="Angular speed bound [rad/s].")
+    horizon: Optional[HorizonConfig] = Field(None, description="Growing loss horizon; default: every step.")
+    freeze_steps: int = Field(0, ge=0, description="The first K actions keep their initial value (not optimized).")
+    dofs: dict[str, list[Literal["vx", "vy", "vz", "wx", "wy", "wz"]]] = Field(
+        default_factory=dict, description="Optimized velocity components per controlled collider (linear vx vy vz "
+                                          "[m/s], angular wx wy wz [rad/s]); the others keep their initial value. "
+                                          "Default: all six.")
+    workspace: dict[str, WorkspaceConfig] = Field(
+        default_factory=dict, description="Box that a controlled collider's position must stay in (per collider).")
+
+
+ObjectiveConfig = Annotated[Union[SystemIdentificationConfig, TrajectoryConfig], Field(discriminator="type")]
+
+
+class OutputsConfig(StrictModel):
+    frames: int = Field(40, ge=2, description="Frames of the rollout movie.")
+    movie: Literal["gif", "mp4", "none"] = "gif"
+    liquid_surface: bool = Field(True, description="Draw liquid bodies (water, viscous) as a surface mesh in the "
+                                                   "renders and the movie (particles outside it stay points).")
+    surface_level: float = Field(0.5, gt=0, lt=1, description="Iso level of the liquid surface, a fraction of "
+                                                              "the rest density.")
+    camera: Union[Literal["iso", "front", "side", "top"], tuple[float, float]] = Field(
+        "iso", description="View of the renders and the movie: iso, front, side, top, or [azimuth, elevation] "
+                           "[deg].")
+
+
+class MPMTask(StrictModel):
+    """Simulate bodies and colliders with MLS-MPM and optimize an objective through the rollout."""
+
+    type: Literal["mpm"]
+    domain: DomainConfig = DomainConfig()
+    dt: Optional[float] = Field(None, gt=0, description="Substep [s]; default: half the stability limit.")
+    gravity: Vec3 = (0.0, 0.0, -9.81)
+    substeps: int = Field(10, ge=1, description="Substeps per control step.")
+    steps: int = Field(20, ge=1, description="Control steps (horizon).")
+    window: int = Field(20, ge=1, description="Substeps per checkpoint window.")
+    bodies: list[BodyConfig] = Field(default_factory=list, description="Bodies present from the start.")
+    emitters: list[EmitterConfig] = Field(default_factory=list, description="Nozzles releasing particles over "
+                                                                            "time; at least one body or emitter.")
+    colliders: list[ColliderConfig] = Field(default_factory=list)
+    objective: ObjectiveConfig
+    outputs: OutputsConfig = OutputsConfig()
+
+    @model_validator(mode="after")
+    def _references(self):
+        if not self.bodies and not self.emitters:
+            raise ValueError("bodies: expected at least one body or emitter, got none")
+        # Emitters are selected by name like bodies (losses, renders): one namespace.
+        bodies = [b.name for b in self.bodies] + [e.name for e in self.emitters]
+        cols = [c.name for c in self.colliders]
+        if len(set(bodies)) != len(bodies) or len(set(cols)) != len(cols):
+            raise ValueError(f"body and emitter names (one namespace) and collider names must be unique, got "
+                             f"{bodies} and {cols}")
+        for i, e in enumerate(self.emitters):
+            if e.collider is not None and e.collider not in cols:
+                raise ValueError(f"emitters[{i}].collider: {e.collider!r} is not a collider; expected one of {cols}")
+        obj = self.objective
+        if obj.type == "system_identification" and obj.body not in bodies[:len(self.bodies)]:
+            raise ValueError(f"objective.body {obj.body!r} is not a body; expected one of "
+                             f"{bodies[:len(self.bodies)]}")
+        if obj.type == "trajectory":
+            for c in obj.controlled:
+                if c not in cols:
+                    raise ValueError(f"objective.controlled {c!r} is not a collider; expected one of {cols}")
+            for i, term in enumerate(obj.losses):
+                if getattr(term, "body", None) is not None and term.body not in bodies:
+                    raise ValueError(f"objective.losses[{i}].body: {term.body!r} is not a body; expected one of "
+                                     f"{bodies}")
+                for j, b in enumerate(getattr(term, "bodies", ())):
+                    if b not in bodies:
+                        raise ValueError(f"objective.losses[{i}].bodies[{j}]: {b!r} is not a body; expected one of "
+                                         f"{bodies}")
+                if term.type == "target_trajectory":
+                    if term.body not in bodies[:len(self.bodies)]:
+                        raise ValueError(f"objective.losses[{i}].body: {term.body!r} is an emitter; a target "
+                                         f"trajectory needs a body present from the start")
+                    shape = term._targets.shape
+                    if shape[0] != self.steps:
+                        raise ValueError(f"objective.losses[{i}].path: {term.path} holds {term.key!r} of shape "
+                                         f"{shape}; expected ({self.steps}, N, 3): one row per control step "
+                                         f"(task.steps = {self.steps})")
+            if obj.horizon is not None and obj.horizon.initial > self.steps:
+                raise ValueError(f"objective.horizon.initial: {obj.horizon.initial} is more than task.steps "
+                                 f"({self.steps}); expected 1..{self.steps}")
+            for name, comps in obj.dofs.items():
+                if name not in obj.controlled:
+                    raise ValueError(f"objective.dofs: {name!r} is not a controlled collider; expected one of "
+                                     f"{obj.controlled}")
+                if not comps:
+                    raise ValueError(f"objective.dofs.{name}: expected at least one of vx vy vz wx wy wz (leave the "
+                                     f"collider out of 'controlled' to keep its motion fixed)")
+            motion = {c.name: c.motion for c in self.colliders}
+            for name, box in obj.workspace.items():
+                if name not in obj.controlled:
+                    raise ValueError(f"objective.workspace: {name!r} is not a controlled collider; expected one of "
+                                     f"{obj.controlled}")
+                m = motion[name]
+                pos = m.keyframes[0].position if m.type == "keyframes" else m.position
+                if any(not lo <= p <= hi for p, lo, hi in zip(pos, box.lower, box.upper)):
+                    raise ValueError(f"objective.workspace.{name}: the collider starts at {list(pos)}, outside the box "
+                                     f"{list(box.lower)}..{list(box.upper)}")
+            if obj.freeze_steps >= self.steps:
+                raise ValueError(f"objective.freeze_steps: {obj.freeze_steps} freezes every action "
+                                 f"(task.steps = {self.steps}); expected 0..{self.steps - 1}")
+        return self
