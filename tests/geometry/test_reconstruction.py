@@ -250,7 +250,7 @@ def test_scene_weights_are_the_library_weights():
     bounds) plus the staged runner's chamfer_final_stage_only."""
     import dataclasses
 
-    from diffworld.tasks.reconstruction.task import WeightsConfig
+    from diffworld.tasks.reconstruction.config import WeightsConfig
 
     lib = {f.name: f.default for f in dataclasses.fields(LossWeights)}
     cfg = WeightsConfig()

@@ -1,0 +1,232 @@
+"""The ``reconstruction`` task's scene section: target, representation, weights, evaluation, and the
+registry of procedural target shapes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, PositiveInt, create_model, field_validator, model_validator
+
+from diffworld.engine.config.registry import Registry
+from diffworld.engine.config.schema import StrictModel, scene_file
+from diffworld.geometry.reconstruction import (
+    LossWeights,
+)
+
+__all__ = [
+    "EvaluationConfig",
+    "FLEXIBLE",
+    "FlexiCubesRepresentationConfig",
+    "GShellRepresentationConfig",
+    "GridRepresentationConfig",
+    "MeshTarget",
+    "NeuralRepresentationConfig",
+    "OPEN_SHAPES",
+    "PointsTarget",
+    "ReconstructionTask",
+    "RepresentationConfig",
+    "SHAPES",
+    "ShapeTarget",
+    "TargetConfig",
+    "Vec3",
+    "WeightsConfig",
+]
+
+
+Vec3 = tuple[float, float, float]
+
+
+class ShapeTarget(StrictModel):
+    """A procedural shape shipped with diffworld (exact SDF known: exact metrics)."""
+
+    type: Literal["shape"]
+    shape: str = Field(..., description="Name in the shape registry: genus2, cad_part, sphere, torus (closed), "
+                                        "open_cup (an open surface: representation gshell).")
+    n_points: PositiveInt = Field(50000, description="Target points sampled on the surface.")
+    noise: float = Field(0.0, ge=0, description="Gaussian noise on the target points [m].")
+    normals: bool = Field(True, description="Give the reconstruction the (oriented) normals.")
+
+    @field_validator("shape")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SHAPES.names():
+            raise ValueError(f"unknown shape {v!r}; expected one of {SHAPES.names()}")
+        return v
+
+
+class MeshTarget(StrictModel):
+    """A mesh file (obj/ply/stl/off/glb), sampled for target points."""
+
+    type: Literal["mesh"]
+    path: str = Field(..., description="Mesh file; relative to the scene file's folder.")
+    n_points: PositiveInt = 50000
+    noise: float = Field(0.0, ge=0)
+    normals: bool = True
+    normalize: bool = Field(True, description="Scale and centre the mesh into the grid bounds (90 %).")
+
+    _path = field_validator("path")(scene_file)
+
+
+class PointsTarget(StrictModel):
+    """A point cloud file (ply/xyz/npz), with or without normals."""
+
+    type: Literal["points"]
+    path: str = Field(..., description="Point-cloud file; relative to the scene file's folder.")
+    normals: bool = Field(True, description="Use the file's normals when it has them (else PCA estimates).")
+    normalize: bool = True
+
+    _path = field_validator("path")(scene_file)
+
+
+TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget], Field(discriminator="type")]
+
+
+# --- representations ----------------------------------------------------------------------------
+
+class GridRepresentationConfig(StrictModel):
+    """An SDF grid refined coarse to fine (one optimizer stage per resolution)."""
+
+    type: Literal["grid"]
+    resolutions: list[PositiveInt] = Field([16, 32, 64], min_length=1, description="Cells per axis per stage.")
+    init_radius: float = Field(0.35, gt=0, description="Radius of the initial sphere [m].")
+    final_lr_scale: float = Field(1.0, gt=0, description="Learning-rate factor of the finest stage.")
+
+    @field_validator("resolutions")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"resolutions must increase, got {v}")
+        if v[0] < 4:
+            raise ValueError(f"resolutions must be >= 4, got {v}")
+        return v
+
+
+class NeuralRepresentationConfig(StrictModel):
+    """A neural SDF (MLP), extracted with the DeepMesh gradient."""
+
+    type: Literal["neural"]
+    resolution: PositiveInt = Field(48, description="Extraction grid resolution.")
+    width: PositiveInt = Field(64, description="Hidden layer width.")
+    depth: PositiveInt = Field(4, description="Hidden layers.")
+    n_frequencies: int = Field(4, ge=0, description="Fourier feature octaves (0: plain coordinates).")
+    init_radius: float = Field(0.35, gt=0)
+
+
+class FlexiCubesRepresentationConfig(GridRepresentationConfig):
+    """An SDF grid extracted with FlexiCubes, refined coarse to fine like ``grid``.
+
+    Optimized: the node values (at ``optimizer.lr`` cells per step, like ``grid``), the raw
+    per-cube weights beta (12), alpha (8), gamma (1) and the raw node offsets. At a refinement
+    the field is interpolated and the weights and offsets start again from zero (they are per
+    cube / per node of the coarser grid). Mesh terms use FlexiCubes' training mode (4 triangles
+    per quad); ``result.ply`` is the eval-mode mesh (2 triangles per quad, split chosen by gamma).
+    """
+
+    type: Literal["flexicubes"]
+    learn_weights: bool = Field(True, description="Optimize the per-cube weights beta, alpha, gamma.")
+    learn_deform: bool = Field(True, description="Optimize the node offsets (at most half a cell).")
+    weights_lr: float = Field(0.01, gt=0, description="Learning rate of the raw weights [raw units per step] (the "
+                                                     "FlexiCubes reference: 0.01 over 1000 steps; the shipped scenes "
+                                                     "use 0.1 over 60 steps per stage).")
+    deform_lr: float = Field(0.01, gt=0, description="Learning rate of the raw node offsets [raw units per step].")
+
+
+class GShellRepresentationConfig(FlexiCubesRepresentationConfig):
+    """G-Shell on FlexiCubes: a template SDF grid and a manifold-SDF grid; the result is the part
+    of the template where msdf > 0 (an open surface when the target is open)."""
+
+    type: Literal["gshell"]
+    msdf_init: float = Field(1.0, description="Initial msdf everywhere [cells] (> 0: keep the whole template).")
+    msdf_eps: float = Field(1.0, gt=0, description="Margin of the msdf regularizers [cells].")
+    msdf_radius: float = Field(1.0, gt=0, description="Template vertices within this distance of a target "
+                                                      "point are supervised [cells].")
+    msdf_tangential: Optional[float] = Field(0.5, gt=0, description="With target normals, a supervised vertex "
+                                             "must also be within this distance of its nearest point's normal line "
+                                             "[cells] (not past the edge of an open target); None: distance only.")
+
+
+RepresentationConfig = Annotated[Union[GridRepresentationConfig, NeuralRepresentationConfig,
+                                       FlexiCubesRepresentationConfig, GShellRepresentationConfig],
+                                 Field(discriminator="type")]
+
+
+# Generated from LossWeights (one definition of every weight: default, bounds, description), plus
+# the one setting that only the staged scene runner has.
+WeightsConfig = create_model(
+    "WeightsConfig",
+    __base__=StrictModel,
+    __doc__="Loss weights (diffworld.geometry.reconstruction.LossWeights).",
+    chamfer_final_stage_only=(bool, Field(True, description="Apply Chamfer and mesh_normal only at the finest grid "
+                                                            "stage.")),
+    **{name: (f.annotation, f) for name, f in LossWeights.__pydantic_fields__.items()},
+)
+
+
+class EvaluationConfig(StrictModel):
+    """How the result is measured."""
+
+    n_points: PositiveInt = Field(200000, description="Points sampled on result and reference.")
+    threshold: float = Field(0.01, gt=0, description="F-score distance threshold [m].")
+
+
+class ReconstructionTask(StrictModel):
+    """Fit a differentiable isosurface to a target."""
+
+    type: Literal["reconstruction"]
+    target: TargetConfig
+    representation: RepresentationConfig
+    bounds: tuple[Vec3, Vec3] = Field(((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), description="Grid box [m].")
+    weights: WeightsConfig = WeightsConfig()
+    samples: PositiveInt = Field(10000, description="Points per iteration on the mesh and from the target.")
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        lo, hi = self.bounds
+        if any(a >= b for a, b in zip(lo, hi)):
+            raise ValueError(f"bounds: lower must be < upper on every axis, got {self.bounds}")
+        return self
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        rep, w = self.representation.type, self.weights
+        for key, allowed in (("dev", FLEXIBLE), ("sdf_sign", FLEXIBLE), ("weight_norm", FLEXIBLE),
+                             ("msdf_negative", ("gshell",)), ("msdf_positive", ("gshell",))):
+            if getattr(w, key) and rep not in allowed:
+                raise ValueError(f"weights.{key}: expected 0 with representation.type {rep!r} (it regularizes "
+                                 f"representation.type {' or '.join(map(repr, allowed))}), got {getattr(w, key)}")
+        if w.sdf_sign_final is not None and not w.sdf_sign:
+            raise ValueError(f"weights.sdf_sign_final: expected it only with weights.sdf_sign > 0 (the start of "
+                             f"the decay), got sdf_sign_final={w.sdf_sign_final} and sdf_sign=0")
+        if self.target.type == "shape" and self.target.shape in OPEN_SHAPES:
+            if rep != "gshell":
+                raise ValueError(f"representation.type: expected 'gshell' for the open target shape "
+                                 f"{self.target.shape!r} (the other representations make closed surfaces), "
+                                 f"got {rep!r}")
+            if w.sign and w.sign_band is None:
+                raise ValueError(f"weights.sign_band: expected a band in cells with weights.sign > 0 and the "
+                                 f"open target shape {self.target.shape!r} (far from an open surface the side of "
+                                 f"its nearest point means nothing), got None")
+        return self
+
+
+# --- shape registry -----------------------------------------------------------------------------
+
+SHAPES = Registry("shape")
+
+
+FLEXIBLE = ("flexicubes", "gshell")  # representations extracted with FlexiCubes
+OPEN_SHAPES = ("open_cup",)  # registry shapes that are open surfaces (shapes.OpenSurface)
+
+
+def _register_shapes() -> None:
+    from diffworld.geometry import sdf, shapes
+
+    SHAPES.register("genus2", StrictModel, shapes.genus2_shape)
+    SHAPES.register("cad_part", StrictModel, shapes.cad_part)
+    SHAPES.register("sphere", StrictModel, lambda: sdf.Sphere(0.35))
+    SHAPES.register("torus", StrictModel, lambda: sdf.Torus(0.28, 0.1))
+    SHAPES.register("open_cup", StrictModel, shapes.open_cup)
+
+
+_register_shapes()
