@@ -38,7 +38,7 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     import yaml
 
     from diffworld.engine.runtime import get_runtime
-    from diffworld.app.scenes import TASKS
+    from diffworld.engine.run import run_scene
 
     overrides = {}
     if iterations is not None:
@@ -57,7 +57,7 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     from diffworld.sims.mpm.rollout import SimulationError
 
     try:
-        metrics = TASKS.builder(scene.task.type)(scene, runtime, out_dir, resume=resume, progress=progress,
+        metrics = run_scene(scene, runtime, out_dir, resume=resume, progress=progress,
                                                  optimize=optimize)
     except (NonFiniteError, SimulationError) as exc:
         _fail(str(exc), code=1)

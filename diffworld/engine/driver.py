@@ -398,7 +398,7 @@ def _cuda_devices(named: Mapping[str, torch.Tensor]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary file, fsync, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -430,7 +430,7 @@ def _save_checkpoint(path: Path, *, stage: str, iteration: int, done: bool, name
         "rng_state": torch.get_rng_state(),
         "cuda_rng_state": {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
     }
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _load_checkpoint(path: Path, named: Mapping[str, torch.Tensor], settings: OptimizerSettings,
@@ -533,7 +533,7 @@ class _RunLog:
             text.flush()
             text.detach()
 
-        _atomic_write(self.path, write)
+        atomic_write(self.path, write)
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -622,7 +622,7 @@ def write_loss_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     if any_data:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _is_number(v: Any) -> bool:

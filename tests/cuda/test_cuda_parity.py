@@ -434,10 +434,11 @@ def _run_scene(name: str, device, out: Path) -> list[float]:
     import csv
 
     from diffworld.engine.runtime import get_runtime
-    from diffworld.app.scenes import TASKS, load_scene
+    from diffworld.app.scenes import load_scene
+    from diffworld.engine.run import run_scene
 
     sc = load_scene(SCENES / f"{name}.yaml", _overrides(name))
-    TASKS.builder(sc.task.type)(sc, get_runtime(device, sc.runtime.dtype), out, progress=False)
+    run_scene(sc, get_runtime(device, sc.runtime.dtype), out, progress=False)
     return [float(r["loss"]) for r in csv.DictReader(open(out / "log.csv"))]
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from diffworld.geometry.io import load_mesh
 from diffworld.engine.runtime import get_runtime
-from diffworld.app.scenes import TASKS, load_scene
+from diffworld.app.scenes import load_scene
+from diffworld.engine.run import run_scene
 from diffworld.geometry.mesh_ops import mesh_report
 
 SCENES = Path(__file__).resolve().parents[2] / "scenes"
@@ -21,7 +22,7 @@ REDUCED = {"task.representation.resolutions": [16, 32], "optimizer.iterations": 
 
 def _run(name: str, out: Path) -> tuple[dict, dict[str, list[dict]]]:
     scene = load_scene(SCENES / name, REDUCED)
-    metrics = TASKS.builder("reconstruction")(scene, get_runtime("cpu", scene.runtime.dtype), out, progress=False)
+    metrics = run_scene(scene, get_runtime("cpu", scene.runtime.dtype), out, progress=False)
     stages: dict[str, list[dict]] = {}
     for row in csv.DictReader(open(out / "log.csv")):
         stages.setdefault(row["stage"], []).append(row)
@@ -86,6 +87,6 @@ def test_same_scene_and_seed_give_the_same_numbers(name, tmp_path):
     logs = []
     for run in ("a", "b"):
         scene = load_scene(SCENES / name, over)
-        TASKS.builder("reconstruction")(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
+        run_scene(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
         logs.append([(r["stage"], r["loss"]) for r in csv.DictReader(open(tmp_path / run / "log.csv"))])
     assert len(logs[0]) == 8 and logs[0] == logs[1]

@@ -44,11 +44,11 @@ def _has_horizon(path: Path) -> bool:
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_mpm_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.runtime import get_runtime
-    from diffworld.app.scenes import TASKS
+    from diffworld.engine.run import run_scene
 
     horizon = _has_horizon(path)
     scene = load_scene(path, _reduced(path, horizon))
-    metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
+    metrics = run_scene(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
                                              progress=False)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     losses = [float(r["loss"]) for r in rows]

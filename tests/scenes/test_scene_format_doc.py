@@ -49,7 +49,7 @@ def test_every_example_validates(index, tmp_path):
     data = yaml.load(text, Loader=_Loader)
     assert isinstance(data, dict) and data
     if kind == "catalogue:":
-        task_model = TASKS._entries[data["task"]["type"]][0]
+        task_model = TASKS.model(data["task"]["type"])
         assert set(data["task"]) <= set(task_model.model_fields), set(data["task"]) - set(task_model.model_fields)
         return
     if kind == "excerpt of":

@@ -41,10 +41,10 @@ def test_scene_validates(path):
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_scene_runs_reduced_and_loss_decreases(path, tmp_path):
     from diffworld.engine.runtime import get_runtime
-    from diffworld.app.scenes import TASKS
+    from diffworld.engine.run import run_scene
 
     scene = load_scene(path, reduced(path))
-    metrics = TASKS.builder(scene.task.type)(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
+    metrics = run_scene(scene, get_runtime("cpu", scene.runtime.dtype), tmp_path,
                                              progress=False)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     last_stage = rows[-1]["stage"]
@@ -160,14 +160,14 @@ def test_help_everywhere():
 def test_same_scene_and_seed_give_the_same_numbers(tmp_path):
     """Contract 7: determinism on CPU."""
     from diffworld.engine.runtime import get_runtime
-    from diffworld.app.scenes import TASKS
+    from diffworld.engine.run import run_scene
 
     path = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_genus2.yaml"
     over = {**reduced(path), "optimizer.iterations": 5, "output.save_mesh": False}
     logs = []
     for run in ("a", "b"):
         scene = load_scene(path, over)
-        TASKS.builder("reconstruction")(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
+        run_scene(scene, get_runtime("cpu", "float32"), tmp_path / run, progress=False)
         logs.append([r["loss"] for r in csv.DictReader(open(tmp_path / run / "log.csv"))])
     assert logs[0] == logs[1]
 

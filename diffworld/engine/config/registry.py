@@ -32,6 +32,13 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def model(self, name: str) -> type[BaseModel]:
+        """The config model registered as ``name``."""
+        try:
+            return self._entries[name][0]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} type {name!r}; expected one of {self.names()}") from None
+
     def builder(self, name: str) -> Callable[..., Any]:
         try:
             return self._entries[name][1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ _LOG_PARAMS = ("E", "viscosity", "yield_stress", "density")
 
 def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = False, progress: bool = True,
             optimize: bool = True) -> dict:
-    """Run an ``mpm`` scene; returns the metrics written to metrics.json."""
+    """Run an ``mpm`` scene into ``out_dir`` (through :func:`diffworld.engine.run.run_scene`, which
+    seeds, restores torch's threads and writes the returned metrics to metrics.json)."""
     from diffworld.engine.driver import optimize as run_optimizer
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(scene_cfg.seed)
     scene = MPMScene(task, runtime.dtype, runtime.device, scene_cfg.seed)
     settings = scene_cfg.optimizer.settings(seed=scene_cfg.seed)
     obj = task.objective
@@ -115,16 +113,11 @@ def run_mpm(scene_cfg, task: MPMTask, runtime, out_dir: Path, *, resume: bool = 
     if obj.type == "system_identification":
         control_before = control
     metrics["liquid_surface"] = write_outputs(scene, before, after, out_dir, task, control, control_before)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def _run(scene, runtime, out_dir: Path, **kwargs) -> dict:
-    torch_threads = torch.get_num_threads()
-    try:
-        return run_mpm(scene, scene.task, runtime, out_dir, **kwargs)
-    finally:
-        torch.set_num_threads(torch_threads)
+    return run_mpm(scene, scene.task, runtime, out_dir, **kwargs)
 
 
 TASKS.register("mpm", MPMTask, _run)

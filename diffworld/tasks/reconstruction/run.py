@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -32,13 +31,12 @@ def _cells(value: float | None, cell: float) -> float | None:
 
 def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, *, resume: bool = False,
                        progress: bool = True, optimize: bool = True) -> dict:
-    """Run a reconstruction scene; returns the metrics dictionary written to metrics.json."""
+    """Run a reconstruction scene into ``out_dir`` (through :func:`diffworld.engine.run.run_scene`,
+    which seeds and writes the returned metrics to metrics.json)."""
     from diffworld.engine.driver import optimize as run_optimizer
     from diffworld.geometry.sdf import Sphere
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype, device = runtime.dtype, runtime.device
-    torch.manual_seed(scene.seed)
     gen = torch.Generator().manual_seed(scene.seed)
     ref = Reference(task.target, task.bounds, scene.seed, task.evaluation.n_points, dtype)
     target = ReconstructionTarget(ref.target.points.to(device), None if ref.target.normals is None
@@ -129,7 +127,6 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         base = ref.baseline_gshell(final_res, task.bounds, torch.float64)
         metrics["baseline_gshell_true_fields"] = result_metrics(base.vertices, base.faces, ref, task.evaluation,
                                                           scene.seed)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if scene.output.save_mesh and mesh.faces.shape[0]:
         from diffworld.geometry.io import save_mesh
 
