@@ -56,7 +56,8 @@ def sample_surface(vertices: torch.Tensor, faces: torch.Tensor, n: int,
         n: Number of points, >= 0.
         generator: Torch generator for reproducible draws (the global RNG of the device of
             ``vertices`` when ``None``). The draws are made on the generator's device and moved
-            to the vertices', so a CPU generator gives the same samples on every device.
+            to the vertices', so a CPU generator gives every device the same random numbers (the
+            chosen faces can still differ where the face areas round differently on another device).
 
     Returns:
         :class:`SurfaceSamples`. A mesh without faces or without area (every face degenerate)

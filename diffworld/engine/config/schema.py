@@ -15,7 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 
 from diffworld.engine.driver import CHOICES, FIELD_CHECKS, OptimizerSettings
 
-__all__ = ["OptimizerConfig", "OutputConfig", "RuntimeConfig", "StrictModel", "build_scene_model", "scene_file"]
+__all__ = ["OptimizerConfig", "OutputConfig", "RuntimeConfig", "StrictModel", "build_scene_model", "reject_boolean",
+           "scene_file"]
+
+
+def reject_boolean(value: Any) -> Any:
+    """Before-validator of a numeric field: YAML's true/false would otherwise pass as 1/0
+    (``lr: true`` ran as lr = 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
 
 
 def scene_file(value: str, info: ValidationInfo) -> str:
@@ -60,13 +69,8 @@ _DESCRIPTIONS = {
 
 
 class _OptimizerSection(StrictModel):
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML's true/false would otherwise pass as 1/0 (``lr: true`` ran as lr = 1.0)
-        if isinstance(value, bool):
-            raise ValueError("expected a number, got a boolean")
-        return value
+    _numbers = field_validator(*(n for n in FIELD_CHECKS if n not in CHOICES and n not in _NOT_IN_SCENES),
+                               mode="before", check_fields=False)(reject_boolean)
 
     @field_validator("*", mode="after")
     @classmethod

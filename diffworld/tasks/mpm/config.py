@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pydantic import Field, PrivateAttr, ValidationInfo, create_model, field_validator, model_validator
 
-from diffworld.engine.config.schema import StrictModel, scene_file
+from diffworld.engine.config.schema import StrictModel, reject_boolean, scene_file
 from diffworld.sims.common.colliders import SHAPES
 from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
 
@@ -132,12 +132,7 @@ class _MaterialSection(StrictModel):
             raise ValueError(f"unknown material {v!r}; expected one of {sorted(MATERIALS)}")
         return v
 
-    @field_validator(*PARAMETERS, mode="before", check_fields=False)
-    @classmethod
-    def _number(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # YAML's true/false would pass as 1/0
-            raise ValueError("expected a number, got a boolean")
-        return v
+    _numbers = field_validator(*PARAMETERS, mode="before", check_fields=False)(reject_boolean)
 
     @field_validator(*PARAMETERS, check_fields=False)
     @classmethod
