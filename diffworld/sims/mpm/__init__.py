@@ -11,11 +11,11 @@ Quick start::
     out = mpm.rollout(model, state, n_substeps=100, window=20)
 """
 
-from diffworld.sims.mpm.bodies import Body, build_model, fill_shape
+from diffworld.sims.mpm.bodies import Body, build_model, fill_shape, use_law
 from diffworld.sims.mpm.emitters import Emitter
 from diffworld.sims.mpm.materials import MATERIALS, Material, material
 from diffworld.sims.mpm.rollout import Rollout, SimulationError, check_state, rollout, stable_dt
-from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model, State, Stepper
+from diffworld.sims.mpm.solver import PARTICLE_PARAMS, Collider, GridSpec, Model, ParticleParams, State, Stepper
 
 __all__ = [
     "Body",
@@ -26,6 +26,7 @@ __all__ = [
     "Material",
     "Model",
     "PARTICLE_PARAMS",
+    "ParticleParams",
     "Rollout",
     "SimulationError",
     "State",
@@ -36,4 +37,5 @@ __all__ = [
     "material",
     "rollout",
     "stable_dt",
+    "use_law",
 ]

@@ -13,7 +13,7 @@ Each particle carries the rest volume ``dx^3 / ppc`` and mass ``density * volume
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,9 +21,11 @@ import torch
 
 from diffworld.sims.mpm.emitters import Emitter, EmitterParticles, emitter_particles
 from diffworld.sims.mpm.materials import Material
-from diffworld.sims.mpm.solver import PARTICLE_PARAMS, WALL_MODES, Collider, GridSpec, Model, State
+from diffworld.sims.constitutive.laws import EXTERNAL, LAWS
+from diffworld.sims.constitutive.torch_law import TorchLaw
+from diffworld.sims.mpm.solver import PARTICLE_PARAMS, WALL_MODES, Collider, GridSpec, LawBinding, Model, State
 
-__all__ = ["Body", "build_model", "fill_shape"]
+__all__ = ["Body", "build_model", "fill_shape", "use_law"]
 
 
 @dataclass
@@ -193,3 +195,49 @@ def build_model(grid: GridSpec, bodies: Sequence[Body], *, dt: float, gravity: S
                   wall_friction=float(wall_friction),
                   body_names=[b.name for b in bodies] + [e.name for e in emitters], emitted=emitted)
     return model, state
+
+
+def use_law(model: Model, law: TorchLaw, body: str) -> Model:
+    """The model with the particles of ``body`` governed by a torch law instead of their material's.
+
+    The law's stress and return map replace the built-in ones at the same stage of the substep;
+    its parameters get gradients through :func:`~diffworld.sims.mpm.rollout` (pass them to the
+    optimizer). The particles keep their material's parameters (density, viscosity, and the ones
+    the law reads by name).
+
+    Args:
+        model: The model (not modified).
+        law: The law; its parameters must have the model's dtype and device.
+        body: A body name of ``model.body_names``.
+
+    Returns:
+        A new :class:`Model`.
+
+    Raises:
+        ValueError: Unknown body, a rigid or emitted body, a body already bound, an unknown
+            parameter name, or parameters of another dtype/device.
+    """
+    if not isinstance(law, TorchLaw):
+        raise ValueError(f"use_law: law: expected a TorchLaw, got {type(law).__name__}")
+    if body not in model.body_names:
+        raise ValueError(f"use_law: body: expected one of {model.body_names}, got {body!r}")
+    unknown = [p for p in law.material_parameters if p not in PARTICLE_PARAMS]
+    if unknown:
+        raise ValueError(f"use_law: {type(law).__name__}.material_parameters: unknown {unknown}; "
+                         f"expected names from {list(PARTICLE_PARAMS)}")
+    for name, p in law.named_parameters():
+        if p.dtype != model.dtype or p.device != model.device:
+            raise ValueError(f"use_law: parameter {name!r} of {type(law).__name__} is {p.dtype} on {p.device}; "
+                             f"the model is {model.dtype} on {model.device} (call law.to(...))")
+    mask = model.body == model.body_names.index(body)
+    if model.emitted is not None and bool(mask[model.emitted.index].any()):
+        raise ValueError(f"use_law: body {body!r} is released by an emitter; torch laws take bodies only")
+    codes = set(model.law[mask].tolist())
+    if LAWS["rigid"].code in codes:
+        raise ValueError(f"use_law: body {body!r} is rigid; a rigid body has no constitutive law")
+    if EXTERNAL in codes:
+        raise ValueError(f"use_law: body {body!r} already has a torch law")
+    index = mask.nonzero()[:, 0].to(model.device)
+    codes_new = model.law.clone()
+    codes_new[index] = EXTERNAL
+    return replace(model, law=codes_new, torch_laws=[*model.torch_laws, LawBinding(law, index)])

@@ -27,31 +27,31 @@ forward on CPU; those of the stress and plasticity kernels re-run the SVD two or
 of them are written by hand (tested against finite differences and against Warp's automatic
 adjoints). The per-node kernels are pure maps: their automatic adjoints are cheap.
 
-Every material law evaluates the SVD-based isotropic matrix functions through :func:`svd_iso`,
-whose adjoint is hand-written: Warp's ``svd3`` adjoint divides by ``s_i^2 - s_j^2`` and explodes
-near ``F = I``; ours uses the divided differences ``(g_i - g_j)/(s_i - s_j)`` (replaced by their
-limit when singular values meet) and ``(g_i + g_j)/(s_i + s_j)``, both bounded.
+The constitutive stage (stress, return map, their adjoints) calls the law device functions of
+:mod:`diffworld.sims.constitutive.warp_laws`, dispatched on each particle's law code; particles
+with the code ``EXTERNAL`` (a torch law) get zeros there and the solver fills their rows.
 
 Kernels are built per precision by :func:`build` (float32 and float64) and cached.
 """
-
-import math
 
 import warp as wp
 
 from diffworld.engine.runtime import init_warp
 from diffworld.sims.common.colliders import SHAPES
+from diffworld.sims.constitutive.laws import LAWS
+from diffworld.sims.constitutive.warp_laws import (kirchhoff_stress, kirchhoff_usv, kirchhoff_vjp,
+                                                   kirchhoff_vjp_usv, needs_svd, project, project_usv,
+                                                   project_vjp_usv, viscous_stress)
+from diffworld.sims.constitutive.warp_svd import cofactor
 
 __all__ = ["LAW", "SHAPE", "WALL", "build"]
 
-# Constitutive laws (per particle ``law`` id). The Python names live in materials.py.
-LAW = {"fluid": 0, "corotated": 1, "neo_hookean": 2, "snow": 3, "von_mises": 4, "drucker_prager": 5, "rigid": 6}
+# Constitutive law code of each built-in law (the particles' ``law`` array).
+LAW = {name: law.code for name, law in LAWS.items()}
 # Collider shapes (local frame; z is the axis of capsules, cylinders and cups; planes face +z).
 SHAPE = {name: code for code, name in enumerate(SHAPES)}  # the kernels' shape codes
 # Domain wall behaviour.
 WALL = {"slip": 0, "sticky": 1, "friction": 2}
-
-LOG_CLAMP = 0.05  # singular values are clamped to at least this before taking logs
 
 
 def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
@@ -59,425 +59,6 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     mat33 = wp.types.matrix((3, 3), dtype)
     quat = wp.types.quaternion(dtype)
     f = dtype
-    # Singular values closer than this (relative) use the divided difference's limit.
-    iso_tol = f(1.0e-4) if dtype == wp.float32 else f(1.0e-7)
-    # Squared step size at which the polar Newton iteration stops (its error is then ~step^2).
-    polar_tol = f(1.0e-8) if dtype == wp.float32 else f(1.0e-18)
-
-    # ---------------------------------------------------------------------------------------
-    # Isotropic functions of the singular values: g(sigma), its Jacobian, d g / d(p0, p1)
-    # ---------------------------------------------------------------------------------------
-
-    @wp.func
-    def clamp_log(s: f):
-        # log of a singular value clamped from below; derivative 0 where clamped.
-        if s < f(LOG_CLAMP):
-            return wp.log(f(LOG_CLAMP)), f(0.0)
-        return wp.log(s), f(1.0) / s
-
-    @wp.func
-    def iso_g(kind: int, s: vec3, p0: f, p1: f):
-        """g(sigma), dg/dsigma (3x3), dg/dp0, dg/dp1 of the isotropic function ``kind``."""
-        g = vec3(f(1.0), f(1.0), f(1.0))
-        J = mat33(f(0.0))
-        d0 = vec3(f(0.0))
-        d1 = vec3(f(0.0))
-        one = vec3(f(1.0), f(1.0), f(1.0))
-        if kind == 0:  # polar rotation R = U V^T: g = 1
-            pass
-        elif kind == 1:  # first Piola stress of StVK-Hencky: g_i = (2 mu eps_i + lam tr eps) / s_i
-            # p0 = mu, p1 = lambda
-            e0, q0 = clamp_log(s[0])
-            e1, q1 = clamp_log(s[1])
-            e2, q2 = clamp_log(s[2])
-            eps = vec3(e0, e1, e2)
-            deps = vec3(q0, q1, q2)
-            tr = e0 + e1 + e2
-            for i in range(3):
-                num = f(2.0) * p0 * eps[i] + p1 * tr
-                g[i] = num / s[i]
-                d0[i] = f(2.0) * eps[i] / s[i]
-                d1[i] = tr / s[i]
-                for k in range(3):
-                    dnum = p1 * deps[k]
-                    if i == k:
-                        dnum = dnum + f(2.0) * p0 * deps[k]
-                        J[i, k] = dnum / s[i] - num / (s[i] * s[i])
-                    else:
-                        J[i, k] = dnum / s[i]
-        elif kind == 2:  # clamp singular values to [p0, p1] (snow)
-            for i in range(3):
-                if s[i] < p0:
-                    g[i] = p0
-                    d0[i] = f(1.0)
-                elif s[i] > p1:
-                    g[i] = p1
-                    d1[i] = f(1.0)
-                else:
-                    g[i] = s[i]
-                    J[i, i] = f(1.0)
-        else:  # return mappings on Hencky strain: von Mises (3) and Drucker-Prager (4)
-            e0, q0 = clamp_log(s[0])
-            e1, q1 = clamp_log(s[1])
-            e2, q2 = clamp_log(s[2])
-            eps = vec3(e0, e1, e2)
-            dlog = vec3(q0, q1, q2)
-            tr = e0 + e1 + e2
-            dev = eps - one * (tr / f(3.0))
-            ndev = wp.length(dev)
-            # dE = d eps_new / d eps; by default eps_new = eps (no projection)
-            dE = wp.identity(n=3, dtype=f)
-            enew = eps
-            if kind == 3:
-                # p0 = radius tau_y / (2 mu) of the deviatoric yield surface
-                if ndev > p0:
-                    nhat = dev / ndev
-                    enew = one * (tr / f(3.0)) + nhat * p0
-                    P = wp.identity(n=3, dtype=f) - wp.outer(one, one) / f(3.0)
-                    dE = wp.outer(one, one) / f(3.0) + (P - wp.outer(nhat, nhat)) * (p0 / ndev)
-                    d0 = nhat
-            else:
-                # p0 = alpha (friction), p1 = (3 lam + 2 mu) / (2 mu)
-                if tr >= f(0.0):
-                    enew = vec3(f(0.0))
-                    dE = mat33(f(0.0))
-                else:
-                    dgam = ndev + p1 * tr * p0
-                    if dgam > f(0.0) and ndev > f(0.0):
-                        nhat = dev / ndev
-                        P = wp.identity(n=3, dtype=f) - wp.outer(one, one) / f(3.0)
-                        enew = one * (tr / f(3.0)) - nhat * (p1 * p0 * tr)
-                        dE = wp.outer(one, one) / f(3.0) - (wp.outer(nhat, one) + (P - wp.outer(nhat, nhat)) * (tr / ndev)) * (p1 * p0)
-                        d0 = -nhat * (p1 * tr)
-                        d1 = -nhat * (p0 * tr)
-            for i in range(3):
-                g[i] = wp.exp(enew[i])
-                d0[i] = g[i] * d0[i]
-                d1[i] = g[i] * d1[i]
-                for k in range(3):
-                    J[i, k] = g[i] * dE[i, k] * dlog[k]
-        return g, J, d0, d1
-
-    @wp.func
-    def cofactor(F: mat33):
-        """d det(F) / dF (the cofactor matrix, J F^-T), well defined for singular F."""
-        return mat33(F[1, 1] * F[2, 2] - F[1, 2] * F[2, 1], F[1, 2] * F[2, 0] - F[1, 0] * F[2, 2],
-                     F[1, 0] * F[2, 1] - F[1, 1] * F[2, 0],
-                     F[0, 2] * F[2, 1] - F[0, 1] * F[2, 2], F[0, 0] * F[2, 2] - F[0, 2] * F[2, 0],
-                     F[0, 1] * F[2, 0] - F[0, 0] * F[2, 1],
-                     F[0, 1] * F[1, 2] - F[0, 2] * F[1, 1], F[0, 2] * F[1, 0] - F[0, 0] * F[1, 2],
-                     F[0, 0] * F[1, 1] - F[0, 1] * F[1, 0])
-
-    @wp.func
-    def polar_rotation(F: mat33):
-        """Rotation R of the polar decomposition F = R S (det F > 0), by Higham's Newton iteration
-        R <- (g R + R^-T / g) / 2 with Frobenius-norm scaling g: about 3x cheaper than Warp's svd3,
-        and converged to rounding (quadratic convergence; 3 or 4 iterations near F = I)."""
-        R = F
-        it = int(0)
-        d = f(1.0)
-        while it < 20 and d > polar_tol:
-            Rit = cofactor(R) / wp.determinant(R)
-            g = wp.sqrt(wp.sqrt(wp.ddot(Rit, Rit) / wp.ddot(R, R)))
-            Rn = (R * g + Rit / g) * f(0.5)
-            d = wp.ddot(Rn - R, Rn - R)
-            R = Rn
-            it += 1
-        return R
-
-    @wp.func
-    def polar_vjp(F: mat33, G: mat33):
-        """Adjoint of the polar rotation R(F) for det F > 0 without an SVD, and R itself.
-
-        With F = R S: R^T dF - dF^T R = [(tr(S) 1 - S) w]_x for dR = R [w]_x, so
-        <G, dR> = <R [y]_x, dF> with y = (tr(S) 1 - S)^-1 ax(R^T G), ax(A) = (A21 - A12, ...)
-        (eigenvalues of tr(S) 1 - S are s_i + s_j > 0: bounded). Falls back to the SVD for
-        nearly singular or inverted F, like svd_iso.
-        """
-        if wp.determinant(F) > f(1.0e-2):
-            R = polar_rotation(F)
-            S = wp.transpose(R) * F
-            S = (S + wp.transpose(S)) * f(0.5)
-            T = wp.identity(n=3, dtype=f) * (S[0, 0] + S[1, 1] + S[2, 2]) - S
-            M = wp.transpose(R) * G
-            b = vec3(M[2, 1] - M[1, 2], M[0, 2] - M[2, 0], M[1, 0] - M[0, 1])
-            y = wp.inverse(T) * b
-            Y = mat33(f(0.0), -y[2], y[1], y[2], f(0.0), -y[0], -y[1], y[0], f(0.0))
-            return R * Y, R
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
-        gF, g0, g1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), G)
-        return gF, R
-
-    @wp.func
-    def svd_iso(F: mat33, kind: int, p0: f, p1: f):
-        """U diag(g(sigma)) V^T for F = U diag(sigma) V^T."""
-        if kind == 0 and wp.determinant(F) > f(1.0e-2):
-            # The rotation alone: a Newton iteration instead of the SVD (same value to rounding;
-            # the adjoint, svd_iso_grad, still uses the SVD).
-            return polar_rotation(F)
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
-        g, J, d0, d1 = iso_g(kind, s, p0, p1)
-        return U * wp.diag(g) * wp.transpose(V)
-
-    @wp.func
-    def _pair(gi: f, gj: f, si: f, sj: f, Jii: f, Jij: f):
-        # (g_i - g_j)/(s_i - s_j), or its limit J_ii - J_ij when s_i ~ s_j; and (g_i + g_j)/(s_i + s_j)
-        scale = wp.max(wp.abs(si) + wp.abs(sj), f(1.0e-12))
-        a = Jii - Jij
-        if wp.abs(si - sj) > iso_tol * scale:
-            a = (gi - gj) / (si - sj)
-        den = si + sj
-        if wp.abs(den) < f(1.0e-12):
-            den = f(1.0e-12)
-        return a, (gi + gj) / den
-
-    @wp.func
-    def svd_iso_vjp_usv(U: mat33, s: vec3, V: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
-        """Vector-Jacobian product of :func:`svd_iso` at F = U diag(s) V^T: (d/dF, d/dp0, d/dp1) of
-        <adj_ret, svd_iso>, and the value svd_iso(F, kind, p0, p1) itself."""
-        g, J, d0, d1 = iso_g(kind, s, p0, p1)
-        M = wp.transpose(U) * adj_ret * V
-        diag = vec3(M[0, 0], M[1, 1], M[2, 2])
-        K = mat33(f(0.0))
-        sbar = wp.transpose(J) * diag
-        for i in range(3):
-            K[i, i] = sbar[i]
-        for i in range(3):
-            for j in range(i + 1, 3):
-                a, b = _pair(g[i], g[j], s[i], s[j], J[i, i], J[i, j])
-                sym = (M[i, j] + M[j, i]) * f(0.5)
-                skw = (M[i, j] - M[j, i]) * f(0.5)
-                K[i, j] = a * sym + b * skw
-                K[j, i] = a * sym - b * skw
-        return U * K * wp.transpose(V), wp.dot(d0, diag), wp.dot(d1, diag), U * wp.diag(g) * wp.transpose(V)
-
-    @wp.func
-    def svd_iso_vjp(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
-        """:func:`svd_iso_vjp_usv` with the SVD of F computed here."""
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
-        gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, kind, p0, p1, adj_ret)
-        return gF, g0, g1, val
-
-    @wp.func_grad(svd_iso)
-    def svd_iso_grad(F: mat33, kind: int, p0: f, p1: f, adj_ret: mat33):
-        gF, g0, g1, val = svd_iso_vjp(F, kind, p0, p1, adj_ret)
-        wp.adjoint[F] += gF
-        wp.adjoint[p0] += g0
-        wp.adjoint[p1] += g1
-
-    # ---------------------------------------------------------------------------------------
-    # Constitutive laws: Kirchhoff stress tau(F) and the plastic projection of F
-    # ---------------------------------------------------------------------------------------
-
-    @wp.func
-    def lame(E: f, nu: f):
-        mu = E / (f(2.0) * (f(1.0) + nu))
-        lam = E * nu / ((f(1.0) + nu) * (f(1.0) - f(2.0) * nu))
-        return mu, lam
-
-    @wp.func
-    def kirchhoff_stress(law: int, F: mat33, E: f, nu: f):
-        """Elastic Kirchhoff stress tau = P F^T [Pa] of law ``law``."""
-        mu, lam = lame(E, nu)
-        J = wp.determinant(F)
-        I = wp.identity(n=3, dtype=f)
-        tau = mat33(f(0.0))
-        if law == 0:  # weakly compressible fluid: psi = lam/2 (J - 1)^2
-            tau = I * (lam * J * (J - f(1.0)))
-        elif law == 1 or law == 3:  # fixed corotated (snow uses it on the elastic part)
-            R = svd_iso(F, 0, f(0.0), f(0.0))
-            tau = (F - R) * wp.transpose(F) * (f(2.0) * mu) + I * (lam * J * (J - f(1.0)))
-        elif law == 2:  # Neo-Hookean
-            tau = (F * wp.transpose(F) - I) * mu + I * (lam * wp.log(J))
-        elif law == 4 or law == 5:  # StVK with Hencky strain (plasticine, sand)
-            P = svd_iso(F, 1, mu, lam)
-            tau = P * wp.transpose(F)
-        # law 6 (rigid): no stress; the rigid projection after G2P (rigid.py) keeps F = I.
-        return tau
-
-    @wp.func
-    def viscous_stress(C: mat33, F: mat33, eta: f):
-        """Newtonian viscous Kirchhoff stress J 2 eta dev(sym(grad v)); grad v ~ C (APIC)."""
-        D = (C + wp.transpose(C)) * f(0.5)
-        tr = D[0, 0] + D[1, 1] + D[2, 2]
-        dev = D - wp.identity(n=3, dtype=f) * (tr / f(3.0))
-        return dev * (f(2.0) * eta * wp.determinant(F))
-
-    @wp.func
-    def plastic_iso(law: int, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f):
-        """The isotropic function (kind, p0, p1) of :func:`iso_g` that projects a plastic law (3-5)."""
-        kind = int(2)  # snow: clamp singular values to [1 - theta_c, 1 + theta_s]
-        p0 = f(1.0) - theta_c
-        p1 = f(1.0) + theta_s
-        if law == 4:  # von Mises: radius tau_y / (2 mu) of the deviatoric yield surface
-            mu, lam = lame(E, nu)
-            kind = 3
-            p0 = yield_stress / (f(2.0) * mu)
-            p1 = f(0.0)
-        elif law == 5:  # Drucker-Prager (Klar et al. 2016): alpha and (3 lam + 2 mu) / (2 mu)
-            sphi = wp.sin(friction_angle)
-            kind = 4
-            p0 = f(math.sqrt(2.0 / 3.0)) * f(2.0) * sphi / (f(3.0) - sphi)
-            p1 = (f(1.0) + nu) / (f(1.0) - f(2.0) * nu)
-        return kind, p0, p1
-
-    @wp.func
-    def project(law: int, F: mat33, E: f, nu: f, yield_stress: f, friction_angle: f, theta_c: f, theta_s: f):
-        """Plastic projection of a trial deformation gradient (identity for elastic laws)."""
-        Fn = F
-        if law == 0:  # fluids keep no shear memory: F <- J^(1/3) I
-            J = wp.determinant(F)
-            Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
-        elif law == 3 or law == 4 or law == 5:
-            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
-            Fn = svd_iso(F, kind, p0, p1)
-        return Fn
-
-    @wp.func
-    def lame_vjp(E: f, nu: f, g_mu: f, g_lam: f):
-        """(d/dE, d/dnu) of g_mu mu(E, nu) + g_lam lam(E, nu)."""
-        a = f(1.0) + nu
-        b = f(1.0) - f(2.0) * nu
-        dmu_dE = f(0.5) / a
-        dmu_dnu = -E * f(0.5) / (a * a)
-        dlam_dE = nu / (a * b)
-        dlam_dnu = E * (f(1.0) + f(2.0) * nu * nu) / (a * a * b * b)
-        return g_mu * dmu_dE + g_lam * dlam_dE, g_mu * dmu_dnu + g_lam * dlam_dnu
-
-    @wp.func
-    def kirchhoff_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, G: mat33):
-        """(d/dF, d/dE, d/dnu) of <G, kirchhoff_stress(law, F, E, nu)>, given the SVD
-        F = U diag(s) V^T (read by laws 3, 4, 5 only)."""
-        mu, lam = lame(E, nu)
-        J = wp.determinant(F)
-        trG = G[0, 0] + G[1, 1] + G[2, 2]
-        gF = mat33(f(0.0))
-        g_mu = f(0.0)
-        g_lam = f(0.0)
-        g_J = f(0.0)
-        if law == 0 or law == 1 or law == 3:  # lam J (J - 1) I
-            g_lam = trG * J * (J - f(1.0))
-            g_J = trG * lam * (f(2.0) * J - f(1.0))
-        if law == 1 or law == 3:  # + 2 mu (F - R) F^T
-            H = G * (f(2.0) * mu)
-            gR = mat33()
-            R = mat33()
-            if law == 1:  # no SVD: Newton polar rotation and its closed-form adjoint
-                gR, R = polar_vjp(F, -H * F)
-            else:
-                gR, u0, u1, R = svd_iso_vjp_usv(U, s, V, 0, f(0.0), f(0.0), -H * F)
-            S = (F - R) * wp.transpose(F)
-            gF = H * F + wp.transpose(H) * (F - R) + gR
-            g_mu = f(2.0) * wp.ddot(G, S)
-        elif law == 2:  # mu (F F^T - I) + lam log(J) I
-            B = F * wp.transpose(F)
-            gF = (G + wp.transpose(G)) * F * mu
-            g_mu = wp.ddot(G, B) - trG
-            g_lam = trG * wp.log(J)
-            g_J = trG * lam / J
-        elif law == 4 or law == 5:  # P(F) F^T, P = U diag(g(sigma)) V^T (StVK-Hencky)
-            gP, gm, gl, P = svd_iso_vjp_usv(U, s, V, 1, mu, lam, G * F)
-            gF = gP + wp.transpose(G) * P
-            g_mu = gm
-            g_lam = gl
-        gF = gF + cofactor(F) * g_J
-        gE, gnu = lame_vjp(E, nu, g_mu, g_lam)
-        return gF, gE, gnu
-
-    @wp.func
-    def kirchhoff_vjp(law: int, F: mat33, E: f, nu: f, G: mat33):
-        """:func:`kirchhoff_vjp_usv` with the SVD of F computed here (where the law needs it)."""
-        U = wp.identity(n=3, dtype=f)
-        s = vec3(f(1.0), f(1.0), f(1.0))
-        V = wp.identity(n=3, dtype=f)
-        if law == 3 or law == 4 or law == 5:
-            wp.svd3(F, U, s, V)
-        gF, gE, gnu = kirchhoff_vjp_usv(law, F, U, s, V, E, nu, G)
-        return gF, gE, gnu
-
-    @wp.func
-    def project_vjp_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, yield_stress: f,
-                        friction_angle: f, theta_c: f, theta_s: f, G: mat33):
-        """d/d(F, E, nu, yield_stress, friction_angle, theta_c, theta_s) of <G, project(...)>, given the
-        SVD F = U diag(s) V^T (read by laws 3, 4, 5)."""
-        gF = G
-        gE = f(0.0)
-        gnu = f(0.0)
-        gys = f(0.0)
-        gfa = f(0.0)
-        gtc = f(0.0)
-        gts = f(0.0)
-        if law == 0:
-            J = wp.determinant(F)
-            trG = G[0, 0] + G[1, 1] + G[2, 2]
-            gF = cofactor(F) * (trG * wp.pow(J, f(-2.0) / f(3.0)) / f(3.0))
-        elif law == 3 or law == 4 or law == 5:
-            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
-            g0 = f(0.0)
-            g1 = f(0.0)
-            val = mat33()
-            gF, g0, g1, val = svd_iso_vjp_usv(U, s, V, kind, p0, p1, G)
-            # chain rule from (p0, p1) to the material parameters of each law
-            if law == 3:
-                gtc = -g0
-                gts = g1
-            elif law == 4:
-                mu, lam = lame(E, nu)
-                gys = g0 / (f(2.0) * mu)
-                gE, gnu = lame_vjp(E, nu, -g0 * yield_stress / (f(2.0) * mu * mu), f(0.0))
-            else:
-                b = f(1.0) - f(2.0) * nu
-                t = f(3.0) - wp.sin(friction_angle)
-                gfa = g0 * f(math.sqrt(2.0 / 3.0)) * f(6.0) * wp.cos(friction_angle) / (t * t)
-                gnu = g1 * f(3.0) / (b * b)
-        return gF, gE, gnu, gys, gfa, gtc, gts
-
-    @wp.func
-    def project_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f, yield_stress: f,
-                    friction_angle: f, theta_c: f, theta_s: f):
-        """:func:`project` given the SVD F = U diag(s) V^T; returns F_new and, for laws 3-5 (which
-        keep U and V), its singular values (else s)."""
-        Fn = F
-        sn = s
-        if law == 0:
-            J = wp.determinant(F)
-            Fn = wp.identity(n=3, dtype=f) * wp.pow(J, f(1.0) / f(3.0))
-        elif law == 3 or law == 4 or law == 5:
-            kind, p0, p1 = plastic_iso(law, E, nu, yield_stress, friction_angle, theta_c, theta_s)
-            g, Jg, d0, d1 = iso_g(kind, s, p0, p1)
-            Fn = U * wp.diag(g) * wp.transpose(V)
-            sn = g
-        return Fn, sn
-
-    @wp.func
-    def kirchhoff_usv(law: int, F: mat33, U: mat33, s: vec3, V: mat33, E: f, nu: f):
-        """:func:`kirchhoff_stress` given the SVD F = U diag(s) V^T (laws 3, 4, 5 use it)."""
-        tau = mat33(f(0.0))
-        if law == 3:
-            mu, lam = lame(E, nu)
-            J = wp.determinant(F)
-            R = U * wp.transpose(V)
-            tau = (F - R) * wp.transpose(F) * (f(2.0) * mu) + wp.identity(n=3, dtype=f) * (lam * J * (J - f(1.0)))
-        elif law == 4 or law == 5:
-            mu, lam = lame(E, nu)
-            e0, q0 = clamp_log(s[0])
-            e1, q1 = clamp_log(s[1])
-            e2, q2 = clamp_log(s[2])
-            tr = e0 + e1 + e2
-            t = vec3(f(2.0) * mu * e0 + lam * tr, f(2.0) * mu * e1 + lam * tr, f(2.0) * mu * e2 + lam * tr)
-            tau = U * wp.diag(t) * wp.transpose(U)
-        else:
-            tau = kirchhoff_stress(law, F, E, nu)
-        return tau
 
     # ---------------------------------------------------------------------------------------
     # Quadratic B-spline weights
@@ -581,7 +162,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
                           theta_c: wp.array(dtype=f), theta_s: wp.array(dtype=f), F_out: wp.array(dtype=mat33),
                           tau_out: wp.array(dtype=mat33)):
         # F' = project(F_trial) and the elastic stress tau(F') for the next substep, from one SVD
-        # (laws 3-5: F' = U g(s) V^T keeps U and V); laws 0-2 and 6 need none (law 1's polar
+        # (the SVD laws: F' = U g(s) V^T keeps U and V); the others need none (corotated's polar
         # rotation is a Newton iteration).
         i = wp.tid()
         F = F_trial[i]
@@ -589,7 +170,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         U = wp.identity(n=3, dtype=f)
         s = vec3(f(1.0), f(1.0), f(1.0))
         V = wp.identity(n=3, dtype=f)
-        if L == 3 or L == 4 or L == 5:
+        if needs_svd(L):
             wp.svd3(F, U, s, V)
         Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i], theta_s[i])
         F_out[i] = Fn
@@ -624,7 +205,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         U = wp.identity(n=3, dtype=f)
         s = vec3(f(1.0), f(1.0), f(1.0))
         V = wp.identity(n=3, dtype=f)
-        if L == 3 or L == 4 or L == 5:
+        if needs_svd(L):
             wp.svd3(F, U, s, V)
         Fn, sn = project_usv(L, F, U, s, V, E[i], nu[i], yield_stress[i], friction_angle[i], theta_c[i],
                              theta_s[i])

@@ -1,6 +1,7 @@
 """Materials of the MPM solver: names, default parameters, and torch references of every law.
 
-A material is a constitutive law (a Warp device function in ``kernels.py``) plus its parameters.
+A material is a constitutive law (:data:`diffworld.sims.constitutive.LAWS`: Warp device
+functions and torch references) plus its parameters.
 Parameters live per particle as device arrays so that each one can take a gradient:
 
 =================  ==========================================================================
@@ -14,9 +15,9 @@ Parameters live per particle as device arrays so that each one can take a gradie
 ``theta_s``        snow: stretch limit of singular values (1 + theta_s)
 =================  ==========================================================================
 
-The torch functions here are the references the kernels are tested against: energy densities
-(first Piola stress is their derivative) and plastic projections, written with
-``torch.linalg.svd``.
+The torch functions here look a law up by name and run its references (energy densities, whose
+F-derivative is the first Piola stress, stresses and return maps, written with ``torch.linalg``);
+``device_stress`` and ``device_projection`` run the Warp device laws as differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from diffworld.sims.mpm.kernels import LAW, LOG_CLAMP
+from diffworld.sims.constitutive.laws import LAWS, lame
+from diffworld.sims.constitutive.laws import law as law_of
 
 __all__ = [
     "MATERIALS",
@@ -140,7 +142,8 @@ class Material:
 
     @property
     def law_id(self) -> int:
-        return LAW[self.law]
+        """The law's Warp dispatch code."""
+        return LAWS[self.law].code
 
     def parameters(self) -> dict[str, float]:
         """Per-particle parameter values, with friction_angle converted to radians."""
@@ -155,92 +158,25 @@ def material(name: str, **params: float) -> Material:
 
 
 # ------------------------------------------------------------------------------------------------
-# Torch references (batched over a leading dimension; F has shape (N, 3, 3))
+# Torch references by law name (batched over a leading dimension; F has shape (N, 3, 3)); each
+# delegates to the law object (diffworld.sims.constitutive.laws.LAWS)
 # ------------------------------------------------------------------------------------------------
-
-def lame(E: torch.Tensor, nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lame parameters (mu, lambda) [Pa] from Young's modulus and Poisson's ratio."""
-    return E / (2 * (1 + nu)), E * nu / ((1 + nu) * (1 - 2 * nu))
-
-
-def _hencky(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    U, s, Vh = torch.linalg.svd(F)
-    return U, s, Vh, torch.log(s.clamp_min(LOG_CLAMP))
-
 
 def energy_density(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
     """Elastic energy density psi(F) [J/m^3] of a law, shape (N,). Its F-derivative is P."""
-    mu, lam = lame(E, nu)
-    J = torch.linalg.det(F)
-    if law == "fluid":
-        return 0.5 * lam * (J - 1) ** 2
-    if law in ("corotated", "snow"):
-        s = torch.linalg.svdvals(F)
-        return mu * ((s - 1) ** 2).sum(-1) + 0.5 * lam * (J - 1) ** 2
-    if law == "neo_hookean":
-        logJ = torch.log(J)
-        return 0.5 * mu * ((F * F).sum((-1, -2)) - 3) - mu * logJ + 0.5 * lam * logJ ** 2
-    if law in ("von_mises", "drucker_prager"):
-        eps = torch.log(torch.linalg.svdvals(F).clamp_min(LOG_CLAMP))
-        return mu * (eps ** 2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
-    if law == "rigid":
-        return torch.zeros_like(J)
-    raise ValueError(f"law: unknown {law!r}")
+    return law_of(law).energy(F, dict(E=E, nu=nu))
 
 
 def kirchhoff_stress(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
     """Closed-form Kirchhoff stress tau = P F^T [Pa] of a law, shape (N, 3, 3)."""
-    mu, lam = lame(E, nu)
-    mu, lam = mu[:, None, None], lam[:, None, None]
-    J = torch.linalg.det(F)[:, None, None]
-    eye = torch.eye(3, dtype=F.dtype, device=F.device).expand_as(F)
-    Ft = F.transpose(-1, -2)
-    if law == "fluid":
-        return lam * J * (J - 1) * eye
-    if law in ("corotated", "snow"):
-        U, _, Vh = torch.linalg.svd(F)
-        R = U @ Vh
-        return 2 * mu * (F - R) @ Ft + lam * J * (J - 1) * eye
-    if law == "neo_hookean":
-        return mu * (F @ Ft - eye) + lam * torch.log(J) * eye
-    if law in ("von_mises", "drucker_prager"):
-        U, _, _, eps = _hencky(F)
-        t = 2 * mu[..., 0] * eps + lam[..., 0] * eps.sum(-1, keepdim=True)
-        return U @ torch.diag_embed(t) @ U.transpose(-1, -2)
-    if law == "rigid":
-        return torch.zeros_like(F)
-    raise ValueError(f"law: unknown {law!r}")
+    return law_of(law).stress(F, dict(E=E, nu=nu))
 
 
 def plastic_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Tensor, yield_stress: torch.Tensor,
                        friction_angle: torch.Tensor, theta_c: torch.Tensor, theta_s: torch.Tensor) -> torch.Tensor:
     """Return mapping of a trial deformation gradient (angles in radians), shape (N, 3, 3)."""
-    if law in ("corotated", "neo_hookean", "rigid"):
-        return F
-    if law == "fluid":
-        J = torch.linalg.det(F)
-        return J.pow(1 / 3)[:, None, None] * torch.eye(3, dtype=F.dtype, device=F.device)
-    U, s, Vh, eps = _hencky(F)
-    if law == "snow":
-        s_new = torch.minimum(torch.maximum(s, (1 - theta_c)[:, None]), (1 + theta_s)[:, None])
-        return U @ torch.diag_embed(s_new) @ Vh
-    mu, lam = lame(E, nu)
-    tr = eps.sum(-1, keepdim=True)
-    dev = eps - tr / 3
-    ndev = dev.norm(dim=-1, keepdim=True)
-    if law == "von_mises":
-        r = (yield_stress / (2 * mu))[:, None]
-        proj = tr / 3 + r * dev / ndev.clamp_min(1e-30)
-        eps_new = torch.where(ndev > r, proj, eps)
-    else:
-        sphi = torch.sin(friction_angle)
-        alpha = (math.sqrt(2 / 3) * 2 * sphi / (3 - sphi))[:, None]
-        ratio = ((1 + nu) / (1 - 2 * nu))[:, None]
-        dgam = ndev + ratio * tr * alpha
-        proj = eps - dgam * dev / ndev.clamp_min(1e-30)
-        eps_new = torch.where((dgam > 0) & (ndev > 0), proj, eps)
-        eps_new = torch.where(tr >= 0, torch.zeros_like(eps), eps_new)
-    return U @ torch.diag_embed(torch.exp(eps_new)) @ Vh
+    return law_of(law).project(F, dict(E=E, nu=nu, yield_stress=yield_stress, friction_angle=friction_angle,
+                                       theta_c=theta_c, theta_s=theta_s))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,9 +184,7 @@ def plastic_projection(law: str, F: torch.Tensor, E: torch.Tensor, nu: torch.Ten
 # ------------------------------------------------------------------------------------------------
 
 def _law_ids(law: str, n: int, device) -> torch.Tensor:
-    if law not in LAW:
-        raise ValueError(f"law: expected one of {list(LAW)}, got {law!r}")
-    return torch.full((n,), LAW[law], dtype=torch.int32, device=device)
+    return torch.full((n,), law_of(law).code, dtype=torch.int32, device=device)
 
 
 class _KernelOp(torch.autograd.Function):

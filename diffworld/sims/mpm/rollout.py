@@ -177,8 +177,9 @@ def rollout(model: Model, state: State, n_substeps: int, control: torch.Tensor |
         if name not in PARTICLE_PARAMS:
             raise ValueError(f"params: unknown parameter {name!r}; expected one of {list(PARTICLE_PARAMS)}")
         merged[name] = t.expand(model.n_particles) if t.dim() == 0 else t
-    plist = [merged[name].to(dtype).contiguous() for name in PARTICLE_PARAMS]
     stepper = stepper or Stepper(model)
+    # the torch laws' parameters ride along as rollout parameters: that is how they get gradients
+    plist = [merged[name].to(dtype).contiguous() for name in PARTICLE_PARAMS] + stepper.law_parameters()
 
     def check_recorded(st, k: int) -> None:
         check_state(model, State(*st[:4]), k)

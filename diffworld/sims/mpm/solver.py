@@ -26,15 +26,48 @@ import torch
 from diffworld.engine.bridge import launch
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.common.colliders import COLLIDER_STATE, Collider
+from diffworld.sims.constitutive.torch_law import TorchLaw
 from diffworld.sims.mpm import kernels
 from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
+from diffworld.sims.mpm.materials import PARAMETERS
 from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
 
-__all__ = ["Collider", "GridSpec", "Model", "State", "Stepper", "PARTICLE_PARAMS", "cpu_workers"]
+__all__ = ["Collider", "GridSpec", "LawBinding", "Model", "ParticleParams", "State", "Stepper", "PARTICLE_PARAMS",
+           "cpu_workers"]
 
-# Per-particle float parameters, in the order the window op takes them.
-PARTICLE_PARAMS = ("E", "nu", "viscosity", "density", "volume", "yield_stress", "friction_angle", "theta_c",
-                   "theta_s")
+# Per-particle float parameters: the material's (materials.PARAMETERS) and the rest volume.
+PARTICLE_PARAMS = (*PARAMETERS, "volume")
+
+
+class ParticleParams(NamedTuple):
+    """Per-particle parameters by name (tensors (N,)), in :data:`PARTICLE_PARAMS` order: a
+    substep takes a sequence that starts with them (then the parameters of its torch laws)."""
+
+    E: torch.Tensor
+    nu: torch.Tensor
+    density: torch.Tensor
+    viscosity: torch.Tensor
+    yield_stress: torch.Tensor
+    friction_angle: torch.Tensor
+    theta_c: torch.Tensor
+    theta_s: torch.Tensor
+    volume: torch.Tensor
+
+
+assert ParticleParams._fields == PARTICLE_PARAMS
+
+
+@dataclass(frozen=True)
+class LawBinding:
+    """Particles whose constitutive law is a torch module (their law code is ``EXTERNAL``).
+
+    Attributes:
+        law: The law.
+        index: The particles, int64 tensor (n,) on the model's device.
+    """
+
+    law: TorchLaw
+    index: torch.Tensor
 WALL_MODES = tuple(kernels.WALL)
 
 
@@ -115,6 +148,7 @@ class Model:
         wall_friction: Coulomb coefficient of ``friction`` walls.
         body_names: Name of each body index (bodies, then emitters).
         emitted: Particles released by emitters (parked until their activation substep), or None.
+        torch_laws: Particles whose law is a torch module (:func:`diffworld.sims.mpm.use_law`).
     """
 
     grid: GridSpec
@@ -128,6 +162,7 @@ class Model:
     wall_friction: float = 0.0
     body_names: list[str] = field(default_factory=list)
     emitted: EmitterParticles | None = None
+    torch_laws: list[LawBinding] = field(default_factory=list)
 
     @property
     def n_particles(self) -> int:
@@ -155,6 +190,11 @@ class Model:
         the others are still parked (their positions mean nothing yet).
         """
         return self.active_mask(n_substeps - 1)
+
+
+def _particle_params(params: Sequence[torch.Tensor]) -> ParticleParams:
+    """The particle parameters at the head of a substep's parameter sequence."""
+    return ParticleParams(*params[:len(PARTICLE_PARAMS)])
 
 
 def _zeros(shape, dtype, device):
@@ -282,6 +322,7 @@ class Stepper:
         self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
         self._prepare_colliders()
         self.rigid = None
+        self.torch_laws = list(model.torch_laws)
         is_rigid = model.law == kernels.LAW["rigid"]
         if bool(is_rigid.any()):
             index = is_rigid.nonzero()[:, 0]
@@ -430,10 +471,13 @@ class Stepper:
         return xs, vs
 
     def stress(self, F: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Elastic Kirchhoff stress of every particle at ``F`` [Pa], shape (N, 3, 3)."""
+        """Elastic Kirchhoff stress of every particle at ``F`` [Pa], shape (N, 3, 3).
+
+        ``params``: as for :meth:`substep`."""
         k, w, m33, i32 = self.k, self._scalars, self._mat33s, self._ints
         F = F.contiguous()
-        E, nu = params[0].contiguous(), params[1].contiguous()
+        pp = _particle_params(params)
+        E, nu = pp.E.contiguous(), pp.nu.contiguous()
         tau = torch.empty_like(F)
 
         def run(c, a, b):
@@ -442,15 +486,18 @@ class Stepper:
                       [m33(tau[q])])
 
         self._parallel(run)
+        self._torch_laws_forward(F, pp, tau)
         return tau
 
     def stress_adjoint(self, F: torch.Tensor, params: Sequence[torch.Tensor], adj_tau: torch.Tensor,
                        adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
-        """Adjoint of :meth:`stress`: accumulates into ``adj_F`` and the E, nu entries of ``adj_params``."""
+        """Adjoint of :meth:`stress`: accumulates into ``adj_F`` and ``adj_params`` (same order as ``params``)."""
         k, w, m33, i32 = self.k, self._scalars, self._mat33s, self._ints
         F, adj_tau = F.contiguous(), adj_tau.contiguous()
-        E, nu = params[0].contiguous(), params[1].contiguous()
-        aE, anu = adj_params[0], adj_params[1]
+        pp = _particle_params(params)
+        E, nu = pp.E.contiguous(), pp.nu.contiguous()
+        adj = _particle_params(adj_params)
+        aE, anu = adj.E, adj.nu
 
         def run(c, a, b):
             q = slice(a, b)
@@ -458,6 +505,60 @@ class Stepper:
                                                     m33(adj_tau[q]), m33(adj_F[q]), w(aE[q]), w(anu[q])])
 
         self._parallel(run)
+        self._torch_laws_adjoint(F, pp, None, adj_tau, adj_F, adj_params)
+
+    # -- torch laws (model.torch_laws) --------------------------------------------------------------
+
+    def law_parameters(self) -> list[torch.Tensor]:
+        """The parameters of the model's torch laws, binding by binding: a substep takes them
+        after the particle parameters (and returns their adjoints there)."""
+        return [p for b in self.torch_laws for p in b.law.parameters()]
+
+    @staticmethod
+    def _law_inputs(b: LawBinding, pp: ParticleParams) -> dict[str, torch.Tensor]:
+        return {name: getattr(pp, name)[b.index] for name in b.law.material_parameters}
+
+    def _torch_laws_forward(self, F: torch.Tensor, pp: ParticleParams, tau_out: torch.Tensor,
+                            F_out: torch.Tensor | None = None) -> None:
+        """Rows of the torch-law particles: ``tau_out = stress(F)``, or with ``F_out``, the
+        substep's stage ``F_out = project(F)``, ``tau_out = stress(F_out)``. The Warp kernels left
+        these rows as F and 0 (law code EXTERNAL)."""
+        with torch.no_grad():
+            for b in self.torch_laws:
+                inputs = self._law_inputs(b, pp)
+                if F_out is None:
+                    tau_out[b.index] = b.law.stress(F[b.index], inputs)
+                else:
+                    Fn, tau = b.law(F[b.index], inputs)
+                    F_out[b.index], tau_out[b.index] = Fn, tau
+
+    def _torch_laws_adjoint(self, F: torch.Tensor, pp: ParticleParams, adj_F_out: torch.Tensor | None,
+                            adj_tau_out: torch.Tensor, adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
+        """Adjoint of :meth:`_torch_laws_forward` by autograd on the recomputed rows: accumulates
+        into ``adj_F``, the particle parameters' adjoints and the laws' parameters' adjoints."""
+        slot = len(PARTICLE_PARAMS)
+        for b in self.torch_laws:
+            own = list(b.law.parameters())
+            with torch.enable_grad():
+                Fi = F[b.index].detach().requires_grad_()
+                inputs = {n: t.detach().requires_grad_() for n, t in self._law_inputs(b, pp).items()}
+                if adj_F_out is None:
+                    outs, gouts = (b.law.stress(Fi, inputs),), (adj_tau_out[b.index],)
+                else:
+                    outs, gouts = b.law(Fi, inputs), (adj_F_out[b.index], adj_tau_out[b.index])
+                live = [p for p in own if p.requires_grad]
+                grads = torch.autograd.grad(outs, [Fi, *inputs.values(), *live], gouts, allow_unused=True)
+            if grads[0] is not None:
+                adj_F.index_add_(0, b.index, grads[0])
+            for name, g in zip(inputs, grads[1:1 + len(inputs)]):
+                if g is not None:
+                    adj_params[PARTICLE_PARAMS.index(name)].index_add_(0, b.index, g)
+            g_live = iter(grads[1 + len(inputs):])
+            for j, p in enumerate(own):
+                g = next(g_live) if p.requires_grad else None
+                if g is not None:
+                    adj_params[slot + j].add_(g)
+            slot += len(own)
 
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
                 keep: bool = False, step: int = 0, tau: torch.Tensor | None = None
@@ -476,10 +577,13 @@ class Stepper:
             control = control.contiguous()
         state, act, emitted_now = self._activate(state, control, step)
         x, v, C, F = (t.contiguous() for t in state)
-        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
+        pp = _particle_params(params)
+        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in (
+            pp.E, pp.nu, pp.viscosity, pp.density, pp.volume, pp.yield_stress, pp.friction_angle, pp.theta_c,
+            pp.theta_s))
         law = self.law_t
         if tau is None:
-            tau = self.stress(F, (E, nu))
+            tau = self.stress(F, params)
         elif emitted_now is not None:
             tau = tau.clone()
             tau[self.emitted.index[emitted_now]] = 0.0  # their F was reset to I: tau(I) = 0
@@ -533,6 +637,7 @@ class Stepper:
                                                        w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
 
         self._parallel(to_particles)
+        self._torch_laws_forward(Ft, pp, tau1, F1)
         rigid_v = None
         if self.rigid is not None:
             ri = self.rigid.index
@@ -558,8 +663,14 @@ class Stepper:
         k, dev, dt_ = self.k, self.device, self.dtype
         w, v3, m33, i32 = self._scalars, self._vec3s, self._mat33s, self._ints
         n = s.x.shape[0]
-        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in params)
-        aE, anu, aeta, arho, avol, ays, afa, atc, ats = adj_params
+        pp = _particle_params(params)
+        E, nu, eta, rho, vol, ys, fa, tc, ts = (t.contiguous() for t in (
+            pp.E, pp.nu, pp.viscosity, pp.density, pp.volume, pp.yield_stress, pp.friction_angle, pp.theta_c,
+            pp.theta_s))
+        adj = _particle_params(adj_params)
+        aE, anu, aeta, arho, avol, ays, afa, atc, ats = (
+            adj.E, adj.nu, adj.viscosity, adj.density, adj.volume, adj.yield_stress, adj.friction_angle, adj.theta_c,
+            adj.theta_s)
         law, act = self.law_t, s.active
         gx, gv, gC, gF = (t.contiguous() for t in adj_out)
         rigid_adj = None
@@ -575,6 +686,8 @@ class Stepper:
         wgw = v3(s.grid_v[-1])
         # (rows of rigid particles are read but do not matter: law 6 has no stress)
         g_tau1 = _zeros((n, 3, 3), dt_, dev) if adj_tau_out is None else adj_tau_out.contiguous()
+        # torch laws first: the Warp adjoint adds nothing to their rows (law code EXTERNAL)
+        self._torch_laws_adjoint(s.F_trial, pp, gF, g_tau1, adj_Ft, adj_params)
 
         def from_particles(c, a, b):
             q = slice(a, b)
