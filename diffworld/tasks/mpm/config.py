@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
-import torch
-from pydantic import Field, PrivateAttr, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
-from diffworld.engine.config.schema import StrictModel, reject_boolean, scene_file
+from diffworld.engine.config.schema import StrictModel, reject_boolean
 from diffworld.sims.common.colliders import SHAPES
 from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
+from diffworld.tasks.mpm.loss_terms import (LOSS_TERMS, ChamferLossConfig, ComLossConfig, DensityLossConfig,
+                                            MixingLossConfig, PatternLossConfig, PythonLossConfig, RegionLossConfig,
+                                            ShapeLossConfig, TargetTrajectoryLossConfig)
+from diffworld.tasks.mpm.shapes import ShapeConfig, Vec3, resolve_optional
 
 __all__ = [
     "BODY_COLORS",
@@ -47,77 +49,9 @@ __all__ = [
 ]
 
 
-Vec3 = tuple[float, float, float]
 DOFS = ("vx", "vy", "vz", "wx", "wy", "wz")  # the components of a collider's per-step velocity
 BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.35], [0.80, 0.25, 0.30],
                         [0.55, 0.40, 0.75], [0.50, 0.50, 0.50]])
-
-
-def _resolve_optional(value: Optional[str], info: ValidationInfo) -> Optional[str]:
-    return None if value is None else scene_file(value, info)
-
-
-class ShapeConfig(StrictModel):
-    """A solid region: analytic primitive, a watertight mesh file, or CSG of other shapes.
-
-    CSG: ``union`` and ``intersection`` of ``children`` (two or more), ``difference`` of the
-    first child minus the others.
-    """
-
-    type: Literal["box", "sphere", "cylinder", "capsule", "mesh", "union", "intersection", "difference"]
-    center: Vec3 = Field((0.5, 0.5, 0.5), description="Centre [m].")
-    half_extents: Vec3 = Field((0.1, 0.1, 0.1), description="Box half extents [m].")
-    radius: float = Field(0.1, gt=0, description="Sphere/cylinder/capsule radius [m].")
-    half_height: float = Field(0.1, gt=0, description="Cylinder half height / capsule half segment [m] (z axis).")
-    path: Optional[str] = Field(None, description="Mesh file (watertight), relative to the scene file.")
-    scale: float = Field(1.0, gt=0, description="Mesh scale.")
-    children: list["ShapeConfig"] = Field(default_factory=list, description="Operands of union, intersection, "
-                                                                             "difference (two or more).")
-
-    _path = field_validator("path")(_resolve_optional)
-
-    @model_validator(mode="after")
-    def _mesh_path(self):
-        if self.type == "mesh" and self.path is None:
-            raise ValueError("type 'mesh' needs 'path'")
-        csg = self.type in ("union", "intersection", "difference")
-        if csg and len(self.children) < 2:
-            raise ValueError(f"type {self.type!r} needs two or more 'children', got {len(self.children)}")
-        if not csg and self.children:
-            raise ValueError(f"'children' belong to union, intersection or difference, not to type {self.type!r}")
-        return self
-
-    def build(self):
-        """The SDF of the shape."""
-        from diffworld.geometry import sdf
-
-        if self.type in ("union", "intersection"):
-            parts = [c.build() for c in self.children]
-            return sdf.Union(*parts) if self.type == "union" else sdf.Intersection(*parts)
-        if self.type == "difference":
-            first, *rest = [c.build() for c in self.children]
-            return sdf.Difference(first, rest[0] if len(rest) == 1 else sdf.Union(*rest))
-        c = self.center
-        if self.type == "box":
-            return sdf.Box(self.half_extents, c)
-        if self.type == "sphere":
-            return sdf.Sphere(self.radius, c)
-        if self.type == "cylinder":
-            return sdf.Cylinder(self.radius, self.half_height, c)
-        if self.type == "capsule":
-            a = (c[0], c[1], c[2] - self.half_height)
-            b = (c[0], c[1], c[2] + self.half_height)
-            return sdf.Capsule(a, b, self.radius)
-        from diffworld.geometry.io import load_mesh
-        from diffworld.geometry.mesh_ops import mesh_report
-        from diffworld.geometry.mesh_sdf import MeshSDF
-
-        m = load_mesh(self.path)
-        if not mesh_report(m.vertices, m.faces).watertight:
-            raise ValueError(f"{self.path}: a filled body needs a watertight mesh (this one has open edges)")
-        v = m.vertices.double()
-        v = (v - (v.min(0).values + v.max(0).values) / 2) * self.scale + torch.tensor(c, dtype=torch.float64)
-        return MeshSDF(v, m.faces)
 
 
 class _MaterialSection(StrictModel):
@@ -236,7 +170,7 @@ class ColliderConfig(StrictModel):
     sticky: bool = False
     motion: MotionConfig = MotionConfig()
 
-    _path = field_validator("path")(_resolve_optional)
+    _path = field_validator("path")(resolve_optional)
 
 
 class DomainConfig(StrictModel):
@@ -247,191 +181,8 @@ class DomainConfig(StrictModel):
     wall_friction: float = Field(0.0, ge=0)
 
 
-class _LossTerm(StrictModel):
-    weight: float = Field(1.0, ge=0, description="Weight of the term in the total loss.")
-
-
-class ComLossConfig(_LossTerm):
-    """Squared distance of a body's centre of mass to a target [m^2] (final state)."""
-
-    type: Literal["com"]
-    body: str
-    target: Vec3 = Field(..., description="Target centre of mass [m].")
-    axes: list[Literal["x", "y", "z"]] = Field(["x", "y", "z"], min_length=1,
-                                               description="Axes that count (e.g. [x, y]: horizontal distance).")
-
-
-class RegionLossConfig(_LossTerm):
-    """One minus the soft fraction of a body inside a box (final state), in [0, 1]."""
-
-    type: Literal["region"]
-    body: str
-    lower: Vec3 = Field(..., description="Box lower corner [m].")
-    upper: Vec3 = Field(..., description="Box upper corner [m].")
-
-
-class ShapeLossConfig(_LossTerm):
-    """Particles inside a target shape and covering it [m^2] (final state)."""
-
-    type: Literal["shape"]
-    body: str
-    shape: ShapeConfig = Field(..., description="Target shape.")
-
-
-class DensityLossConfig(_LossTerm):
-    """PlasticineLab shape matching (final state): grid mass vs a target filled with the body's mass.
-
-    ``density_weight * sum|m - t| / sum t`` (L1; L2 with ``norm: l2``) plus ``sdf_weight`` times
-    the mass-weighted distance outside the target in cells (see
-    :func:`diffworld.sims.mpm.losses.shape_matching_loss`).
-    """
-
-    type: Literal["density"]
-    body: str
-    shape: ShapeConfig = Field(..., description="Target shape.")
-    density_weight: float = Field(1.0, ge=0, description="Weight of the grid-mass difference (dimensionless).")
-    sdf_weight: float = Field(1.0, ge=0, description="Weight of the distance outside the target [cells].")
-    norm: Literal["l1", "l2"] = Field("l1", description="Norm of the grid-mass difference.")
-    ppc: Optional[int] = Field(None, ge=1, description="Target sample points per cell; default: the body's ppc.")
-
-
-class TargetTrajectoryLossConfig(_LossTerm):
-    """Mean squared distance [m^2] of a body's particles to target positions at every control step."""
-
-    type: Literal["target_trajectory"]
-    body: str
-    path: str = Field(..., description="A .npz file, relative to the scene file, holding the targets.")
-    key: str = Field("x", description="Array of the .npz: shape (steps, N, 3) [m], row k = after control step k+1, "
-                                      "particles in the body's order.")
-
-    _path = field_validator("path")(scene_file)
-
-    _targets: Optional[np.ndarray] = PrivateAttr(None)  # the array, read once at validation
-
-    @model_validator(mode="after")
-    def _array(self):
-        self._targets = _npz_array(self.path, self.key)
-        shape = self._targets.shape
-        if len(shape) != 3 or shape[2] != 3:
-            raise ValueError(f"{self.path}: array {self.key!r} has shape {shape}; expected (steps, N, 3)")
-        return self
-
-
-def _npz_array(path: str, key: str) -> np.ndarray:
-    """Array ``key`` of an .npz file (ValueError naming the file and key otherwise)."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - reported with the path
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an .npz archive (np.savez), got a single array")
-    with data:
-        if key not in data.files:
-            raise ValueError(f"{path}: no array {key!r} (key); the file holds {sorted(data.files)}")
-        return data[key]
-
-
-class ChamferLossConfig(_LossTerm):
-    """Chamfer distance [m^2] between a body's particles (final state) and points filling a target shape."""
-
-    type: Literal["chamfer"]
-    body: str
-    shape: ShapeConfig = Field(..., description="Target shape.")
-    ppc: Optional[int] = Field(None, ge=1, description="Target points per cell; default: the body's ppc.")
-
-
-class MixingLossConfig(_LossTerm):
-    """How unmixed two bodies are (final state), from their grid masses: 1 segregated ... 0 mixed.
-
-    See :func:`diffworld.sims.mpm.losses.mixing_loss` (``l2``: Danckwerts' intensity of
-    segregation; ``l1``: its absolute-value form).
-    """
-
-    type: Literal["mixing"]
-    bodies: tuple[str, str] = Field(..., description="The two bodies (A, B) to mix.")
-    target: Optional[float] = Field(None, gt=0, lt=1, description="Target mass fraction of A per node; default: "
-                                                                   "A's share of the two bodies' mass.")
-    norm: Literal["l1", "l2"] = Field("l2", description="l2: intensity of segregation; l1: mean |fraction - target|.")
-
-    @field_validator("bodies")
-    @classmethod
-    def _distinct(cls, v: tuple[str, str]) -> tuple[str, str]:
-        if v[0] == v[1]:
-            raise ValueError(f"expected two different bodies, got {list(v)}")
-        return v
-
-
-class PatternLossConfig(_LossTerm):
-    """A body seen from above vs a target image (latte art), final state.
-
-    The body's mass, projected along z, as a fraction per grid column vs the image laid on the
-    rectangle ``lower..upper`` (top row at ``upper[1]``): ``density_weight * sum|p - t|`` (0 to 2)
-    plus ``distance_weight`` times the mean distance of the mass from the pattern [cells] (see
-    :func:`diffworld.sims.mpm.losses.pattern_loss`).
-    """
-
-    type: Literal["pattern"]
-    body: str
-    image: str = Field(..., description="Image file (PNG...), relative to the scene file; bright = pattern.")
-    lower: tuple[float, float] = Field(..., description="Lower corner (x, y) of the image on the xy plane [m].")
-    upper: tuple[float, float] = Field(..., description="Upper corner (x, y) [m].")
-    density_weight: float = Field(1.0, ge=0, description="Weight of the L1 difference of the fractions.")
-    distance_weight: float = Field(1.0, ge=0, description="Weight of the distance from the pattern [cells].")
-
-    _image = field_validator("image")(scene_file)
-    _pixels: Optional[np.ndarray] = PrivateAttr(None)  # the image, read once at validation
-
-    @model_validator(mode="after")
-    def _check(self):
-        if not (self.lower[0] < self.upper[0] and self.lower[1] < self.upper[1]):
-            raise ValueError(f"expected lower < upper in x and y, got lower={list(self.lower)}, "
-                             f"upper={list(self.upper)}")
-        self._pixels = _read_image(self.image)
-        return self
-
-
-def _read_image(path: str) -> np.ndarray:
-    """Pixels of an image file (ValueError naming the file otherwise)."""
-    import imageio.v3 as iio
-
-    try:
-        return np.asarray(iio.imread(path))
-    except Exception as exc:  # noqa: BLE001 - reported with the path
-        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-class PythonLossConfig(_LossTerm):
-    """A user-written torch loss: ``fn(states, info) -> scalar tensor``.
-
-    ``states``: recorded states (index 0 initial, then one per control step up to the horizon);
-    ``info``: :class:`diffworld.sims.mpm.losses.SceneInfo` (masks, masses, grid, actions, options).
-    """
-
-    type: Literal["python"]
-    function: str = Field(..., description="'package.module:callable' (importable) or 'file.py:callable' "
-                                           "(relative to the scene file); imported, never evaluated.")
-    body: Optional[str] = Field(None, description="Passed to the function as info.body.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the function as info.options.")
-
-    @field_validator("function")
-    @classmethod
-    def _importable(cls, v: str, info: ValidationInfo) -> str:
-        from diffworld.sims.mpm.losses import load_callable
-
-        base = (info.context or {}).get("scene_dir")
-        if isinstance(v, str) and v.count(":") == 1 and v.split(":")[0].endswith(".py"):
-            file, attr = v.split(":")
-            p = Path(file)
-            if not p.is_absolute() and base is not None:
-                v = f"{Path(base) / p}:{attr}"
-        load_callable(v, base)
-        return v
-
-
-LossTermConfig = Annotated[Union[ComLossConfig, RegionLossConfig, ShapeLossConfig, DensityLossConfig,
-                                 TargetTrajectoryLossConfig, ChamferLossConfig, MixingLossConfig, PatternLossConfig,
-                                 PythonLossConfig],
-                           Field(discriminator="type")]
+# The registered loss terms (loss_terms.LOSS_TERMS): one entry per `type`.
+LossTermConfig = LOSS_TERMS.union()
 
 
 class SystemIdentificationConfig(StrictModel):

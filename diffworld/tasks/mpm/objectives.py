@@ -8,136 +8,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffworld.engine.problem import BaseProblem
 from diffworld.tasks.mpm.build import MPMScene
-from diffworld.tasks.mpm.config import DOFS, TrajectoryConfig
+from diffworld.tasks.mpm.config import DOFS, SystemIdentificationConfig, TrajectoryConfig
+from diffworld.tasks.mpm.loss_terms import LOSS_TERMS, StatesView, term_names
 
-__all__ = ["HorizonSchedule", "LossTerms", "TrajectoryProblem"]
-
-
-def _term_names(terms) -> list[str]:
-    """Log names of the loss terms: ``type_body`` (``python_<callable>``, ``mixing_<a>_<b>``), indexed when not
-    unique."""
-
-    def key(t):
-        if t.type == "python":
-            return t.function.rsplit(":", 1)[1]
-        return "_".join(t.bodies) if t.type == "mixing" else t.body
-
-    keys = [(t.type, key(t)) for t in terms]
-    return [f"{k[0]}_{k[1]}" if keys.count(k) == 1 else f"{k[0]}_{k[1]}_{i}" for i, k in enumerate(keys)]
+__all__ = ["HorizonSchedule", "LossTerms", "PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem"]
 
 
 class LossTerms:
-    """The loss terms of a ``trajectory`` objective, with their targets prepared once.
-
-    Final-state terms (``com``, ``region``, ``shape``, ``density``, ``chamfer``, ``mixing``) read the last
-    recorded state (the state at the current horizon); ``target_trajectory`` reads every recorded
-    state up to it; ``python`` terms get all of them.
-    """
+    """The loss terms of a ``trajectory`` objective (:data:`~diffworld.tasks.mpm.loss_terms.LOSS_TERMS`
+    entries), with their targets prepared once, and their weighted total."""
 
     def __init__(self, scene: MPMScene, terms) -> None:
-        from diffworld.sims.mpm import losses
-
-        self.scene, self.terms, self.names = scene, list(terms), _term_names(terms)
-        dtype, device, grid = scene.model.dtype, scene.model.device, scene.grid
+        self.scene, self.terms, self.names = scene, list(terms), term_names(terms)
         self.mass = scene.masses()
         self.masks = {name: scene.mask(name) for name in scene.body_index}
-        body_cfg = {b.name: b for b in [*scene.task.bodies, *scene.task.emitters]}  # (ppc)
-        self.prepared: list = []
-        for i, term in enumerate(self.terms):
-            key = f"task.objective.losses[{i}]"
-            if term.type == "com":
-                prep = torch.tensor(term.target, dtype=dtype, device=device)
-            elif term.type == "region":
-                prep = (term.lower, term.upper)
-            elif term.type == "shape":
-                sdf = term.shape.build()
-                points = losses.sample_shape(sdf, grid.lower, grid.upper, grid.dx)
-                prep = (sdf.to(dtype) if isinstance(sdf, torch.nn.Module) else sdf, points.to(device, dtype))
-            elif term.type == "density":
-                total = float(self.mass[self.masks[term.body]].double().sum())
-                try:
-                    prep = losses.target_grids(term.shape.build(), total, grid.lower, grid.dx, grid.shape,
-                                          ppc=term.ppc or body_cfg[term.body].ppc, dtype=dtype, device=device)
-                except ValueError as exc:
-                    raise ValueError(f"{key}.shape: {exc}") from None
-            elif term.type == "chamfer":
-                ppc = term.ppc or body_cfg[term.body].ppc
-                points = losses.sample_shape(term.shape.build(), grid.lower, grid.upper, grid.dx / ppc ** (1.0 / 3.0))
-                if points.shape[0] == 0:
-                    raise ValueError(f"{key}.shape: the target shape holds no point inside the domain")
-                prep = points.to(device, dtype)
-            elif term.type == "target_trajectory":
-                arr = term._targets
-                n = int(self.masks[term.body].sum())
-                want = (scene.task.steps, n, 3)
-                if tuple(arr.shape) != want:
-                    raise ValueError(f"{key}.path: {term.path} holds {term.key!r} of shape {tuple(arr.shape)}; "
-                                     f"expected {want}: {scene.task.steps} control steps (task.steps) and the {n} "
-                                     f"particles of body {term.body!r}")
-                prep = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
-            elif term.type == "mixing":
-                prep = None
-            elif term.type == "pattern":
-                try:
-                    prep = losses.pattern_target(term._pixels, term.lower, term.upper, grid.lower, grid.dx,
-                                            grid.shape, dtype=dtype, device=device)
-                except ValueError as exc:
-                    raise ValueError(f"{key}.image: {exc}") from None
-            else:
-                try:
-                    prep = losses.load_callable(term.function)
-                except ValueError as exc:
-                    raise ValueError(f"{key}.function: {exc}") from None
-            self.prepared.append(prep)
+        self.prepared = [LOSS_TERMS.builder(t.type)(scene, t, f"task.objective.losses[{i}]")
+                         for i, t in enumerate(self.terms)]
 
     def __call__(self, states, actions: dict[str, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total and the unweighted terms (detached) of the recorded ``states``."""
-        from diffworld.sims.mpm import losses
-
-        scene, grid = self.scene, self.scene.grid
+        scene = self.scene
         horizon = len(states) - 1
-        final = states[-1].x
         # Emitted particles count from their release on (parked ones sit at the nozzle).
         masks = self.masks
         if scene.model.emitted is not None:
             active = scene.model.released_mask(horizon * scene.task.substeps)
             masks = {k: m & active for k, m in masks.items()}
+        view = StatesView(states, masks, dict(actions or {}))
         out: dict[str, torch.Tensor] = {}
-        total = final.new_zeros(())
-        for i, (term, name, prep) in enumerate(zip(self.terms, self.names, self.prepared)):
-            body = getattr(term, "body", None)
-            mask = masks.get(body) if body is not None else None
-            x = final[mask] if mask is not None else final
-            if term.type == "com":
-                value = losses.com_loss(x, prep, ["xyz".index(a) for a in term.axes])
-            elif term.type == "region":
-                value = losses.region_loss(x, prep[0], prep[1], grid.dx)
-            elif term.type == "shape":
-                value = losses.shape_cover_loss(x, prep[0], prep[1])
-            elif term.type == "density":
-                value = losses.shape_matching_loss(x, self.mass[mask], prep.density, prep.sdf, grid.lower, grid.dx,
-                                              density_weight=term.density_weight, sdf_weight=term.sdf_weight,
-                                              norm=term.norm).loss
-            elif term.type == "chamfer":
-                value = losses.chamfer_distance(x, prep)
-            elif term.type == "pattern":
-                value = losses.pattern_loss(x, self.mass[mask], prep, grid.lower, grid.dx,
-                                       density_weight=term.density_weight, distance_weight=term.distance_weight).loss
-            elif term.type == "mixing":
-                ma, mb = (masks[b] for b in term.bodies)
-                value = losses.mixing_loss(final[ma], self.mass[ma], final[mb], self.mass[mb], grid.lower, grid.dx,
-                                      grid.shape, target=term.target, norm=term.norm)
-            elif term.type == "target_trajectory":
-                value = losses.trajectory_loss([s.x[mask] for s in states[1:]], prep[:horizon]) if horizon else \
-                    final.sum() * 0.0
-            else:
-                info = losses.SceneInfo(model=scene.model, masks=masks, mass=self.mass, grid_lower=grid.lower,
-                                   dx=grid.dx, grid_shape=grid.shape, dt=scene.model.dt, substeps=scene.task.substeps,
-                                   steps=horizon, total_steps=scene.task.steps, actions=dict(actions or {}),
-                                   body=term.body, options=dict(term.options))
-                value = losses.call_user_loss(prep, states, info, f"task.objective.losses[{i}] ({term.function})")
+        total = view.final.new_zeros(())
+        for term, name, evaluate in zip(self.terms, self.names, self.prepared):
+            value = evaluate(view)
             out[name] = value.detach()
             total = total + term.weight * value.to(total.dtype)
         return total, out
@@ -186,7 +90,7 @@ class HorizonSchedule:
         return self.horizon
 
 
-class TrajectoryProblem:
+class TrajectoryProblem(BaseProblem):
     """The optimization problem of a ``trajectory`` objective: parameters, loss, projection, horizon.
 
     Parameters are the per-control-step velocities of the controlled colliders, float64 leaves of
@@ -206,6 +110,8 @@ class TrajectoryProblem:
       :meth:`callback` (the driver's per-iteration callback) grows it (:class:`HorizonSchedule`).
     Gradient clipping is the driver's (``optimizer.clip_grad_norm`` / ``clip_grad_value``).
     """
+
+    stage = "trajectory"
 
     def __init__(self, scene: MPMScene, obj: TrajectoryConfig) -> None:
         task = scene.task
@@ -319,6 +225,25 @@ class TrajectoryProblem:
             for n, v in self.velocities.items():
                 v[:k] = self.initial[n][:k]
 
+    def metrics(self, phase: str, total: torch.Tensor, terms: dict) -> dict:
+        """Metrics of the evaluation before (``initial``) or after (``final``) the optimization."""
+        out: dict = {}
+        if phase == "final" and self.schedule is not None:
+            out["horizon_schedule"] = list(self.schedule.history)
+            out["final_horizon"] = self.horizon
+        out[f"{phase}_loss"] = float(total)
+        out[f"{phase}_terms"] = {k: float(v) for k, v in terms.items()}
+        return out
+
+    def write(self, before, after, out_dir: Path) -> dict:
+        """Files of the result: the optimized velocities, and the pattern images of pattern terms."""
+        from diffworld.tasks.mpm.outputs import write_patterns
+
+        images = write_patterns(self.losses, before, after, out_dir)
+        np.save(out_dir / "velocities.npy", {n: v.detach().numpy() for n, v in self.velocities.items()},
+                allow_pickle=True)
+        return {"pattern_images": images}
+
     def callback(self, _iteration: int, row: dict) -> None:
         """Feed the iteration's loss to the horizon schedule."""
         if self.schedule is not None:
@@ -334,3 +259,87 @@ class TrajectoryProblem:
             return
         for row in history:
             self.schedule.update(row["loss"])
+
+
+# Material parameters optimized in log space (moduli, densities), and the bounds of the others.
+_LOG_PARAMS = ("E", "viscosity", "yield_stress", "density")
+_BOUNDS = {"nu": (-0.9, 0.45), "friction_angle": (1.0, 60.0)}
+
+
+class SystemIdentificationProblem(BaseProblem):
+    """The problem of a ``system_identification`` objective: recover material parameters of one
+    body from its motion.
+
+    The observed motion is simulated with ``truth``; the loss is the mean squared particle
+    distance to it over every control step, in cells^2. The optimizer sees moduli and densities
+    in log space, the friction angle in degrees, ``nu`` and the angle clamped to physical bounds.
+    """
+
+    stage = "sysid"
+
+    def __init__(self, scene: MPMScene, obj: SystemIdentificationConfig) -> None:
+        self.scene, self.obj = scene, obj
+        self.mask = scene.mask(obj.body)
+        self._control = scene.control({})
+        with torch.no_grad():
+            truth = self._body_params(self._optimizer_values(obj.truth))
+            self.observed = [s.x.detach() for s in scene.simulate(self._control, truth).states]
+        self.raw = self._optimizer_values(obj.initial, grad=True)
+
+    def _body_params(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-particle parameters: the body's from the optimizer's values, the others' unchanged."""
+        out = {}
+        for k, v in values.items():
+            base = self.scene.model.params[k].detach()
+            val = torch.exp(v) if k in _LOG_PARAMS else (torch.deg2rad(v) if k == "friction_angle" else v)
+            out[k] = torch.where(self.mask, val.to(self.scene.model.dtype), base)
+        return out
+
+    @staticmethod
+    def _optimizer_values(values: dict[str, float], grad: bool = False) -> dict[str, torch.Tensor]:
+        """Parameter values as the optimizer sees them (moduli in log space)."""
+        return {k: torch.tensor(math.log(v) if k in _LOG_PARAMS else v, dtype=torch.float64, requires_grad=grad)
+                for k, v in values.items()}
+
+    def _error(self, states) -> torch.Tensor:
+        err = sum(((s.x - o) ** 2).sum(1).mean() for s, o in zip(states[1:], self.observed[1:])) / (len(states) - 1)
+        return err / self.scene.grid.dx ** 2
+
+    def current(self) -> dict[str, float]:
+        """The parameter values now, in scene units."""
+        return {k: float(torch.exp(v.detach())) if k in _LOG_PARAMS else float(v.detach()) for k, v in self.raw.items()}
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.raw
+
+    def control(self) -> torch.Tensor | None:
+        return self._control
+
+    def evaluate(self):
+        """(rollout, loss, terms) with the current parameters."""
+        out = self.scene.simulate(self._control, self._body_params(self.raw))
+        return out, self._error(out.states), {}
+
+    def loss_fn(self, _iteration: int):
+        return self._error(self.scene.simulate(self._control, self._body_params(self.raw)).states), {}
+
+    def project(self) -> None:
+        for k, (lo, hi) in _BOUNDS.items():
+            if k in self.raw:
+                self.raw[k].clamp_(lo, hi)
+
+    def metrics(self, phase: str, total: torch.Tensor, terms: dict) -> dict:
+        """Metrics before (``initial``: the start values) or after (``final``: recovered vs truth)."""
+        if phase == "initial":
+            return {"initial": self.current(), "initial_loss": float(total)}
+        found, truth = self.current(), dict(self.obj.truth)
+        return {"recovered": found, "truth": truth,
+                "relative_error": {k: abs(found[k] - truth[k]) / abs(truth[k]) for k in found},
+                "final_loss": float(total)}
+
+    def write(self, before, after, out_dir: Path) -> dict:
+        return {}
+
+
+# objective type -> its problem
+PROBLEMS = {"trajectory": TrajectoryProblem, "system_identification": SystemIdentificationProblem}

@@ -92,15 +92,16 @@ def write_patterns(losses: LossTerms, before, after, out_dir: Path) -> list[str]
     scene, names = losses.scene, []
     g = scene.grid
     extent = (g.lower[0], g.lower[0] + g.dx * (g.shape[0] - 1), g.lower[1], g.lower[1] + g.dx * (g.shape[1] - 1))
-    for term, prep in zip(losses.terms, losses.prepared):
+    for term, evaluator in zip(losses.terms, losses.prepared):
         if term.type != "pattern":
             continue
-        views = [("target", prep.fraction)]
+        target = evaluator.target
+        views = [("target", target.fraction)]
         for label, out in (("before", before), ("after", after)):
             live = losses.masks[term.body] & scene.model.released_mask(out.substeps[-1])
             with torch.no_grad():
                 views.append((label, top_view_fraction(out.final.x[live], losses.mass[live], g.lower, g.dx,
-                                                         prep.fraction.shape)))
+                                                         target.fraction.shape)))
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
         vmax = max(float(v.max()) for _, v in views)
         for ax, (label, v) in zip(axes, views):

@@ -3,15 +3,16 @@ registry of procedural target shapes."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveInt, create_model, field_validator, model_validator
 
 from diffworld.engine.config.registry import Registry
 from diffworld.engine.config.schema import StrictModel, scene_file
-from diffworld.geometry.reconstruction import (
-    LossWeights,
-)
+from diffworld.geometry.reconstruction import LossWeights
+from diffworld.tasks.reconstruction.representations import (REPRESENTATIONS, FlexiCubesRepresentationConfig,
+                                                             GridRepresentationConfig, GShellRepresentationConfig,
+                                                             NeuralRepresentationConfig)
 
 __all__ = [
     "EvaluationConfig",
@@ -81,73 +82,9 @@ class PointsTarget(StrictModel):
 TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget], Field(discriminator="type")]
 
 
-# --- representations ----------------------------------------------------------------------------
+# --- representations (one registry entry each: representations.REPRESENTATIONS) ------------------
 
-class GridRepresentationConfig(StrictModel):
-    """An SDF grid refined coarse to fine (one optimizer stage per resolution)."""
-
-    type: Literal["grid"]
-    resolutions: list[PositiveInt] = Field([16, 32, 64], min_length=1, description="Cells per axis per stage.")
-    init_radius: float = Field(0.35, gt=0, description="Radius of the initial sphere [m].")
-    final_lr_scale: float = Field(1.0, gt=0, description="Learning-rate factor of the finest stage.")
-
-    @field_validator("resolutions")
-    @classmethod
-    def _increasing(cls, v: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError(f"resolutions must increase, got {v}")
-        if v[0] < 4:
-            raise ValueError(f"resolutions must be >= 4, got {v}")
-        return v
-
-
-class NeuralRepresentationConfig(StrictModel):
-    """A neural SDF (MLP), extracted with the DeepMesh gradient."""
-
-    type: Literal["neural"]
-    resolution: PositiveInt = Field(48, description="Extraction grid resolution.")
-    width: PositiveInt = Field(64, description="Hidden layer width.")
-    depth: PositiveInt = Field(4, description="Hidden layers.")
-    n_frequencies: int = Field(4, ge=0, description="Fourier feature octaves (0: plain coordinates).")
-    init_radius: float = Field(0.35, gt=0)
-
-
-class FlexiCubesRepresentationConfig(GridRepresentationConfig):
-    """An SDF grid extracted with FlexiCubes, refined coarse to fine like ``grid``.
-
-    Optimized: the node values (at ``optimizer.lr`` cells per step, like ``grid``), the raw
-    per-cube weights beta (12), alpha (8), gamma (1) and the raw node offsets. At a refinement
-    the field is interpolated and the weights and offsets start again from zero (they are per
-    cube / per node of the coarser grid). Mesh terms use FlexiCubes' training mode (4 triangles
-    per quad); ``result.ply`` is the eval-mode mesh (2 triangles per quad, split chosen by gamma).
-    """
-
-    type: Literal["flexicubes"]
-    learn_weights: bool = Field(True, description="Optimize the per-cube weights beta, alpha, gamma.")
-    learn_deform: bool = Field(True, description="Optimize the node offsets (at most half a cell).")
-    weights_lr: float = Field(0.01, gt=0, description="Learning rate of the raw weights [raw units per step] (the "
-                                                     "FlexiCubes reference: 0.01 over 1000 steps; the shipped scenes "
-                                                     "use 0.1 over 60 steps per stage).")
-    deform_lr: float = Field(0.01, gt=0, description="Learning rate of the raw node offsets [raw units per step].")
-
-
-class GShellRepresentationConfig(FlexiCubesRepresentationConfig):
-    """G-Shell on FlexiCubes: a template SDF grid and a manifold-SDF grid; the result is the part
-    of the template where msdf > 0 (an open surface when the target is open)."""
-
-    type: Literal["gshell"]
-    msdf_init: float = Field(1.0, description="Initial msdf everywhere [cells] (> 0: keep the whole template).")
-    msdf_eps: float = Field(1.0, gt=0, description="Margin of the msdf regularizers [cells].")
-    msdf_radius: float = Field(1.0, gt=0, description="Template vertices within this distance of a target "
-                                                      "point are supervised [cells].")
-    msdf_tangential: Optional[float] = Field(0.5, gt=0, description="With target normals, a supervised vertex "
-                                             "must also be within this distance of its nearest point's normal line "
-                                             "[cells] (not past the edge of an open target); None: distance only.")
-
-
-RepresentationConfig = Annotated[Union[GridRepresentationConfig, NeuralRepresentationConfig,
-                                       FlexiCubesRepresentationConfig, GShellRepresentationConfig],
-                                 Field(discriminator="type")]
+RepresentationConfig = REPRESENTATIONS.union()
 
 
 # Generated from LossWeights (one definition of every weight: default, bounds, description), plus
@@ -215,7 +152,8 @@ class ReconstructionTask(StrictModel):
 SHAPES = Registry("shape")
 
 
-FLEXIBLE = ("flexicubes", "gshell")  # representations extracted with FlexiCubes
+# representations extracted with FlexiCubes
+FLEXIBLE = tuple(n for n in REPRESENTATIONS.names() if REPRESENTATIONS.builder(n).flexicubes)
 OPEN_SHAPES = ("open_cup",)  # registry shapes that are open surfaces (shapes.OpenSurface)
 
 

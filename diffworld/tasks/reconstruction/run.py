@@ -9,31 +9,54 @@ from pathlib import Path
 import torch
 
 from diffworld.engine.config.registry import TASKS
-from diffworld.geometry.reconstruction import (
-    FlexiCubesGrid,
-    GShellGrid,
-    GridSDF,
-    LossWeights,
-    NeuralSDFRepresentation,
-    ReconstructionTarget,
-    reconstruction_losses,
-)
-from diffworld.tasks.reconstruction.config import FLEXIBLE, ReconstructionTask
+from diffworld.engine.problem import BaseProblem, solve
+from diffworld.geometry.reconstruction import LossWeights, ReconstructionTarget, reconstruction_losses
+from diffworld.tasks.reconstruction.config import ReconstructionTask
+from diffworld.tasks.reconstruction.representations import REPRESENTATIONS
 from diffworld.tasks.reconstruction.evaluation import result_metrics
 from diffworld.tasks.reconstruction.reference import Reference
 
-__all__ = ["run_reconstruction"]
+__all__ = ["ReconstructionStage", "run_reconstruction"]
 
 
-def _cells(value: float | None, cell: float) -> float | None:
-    return None if value is None else value * cell
+class ReconstructionStage(BaseProblem):
+    """One optimizer stage of a reconstruction: the representation's parameters and the loss terms
+    (:func:`~diffworld.geometry.reconstruction.reconstruction_losses`) at this stage's weights.
+
+    Args:
+        stage: The stage name.
+        rep: The representation.
+        params: Its parameters or parameter groups for this stage.
+        target: Target points and normals.
+        weights: Loss weights of this stage.
+        n_samples: Points sampled per iteration.
+        generator: The run's sampling generator (carried across stages).
+        iterations: Iterations of the stage (for the schedule of the sdf_sign weight).
+    """
+
+    def __init__(self, stage: str, rep, params, target, weights: LossWeights, n_samples: int,
+                 generator: torch.Generator, iterations: int) -> None:
+        self.stage, self.rep, self._params = stage, rep, params
+        self.target, self.weights, self.n_samples, self.generator = target, weights, n_samples, generator
+        self.iterations = max(iterations, 1)
+
+    def params(self):
+        return self._params
+
+    def loss_fn(self, iteration: int):
+        return reconstruction_losses(self.rep, self.target, self.weights, self.n_samples, self.generator,
+                                     progress=iteration / self.iterations)
+
+    def project(self) -> None:
+        project = getattr(self.rep, "project", None)
+        if project is not None:
+            project()
 
 
 def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, *, resume: bool = False,
                        progress: bool = True, optimize: bool = True) -> dict:
     """Run a reconstruction scene into ``out_dir`` (through :func:`diffworld.engine.run.run_scene`,
     which seeds and writes the returned metrics to metrics.json)."""
-    from diffworld.engine.driver import optimize as run_optimizer
     from diffworld.geometry.sdf import Sphere
 
     dtype, device = runtime.dtype, runtime.device
@@ -45,58 +68,26 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
     weights = LossWeights(**{f.name: getattr(w, f.name) for f in dataclasses.fields(LossWeights)})
     init = Sphere(task.representation.init_radius).to(dtype)
 
-    rep_cfg = task.representation
-    staged = rep_cfg.type in ("grid", *FLEXIBLE)
-    if staged:
-        stages = [(f"{rep_cfg.type}{r}", r) for r in rep_cfg.resolutions]
-        rep = GridSDF.from_field(init, rep_cfg.resolutions[0], task.bounds, dtype, device)
-        if rep_cfg.type in FLEXIBLE:
-            opts = {"learn_weights": rep_cfg.learn_weights, "learn_deform": rep_cfg.learn_deform}
-            if rep_cfg.type == "gshell":
-                h = rep.cell
-                rep = GShellGrid(rep.values, torch.full_like(rep.values, rep_cfg.msdf_init * h), task.bounds,
-                                 msdf_eps=rep_cfg.msdf_eps * h, msdf_radius=rep_cfg.msdf_radius * h,
-                                 msdf_tangential=_cells(rep_cfg.msdf_tangential, h), **opts)
-            else:
-                rep = FlexiCubesGrid(rep.values, task.bounds, **opts)
-    else:
-        from diffworld.geometry.neural_sdf import NeuralSDF
-
-        net = NeuralSDF(width=rep_cfg.width, depth=rep_cfg.depth, n_frequencies=rep_cfg.n_frequencies,
-                        radius=rep_cfg.init_radius, seed=scene.seed).to(device=device, dtype=dtype)
-        rep = NeuralSDFRepresentation(net, rep_cfg.resolution, task.bounds, dtype, device)
-        stages = [("neural", rep_cfg.resolution)]
-
+    entry = REPRESENTATIONS.builder(task.representation.type)(task.representation, task.bounds, scene.seed, dtype,
+                                                              device)
+    stages = entry.stages()
+    rep = entry.initial(init)
     t0 = time.perf_counter()
     history = []
     for i, (stage, res) in enumerate(stages):
-        if staged and i > 0:
-            rep = rep.upsampled(res)
-            if rep_cfg.type == "gshell":
-                # msdf margins and supervision radius are in cells of the current grid.
-                rep.msdf_eps, rep.msdf_radius = rep_cfg.msdf_eps * rep.cell, rep_cfg.msdf_radius * rep.cell
-                rep.msdf_tangential = _cells(rep_cfg.msdf_tangential, rep.cell)
+        if i > 0:
+            rep = entry.refined(rep, res)
         if not optimize:
             break
+        final = i == len(stages) - 1
         stage_weights = weights
-        if w.chamfer_final_stage_only and i < len(stages) - 1:
+        if w.chamfer_final_stage_only and not final:
             stage_weights = dataclasses.replace(weights, chamfer=0.0, mesh_normal=0.0)
-        # Grid learning rates are in cells per step, so every resolution moves alike.
-        lr = scene.optimizer.lr
-        scale = 1.0
-        if staged:
-            scale = rep_cfg.final_lr_scale if i == len(stages) - 1 else 1.0
-            lr *= rep.cell * scale
+        lr, params = entry.optimizer(rep, scene.optimizer.lr, final)
         settings = scene.optimizer.settings(seed=scene.seed, lr=lr)
-        params = rep.parameters()
-        if rep_cfg.type in FLEXIBLE:
-            params = rep.parameter_groups(lr, rep_cfg.weights_lr * scale, rep_cfg.deform_lr * scale)
-        n_it = max(settings.iterations, 1)
-        result = run_optimizer(params,
-                               lambda it: reconstruction_losses(rep, target, stage_weights, task.samples, gen,
-                                                                progress=it / n_it),
-                               settings, out_dir, stage=stage, resume=resume, progress=progress,
-                               projection=getattr(rep, "project", None))
+        problem = ReconstructionStage(stage, rep, params, target, stage_weights, task.samples, gen,
+                                      settings.iterations)
+        result = solve(problem, settings, out_dir, resume=resume, progress=progress)
         history.extend(result.history)
     fit_seconds = time.perf_counter() - t0
 
@@ -112,16 +103,8 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         base = marching_cubes(base_values, task.bounds)
         metrics["baseline_marching_cubes_true_sdf"] = result_metrics(base.vertices, base.faces, ref, task.evaluation,
                                                                scene.seed)
-        if rep_cfg.type in FLEXIBLE:
-            from diffworld.geometry.flexicubes import flexicubes
-
-            try:
-                base = flexicubes(base_values, task.bounds)
-            except ValueError as exc:  # a true surface that leaves the grid: no closed FlexiCubes mesh
-                metrics["baseline_flexicubes_true_sdf"] = {"error": str(exc)}
-            else:
-                metrics["baseline_flexicubes_true_sdf"] = result_metrics(base.vertices, base.faces, ref, task.evaluation,
-                                                                   scene.seed)
+        metrics.update(entry.baselines(base_values, lambda v, f: result_metrics(v, f, ref, task.evaluation,
+                                                                                scene.seed)))
     if ref.open is not None:
         metrics["target_boundary_length"] = ref.open.boundary_length()
         base = ref.baseline_gshell(final_res, task.bounds, torch.float64)
@@ -131,8 +114,7 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         from diffworld.geometry.io import save_mesh
 
         save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
-        if rep_cfg.type == "gshell":  # the watertight template the open surface was cut from
-            save_mesh(out_dir / "template.ply", mesh.template.vertices.detach().cpu(), mesh.template.faces.cpu())
+        entry.save(mesh, out_dir)
     if scene.output.render and mesh.faces.shape[0]:
         from diffworld.viz import render_side_by_side
 
