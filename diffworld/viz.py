@@ -111,30 +111,28 @@ def _to_numpy(name: str, x: Any) -> np.ndarray:
 
 
 def _check_points(name: str, x: Any) -> np.ndarray:
+    """Points (N, 3) from a tensor or array (any real dtype), checked like every diffworld input."""
+    import torch
+
+    from diffworld.engine.bridge import check_tensor
+
     arr = _to_numpy(name, x)
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"Expected '{name}' of shape (N, 3), got {tuple(arr.shape)}")
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"Expected '{name}' with a real numeric dtype, got {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.size and not np.isfinite(arr).all():
-        raise ValueError(f"'{name}' contains {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN or Inf)")
-    return arr
+    return check_tensor(name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)), shape=(None, 3)).numpy()
 
 
 def _check_faces(name: str, faces: Any, n_vertices: int, vertices_name: str) -> np.ndarray:
+    """Triangles (F, 3) from a tensor or array, checked like every diffworld input."""
+    import torch
+
+    from diffworld.engine.bridge import check_faces
+
     arr = _to_numpy(name, faces)
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise ValueError(f"Expected '{name}' of shape (F, 3), got {tuple(arr.shape)}")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"Expected '{name}' with an integer dtype, got {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= n_vertices):
-        raise ValueError(
-            f"'{name}' indices out of range: expected values in [0, {n_vertices}) for the {n_vertices} rows of "
-            f"'{vertices_name}', got min {int(arr.min())}, max {int(arr.max())}"
-        )
-    return arr
+    return check_faces(name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)), n_vertices,
+                       vertices_name).numpy()
 
 
 def _is_mesh_pair(x: Any) -> bool:

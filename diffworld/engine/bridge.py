@@ -159,6 +159,41 @@ def check_tensor(name: str, t: Any, *, ndim: int | None = None, shape: Sequence[
     return t
 
 
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_faces(name: str, faces: Any, n_vertices: int, vertices_name: str = "vertices") -> torch.Tensor:
+    """Validate triangle (or any fixed-arity) vertex indices at the Python boundary.
+
+    Args:
+        name: Argument name used in the error message.
+        faces: Integer tensor, shape (F, 3).
+        n_vertices: Rows of the vertex array the indices point into.
+        vertices_name: Its argument name, for the message.
+
+    Returns:
+        ``faces`` as int64 (a copy only when it was another integer type).
+
+    Raises:
+        TypeError: Not a tensor, or not an integer dtype.
+        ValueError: Wrong shape, or an index outside ``[0, n_vertices)``.
+    """
+    if not isinstance(faces, torch.Tensor):
+        raise TypeError(f"Expected '{name}' to be a torch.Tensor, got {type(faces).__name__}")
+    if faces.dtype not in _INT_DTYPES:
+        raise TypeError(f"Expected '{name}' of an integer dtype (int64 preferred), got {faces.dtype}")
+    if faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"Expected '{name}' of shape (*, 3), got {tuple(faces.shape)}")
+    faces = faces.long()
+    if faces.numel():
+        lo, hi = torch.aminmax(faces)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n_vertices:
+            raise ValueError(f"'{name}' indices must lie in [0, {n_vertices}) for {n_vertices} vertices "
+                             f"('{vertices_name}'), got indices in [{lo}, {hi}]")
+    return faces
+
+
 class TapeFunction(torch.autograd.Function):
     """Generic differentiable op around a Warp tape.
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from diffworld.engine.bridge import check_tensor
+from diffworld.engine.bridge import check_faces, check_tensor
 
 __all__ = [
     "MeshReport",
@@ -32,7 +32,6 @@ __all__ = [
     "vertex_normals",
 ]
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_mesh(vertices: Any, faces: Any, *, vertices_name: str = "vertices",
@@ -53,22 +52,10 @@ def check_mesh(vertices: Any, faces: Any, *, vertices_name: str = "vertices",
         ValueError: Wrong shapes, non-finite vertices, indices out of range, or different devices.
     """
     check_tensor(vertices_name, vertices, shape=(None, 3))
-    if not isinstance(faces, torch.Tensor):
-        raise TypeError(f"Expected '{faces_name}' to be a torch.Tensor, got {type(faces).__name__}")
-    if faces.dtype not in _INT_DTYPES:
-        raise TypeError(f"Expected '{faces_name}' of an integer dtype (int64 preferred), got {faces.dtype}")
-    if faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"Expected '{faces_name}' of shape (*, 3), got {tuple(faces.shape)}")
-    if faces.device != vertices.device:
+    if isinstance(faces, torch.Tensor) and faces.device != vertices.device:
         raise ValueError(f"Expected '{faces_name}' on the device of '{vertices_name}' ({vertices.device}), "
                          f"got {faces.device}")
-    faces = faces.long()
-    if faces.numel():
-        lo, hi = int(faces.min()), int(faces.max())
-        n = vertices.shape[0]
-        if lo < 0 or hi >= n:
-            raise ValueError(f"'{faces_name}' indices must lie in [0, {n}) for {n} vertices, "
-                             f"got indices in [{lo}, {hi}]")
+    faces = check_faces(faces_name, faces, vertices.shape[0], vertices_name)
     return vertices, faces
 
 

@@ -239,8 +239,8 @@ def test_env_override(monkeypatch):
 @pytest.mark.parametrize("call, match", [
     (lambda p, v, f: render_mesh(p, v[:, :2], f), "'vertices'"),
     (lambda p, v, f: render_mesh(p, v, f[:, :2]), "'faces'"),
-    (lambda p, v, f: render_mesh(p, v, f + len(v)), r"'faces' indices out of range"),
-    (lambda p, v, f: render_mesh(p, v, f - 1), r"'faces' indices out of range"),
+    (lambda p, v, f: render_mesh(p, v, f + len(v)), r"'faces' indices must lie in \[0, "),
+    (lambda p, v, f: render_mesh(p, v, f - 1), r"'faces' indices must lie in \[0, "),
     (lambda p, v, f: render_mesh(p, v, f, camera="fisheye"), "'camera'"),
     (lambda p, v, f: render_mesh(p, v, f, camera=(1.0,)), "'camera'"),
     (lambda p, v, f: render_mesh(p, v, f, camera=(0.0, 120.0)), "'camera'"),
