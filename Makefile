@@ -9,7 +9,7 @@ export WARP_CACHE_PATH ?= $(CURDIR)/.cache/warp
 export MPLBACKEND ?= Agg
 export PYVISTA_OFF_SCREEN ?= true
 
-.PHONY: all demo test bench clean venv
+.PHONY: all demo test test-slow bench clean venv
 
 all: test
 
@@ -28,7 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# -n auto: one worker per core (pytest-xdist); Warp builds each kernel module once into the shared cache.
-	$(PY) -m pytest -q -p no:cacheprovider -n auto tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto -m "not slow" tests
+
+test-slow: $(STAMP)
+	# the shipped scenes at full size, every iteration (tens of minutes on 2 cores)
+	$(PY) -m pytest -q -p no:cacheprovider -n auto -m slow tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/marching_cubes.py
