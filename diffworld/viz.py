@@ -654,13 +654,18 @@ def _render_matplotlib(views: list[_View], window: tuple[int, int], cams: list[C
 def _write_image(path: pathlib.Path, img: np.ndarray) -> pathlib.Path:
     import imageio.v3 as iio
 
+    from diffworld.engine.files import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, img)
+    with atomic_path(path) as tmp:  # whole or not at all
+        iio.imwrite(tmp, img)
     return path
 
 
 def _write_movie(path: pathlib.Path, frames: list[np.ndarray], fps: float) -> pathlib.Path:
     import imageio.v3 as iio
+
+    from diffworld.engine.files import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".mp4":
@@ -669,12 +674,13 @@ def _write_movie(path: pathlib.Path, frames: list[np.ndarray], fps: float) -> pa
         # yuv420p needs even sizes: pad with one white row/column where needed.
         h, w = frames[0].shape[:2]
         padded = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255) for f in frames]
-        with iio2.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                             macro_block_size=1, pixelformat="yuv420p") as writer:
+        with atomic_path(path) as tmp, iio2.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                                       quality=8, macro_block_size=1, pixelformat="yuv420p") as writer:
             for frame in padded:
                 writer.append_data(frame)
         return path
-    iio.imwrite(path, np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
     return path
 
 

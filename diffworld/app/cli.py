@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a run failed (e.g. non-finite values; the last good che
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,20 +52,89 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     except ValueError as exc:
         _fail(f"{scene_path}: runtime.{exc}")
     out_dir = out or Path("runs") / scene.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scene.yaml").write_text(yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False))
+    text = yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False)
+    _prepare_out(out_dir, scene_path, text, resume)
     from diffworld.engine.driver import NonFiniteError
+    from diffworld.engine.files import atomic_write
     from diffworld.sims.mpm.rollout import SimulationError
 
+    atomic_write(out_dir / "scene.yaml", lambda f: f.write(text.encode()))
     try:
-        metrics = run_scene(scene, runtime, out_dir, resume=resume, progress=progress,
-                                                 optimize=optimize)
+        metrics = run_scene(scene, runtime, out_dir, resume=resume, progress=progress, optimize=optimize)
     except (NonFiniteError, SimulationError) as exc:
         _fail(str(exc), code=1)
     except ValueError as exc:  # a scene that validates but cannot be built (e.g. dt above the limit)
         _fail(f"{scene_path}: {exc}")
+    except KeyboardInterrupt:
+        _interrupted(scene_path, out_dir, optimize)
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"outputs in {out_dir}")
+
+
+# Settings that may change between a run and its resumption (they do not change the numbers of
+# the iterations already run).
+_RESUMABLE = {("optimizer", "iterations"), ("runtime", "device")}
+
+
+def _scene_differences(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
+    """Key paths where two scene dumps differ (at most a few), ignoring :data:`_RESUMABLE`."""
+    out: list[str] = []
+    for key in list(old) + [k for k in new if k not in old]:
+        path = (*prefix, key)
+        if path in _RESUMABLE:
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_scene_differences(a, b, path))
+        elif a != b:
+            out.append(".".join(map(str, path)))
+    return out
+
+
+def _prepare_out(out_dir: Path, scene_path: Path, text: str, resume: bool) -> None:
+    """Create the output folder; with --resume, check it holds a run of this scene and say what
+    resuming will do."""
+    import yaml
+
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"--out: {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--out: cannot create the output folder {out_dir} ({exc.strerror or exc})")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        _fail(f"--out: the output folder {out_dir} is not writable")
+    if not resume:
+        return
+    saved = out_dir / "scene.yaml"
+    checkpoints = sorted((out_dir / "checkpoints").glob("*.pt")) if (out_dir / "checkpoints").is_dir() else []
+    if saved.is_file():
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            old = None
+        diff = _scene_differences(old, yaml.safe_load(text)) if isinstance(old, dict) else ["(unreadable scene.yaml)"]
+        if diff:
+            shown = ", ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
+            _fail(f"--resume: {out_dir} holds a run of another scene (it differs from {scene_path} at {shown}); "
+                  f"resume it with the scene it was started with, or choose another --out")
+    if not checkpoints:
+        typer.echo(f"note: --resume: no checkpoints in {out_dir / 'checkpoints'}; starting from the beginning",
+                   err=True)
+    else:
+        typer.echo(f"resuming from {', '.join(p.name for p in checkpoints)} in {out_dir / 'checkpoints'}", err=True)
+
+
+def _interrupted(scene_path: Path, out_dir: Path, optimize: bool) -> None:
+    """Ctrl-C: say where the last checkpoint is and how to continue; exit 130 (like a shell)."""
+    ckpts = sorted((out_dir / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime) \
+        if (out_dir / "checkpoints").is_dir() else []
+    if optimize and ckpts:
+        typer.echo(f"\ninterrupted: the last checkpoint is {ckpts[-1]}; continue with\n"
+                   f"  diffworld optimize {scene_path} --out {out_dir} --resume", err=True)
+    else:
+        typer.echo("\ninterrupted: no checkpoint was written yet", err=True)
+    raise typer.Exit(130)
 
 
 @app.command()

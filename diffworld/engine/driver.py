@@ -42,7 +42,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from diffworld.engine.files import atomic_write
 
 __all__ = [
     "NonFiniteError",
@@ -398,25 +399,11 @@ def _cuda_devices(named: Mapping[str, torch.Tensor]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temporary file, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_checkpoint(path: Path, *, stage: str, iteration: int, done: bool, named: Mapping[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer, base_lrs: list[float], settings: OptimizerSettings,
-                     history: list[dict[str, Any]], cuda_devices: list[int]) -> None:
-    state = {
+                     history: list[dict[str, Any]], cuda_devices: list[int],
+                     state: dict[str, Any] | None = None) -> None:
+    state_dict = {
         "format": CHECKPOINT_FORMAT,
         "stage": stage,
         "iteration": iteration,
@@ -430,7 +417,9 @@ def _save_checkpoint(path: Path, *, stage: str, iteration: int, done: bool, name
         "rng_state": torch.get_rng_state(),
         "cuda_rng_state": {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    if state is not None:
+        state_dict["state"] = state
+    atomic_write(path, lambda f: torch.save(state_dict, f))
 
 
 def _load_checkpoint(path: Path, named: Mapping[str, torch.Tensor], settings: OptimizerSettings,
@@ -773,6 +762,8 @@ def optimize(
     progress: bool = True,
     callback: Callable[[int, dict[str, Any]], bool | None] | None = None,
     projection: Callable[[], None] | None = None,
+    state: Callable[[], dict[str, Any]] | None = None,
+    load_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> OptimizeResult:
     """Run one optimization stage: minimize ``loss_fn`` over ``params`` with a torch optimizer.
 
@@ -801,6 +792,12 @@ def optimize(
             return True to stop the stage early (it is then checkpointed as done).
         projection: Called under ``torch.no_grad()`` after every step, e.g. to clamp parameters
             into bounds in place.
+        state: Returns the caller's state that the numbers depend on beyond the parameters and
+            torch's global RNG (e.g. a private ``torch.Generator``'s ``get_state()``); saved in
+            every checkpoint (tensors, numbers, strings, lists and dicts of them).
+        load_state: Restores that state from a checkpoint on resume (also when the checkpoint
+            is of a finished stage), so a resumed run continues with the numbers of the
+            uninterrupted one.
 
     Returns:
         An :class:`OptimizeResult`.
@@ -815,7 +812,8 @@ def optimize(
     settings.validate()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(iteration), got {type(loss_fn).__name__}")
-    for arg_name, fn in (("callback", callback), ("projection", projection)):
+    for arg_name, fn in (("callback", callback), ("projection", projection), ("state", state),
+                         ("load_state", load_state)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{arg_name}: expected a callable or None, got {type(fn).__name__}")
     if not isinstance(stage, str) or not _STAGE_RE.match(stage):
@@ -830,9 +828,16 @@ def optimize(
     ckpt = None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = _load_checkpoint(ckpt_path, named, settings, stage)
+        if load_state is not None and "state" in ckpt:
+            load_state(ckpt["state"])
         if ckpt["done"]:
             _copy_params(named, ckpt["params"])
-            return _result(ckpt["history"], int(ckpt["iteration"]), int(ckpt["iteration"]), out, ckpt_path)
+            done = int(ckpt["iteration"])
+            if settings.iterations > done:
+                print(f"diffworld: stage '{stage}' already finished after {done} iterations ({ckpt_path}); kept as "
+                      f"it is: a finished stage is not extended to {settings.iterations} (its schedule ended). Run "
+                      f"into a new --out for more iterations.", file=sys.stderr)
+            return _result(ckpt["history"], done, done, out, ckpt_path)
 
     optimizer = _build_optimizer(groups, settings)
     base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
@@ -842,7 +847,7 @@ def optimize(
         for d in cuda_devices:
             torch.cuda.default_generators[d].manual_seed(settings.seed)
         return _run(named, optimizer, base_lrs, loss_fn, settings, out, ckpt_path, ckpt, stage, progress,
-                    callback, projection, cuda_devices)
+                    callback, projection, cuda_devices, state)
 
 
 def _result(history: list[dict[str, Any]], done: int, resumed_from: int | None, out: Path | None,
@@ -863,7 +868,7 @@ def _run(named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, base_
          loss_fn: Callable[[int], Any], settings: OptimizerSettings, out: Path | None, ckpt_path: Path | None,
          ckpt: dict[str, Any] | None, stage: str, progress: bool,
          callback: Callable[[int, dict[str, Any]], bool | None] | None, projection: Callable[[], None] | None,
-         cuda_devices: list[int]) -> OptimizeResult:
+         cuda_devices: list[int], state: Callable[[], dict[str, Any]] | None = None) -> OptimizeResult:
     start = 0
     history: list[dict[str, Any]] = []
     resumed_from: int | None = None
@@ -891,7 +896,8 @@ def _run(named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, base_
         if ckpt_path is None:
             return
         _save_checkpoint(ckpt_path, stage=stage, iteration=done_iters, done=done, named=named, optimizer=optimizer,
-                         base_lrs=base_lrs, settings=settings, history=history, cuda_devices=cuda_devices)
+                         base_lrs=base_lrs, settings=settings, history=history, cuda_devices=cuda_devices,
+                         state=state() if state is not None else None)
         good_ckpt = done_iters
 
     def fail(iteration: int, quantity: str) -> NonFiniteError:

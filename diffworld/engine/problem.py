@@ -46,6 +46,15 @@ class Problem(Protocol):
         """Rebuild state that is not in the parameters (a schedule) from a checkpoint, on resume."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """State the numbers depend on beyond the parameters and torch's global RNG (a private
+        generator's state): saved in every checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` from a checkpoint on resume."""
+        ...
+
 
 def solve(problem: Problem, settings: OptimizerSettings, out_dir: str | Path | None = None, *,
           resume: bool = False, progress: bool = True) -> OptimizeResult:
@@ -62,16 +71,19 @@ def solve(problem: Problem, settings: OptimizerSettings, out_dir: str | Path | N
         The driver's :class:`~diffworld.engine.driver.OptimizeResult`.
     """
     if not isinstance(problem, Problem):
-        raise TypeError(f"solve: expected a Problem (stage, params, loss_fn, project, callback, replay), "
+        raise TypeError(f"solve: expected a Problem (stage, params, loss_fn, project, callback, replay, "
+                        f"state_dict, load_state_dict), "
                         f"got {type(problem).__name__}")
     if resume and out_dir is not None:
         problem.replay(Path(out_dir) / "checkpoints" / f"{problem.stage}.pt")
     return optimize(problem.params(), problem.loss_fn, settings, out_dir, stage=problem.stage, resume=resume,
-                    progress=progress, callback=problem.callback, projection=problem.project)
+                    progress=progress, callback=problem.callback, projection=problem.project,
+                    state=problem.state_dict, load_state=problem.load_state_dict)
 
 
 class BaseProblem:
-    """Defaults for the optional parts of :class:`Problem`: no projection, no callback, nothing to replay."""
+    """Defaults for the optional parts of :class:`Problem`: no projection, no callback, nothing to
+    replay, no state beyond the parameters."""
 
     stage = "main"
 
@@ -84,3 +96,9 @@ class BaseProblem:
     def replay(self, checkpoint: Path) -> None:
         return None
 
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

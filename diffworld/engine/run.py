@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from diffworld.engine.config.registry import TASKS
-from diffworld.engine.driver import atomic_write
+from diffworld.engine.files import atomic_write
 from diffworld.engine.runtime import Runtime
 
 __all__ = ["run_scene"]

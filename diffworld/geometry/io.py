@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from diffworld.engine.bridge import check_tensor
+from diffworld.engine.files import atomic_path
 
 __all__ = [
     "LoadedMesh",
@@ -224,10 +225,11 @@ def save_mesh(path: PathLike, vertices: torch.Tensor, faces: torch.Tensor) -> No
         raise ValueError(f"Nothing to save to '{p}': 'faces' is empty (shape {tuple(faces.shape)})")
     v = vertices.detach().cpu().numpy().astype(np.float64)
     f = faces.detach().cpu().numpy()
-    if ext in (".obj", ".off"):
-        _write_text_mesh(p, ext, v, f, digits=9 if vertices.dtype == torch.float32 else 17)
-    else:
-        trimesh.Trimesh(vertices=v, faces=f, process=False, validate=False).export(str(p), file_type=ext[1:])
+    with atomic_path(p) as tmp:  # whole or not at all
+        if ext in (".obj", ".off"):
+            _write_text_mesh(tmp, ext, v, f, digits=9 if vertices.dtype == torch.float32 else 17)
+        else:
+            trimesh.Trimesh(vertices=v, faces=f, process=False, validate=False).export(str(tmp), file_type=ext[1:])
 
 
 def _write_text_mesh(path: Path, ext: str, v: np.ndarray, f: np.ndarray, digits: int) -> None:

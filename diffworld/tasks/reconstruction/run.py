@@ -47,6 +47,13 @@ class ReconstructionStage(BaseProblem):
         return reconstruction_losses(self.rep, self.target, self.weights, self.n_samples, self.generator,
                                      progress=iteration / self.iterations)
 
+    def state_dict(self) -> dict:
+        # the sampling generator advances every iteration: a resumed stage must continue from here
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def project(self) -> None:
         project = getattr(self.rep, "project", None)
         if project is not None:
