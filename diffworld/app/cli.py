@@ -67,6 +67,9 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
         _fail(f"{scene_path}: {exc}")
     except KeyboardInterrupt:
         _interrupted(scene_path, out_dir, optimize)
+    except OSError as exc:  # a full disk, a folder removed under the run...
+        _fail(f"cannot write the outputs in {out_dir} ({exc.strerror or exc}); the checkpoints written so far "
+              f"are kept", code=1)
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"outputs in {out_dir}")
 
@@ -172,7 +175,12 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write t
 
     text = json.dumps(scene_json_schema(), indent=2)
     if out:
-        out.write_text(text + "\n")
+        from diffworld.engine.files import atomic_write
+
+        try:
+            atomic_write(out, lambda f: f.write((text + "\n").encode()))
+        except OSError as exc:
+            _fail(f"--out: cannot write {out} ({exc.strerror or exc})")
     else:
         typer.echo(text)
 
@@ -187,15 +195,20 @@ def render(mesh: Path = typer.Argument(..., help="Mesh file (obj/ply/stl/off/glb
 
     try:
         m = io.load_mesh(mesh)
+        t = io.load_mesh(target) if target is not None and out.suffix not in (".gif", ".mp4") else None
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    try:
         if out.suffix in (".gif", ".mp4"):
             path = rd.render_turntable(out, m.vertices, m.faces)
-        elif target is not None:
-            t = io.load_mesh(target)
+        elif t is not None:
             path = rd.render_side_by_side(out, (m.vertices, m.faces), (t.vertices, t.faces))
         else:
             path = rd.render_mesh(out, m.vertices, m.faces)
-    except (FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--out: cannot write {out} ({exc.strerror or exc})")
     typer.echo(f"wrote {path}")
 
 

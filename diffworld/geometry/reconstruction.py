@@ -90,28 +90,28 @@ class LossWeights:
     to :class:`GShellGrid`); other representations ignore them.
     """
 
-    chamfer: float = Field(0.0, ge=0, description="Mesh-sample Chamfer (squared cells).")
-    surface: float = Field(1.0, ge=0, description="Field at target points (squared cells).")
-    normal: float = Field(1.0, ge=0, description="1 - cos(field gradient, target normal).")
-    eikonal: float = Field(1.0, ge=0, description="(|grad s| - 1)^2.")
-    smoothness: float = Field(0.0, ge=0, description="Squared Laplacian (grids).")
-    sign: float = Field(1.0, ge=0, description="Side of the nearest oriented target point, beyond a margin.")
+    chamfer: float = Field(0.0, ge=0, le=1e6, description="Mesh-sample Chamfer (squared cells).")
+    surface: float = Field(1.0, ge=0, le=1e6, description="Field at target points (squared cells).")
+    normal: float = Field(1.0, ge=0, le=1e6, description="1 - cos(field gradient, target normal).")
+    eikonal: float = Field(1.0, ge=0, le=1e6, description="(|grad s| - 1)^2.")
+    smoothness: float = Field(0.0, ge=0, le=1e6, description="Squared Laplacian (grids).")
+    sign: float = Field(1.0, ge=0, le=1e6, description="Side of the nearest oriented target point, beyond a margin.")
     sign_band: Optional[float] = Field(None, gt=0, description="Sign term only within this many cells of the "
                                                                "target (None: everywhere; open targets need one).")
-    mesh_normal: float = Field(0.0, ge=0, description="1 - cos of mesh-sample vs nearest target normals (1 - |cos| "
+    mesh_normal: float = Field(0.0, ge=0, le=1e6, description="1 - cos of mesh-sample vs nearest target normals (1 - |cos| "
                                                       "for unoriented normals).")
-    dev: float = Field(0.0, ge=0, description="FlexiCubes L_dev [cells] (flexicubes, gshell).")
-    sdf_sign: float = Field(0.0, ge=0, description="FlexiCubes SDF sign regularizer (BCE over cut grid edges; "
+    dev: float = Field(0.0, ge=0, le=1e6, description="FlexiCubes L_dev [cells] (flexicubes, gshell).")
+    sdf_sign: float = Field(0.0, ge=0, le=1e6, description="FlexiCubes SDF sign regularizer (BCE over cut grid edges; "
                                                    "flexicubes, gshell).")
-    sdf_sign_final: Optional[float] = Field(None, ge=0, description="Decay sdf_sign linearly to this weight "
+    sdf_sign_final: Optional[float] = Field(None, ge=0, le=1e6, description="Decay sdf_sign linearly to this weight "
                                                                     "(None: constant).")
     sdf_sign_until: float = Field(0.25, gt=0, le=1, description="Fraction of each stage over which sdf_sign "
                                                                 "decays to sdf_sign_final.")
-    weight_norm: float = Field(0.0, ge=0, description="Mean |raw| of the surface cubes' FlexiCubes weights "
+    weight_norm: float = Field(0.0, ge=0, le=1e6, description="Mean |raw| of the surface cubes' FlexiCubes weights "
                                                       "(flexicubes, gshell).")
-    msdf_negative: float = Field(0.0, ge=0, description="Push msdf to -eps on template vertices no target point "
+    msdf_negative: float = Field(0.0, ge=0, le=1e6, description="Push msdf to -eps on template vertices no target point "
                                                         "supervises (gshell).")
-    msdf_positive: float = Field(0.0, ge=0, description="Push msdf to +eps on supervised template vertices (gshell).")
+    msdf_positive: float = Field(0.0, ge=0, le=1e6, description="Push msdf to +eps on supervised template vertices (gshell).")
 
     def sdf_sign_at(self, progress: float) -> float:
         """The ``sdf_sign`` weight at a fraction ``progress`` in [0, 1] of a stage."""

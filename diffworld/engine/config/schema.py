@@ -42,16 +42,58 @@ def scene_file(value: str, info: ValidationInfo) -> str:
     return str(p)
 
 
-class StrictModel(BaseModel):
-    """Base of every scene model: unknown keys are errors."""
+# The largest integer a scene may hold: counts and resolutions far beyond it are typing errors
+# (a resolution of 10^30 used to reach torch and fail there).
+MAX_INT = 2**31 - 1
 
-    model_config = ConfigDict(extra="forbid")
+
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean somewhere (bool, Any, a union or container with one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation))
+
+
+def _number_problem(value: Any, depth: int = 0) -> str | None:
+    """What is wrong with a value meant to be numbers: a boolean, or an integer beyond MAX_INT."""
+    if isinstance(value, bool):
+        return f"expected a number, got a boolean ({str(value).lower()})"
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        return f"expected a number of at most {MAX_INT} in size, got one with {len(str(abs(value)))} digits"
+    if isinstance(value, (list, tuple)) and depth < 3:
+        for item in value[:64]:
+            problem = _number_problem(item, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+class StrictModel(BaseModel):
+    """Base of every scene model: unknown keys are errors, floats must be finite, numbers must not
+    be YAML booleans (``lr: true`` once ran as lr = 1.0) and integers stay below :data:`MAX_INT`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        # (a model-level check: a "*" field validator would also wrap discriminator fields, which
+        # pydantic forbids; the loader moves "<key>: ..." messages to the key's path)
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is not None and not _takes_bool(field.annotation):
+                    problem = _number_problem(value)
+                    if problem:
+                        raise ValueError(f"{name}: {problem}")
+        return data
 
 
 class RuntimeConfig(StrictModel):
     """Where the scene runs."""
 
-    device: str = Field("auto", description="'auto' (CUDA if Warp sees one, else CPU), 'cpu', or 'cuda:N'.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$",
+                        description="'auto' (CUDA if Warp sees one, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating-point precision.")
 
 
@@ -123,7 +165,9 @@ def build_scene_model(task_union) -> type[BaseModel]:
         "Scene",
         __base__=StrictModel,
         version=(Literal[1], Field(..., description="Scene format version.")),
-        name=(str, Field("scene", description="Run name.")),
+        name=(str, Field("scene", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$",
+                         description="Run name (the default output folder runs/<name>): letters, digits, '_', "
+                                     "'.', '+', '-', at most 100 characters.")),
         seed=(int, Field(0, description="Seed of every random choice of the run.")),
         runtime=(RuntimeConfig, RuntimeConfig()),
         task=(task_union, Field(..., description="What to optimize; `type` selects the task.")),

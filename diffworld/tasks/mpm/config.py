@@ -14,6 +14,7 @@ from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, 
 from diffworld.tasks.mpm.loss_terms import (LOSS_TERMS, ChamferLossConfig, ComLossConfig, DensityLossConfig,
                                             MixingLossConfig, PatternLossConfig, PythonLossConfig, RegionLossConfig,
                                             ShapeLossConfig, TargetTrajectoryLossConfig)
+from diffworld.tasks.assets import readable_asset
 from diffworld.tasks.mpm.shapes import ShapeConfig, Vec3, resolve_optional
 
 __all__ = [
@@ -93,7 +94,7 @@ class BodyConfig(StrictModel):
     shape: ShapeConfig
     material: MaterialConfig
     velocity: Vec3 = (0.0, 0.0, 0.0)
-    ppc: int = Field(8, ge=1, description="Particles per cell.")
+    ppc: int = Field(8, ge=1, le=1000, description="Particles per cell.")
     sampling: Literal["grid", "poisson"] = "grid"
 
 
@@ -113,7 +114,7 @@ class EmitterConfig(StrictModel):
     speed: float = Field(0.5, gt=0, description="Jet speed [m/s].")
     start: float = Field(0.0, ge=0, description="Time the jet starts [s].")
     stop: float = Field(..., gt=0, description="Time the jet stops [s]; at most the end of the run.")
-    ppc: int = Field(8, ge=1, description="Particles per cell of the jet.")
+    ppc: int = Field(8, ge=1, le=1000, description="Particles per cell of the jet.")
     collider: Optional[str] = Field(None, description="Collider carrying the nozzle (it moves with it); "
                                                       "default: a fixed nozzle.")
 
@@ -164,21 +165,29 @@ class ColliderConfig(StrictModel):
     shape: COLLIDER_SHAPES = Field(..., description="A kernel shape, or 'mesh' (a file voxelized to an SDF grid).")
     size: Vec3 = Field((0.1, 0.1, 0.1), description="See diffworld.sims.mpm.Collider.size [m].")
     path: Optional[str] = Field(None, description="Mesh file for shape 'mesh' (voxelized to an SDF grid).")
-    sdf_resolution: int = Field(64, ge=8, description="SDF grid resolution of a mesh collider.")
+    sdf_resolution: int = Field(64, ge=8, le=512, description="SDF grid resolution of a mesh collider.")
     friction: float = Field(0.5, ge=0)
     softness: float = Field(0.0, ge=0, description="Soft-contact sharpness [1/m]; 0 = hard.")
     sticky: bool = False
     motion: MotionConfig = MotionConfig()
 
     _path = field_validator("path")(resolve_optional)
+    _readable = field_validator("path")(readable_asset("mesh"))
 
 
 class DomainConfig(StrictModel):
     lower: Vec3 = (0.0, 0.0, 0.0)
     upper: Vec3 = (1.0, 1.0, 1.0)
-    resolution: int = Field(32, ge=8, description="Cells along the longest side.")
+    resolution: int = Field(32, ge=8, le=1024, description="Cells along the longest side.")
     wall: Literal["slip", "sticky", "friction"] = "slip"
     wall_friction: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not all(a < b for a, b in zip(self.lower, self.upper)):
+            raise ValueError(f"expected lower < upper on every axis, got lower={list(self.lower)}, "
+                             f"upper={list(self.upper)}")
+        return self
 
 
 # The registered loss terms (loss_terms.LOSS_TERMS): one entry per `type`.
@@ -252,7 +261,7 @@ ObjectiveConfig = Annotated[Union[SystemIdentificationConfig, TrajectoryConfig],
 
 
 class OutputsConfig(StrictModel):
-    frames: int = Field(40, ge=2, description="Frames of the rollout movie.")
+    frames: int = Field(40, ge=2, le=10000, description="Frames of the rollout movie.")
     movie: Literal["gif", "mp4", "none"] = "gif"
     liquid_surface: bool = Field(True, description="Draw liquid bodies (water, viscous) as a surface mesh in the "
                                                    "renders and the movie (particles outside it stay points).")

@@ -109,10 +109,14 @@ class TargetTrajectoryLossConfig(_LossTerm):
 
 def _npz_array(path: str, key: str) -> np.ndarray:
     """Array ``key`` of an .npz file (ValueError naming the file and key otherwise)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive
+        raise ValueError(f"{path}: not an .npz archive (np.savez writes one); the file starts with {magic!r}")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - reported with the path
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: expected an .npz archive (np.savez), got a single array")
     with data:

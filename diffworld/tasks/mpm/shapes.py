@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from diffworld.engine.config.schema import StrictModel, scene_file
+from diffworld.tasks.assets import readable_asset
 
 __all__ = ["ShapeConfig", "Vec3", "resolve_optional"]
 
@@ -29,7 +30,8 @@ class ShapeConfig(StrictModel):
 
     type: Literal["box", "sphere", "cylinder", "capsule", "mesh", "union", "intersection", "difference"]
     center: Vec3 = Field((0.5, 0.5, 0.5), description="Centre [m].")
-    half_extents: Vec3 = Field((0.1, 0.1, 0.1), description="Box half extents [m].")
+    half_extents: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field((0.1, 0.1, 0.1),
+                                                                             description="Box half extents [m].")
     radius: float = Field(0.1, gt=0, description="Sphere/cylinder/capsule radius [m].")
     half_height: float = Field(0.1, gt=0, description="Cylinder half height / capsule half segment [m] (z axis).")
     path: Optional[str] = Field(None, description="Mesh file (watertight), relative to the scene file.")
@@ -38,6 +40,7 @@ class ShapeConfig(StrictModel):
                                                                              "difference (two or more).")
 
     _path = field_validator("path")(resolve_optional)
+    _readable = field_validator("path")(readable_asset("mesh"))
 
     @model_validator(mode="after")
     def _mesh_path(self):

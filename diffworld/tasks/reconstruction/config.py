@@ -10,6 +10,7 @@ from pydantic import Field, PositiveInt, create_model, field_validator, model_va
 from diffworld.engine.config.registry import Registry
 from diffworld.engine.config.schema import StrictModel, scene_file
 from diffworld.geometry.reconstruction import LossWeights
+from diffworld.tasks.assets import readable_asset
 from diffworld.tasks.reconstruction.representations import (REPRESENTATIONS, FlexiCubesRepresentationConfig,
                                                              GridRepresentationConfig, GShellRepresentationConfig,
                                                              NeuralRepresentationConfig)
@@ -43,7 +44,7 @@ class ShapeTarget(StrictModel):
     type: Literal["shape"]
     shape: str = Field(..., description="Name in the shape registry: genus2, cad_part, sphere, torus (closed), "
                                         "open_cup (an open surface: representation gshell).")
-    n_points: PositiveInt = Field(50000, description="Target points sampled on the surface.")
+    n_points: PositiveInt = Field(50000, le=10**8, description="Target points sampled on the surface.")
     noise: float = Field(0.0, ge=0, description="Gaussian noise on the target points [m].")
     normals: bool = Field(True, description="Give the reconstruction the (oriented) normals.")
 
@@ -60,12 +61,13 @@ class MeshTarget(StrictModel):
 
     type: Literal["mesh"]
     path: str = Field(..., description="Mesh file; relative to the scene file's folder.")
-    n_points: PositiveInt = 50000
+    n_points: PositiveInt = Field(50000, le=10**8)
     noise: float = Field(0.0, ge=0)
     normals: bool = True
     normalize: bool = Field(True, description="Scale and centre the mesh into the grid bounds (90 %).")
 
     _path = field_validator("path")(scene_file)
+    _readable = field_validator("path")(readable_asset("mesh"))
 
 
 class PointsTarget(StrictModel):
@@ -77,6 +79,7 @@ class PointsTarget(StrictModel):
     normalize: bool = True
 
     _path = field_validator("path")(scene_file)
+    _readable = field_validator("path")(readable_asset("points"))
 
 
 TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget], Field(discriminator="type")]
@@ -102,7 +105,7 @@ WeightsConfig = create_model(
 class EvaluationConfig(StrictModel):
     """How the result is measured."""
 
-    n_points: PositiveInt = Field(200000, description="Points sampled on result and reference.")
+    n_points: PositiveInt = Field(200000, le=10**8, description="Points sampled on result and reference.")
     threshold: float = Field(0.01, gt=0, description="F-score distance threshold [m].")
 
 
@@ -114,7 +117,7 @@ class ReconstructionTask(StrictModel):
     representation: RepresentationConfig
     bounds: tuple[Vec3, Vec3] = Field(((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), description="Grid box [m].")
     weights: WeightsConfig = WeightsConfig()
-    samples: PositiveInt = Field(10000, description="Points per iteration on the mesh and from the target.")
+    samples: PositiveInt = Field(10000, le=10**8, description="Points per iteration on the mesh and from the target.")
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")

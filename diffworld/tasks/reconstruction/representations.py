@@ -28,7 +28,8 @@ class GridRepresentationConfig(StrictModel):
     """An SDF grid refined coarse to fine (one optimizer stage per resolution)."""
 
     type: Literal["grid"]
-    resolutions: list[PositiveInt] = Field([16, 32, 64], min_length=1, description="Cells per axis per stage.")
+    resolutions: list[PositiveInt] = Field([16, 32, 64], min_length=1, max_length=16,
+                                           description="Cells per axis per stage (at most 512).")
     init_radius: float = Field(0.35, gt=0, description="Radius of the initial sphere [m].")
     final_lr_scale: float = Field(1.0, gt=0, description="Learning-rate factor of the finest stage.")
 
@@ -37,8 +38,8 @@ class GridRepresentationConfig(StrictModel):
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(f"resolutions must increase, got {v}")
-        if v[0] < 4:
-            raise ValueError(f"resolutions must be >= 4, got {v}")
+        if v[0] < 4 or v[-1] > 512:
+            raise ValueError(f"resolutions must be in [4, 512], got {v}")
         return v
 
 
@@ -46,10 +47,10 @@ class NeuralRepresentationConfig(StrictModel):
     """A neural SDF (MLP), extracted with the DeepMesh gradient."""
 
     type: Literal["neural"]
-    resolution: PositiveInt = Field(48, description="Extraction grid resolution.")
-    width: PositiveInt = Field(64, description="Hidden layer width.")
-    depth: PositiveInt = Field(4, description="Hidden layers.")
-    n_frequencies: int = Field(4, ge=0, description="Fourier feature octaves (0: plain coordinates).")
+    resolution: PositiveInt = Field(48, le=512, description="Extraction grid resolution.")
+    width: PositiveInt = Field(64, le=4096, description="Hidden layer width.")
+    depth: PositiveInt = Field(4, le=64, description="Hidden layers.")
+    n_frequencies: int = Field(4, ge=0, le=16, description="Fourier feature octaves (0: plain coordinates).")
     init_radius: float = Field(0.35, gt=0)
 
 
