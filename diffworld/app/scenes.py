@@ -110,6 +110,13 @@ def _decode(path: Path, raw: bytes) -> str:
                          f"save the scene as UTF-8 text") from None
 
 
+def _children(node) -> list:
+    """Key and value nodes of a mapping node, items of a sequence node, nothing for a scalar."""
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
 def _check_size(path: Path, root) -> None:
     """Refuse nesting deeper than MAX_DEPTH and more than MAX_VALUES values once aliases are
     expanded, walking the node graph iteratively with memoized sizes (a bomb costs its node count)."""
@@ -121,9 +128,7 @@ def _check_size(path: Path, root) -> None:
         key = id(node)
         if done:
             on_path.discard(key)
-            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-                list(node.value) if isinstance(node, yaml.SequenceNode) else []
-            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_VALUES + 1)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in _children(node)), MAX_VALUES + 1)
             if sizes[key] > MAX_VALUES:
                 raise SceneError(f"{path}: line {node.start_mark.line + 1}: more than {MAX_VALUES} values once "
                                  f"aliases (*name) are expanded; a scene is far smaller (an alias bomb?)")
@@ -138,8 +143,7 @@ def _check_size(path: Path, root) -> None:
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             on_path.add(key)
             stack.append((node, depth, True))
-            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
-            stack.extend((c, depth + 1, False) for c in children)
+            stack.extend((c, depth + 1, False) for c in _children(node))
         else:
             sizes[key] = 1
 
