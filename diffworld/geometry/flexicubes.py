@@ -137,6 +137,52 @@ def _lookup_weights(weights: WeightsFn, cubes: torch.Tensor, sdf: torch.Tensor
     return tuple(checked)
 
 
+# With output="tetrahedra", an inside node closer to the surface than this fraction of a cell
+# (along every grid edge leaving it) counts as outside: see :func:`snap_near_zero`.
+SNAP_CELLS = 1e-6
+
+
+def snap_near_zero(sdf: torch.Tensor, cells: float = SNAP_CELLS) -> torch.Tensor:
+    """Set inside values that are zero up to rounding to +0 (outside), keeping their gradients.
+
+    A grid node that lies on the surface in exact arithmetic often gets a value like -3e-17
+    (rounding in ``|p| - r``): it is inside, every surface crossing on its edges sits at the node
+    itself, and the tets fanned from it are flat (volume ~1e-16 cell). A value counts as zero when
+    every crossing on the node's 6 grid edges would lie within ``cells`` of a cell of the node,
+    i.e. ``|v| < cells * max_n |v_n - v|`` over its grid neighbours ``n``. Exact zeros are already
+    outside (inside means negative), so this makes "on the surface" mean the same thing whatever
+    the rounding. The snapped values are ``v - v.detach()``: zero, with the gradient of ``v``.
+
+    Args:
+        sdf: Node values (nx+1, ny+1, nz+1), negative inside.
+        cells: Threshold, in cells along the edges.
+
+    Returns:
+        ``sdf`` itself when no value is that close, else a copy with those values snapped.
+    """
+    v = sdf.detach()
+    scale = float(v.abs().max()) if v.numel() else 0.0
+    # The local test implies |v| < 2 * cells * max|v|: a cheap pass finds the few candidates.
+    cand = torch.nonzero((v < 0) & (v > -2.0 * cells * scale))
+    if cand.shape[0] == 0:
+        return sdf
+    hi = torch.tensor(v.shape, device=v.device) - 1
+    diff = torch.zeros(cand.shape[0], dtype=v.dtype, device=v.device)
+    here = v[cand[:, 0], cand[:, 1], cand[:, 2]]
+    for a in range(3):
+        for d in (-1, 1):
+            nb = cand.clone()
+            nb[:, a] = (nb[:, a] + d).clamp(min=0, max=int(hi[a]))
+            diff = torch.maximum(diff, (v[nb[:, 0], nb[:, 1], nb[:, 2]] - here).abs())
+    snap = here.abs() < cells * diff
+    if not bool(snap.any()):
+        return sdf
+    idx = cand[snap]
+    mask = torch.zeros(v.shape, dtype=torch.bool, device=v.device)
+    mask[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+    return torch.where(mask, sdf - sdf.detach(), sdf)
+
+
 def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) * 3, (0.5,) * 3), *,
                beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
                gamma: torch.Tensor | None = None, deform: torch.Tensor | DeformFn | None = None,
@@ -188,7 +234,9 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
         attributes: Extra node values (nx+1, ny+1, nz+1) or (nx+1, ny+1, nz+1, k), interpolated to
             the vertices exactly like the positions (crossings, dual vertices, centres).
         output: ``"triangles"`` (the surface) or ``"tetrahedra"`` (the surface and tets filling
-            it, :mod:`diffworld.geometry.flexicubes_tets`).
+            it, :mod:`diffworld.geometry.flexicubes_tets`). With tetrahedra, inside values within
+            1e-6 of a cell of zero count as outside first (:func:`snap_near_zero`); the returned
+            surface is that of the snapped values.
 
     Returns:
         :class:`FlexiCubesMesh`; empty tensors when the values do not change sign.
@@ -203,6 +251,8 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
     check_node_values(sdf)
     if output not in ("triangles", "tetrahedra"):
         raise ValueError(f"'output': expected 'triangles' or 'tetrahedra', got {output!r}")
+    if output == "tetrahedra":
+        sdf = snap_near_zero(sdf)
     if output == "tetrahedra" and attributes is not None:
         raise ValueError("'attributes': only with output='triangles' (tetrahedra carry no attributes)")
     if weights is not None:
@@ -402,7 +452,7 @@ def flexicubes(sdf: torch.Tensor, bounds: Sequence[Sequence[float]] = ((-0.5,) *
             inside=inside, case=case, cubes=cubes, raw_case=raw_case, flipped=c_case != raw_case,
             vert_of=vert_of, vertices=vertices, faces=faces,
             face_node=quad_node.repeat(faces.shape[0] // Q, 1), node_position=node_position,
-            spacing=h)
+            spacing=h, n_quads=Q)
     return FlexiCubesMesh(vertices, faces, l_dev, cubes, attrs, tets)
 
 

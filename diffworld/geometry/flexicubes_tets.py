@@ -26,13 +26,18 @@ deformation move the points.
 Each cell is fanned from its node. A node that sits a hair inside the surface can lie outside
 the dual surface (which cuts corners), or so close that its fan is flat; such nodes move (to
 the best of a few candidate points, then a seeded random local search), and cells that still
-cannot be fanned merge into a deeper neighbour's cell (:func:`_merge_step`). Tets whose volume
-stays below 1e-4 of a cell are reported with a warning; they remain only where the shape has
-features about a cell thin.
+cannot be fanned merge into a deeper neighbour's cell (:func:`_merge_step`). Where the dual
+surface folds so that no placement helps (the stars' kernels are empty), the tets around the
+trouble are replaced by a constrained tetrahedralization of the smallest surrounding region with
+an embedded boundary (:mod:`diffworld.geometry.tet_remesh`, TetGen, optional extra ``tets``).
+Tets whose volume stays at or below 1e-4 of a cell are reported with a warning: on resolved
+shapes only positive ones, where the surface has a crease thinner than that (docs/isosurfaces.md
+gives the measured rates).
 
 Vertices are the surface vertices, then the inside nodes (deformed, or moved as above), the
-centres of full cubes and the hubs; all are differentiable functions of the inputs (moves and
-merges are discrete choices, like the quad split of eval mode).
+centres of full cubes, the hubs, and points a re-fill added (each moves with the mean of its
+region's boundary vertices); all are differentiable functions of the inputs (moves, merges and
+re-fills are discrete choices, like the quad split of eval mode).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from diffworld.geometry import flexicubes_tables as tables
 from diffworld.geometry.mc_tables import CORNER_OFFSETS, EDGE_AXIS, EDGE_CORNERS
 from diffworld.geometry.tet_mesh import edge_mean_ratio
+from diffworld.geometry.tet_remesh import remesh_bad_regions
 
 __all__ = ["tetrahedralize"]
 
@@ -400,7 +406,7 @@ def _merge_step(assemble: Callable[..., torch.Tensor], positions: torch.Tensor, 
 def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Tensor, raw_case: torch.Tensor,
                    flipped: torch.Tensor, vert_of: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
                    face_node: torch.Tensor, node_position: Callable[[torch.Tensor], torch.Tensor],
-                   spacing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   spacing: torch.Tensor, n_quads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill a FlexiCubes surface with tetrahedra.
 
     Args:
@@ -412,13 +418,14 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
         vertices: (V, 3) surface vertices (dual vertices, then training centres).
         faces: (F, 3) int64 surface triangles, outward.
         face_node: (F, 3) int64 the inside grid node of the cut edge each triangle belongs to.
+        n_quads: Q, the number of surface quads: triangle ``f`` belongs to quad ``f mod Q``.
         node_position: Maps node indices (K, 3) int64 to deformed positions (K, 3).
         spacing: (3,) grid spacing [m].
 
     Returns:
         ``(all_vertices, tets)``: (V + W, 3) the surface vertices followed by the interior ones,
-        and (T, 4) int64 tetrahedra with positive orientation on the idealized grid (and, for a
-        well-resolved surface, in space).
+        and (T, 4) int64 tetrahedra with positive orientation on the idealized grid and, on
+        resolved shapes with the ``tets`` extra, in space (module docstring).
     """
     dev = vertices.device
     res = tuple(int(n) for n in case.shape)
@@ -656,11 +663,24 @@ def tetrahedralize(*, inside: torch.Tensor, case: torch.Tensor, cubes: torch.Ten
     used[node_ids[(node_ids >= 0) & (node_ids < N)]] = True
     node_pos = node_pos + _refine_nodes(positions, V, nodes, tets, used, float(spacing.min()), trials=_SLIVER_TRIALS,
                                         radii=_SLIVER_RADII, sliver=_SLIVER)
-    if n_bad:
-        warnings.warn(f"flexicubes: {n_bad} of {tets.shape[0]} tetrahedra are flat or inverted (volume under "
-                      f"1e-4 of a cell) where the surface has features about a cell thin; a finer grid removes them",
-                      stacklevel=3)
     all_vertices = torch.cat([vertices, node_pos, full_centre, hub_pos])
+    positions = all_vertices.detach()
+    if bool((_signed_volumes(positions, tets) <= floor).any()):
+        # What the local search left (the fans of a few nodes overlap a fold of the surface):
+        # the tets around them are replaced by a constrained fill of an embedded region
+        # (tet_remesh). Points TetGen adds inside move with the mean of their region's boundary.
+        fix = remesh_bad_regions(positions.double().cpu().numpy(), tets.cpu().numpy(), V, floor)
+        tets = torch.as_tensor(fix.tets, device=dev)
+        if fix.steiner.shape[0]:
+            shift = torch.stack([all_vertices[torch.as_tensor(a, device=dev)].mean(0) for a in fix.steiner_anchors])
+            steiner = torch.as_tensor(fix.steiner, dtype=all_vertices.dtype, device=dev)
+            all_vertices = torch.cat([all_vertices, steiner + shift - shift.detach()])
+        positions = all_vertices.detach()
+        # Counted after every pass, so the warning names only tets that remain.
+        n_bad = int((_signed_volumes(positions, tets) <= floor).sum())
+        if n_bad:
+            warnings.warn(f"flexicubes: {n_bad} of {tets.shape[0]} tetrahedra are flat or inverted (volume under "
+                          f"1e-4 of a cell) and could not be re-meshed: {fix.reason}", stacklevel=3)
     # Vertices no tet uses (merged nodes, hubs no connector or wall needed) are dropped.
     used = torch.zeros(all_vertices.shape[0], dtype=torch.bool, device=dev)
     used[tets.reshape(-1)] = True
