@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# A project-local Warp kernel cache keeps compiled kernels between runs (cold compile: seconds).
-export WARP_CACHE_PATH ?= $(CURDIR)/.cache/warp
+# Compiled Warp kernels are kept between runs (cold compile: seconds) in diffworld's one kernel
+# cache, the same as for `diffworld` run by hand: ~/.cache/diffworld/warp, or $WARP_CACHE_PATH.
 export MPLBACKEND ?= Agg
 export PYVISTA_OFF_SCREEN ?= true
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diffworld optimize scenes/reconstruct_genus2.yaml --out runs/demo
+	$(VENV)/bin/diffworld optimize scenes/reconstruct_genus2.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	# -n auto: one worker per core (pytest-xdist); Warp builds each kernel module once into the shared cache.

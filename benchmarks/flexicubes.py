@@ -285,7 +285,6 @@ def run_child(script: pathlib.Path, job: dict, timeout: float, max_rss_bytes: fl
     reported) instead of taking the machine down.
     """
     env = dict(os.environ)
-    env.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if job.get("task") == "memory" and job.get("malloc") == "tight":
         env.update(MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))

@@ -36,7 +36,6 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
 
 import torch  # noqa: E402
 

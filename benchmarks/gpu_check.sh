@@ -13,7 +13,6 @@ set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYVISTA_OFF_SCREEN=true
-export WARP_CACHE_PATH=${WARP_CACHE_PATH:-$PWD/.cache/warp}
 PY=${PYTHON:-python3}
 WORKERS=${WORKERS:-8}
 t0=$(date +%s)

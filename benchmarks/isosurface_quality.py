@@ -170,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.res < 4 or args.iterations < 1 or args.samples < 1 or args.eval_points < 1:
         parser.error("expected --res >= 4 and positive --iterations, --samples, --eval-points")
-    os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
 
     out = run(args.res, args.iterations, args.samples, args.eval_points, args.seed)
     import torch

@@ -188,7 +188,6 @@ def worker(spec: str) -> None:
 
 def run_child(job: dict, timeout: float) -> dict:
     env = dict(os.environ)
-    env.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     res = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(job)],
                          capture_output=True, text=True, env=env, timeout=timeout)

@@ -57,7 +57,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".cache" / "warp"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

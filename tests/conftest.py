@@ -1,9 +1,8 @@
-"""Shared test set-up: a project-local Warp kernel cache and one torch thread (2-core CI)."""
+"""Shared test set-up: Warp initialized once (with diffworld's one kernel cache,
+``diffworld.engine.runtime.kernel_cache_dir``), off-screen plots, one torch thread (2-core CI)."""
 
 import os
-import pathlib
 
-os.environ.setdefault("WARP_CACHE_PATH", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "warp"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PYVISTA_OFF_SCREEN", "true")
 

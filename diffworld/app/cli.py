@@ -14,7 +14,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain (click-style) help: typer's rich help panels print a "<bool>" type beside every flag,
+# as if --resume took a value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="diffworld: differentiable geometry and simulation. Scenes are YAML files.")
 
 __all__ = ["app", "main"]
@@ -35,7 +37,7 @@ def _load(scene_path: Path, overrides: dict):
 
 
 def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], iterations: Optional[int],
-             resume: bool, optimize: bool, progress: bool) -> None:
+             resume: bool, optimize: bool, progress: bool, overwrite: bool = False) -> None:
     import yaml
 
     from diffworld.engine.runtime import get_runtime
@@ -53,7 +55,7 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
         _fail(f"{scene_path}: runtime.{exc}")
     out_dir = out or Path("runs") / scene.name
     text = yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False)
-    _prepare_out(out_dir, scene_path, text, resume)
+    _prepare_out(out_dir, scene_path, text, resume, overwrite if optimize else None)
     from diffworld.engine.driver import NonFiniteError
     from diffworld.engine.files import atomic_write
     from diffworld.sims.mpm.rollout import SimulationError
@@ -94,9 +96,10 @@ def _scene_differences(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
     return out
 
 
-def _prepare_out(out_dir: Path, scene_path: Path, text: str, resume: bool) -> None:
+def _prepare_out(out_dir: Path, scene_path: Path, text: str, resume: bool, overwrite: bool | None) -> None:
     """Create the output folder; with --resume, check it holds a run of this scene and say what
-    resuming will do."""
+    resuming will do. A fresh optimization (``overwrite`` not None) into a folder that holds an
+    earlier run is refused unless ``overwrite``: nothing is deleted that the user did not ask to."""
     import yaml
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -108,6 +111,8 @@ def _prepare_out(out_dir: Path, scene_path: Path, text: str, resume: bool) -> No
     if not os.access(out_dir, os.W_OK | os.X_OK):
         _fail(f"--out: the output folder {out_dir} is not writable")
     if not resume:
+        if overwrite is not None:
+            _check_replace(out_dir, overwrite)
         return
     saved = out_dir / "scene.yaml"
     checkpoints = sorted((out_dir / "checkpoints").glob("*.pt")) if (out_dir / "checkpoints").is_dir() else []
@@ -128,6 +133,23 @@ def _prepare_out(out_dir: Path, scene_path: Path, text: str, resume: bool) -> No
         typer.echo(f"resuming from {', '.join(p.name for p in checkpoints)} in {out_dir / 'checkpoints'}", err=True)
 
 
+def _check_replace(out_dir: Path, overwrite: bool) -> None:
+    """A fresh optimization replaces an earlier run's log, loss plot and checkpoints in the folder
+    (run_scene removes them, so the plot and a later --resume see only this run): only with
+    --overwrite; without it, say what is there and the choices (exit 2)."""
+    from diffworld.engine.run import previous_run_files
+
+    files = previous_run_files(out_dir)
+    if not files:
+        return
+    n_ckpt = sum(f.suffix == ".pt" for f in files)
+    what = ", ".join(sorted({f.name for f in files if f.suffix != ".pt"}) + ([f"{n_ckpt} checkpoint(s)"] if n_ckpt else []))
+    if not overwrite:
+        _fail(f"--out: {out_dir} holds an earlier run ({what}); --resume continues it, --overwrite replaces it, "
+              f"or choose another --out")
+    typer.echo(f"note: --overwrite: replacing the earlier run in {out_dir} ({what})", err=True)
+
+
 def _interrupted(scene_path: Path, out_dir: Path, optimize: bool) -> None:
     """Ctrl-C: say where the last checkpoint is and how to continue; exit 130 (like a shell)."""
     ckpts = sorted((out_dir / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime) \
@@ -142,23 +164,32 @@ def _interrupted(scene_path: Path, out_dir: Path, optimize: bool) -> None:
 
 @app.command()
 def optimize(scene: Path = typer.Argument(..., help="Scene YAML file."),
-             iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="Override optimizer.iterations."),
+             iterations: Optional[int] = typer.Option(
+                 None, "--iterations", "-n",
+                 help="Iterations per stage (overrides optimizer.iterations; a scene with several stages, "
+                      "e.g. grid resolutions 16, 32, 64, runs this many in each)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<name>)."),
              device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N."),
              resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
+             overwrite: bool = typer.Option(False, "--overwrite",
+                                            help="Replace an earlier run's log, loss plot and checkpoints in --out."),
              progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
     """Optimize a scene: progress, log, loss curve, metrics, renders and checkpoints in --out."""
     if iterations is not None and iterations < 0:
         _fail(f"--iterations: expected a number >= 0, got {iterations}")
-    _execute(scene, out, device, iterations, resume, True, progress)
+    if resume and overwrite:
+        _fail("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
+    _execute(scene, out, device, iterations, resume, True, progress, overwrite)
 
 
 @app.command()
 def run(scene: Path = typer.Argument(..., help="Scene YAML file."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N.")) -> None:
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N."),
+        progress: bool = typer.Option(True, "--progress/--no-progress",
+                                      help="Say what is running (metrics, renders).")) -> None:
     """Build the scene and evaluate it as written (no optimization): metrics and renders."""
-    _execute(scene, out, device, None, False, False, False)
+    _execute(scene, out, device, None, False, False, progress)
 
 
 @app.command()
@@ -220,12 +251,14 @@ def info() -> None:
     import torch
 
     from diffworld import __version__
-    from diffworld.engine.runtime import init_warp, resolve_device
+    from diffworld.engine.runtime import cuda_unavailable_reason, init_warp, resolve_device
 
     wp = init_warp()
     typer.echo(f"diffworld {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
                f"warp {wp.__version__}")
     typer.echo(f"devices: {[str(d) for d in wp.get_devices()]}  auto -> {resolve_device('auto')}")
+    if cuda_unavailable_reason():
+        typer.echo("cuda (warp): not available, the NVIDIA CUDA driver could not be found or loaded")
     typer.echo(f"warp kernel cache: {wp.config.kernel_cache_dir}")
     typer.echo(f"torch threads: {torch.get_num_threads()}  cuda (torch): {torch.cuda.is_available()}")
 

@@ -4,7 +4,7 @@
 different ``stage`` name and the same ``out_dir``). It implements contracts 9 and 10 of docs/architecture.md:
 
 * everything goes to one folder: ``log.csv`` or ``log.jsonl`` (all stages, column ``stage``),
-  ``loss.png`` (one line per stage, loss terms dashed) and ``checkpoints/{stage}.pt``;
+  ``loss.png`` (total loss and every term, stages one after another) and ``checkpoints/{stage}.pt``;
 * progress (iteration, loss, it/s, ETA) is shown with a rich progress bar on a terminal, and as
   a plain line every few iterations elsewhere (CI logs, batch jobs);
 * a NaN/Inf in the loss, a loss term, a gradient or a parameter value stops the run *before* the
@@ -37,6 +37,7 @@ before and after the call, and ``loss_fn`` sees the same random numbers for the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -47,18 +48,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from diffworld.engine.files import atomic_write
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
     "NonFiniteError",
     "OptimizeResult",
     "OptimizerSettings",
+    "loss_figure",
     "lr_factor",
     "optimize",
+    "status",
     "write_loss_plot",
 ]
 
@@ -561,56 +567,91 @@ def _parse_cell(key: str, value: str) -> Any:
         return value
 
 
-def write_loss_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write the loss curve of all stages (one solid line each, loss terms dashed) as a PNG.
+def loss_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """The loss curves of a run as a matplotlib ``Figure`` (what :func:`write_loss_plot` saves).
 
-    Stages are drawn one after another on a shared iteration axis, in the order they first
-    appear in ``rows``. The y axis is logarithmic when every plotted value is positive. The file
-    is written atomically.
+    One axes: the total loss (black) and every loss term (one colour per term, the same in every
+    stage), the stages one after another on a shared iteration axis, separated by dotted lines and
+    named along the top. The legend sits below the axes, never over the curves, and the figure
+    grows by its rows (constrained layout), so many terms never squeeze the axes. The y axis is
+    logarithmic when every total-loss value is positive; a term's values <= 0 are then left out
+    (a log axis cannot show them).
 
     Args:
-        rows: Log rows (see :attr:`OptimizeResult.history`), any number of stages; non-numeric
-            or missing values are skipped.
-        path: Output PNG path.
-    """
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+        rows: Log rows (see :attr:`OptimizeResult.history`), any number of stages, in the order
+            stages first appear; non-numeric or missing values are skipped.
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    Returns:
+        A ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state); each curve's ``gid`` is its
+        column name (``"loss"`` or the term).
+    """
+    from matplotlib.figure import Figure  # noqa: F811 - Agg canvas, no pyplot global state
+
+    stages = list(dict.fromkeys(r.get("stage") for r in rows))
+    terms = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in FIXED_COLUMNS]
+    series = ["loss", *terms]
+    colors = dict(zip(series, ["black", *_term_colors(len(terms))]))
+    totals = [r["loss"] for r in rows if _is_number(r.get("loss"))]
+    log_y = bool(totals) and all(v > 0 for v in totals)
+
+    legend_rows = math.ceil(len(series) / 5)  # at most 5 entries a row (fit 9 in), rows balanced
+    ncol = math.ceil(len(series) / legend_rows)
+    fig = Figure(figsize=(9.0, 4.5 + 0.25 * legend_rows), dpi=100, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    stages: list[str] = []
-    for r in rows:
-        if r.get("stage") not in stages:
-            stages.append(r.get("stage"))
-    offset = 0
-    all_positive = True
-    any_data = False
-    color = 0
-    for si, stage in enumerate(stages):
+    drawn: dict[str, Any] = {}
+    offset, spans = 0, []
+    for stage in stages:
         srows = sorted((r for r in rows if r.get("stage") == stage), key=lambda r: int(r["iteration"]))
         its = [offset + int(r["iteration"]) for r in srows]
-        terms = [k for k in dict.fromkeys(k for r in srows for k in r) if k not in FIXED_COLUMNS]
-        series = [("loss", f"{stage}", "-", 1.8)] + [(t, f"{stage}: {t}", "--", 1.0) for t in terms]
-        for key, label, style, width in series:
-            pts = [(x, float(r[key])) for x, r in zip(its, srows) if _is_number(r.get(key))]
-            if not pts:
-                continue
-            any_data = True
-            all_positive &= all(y > 0 for _, y in pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=width, label=label, color=f"C{color % 10}")
-            color += 1
-        if si > 0:
-            ax.axvline(offset - 0.5, color="0.6", lw=0.8, ls=":")
-        offset = (its[-1] + 1) if its else offset
-    if any_data and all_positive:
+        for key in series:
+            pts = [(x, float(r[key])) for x, r in zip(its, srows)
+                   if _is_number(r.get(key)) and (not log_y or r[key] > 0)]
+            if pts:
+                line, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=colors[key], gid=key,
+                                lw=1.8 if key == "loss" else 1.1, zorder=3 if key == "loss" else 2)
+                drawn.setdefault(key, line)
+        if its:
+            if spans:
+                ax.axvline(offset - 0.5, color="0.55", lw=0.8, ls=":")
+            spans.append((stage, (offset + its[-1]) / 2))
+            offset = its[-1] + 1
+    if log_y:
         ax.set_yscale("log")
-    if not any_data:
+    if not drawn:
         ax.text(0.5, 0.5, "no iterations logged", ha="center", va="center", transform=ax.transAxes)
+    if len(spans) > 1:  # name the stages along the top, where no curve or legend is
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([x for _, x in spans], labels=[str(name) for name, _ in spans], fontsize=8)
+        top.tick_params(length=0)
     ax.set_xlabel("iteration (stages one after another)")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
-    if any_data:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    if drawn:
+        keys = [k for k in series if k in drawn]
+        fig.legend([drawn[k] for k in keys], keys, loc="outside lower center", ncol=min(len(keys), ncol),
+                   fontsize=8, frameon=False)
+    return fig
+
+
+def _term_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours: tab10, tab20 past 10 terms, evenly spread turbo past 20."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def write_loss_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write :func:`loss_figure` of ``rows`` as a PNG, atomically.
+
+    Args:
+        rows: Log rows of one run (see :func:`loss_figure`).
+        path: Output PNG path.
+    """
+    fig = loss_figure(rows)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
@@ -672,6 +713,35 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+@contextlib.contextmanager
+def status(message: str, enabled: bool = True) -> Iterator[None]:
+    """Say what a long step without iterations is doing (metrics, renders) while it runs.
+
+    On a terminal a rich spinner with ``message`` while the block runs, then one line with its
+    duration; elsewhere (CI logs, batch jobs) one plain line on stderr before and one after;
+    nothing when disabled.
+
+    Args:
+        message: What the block does, e.g. ``"computing metrics"``.
+        enabled: False shows nothing (``progress=False``).
+    """
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    if console.is_terminal or console.is_jupyter:
+        with console.status(f"{message}..."):
+            yield
+        console.print(f"{message}: done in {time.perf_counter() - t0:.1f} s", highlight=False)
+    else:
+        print(f"{message}...", file=sys.stderr, flush=True)
+        yield
+        print(f"{message}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------

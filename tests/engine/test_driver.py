@@ -16,6 +16,7 @@ from diffworld.engine.driver import (
     OptimizeResult,
     lr_factor,
     optimize,
+    status,
 )
 
 TARGET = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -281,6 +282,17 @@ def test_progress_lines_when_not_a_tty(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert 1 <= len(err) <= 11
     assert err[-1].startswith("[main] iteration 100/100") and "it/s" in err[-1] and "ETA" in err[-1]
+
+
+def test_status_lines_when_not_a_tty(capsys):
+    # Metrics and renders run without iterations: a line says what runs, another when it is done.
+    with status("computing metrics"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "computing metrics..." and err[1].startswith("computing metrics: done in ")
+    with status("computing metrics", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""
 
 
 # ------------------------------------------------------------------------------------------- resume

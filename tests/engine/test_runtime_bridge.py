@@ -76,3 +76,32 @@ def test_check_tensor_messages():
         check_tensor("pts", [1, 2, 3])
     with pytest.raises(ValueError, match="non-finite"):
         check_tensor("pts", torch.tensor([1.0, float("inf")]))
+
+
+def test_one_kernel_cache_by_default(monkeypatch, tmp_path):
+    """The command line, make, the tests and the benchmarks share one Warp kernel cache: diffworld's
+    user cache folder unless $DIFFWORLD_WARP_CACHE or $WARP_CACHE_PATH says otherwise."""
+    import os
+
+    from platformdirs import user_cache_dir
+
+    from diffworld.engine.runtime import kernel_cache_dir
+
+    monkeypatch.delenv("DIFFWORLD_WARP_CACHE", raising=False)
+    monkeypatch.delenv("WARP_CACHE_PATH", raising=False)
+    assert kernel_cache_dir() == os.path.join(user_cache_dir("diffworld", appauthor=False), "warp")
+    monkeypatch.setenv("WARP_CACHE_PATH", str(tmp_path / "warp"))
+    assert kernel_cache_dir() == str(tmp_path / "warp")
+    monkeypatch.setenv("DIFFWORLD_WARP_CACHE", str(tmp_path / "dw"))
+    assert kernel_cache_dir() == str(tmp_path / "dw")
+
+
+def test_a_cuda_request_without_a_driver_names_the_driver():
+    from diffworld.engine.runtime import cuda_unavailable_reason
+
+    if wp.is_cuda_available():
+        pytest.skip("a CUDA device is there")
+    with pytest.raises(ValueError, match="'cuda' requested but Warp sees 0 CUDA device") as info:
+        resolve_device("cuda")
+    if cuda_unavailable_reason() is not None:  # no driver at all (not a driver without a GPU)
+        assert "could not find or load the NVIDIA CUDA driver" in str(info.value)

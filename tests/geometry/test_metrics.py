@@ -233,3 +233,79 @@ def test_sampled_mesh_chamfer_gradient_flows_to_vertices():
     # Growing the sphere reduces the loss: the gradient points inward (descent = outward).
     radial = v.detach() / v.detach().norm(dim=-1, keepdim=True)
     assert float((v.grad * radial).sum()) < 0
+
+
+# --- bounded queries ------------------------------------------------------------------------------
+
+def test_distances_are_measured_from_a_bounded_seeded_subset():
+    g = gen(11)
+    p = torch.rand(30_000, 3, generator=g, dtype=torch.float64)
+    q = torch.rand(25_000, 3, generator=g, dtype=torch.float64) * 1.05
+    pn, qn = directions(30_000, seed=12), directions(25_000, seed=13)
+    exact = point_metrics(p, pn, q, qn, threshold=0.02, max_queries=None)
+    assert (exact.queried_pred, exact.queried_gt) == (30_000, 25_000)
+    m = point_metrics(p, pn, q, qn, threshold=0.02, max_queries=2_000, seed=4)
+    assert (m.queried_pred, m.queried_gt) == (2_000, 2_000)
+    # Means and shares estimate the all-points values; the maximum can only be lower.
+    assert m.chamfer_l1 == pytest.approx(exact.chamfer_l1, rel=0.05)
+    assert m.chamfer_l2 == pytest.approx(exact.chamfer_l2, rel=0.1)
+    assert m.fscore == pytest.approx(exact.fscore, abs=0.03)
+    assert m.normal_consistency == pytest.approx(exact.normal_consistency, abs=0.02)
+    assert m.hausdorff <= exact.hausdorff
+    # Seeded: the same seed gives the same numbers, another seed another subset.
+    assert point_metrics(p, pn, q, qn, threshold=0.02, max_queries=2_000, seed=4) == m
+    assert point_metrics(p, pn, q, qn, threshold=0.02, max_queries=2_000, seed=5) != m
+    # A side no larger than the bound is used whole: the exact numbers.
+    assert point_metrics(p, pn, q, qn, threshold=0.02, max_queries=30_000) == exact
+    d = m.as_dict()
+    assert d["queried_pred"] == 2_000 and isinstance(d["queried_pred"], int)
+    with pytest.raises(ValueError, match="'max_queries' >= 1"):
+        point_metrics(p, None, q, None, max_queries=0)
+    with pytest.raises(TypeError, match="'max_queries'"):
+        mesh_metrics(*sphere_mesh(8, 0.4), *sphere_mesh(8, 0.4), max_queries=1.5)
+
+
+def test_far_points_are_matched_within_a_subset_and_near_ones_exactly():
+    # Concentric spheres: every nearest neighbour is exactly delta away. Within FAR_THRESHOLDS
+    # thresholds the distances are exact; beyond, matched within a subset of the other side: at
+    # least the true distance, and on a smooth surface only second-order more.
+    from diffworld.geometry.metrics import FAR_THRESHOLDS
+
+    r, threshold, u = 0.4, 0.01, directions(30_000, seed=1)
+    near = 0.5 * FAR_THRESHOLDS * threshold
+    m = point_metrics(u * r, u, u * (r + near), u, threshold=threshold)
+    assert m.chamfer_l1 == pytest.approx(near, rel=1e-9) and m.hausdorff == pytest.approx(near, rel=1e-9)
+    far = 2 * FAR_THRESHOLDS * threshold
+    m = point_metrics(u * r, u, u * (r + far), u, threshold=threshold)
+    assert far * (1 - 1e-12) <= m.chamfer_l1 < 1.01 * far
+    assert far * (1 - 1e-12) <= m.hausdorff < 1.05 * far
+    assert m.normal_consistency > 0.99
+
+
+def test_kd_tree_work_is_bounded_and_near_matches_see_every_point(monkeypatch):
+    # Points near the centre of a sampled sphere are a KD-tree's worst case: every cell of the
+    # sphere is about as far, so each query visits most of the tree (an unfitted shape against
+    # its target: the starting sphere of reconstruct_genus2 took 33 s at 200k points a side on two
+    # cores). Full searches (unbounded distance) only run on trees of at most MAX_QUERIES points;
+    # the trees of every point (the metrics' resolution) are searched within the far distance.
+    import scipy.spatial
+
+    from diffworld.geometry.metrics import MAX_QUERIES
+
+    calls = []
+
+    class SpyTree(scipy.spatial.cKDTree):
+        def query(self, x, *args, **kwargs):
+            calls.append((self.n, len(x), math.isfinite(kwargs.get("distance_upper_bound", math.inf))))
+            return super().query(x, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.spatial, "cKDTree", SpyTree)
+    n = 3 * MAX_QUERIES
+    sphere = directions(n, seed=21) * 0.4
+    blob = directions(n, seed=22) * torch.rand(n, 1, generator=gen(23), dtype=torch.float64) * 0.05
+    m = point_metrics(sphere, None, blob, None, threshold=0.01)
+    assert calls and all(queries <= MAX_QUERIES for _, queries, _ in calls), calls
+    assert all(tree <= MAX_QUERIES for tree, _, bounded in calls if not bounded), calls
+    assert [tree for tree, _, bounded in calls if bounded] == [n, n], calls
+    assert (m.queried_pred, m.queried_gt) == (MAX_QUERIES, MAX_QUERIES)
+    assert 0.35 < m.chamfer_l1 < 0.4 and m.fscore == 0.0

@@ -105,7 +105,9 @@ WeightsConfig = create_model(
 class EvaluationConfig(StrictModel):
     """How the result is measured."""
 
-    n_points: PositiveInt = Field(200000, le=10**8, description="Points sampled on result and reference.")
+    n_points: PositiveInt = Field(200000, le=10**8, description="Points sampled on result and reference; the "
+                                  "distances are measured from at most 10000 of them a side (a seeded subset, "
+                                  "queried_pred/queried_gt in metrics.json) to all points of the other side.")
     threshold: float = Field(0.01, gt=0, description="F-score distance threshold [m].")
 
 

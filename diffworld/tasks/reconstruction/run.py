@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from diffworld.engine.config.registry import TASKS
+from diffworld.engine.driver import status
 from diffworld.engine.problem import BaseProblem, solve
 from diffworld.geometry.reconstruction import LossWeights, ReconstructionTarget, reconstruction_losses
 from diffworld.tasks.reconstruction.config import ReconstructionTask
@@ -100,28 +101,42 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
 
     with torch.no_grad():
         mesh = rep.extract()
-    metrics = {"result": result_metrics(mesh.vertices, mesh.faces, ref, task.evaluation, scene.seed),
-               "fit_seconds": fit_seconds, "iterations": len(history)}
-    final_res = stages[-1][1]
+    # Metrics and renders take seconds with no iterations to show: say what is running.
+    with status("computing metrics", progress):
+        metrics = {"result": result_metrics(mesh.vertices, mesh.faces, ref, task.evaluation, scene.seed),
+                   "fit_seconds": fit_seconds, "iterations": len(history),
+                   **_baseline_metrics(entry, ref, task, stages[-1][1], scene.seed)}
+    if scene.output.save_mesh and mesh.faces.shape[0]:
+        from diffworld.geometry.io import save_mesh
+
+        save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
+        entry.save(mesh, out_dir)
+    with status("rendering", progress and (scene.output.render or scene.output.turntable)):
+        _render(scene, task, ref, mesh, out_dir)
+    return metrics
+
+
+def _baseline_metrics(entry, ref: Reference, task: ReconstructionTask, final_res: int, seed: int) -> dict:
+    """Metrics of what the representations give on the true fields at the final resolution."""
+    metrics: dict = {}
     base_values = ref.baseline_sdf_values(final_res, task.bounds, torch.float64)
     if base_values is not None:
         from diffworld.geometry.marching_cubes import marching_cubes
 
         base = marching_cubes(base_values, task.bounds)
         metrics["baseline_marching_cubes_true_sdf"] = result_metrics(base.vertices, base.faces, ref, task.evaluation,
-                                                               scene.seed)
-        metrics.update(entry.baselines(base_values, lambda v, f: result_metrics(v, f, ref, task.evaluation,
-                                                                                scene.seed)))
+                                                                     seed)
+        metrics.update(entry.baselines(base_values, lambda v, f: result_metrics(v, f, ref, task.evaluation, seed)))
     if ref.open is not None:
         metrics["target_boundary_length"] = ref.open.boundary_length()
         base = ref.baseline_gshell(final_res, task.bounds, torch.float64)
         metrics["baseline_gshell_true_fields"] = result_metrics(base.vertices, base.faces, ref, task.evaluation,
-                                                          scene.seed)
-    if scene.output.save_mesh and mesh.faces.shape[0]:
-        from diffworld.geometry.io import save_mesh
+                                                                seed)
+    return metrics
 
-        save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
-        entry.save(mesh, out_dir)
+
+def _render(scene, task: ReconstructionTask, ref: Reference, mesh, out_dir: Path) -> None:
+    """render.png (result beside the target) and turntable.gif, as the scene's output section asks."""
     if scene.output.render and mesh.faces.shape[0]:
         from diffworld.viz import render_side_by_side
 
@@ -139,7 +154,6 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         from diffworld.viz import render_turntable
 
         render_turntable(out_dir / "turntable.gif", mesh.vertices.detach().cpu(), mesh.faces.cpu())
-    return metrics
 
 
 def _run(scene, runtime, out_dir: Path, **kwargs) -> dict:
