@@ -21,8 +21,8 @@ import torch
 
 from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix
 
-__all__ = ["COLLIDER_STATE", "Collider", "SHAPES", "axis_angle_to_quat", "collider_mesh", "from_keyframes",
-           "from_velocities", "quat_multiply", "quat_to_matrix", "static"]
+__all__ = ["COLLIDER_STATE", "CONTACT_WEIGHTS", "Collider", "SHAPES", "axis_angle_to_quat", "collider_mesh",
+           "from_keyframes", "from_velocities", "quat_multiply", "quat_to_matrix", "static"]
 
 #: Floats of one collider's kinematic state at one step: position (3), quaternion x, y, z, w (4),
 #: linear velocity (3), angular velocity (3).
@@ -31,6 +31,13 @@ COLLIDER_STATE = 13
 #: Collider shapes, as signed distance functions in the collider's frame (z is the axis); every
 #: simulator's kernels implement each of them.
 SHAPES = ("sphere", "box", "capsule", "cylinder", "cup", "plane", "grid")
+
+#: Soft-contact weights w(d) of a node at signed distance d [m] from a collider of softness s
+#: [1/m] (see :class:`Collider`): ``clamped_exp`` is min(exp(-s d), 1), whose derivative jumps
+#: from -s to 0 at the surface; ``smooth`` is exp(-r(s d)) with the C1 ramp r(u) = 0 (u <= -1),
+#: (u + 1)^2 / 4 (|u| < 1), u (u >= 1): 1 from one decay length inside, exp(-s d) from one decay
+#: length outside, with a continuous derivative everywhere.
+CONTACT_WEIGHTS = ("clamped_exp", "smooth")
 
 
 @dataclass
@@ -44,12 +51,18 @@ class Collider:
             r, half height, wall thickness); unused for plane (normal +z) and grid.
         friction: Coulomb coefficient mu (large: no sliding).
         softness: 0 for hard contact (only nodes inside); > 0 [1/m] blends the contact response
-            with weight min(exp(-softness * sdf), 1) so gradients arrive before contact.
+            with a weight of the node's signed distance (``contact_weight``) so gradients arrive
+            before contact.
         sticky: Nodes in contact take the collider's velocity.
         sdf: For ``grid``: node values of the SDF in the local frame, shape (a, b, c).
         sdf_lower: For ``grid``: local position of node (0, 0, 0) [m].
         sdf_spacing: For ``grid``: node spacing [m].
         name: Label for outputs.
+        contact_weight: The soft-contact weight (:data:`CONTACT_WEIGHTS`): ``clamped_exp``
+            (default) min(exp(-softness * sdf), 1), or ``smooth``, its C1 version, which equals it
+            beyond one decay length 1/softness from the surface; the clamped weight's derivative
+            jumps at the surface, so where a node lies exactly on it (a face on a grid-node plane)
+            the loss has a kink in the collider's pose. ``smooth`` needs ``softness > 0``.
     """
 
     shape: str
@@ -61,6 +74,7 @@ class Collider:
     sdf_lower: tuple[float, float, float] = (0.0, 0.0, 0.0)
     sdf_spacing: float = 1.0
     name: str = "collider"
+    contact_weight: str = "clamped_exp"
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -72,6 +86,12 @@ class Collider:
         if self.friction < 0 or self.softness < 0:
             raise ValueError(f"collider '{self.name}': friction and softness expected >= 0, got "
                              f"{self.friction}, {self.softness}")
+        if self.contact_weight not in CONTACT_WEIGHTS:
+            raise ValueError(f"collider '{self.name}': contact_weight expected one of {list(CONTACT_WEIGHTS)}, got "
+                             f"{self.contact_weight!r}")
+        if self.contact_weight == "smooth" and self.softness <= 0:
+            raise ValueError(f"collider '{self.name}': contact_weight 'smooth' needs softness > 0 (hard contact has "
+                             f"no weight to smooth), got softness {self.softness}")
 
 
 

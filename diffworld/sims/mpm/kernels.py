@@ -37,14 +37,14 @@ Kernels are built per precision by :func:`build` (float32 and float64) and cache
 import warp as wp
 
 from diffworld.engine.runtime import init_warp
-from diffworld.sims.common.colliders import SHAPES
+from diffworld.sims.common.colliders import CONTACT_WEIGHTS, SHAPES
 from diffworld.sims.constitutive.laws import LAWS
 from diffworld.sims.constitutive.warp_laws import (kirchhoff_stress, kirchhoff_usv, kirchhoff_vjp,
                                                    kirchhoff_vjp_usv, needs_svd, project, project_usv,
                                                    project_vjp_usv, viscous_stress)
 from diffworld.sims.constitutive.warp_svd import cofactor
 
-__all__ = ["LAW", "SHAPE", "WALL", "build"]
+__all__ = ["CONTACT_WEIGHT", "LAW", "SHAPE", "WALL", "build"]
 
 # Constitutive law code of each built-in law (the particles' ``law`` array).
 LAW = {name: law.code for name, law in LAWS.items()}
@@ -52,6 +52,8 @@ LAW = {name: law.code for name, law in LAWS.items()}
 SHAPE = {name: code for code, name in enumerate(SHAPES)}  # the kernels' shape codes
 # Domain wall behaviour.
 WALL = {"slip": 0, "sticky": 1, "friction": 2}
+# Soft-contact weights of a collider (Collider.contact_weight): the kernels' codes.
+CONTACT_WEIGHT = {name: code for code, name in enumerate(CONTACT_WEIGHTS)}
 
 
 def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
@@ -507,19 +509,48 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     # Colliders (kinematic rigid bodies with SDF shapes) and the grid update
     # ---------------------------------------------------------------------------------------
 
-    @wp.func
-    def sd_box(q: vec3, h: vec3):
-        d = vec3(wp.abs(q[0]), wp.abs(q[1]), wp.abs(q[2])) - h
-        outside = vec3(wp.max(d[0], f(0.0)), wp.max(d[1], f(0.0)), wp.max(d[2], f(0.0)))
-        return wp.length(outside) + wp.min(wp.max(d[0], wp.max(d[1], d[2])), f(0.0))
+    # Clamps at 0 of the SDFs. On a tie (a point exactly on a face, e.g. a grid node on a face
+    # that lies on a node plane) Warp's min/max adjoints send the gradient to their second
+    # argument. With ``ties`` set the constant 0 comes first, so the distance keeps its derivative
+    # 1 along the normal there (both one-sided derivatives are 1); without it the gradient goes to
+    # the constant and the derivative is 0 on the face. The smooth contact weight needs the
+    # former (its weight has a slope at d = 0); the default clamped weight keeps the latter, bit
+    # for bit as before (its own derivative is 0 at d = 0, but the normal's derivative uses these
+    # ties too: mpm_gather's gradient moves by 1.6 % with the tie-correct form; docs/mpm.md).
 
     @wp.func
-    def sd_cylinder(q: vec3, r: f, hh: f):
+    def pos_part(x: f, ties: int):
+        """max(x, 0)."""
+        r = f(0.0)
+        if ties != 0:
+            r = wp.max(f(0.0), x)
+        else:
+            r = wp.max(x, f(0.0))
+        return r
+
+    @wp.func
+    def neg_part(x: f, ties: int):
+        """min(x, 0)."""
+        r = f(0.0)
+        if ties != 0:
+            r = wp.min(f(0.0), x)
+        else:
+            r = wp.min(x, f(0.0))
+        return r
+
+    @wp.func
+    def sd_box(q: vec3, h: vec3, ties: int):
+        d = vec3(wp.abs(q[0]), wp.abs(q[1]), wp.abs(q[2])) - h
+        outside = vec3(pos_part(d[0], ties), pos_part(d[1], ties), pos_part(d[2], ties))
+        return wp.length(outside) + neg_part(wp.max(d[0], wp.max(d[1], d[2])), ties)
+
+    @wp.func
+    def sd_cylinder(q: vec3, r: f, hh: f, ties: int):
         dr = wp.sqrt(q[0] * q[0] + q[1] * q[1] + f(1.0e-20)) - r
         dz = wp.abs(q[2]) - hh
-        a = wp.max(dr, f(0.0))
-        b = wp.max(dz, f(0.0))
-        return wp.min(wp.max(dr, dz), f(0.0)) + wp.sqrt(a * a + b * b + f(1.0e-20))
+        a = pos_part(dr, ties)
+        b = pos_part(dz, ties)
+        return neg_part(wp.max(dr, dz), ties) + wp.sqrt(a * a + b * b + f(1.0e-20))
 
     @wp.func
     def grid_sdf(q: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i, glo: vec3, h: f):
@@ -547,21 +578,21 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.func
     def shape_sdf(kind: int, q: vec3, size: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i,
-                  glo: vec3, h: f):
-        """Signed distance [m] of a collider shape in its local frame (negative inside)."""
+                  glo: vec3, h: f, ties: int):
+        """Signed distance [m] of a collider shape in its local frame (negative inside); ``ties``: see pos_part."""
         d = f(0.0)
         if kind == 0:  # sphere, radius size[0]
             d = wp.length(q + vec3(f(1.0e-20))) - size[0]
         elif kind == 1:  # box, half extents
-            d = sd_box(q, size)
+            d = sd_box(q, size, ties)
         elif kind == 2:  # capsule along z: radius size[0], half length of the segment size[1]
             z = wp.clamp(q[2], -size[1], size[1])
             d = wp.length(q - vec3(f(0.0), f(0.0), z) + vec3(f(1.0e-20))) - size[0]
         elif kind == 3:  # cylinder along z: radius size[0], half height size[1]
-            d = sd_cylinder(q, size[0], size[1])
+            d = sd_cylinder(q, size[0], size[1], ties)
         elif kind == 4:  # cup open at +z: inner radius size[0], half height size[1], wall size[2]
-            outer = sd_cylinder(q, size[0] + size[2], size[1])
-            inner = sd_cylinder(q - vec3(f(0.0), f(0.0), size[2]), size[0], size[1])
+            outer = sd_cylinder(q, size[0] + size[2], size[1], ties)
+            inner = sd_cylinder(q - vec3(f(0.0), f(0.0), size[2]), size[0], size[1], ties)
             d = wp.max(outer, -inner)
         elif kind == 5:  # half-space below the local xy plane (normal +z)
             d = q[2]
@@ -598,9 +629,23 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         else:
             grid_v[i, j, k] = vec3(f(0.0))
 
+    @wp.func
+    def smooth_weight(u: f):
+        """exp(-r(u)) with the C1 ramp r = 0 (u <= -1), (u + 1)^2 / 4 (|u| < 1), u (u >= 1); u = softness * sdf.
+
+        It equals min(exp(-u), 1) for |u| >= 1 and its derivative is continuous at u = -1 and u = 1
+        (0 and -exp(-1)), where the clamped weight's jumps from 0 to -1 at u = 0.
+        """
+        w = f(1.0)
+        if u >= f(1.0):
+            w = wp.exp(-u)
+        elif u > f(-1.0):
+            w = wp.exp(-(u + f(1.0)) * (u + f(1.0)) * f(0.25))
+        return w
+
     @wp.kernel
     def grid_collider(grid_v: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), lo: vec3, dx: f,
-                      kind: int, size: vec3, friction: f, softness: f, sticky: int,
+                      kind: int, size: vec3, friction: f, softness: f, weight: int, sticky: int,
                       sdf_data: wp.array(dtype=f), offset: int, dims: wp.vec3i, glo: vec3, h: f,
                       state: wp.array(dtype=f), grid_v_out: wp.array3d(dtype=vec3)):
         # One collider per launch (a new output array each): no loop-carried values for the adjoint.
@@ -616,10 +661,13 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         ang = vec3(state[10], state[11], state[12])
         r = xn - pos
         q = wp.quat_rotate_inv(rot, r)
-        d = shape_sdf(kind, q, size, sdf_data, offset, dims, glo, h)
+        d = shape_sdf(kind, q, size, sdf_data, offset, dims, glo, h, weight)  # smooth weight: tie-correct SDF adjoint
         influence = f(0.0)
         if softness > f(0.0):
-            influence = wp.min(wp.exp(-d * softness), f(1.0))
+            if weight == 0:  # clamped_exp (the default: this exact expression keeps old results bit for bit)
+                influence = wp.min(wp.exp(-d * softness), f(1.0))
+            else:  # smooth: C1 in d, so a node on the surface gives no kink in the collider's pose
+                influence = smooth_weight(d * softness)
         elif d < f(0.0):
             influence = f(1.0)
         if influence > f(1.0e-6):
@@ -628,12 +676,12 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             ex = vec3(eps, f(0.0), f(0.0))
             ey = vec3(f(0.0), eps, f(0.0))
             ez = vec3(f(0.0), f(0.0), eps)
-            nl = vec3(shape_sdf(kind, q + ex, size, sdf_data, offset, dims, glo, h)
-                      - shape_sdf(kind, q - ex, size, sdf_data, offset, dims, glo, h),
-                      shape_sdf(kind, q + ey, size, sdf_data, offset, dims, glo, h)
-                      - shape_sdf(kind, q - ey, size, sdf_data, offset, dims, glo, h),
-                      shape_sdf(kind, q + ez, size, sdf_data, offset, dims, glo, h)
-                      - shape_sdf(kind, q - ez, size, sdf_data, offset, dims, glo, h))
+            nl = vec3(shape_sdf(kind, q + ex, size, sdf_data, offset, dims, glo, h, weight)
+                      - shape_sdf(kind, q - ex, size, sdf_data, offset, dims, glo, h, weight),
+                      shape_sdf(kind, q + ey, size, sdf_data, offset, dims, glo, h, weight)
+                      - shape_sdf(kind, q - ey, size, sdf_data, offset, dims, glo, h, weight),
+                      shape_sdf(kind, q + ez, size, sdf_data, offset, dims, glo, h, weight)
+                      - shape_sdf(kind, q - ez, size, sdf_data, offset, dims, glo, h, weight))
             n = wp.quat_rotate(rot, nl / wp.sqrt(wp.dot(nl, nl) + f(1.0e-20)))
             vc = lin + wp.cross(ang, r)
             v = collide(v, vc, n, influence, friction, sticky)

@@ -428,15 +428,17 @@ class Stepper:
                 this = 0
             self.col_args.append(dict(kind=kernels.SHAPE[c.shape], size=self.k["vec3"](*c.size),
                                       friction=self.k["scalar"](c.friction), softness=self.k["scalar"](c.softness),
-                                      sticky=int(c.sticky), offset=this, dims=wp.vec3i(*dims),
-                                      glo=self.k["vec3"](*glo), h=self.k["scalar"](h)))
+                                      weight=kernels.CONTACT_WEIGHT[c.contact_weight], sticky=int(c.sticky),
+                                      offset=this, dims=wp.vec3i(*dims), glo=self.k["vec3"](*glo),
+                                      h=self.k["scalar"](h)))
         data = torch.cat(chunks) if chunks else _zeros(1, self.dtype, self.device)
         self._sdf_data_t = data.contiguous()
         self.sdf_data = self._scalars(self._sdf_data_t)
 
     def _collider_inputs(self, gv_in: torch.Tensor, gm, lo, a: dict, control_row: torch.Tensor) -> list:
         return [self._vec3s(gv_in), gm, lo, self.dx, a["kind"], a["size"], a["friction"], a["softness"],
-                a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"], self._scalars(control_row)]
+                a["weight"], a["sticky"], self.sdf_data, a["offset"], a["dims"], a["glo"], a["h"],
+                self._scalars(control_row)]
 
     # -- one substep ----------------------------------------------------------------------------
 
@@ -723,7 +725,7 @@ class Stepper:
             # the kernel's adjoint accumulates into the collider's row of adj_control
             adj_row = adj_control[ci] if adj_control is not None else _zeros((COLLIDER_STATE,), dt_, dev)
             ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
-            adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, None, 0, a["dims"], a["glo"],
+            adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, 0, None, 0, a["dims"], a["glo"],
                        z, w(adj_row)]
             self._run(k["grid_collider"], box.shape, ins, [v3(s.grid_v[ci + 1])], adjoint=True,
                       adj_inputs=adj_ins, adj_outputs=[v3(adj_gv)])

@@ -15,7 +15,8 @@ def _collider(cfg: ColliderConfig, dtype):
     from diffworld.sims.common.colliders import Collider
 
     if cfg.shape != "mesh":
-        return Collider(cfg.shape, cfg.size, cfg.friction, cfg.softness, cfg.sticky, name=cfg.name)
+        return Collider(cfg.shape, cfg.size, cfg.friction, cfg.softness, cfg.sticky, name=cfg.name,
+                        contact_weight=cfg.contact_weight)
     from diffworld.geometry.io import load_mesh
     from diffworld.geometry.grid import Grid
     from diffworld.geometry.mesh_sdf import mesh_to_sdf
@@ -30,7 +31,7 @@ def _collider(cfg: ColliderConfig, dtype):
     grid = Grid.make((n, n, n), (tuple(lo.tolist()), tuple((lo + h * n).tolist())))
     values = mesh_to_sdf(v, m.faces, grid, sign="winding", dtype=torch.float64)
     return Collider("grid", cfg.size, cfg.friction, cfg.softness, cfg.sticky, sdf=values,
-                    sdf_lower=tuple(lo.tolist()), sdf_spacing=h, name=cfg.name)
+                    sdf_lower=tuple(lo.tolist()), sdf_spacing=h, name=cfg.name, contact_weight=cfg.contact_weight)
 
 
 class MPMScene:

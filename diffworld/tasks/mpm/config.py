@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from diffworld.engine.config.schema import StrictModel, reject_boolean
-from diffworld.sims.common.colliders import SHAPES
+from diffworld.sims.common.colliders import CONTACT_WEIGHTS, SHAPES
 from diffworld.sims.mpm.materials import MATERIALS, PARAMETER_DOCS, PARAMETERS, Material, parameter_problem
 from diffworld.tasks.mpm.loss_terms import (LOSS_TERMS, ChamferLossConfig, ComLossConfig, DensityLossConfig,
                                             MixingLossConfig, PatternLossConfig, PythonLossConfig, RegionLossConfig,
@@ -168,11 +168,22 @@ class ColliderConfig(StrictModel):
     sdf_resolution: int = Field(64, ge=8, le=512, description="SDF grid resolution of a mesh collider.")
     friction: float = Field(0.5, ge=0)
     softness: float = Field(0.0, ge=0, description="Soft-contact sharpness [1/m]; 0 = hard.")
+    contact_weight: Literal[CONTACT_WEIGHTS] = Field(
+        "clamped_exp", description="Soft-contact weight of a node at signed distance d: 'clamped_exp' "
+        "min(exp(-softness d), 1), or 'smooth', equal to it beyond 1/softness from the surface and C1 "
+        "everywhere (no kink in the loss where a face lies on a grid-node plane); 'smooth' needs softness > 0.")
     sticky: bool = False
     motion: MotionConfig = MotionConfig()
 
     _path = field_validator("path")(resolve_optional)
     _readable = field_validator("path")(readable_asset("mesh"))
+
+    @model_validator(mode="after")
+    def _smooth_needs_softness(self):
+        if self.contact_weight == "smooth" and self.softness <= 0:
+            raise ValueError(f"contact_weight 'smooth' needs softness > 0 (hard contact has no weight to smooth), "
+                             f"got softness {self.softness}")
+        return self
 
 
 class DomainConfig(StrictModel):
