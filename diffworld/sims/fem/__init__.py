@@ -1,5 +1,6 @@
-"""Tetrahedral linear-element FEM solids (issue 15): the rest mesh, materials, and (next) the
-Model/State/Control solver with explicit and implicit integrators.
+"""Tetrahedral linear-element FEM solids (issue 15): the rest mesh, materials, and the
+Model/State/Control solver with the explicit (symplectic Euler) integrator, differentiable end to
+end through checkpoint windows.
 
 Quick start::
 
@@ -7,7 +8,9 @@ Quick start::
 
     mesh = fem.TetMesh.box((0, 0, 0), (0.1, 0.02, 0.02), (20, 4, 4))  # [m]
     clamped = mesh.nodes_in_box((0, 0, 0), (0, 0.02, 0.02))
-    masses = mesh.lumped_masses(1100.0)  # [kg]
+    model = fem.build_model(mesh, E=1e5, nu=0.3, density=1100.0, kinematic=clamped, damping=5.0)
+    dt = fem.stable_dt(model).dt  # [s]
+    out = fem.rollout(model, model.rest_state(), dt, n_steps=1000, window=50)
     P = fem.device_first_piola("stable_neo_hookean", F, E, nu)  # [Pa], differentiable
 
 (``diffworld.sims.fem.TetMesh`` is the FEM solid's rest mesh; ``diffworld.geometry.tet_mesh.TetMesh``
@@ -18,19 +21,39 @@ from diffworld.sims.fem.materials import (FEM_MATERIALS, FemMaterial, PiolaVJP, 
                                           device_first_piola, device_first_piola_diff, device_first_piola_vjp,
                                           fem_material, material_code, stable_neo_hookean_E_nu, young_poisson)
 from diffworld.sims.fem.mesh import TetMesh
+from diffworld.sims.fem.model import Control, Energy, Model, State, build_model, rotation_matrix
+from diffworld.sims.fem.rollout import PARAMS, Rollout, SimulationError, check_state, rollout, step
+from diffworld.sims.fem.solver import CFL, StabilityLimit, Stepper, check_dt, stable_dt
 
 __all__ = [
+    "CFL",
+    "Control",
+    "Energy",
     "FEM_MATERIALS",
     "FemMaterial",
+    "Model",
+    "PARAMS",
     "PiolaVJP",
+    "Rollout",
+    "SimulationError",
+    "StabilityLimit",
+    "State",
+    "Stepper",
     "TetMesh",
+    "build_model",
+    "check_dt",
     "check_parameters",
+    "check_state",
     "device_energy",
     "device_first_piola",
     "device_first_piola_diff",
     "device_first_piola_vjp",
     "fem_material",
     "material_code",
+    "rollout",
+    "rotation_matrix",
+    "stable_dt",
     "stable_neo_hookean_E_nu",
+    "step",
     "young_poisson",
 ]

@@ -1,0 +1,192 @@
+"""Differentiable FEM rollouts: the engine's checkpointed rollout (:mod:`diffworld.engine.rollout`)
+over the explicit step, with the stability check and NaN/Inf checks.
+
+Gradients reach the initial state (x, v), the control (pose sequence and external forces, through
+the torch functions that pack it), the per-tet ``E``, ``nu`` and ``density`` (through the lumped
+masses, computed by torch), ``damping`` and ``gravity``. A window's forward keeps only its input
+state; its backward recomputes the window (3 (N, 3) arrays per step) and runs the hand-written
+step adjoints in reverse. The numbers do not depend on the window: the state (x, v) is all a step
+reads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from diffworld.engine.rollout import checkpointed_rollout
+from diffworld.sims.fem.materials import check_parameters
+from diffworld.sims.fem.model import Control, Model, State
+from diffworld.sims.fem.solver import Stepper, check_dt
+
+__all__ = ["PARAMS", "Rollout", "SimulationError", "check_state", "rollout", "step"]
+
+# Parameters a rollout takes by name (``params=``); the step's ``mass`` comes from ``density``.
+PARAMS = ("E", "nu", "density", "damping", "gravity")
+
+
+class SimulationError(RuntimeError):
+    """A rollout produced an unusable state (NaN/Inf)."""
+
+
+class Rollout(NamedTuple):
+    """Result of :func:`rollout`.
+
+    Attributes:
+        states: Recorded states: index 0 is the initial state, then one every ``record_every``
+            steps (and the final state).
+        steps: Step index of each recorded state.
+    """
+
+    states: list[State]
+    steps: list[int]
+
+    @property
+    def final(self) -> State:
+        return self.states[-1]
+
+    def positions(self) -> torch.Tensor:
+        """Recorded positions [m], shape (R, N, 3)."""
+        return torch.stack([s.x for s in self.states])
+
+
+class _Steps:
+    """The FEM :class:`Stepper` as an :class:`~diffworld.engine.rollout.Simulator`: state (x, v)."""
+
+    def __init__(self, stepper: Stepper) -> None:
+        self.stepper = stepper
+
+    def step(self, state, params, control, index: int, keep: bool):
+        x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep)
+        return (x1, v1), saved
+
+    def step_adjoint(self, saved, params, adj_out, adj_params, adj_control):
+        return self.stepper.step_adjoint(saved, params, adj_out[0], adj_out[1], adj_params, adj_control)
+
+
+def check_state(state: State, step: int, dt: float) -> None:
+    """Raise :class:`SimulationError` if ``state`` (after ``step`` steps of ``dt`` [s]) holds NaN/Inf."""
+    with torch.no_grad():
+        for name, t in zip(State._fields, state):
+            lo, hi = torch.aminmax(t)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                node = int((~torch.isfinite(t)).any(1).nonzero()[0])
+                raise SimulationError(f"non-finite {name} of node {node} after step {step} (t = {step * dt:.4g} s); "
+                                      f"check the material parameters, loads and dt")
+
+
+def _check_initial(model: Model, state: State) -> State:
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(f"rollout: expected 'state' a State (x, v), got {type(state).__name__}")
+    n = model.n_nodes
+    for name, t in zip(("x", "v"), state):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, 3):
+            raise ValueError(f"rollout: expected state.{name} of shape ({n}, 3), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"rollout: state.{name} has non-finite values (NaN or Inf)")
+    return State(*(t.to(model.dtype) for t in state))
+
+
+def _merged_params(model: Model, params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The model's parameters with the overrides, checked (messages name ``params[...]``)."""
+    merged = {name: getattr(model, name) for name in PARAMS}
+    for name, t in (params or {}).items():
+        if name not in PARAMS:
+            raise ValueError(f"rollout: unknown parameter {name!r}; expected one of {list(PARAMS)}")
+        want = {"gravity": (3,), "damping": ()}.get(name, (model.n_tets,))
+        t = torch.as_tensor(t, device=model.device).to(model.dtype)
+        if name in ("E", "nu", "density") and t.dim() == 0:
+            t = t.expand(model.n_tets)
+        if tuple(t.shape) != want:
+            raise ValueError(f"rollout: expected params[{name!r}] of shape {want}, got {tuple(t.shape)}")
+        merged[name] = t
+    try:
+        check_parameters(merged["E"], merged["nu"])
+    except ValueError as err:
+        raise ValueError(f"rollout: params: {err}") from None
+    for name, ok, want in (("density", lambda v: v > 0, "finite and > 0 [kg/m^3]"),
+                           ("damping", lambda v: v >= 0, "finite and >= 0 [1/s]"),
+                           ("gravity", torch.isfinite, "finite [m/s^2]")):
+        v = merged[name].detach().reshape(-1)
+        bad = (~(torch.isfinite(v) & ok(v))).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"rollout: params[{name!r}] must be {want}, got {v[i].item()!r} (entry {i})")
+    return merged
+
+
+def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, control: Control | None = None, *,
+            window: int = 32, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
+            check: bool = True, stability_check: bool = True, stepper: Stepper | None = None,
+            keep_last_window: bool = True) -> Rollout:
+    """Simulate explicit FEM steps, differentiably.
+
+    Args:
+        model: The model.
+        state: Initial state (its tensors may require gradients).
+        dt: Step [s], at most the stability limit (:func:`~diffworld.sims.fem.solver.stable_dt`).
+        n_steps: Number of steps; default the control's length (both given: they must agree).
+        control: Per-step pose of the kinematic nodes and external forces (None: kinematic
+            nodes held at their anchors, no external forces). Differentiable.
+        window: Steps per checkpoint window: the forward keeps one state per window, the
+            backward one window's intermediates (3 (N, 3) arrays per step). The numbers do not
+            depend on it.
+        record_every: Record the state every this many steps (default: only the final state).
+            Recorded states are differentiable outputs; recording does not end a window.
+        params: Overrides of the model's parameters by name (:data:`PARAMS`), e.g. tensors that
+            require gradients: ``E``, ``nu``, ``density`` (T,) or scalars, ``damping`` (),
+            ``gravity`` (3,).
+        check: Stop with :class:`SimulationError` on NaN/Inf in a recorded state.
+        stability_check: Refuse ``dt`` above the stability limit (turn off only to study
+            instability).
+        stepper: A :class:`~diffworld.sims.fem.solver.Stepper` of this model and ``dt`` to reuse.
+        keep_last_window: Keep the last window's intermediates from the forward instead of
+            recomputing them in backward (same numbers).
+
+    Returns:
+        A :class:`Rollout`.
+
+    Raises:
+        ValueError: ``dt`` above the stability limit (the message gives the limit and the
+            substeps needed), inconsistent step counts, shapes or parameters.
+        SimulationError: NaN/Inf.
+    """
+    state = _check_initial(model, state)
+    n_ctrl = control.n_steps if control is not None else None
+    if n_steps is None:
+        if n_ctrl is None:
+            raise ValueError("rollout: give 'n_steps' or a control with at least one field")
+        n_steps = n_ctrl
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+        raise ValueError(f"rollout: expected n_steps an integer >= 0, got {n_steps!r}")
+    if n_ctrl is not None and n_ctrl != n_steps:
+        raise ValueError(f"rollout: n_steps {n_steps} but the control has {n_ctrl} steps")
+    if window < 1:
+        raise ValueError(f"rollout: expected window >= 1, got {window}")
+    p = _merged_params(model, params)
+    if stability_check:
+        check_dt(model, dt, p)
+    rows = (control or Control()).rows(model, n_steps)
+    if stepper is None:
+        stepper = Stepper(model, dt)
+    elif stepper.model is not model or stepper.dt_value != float(dt):
+        raise ValueError("rollout: 'stepper' was built for another model or dt")
+    mass = model.masses(p["density"])
+    # in solver.STEP_PARAMS order
+    plist = [t.contiguous() for t in (p["E"], p["nu"], mass, p["damping"].reshape(1), p["gravity"])]
+
+    def check_recorded(st, k: int) -> None:
+        check_state(State(*st), k, dt)
+
+    traj = checkpointed_rollout(_Steps(stepper), tuple(state), n_steps, rows, plist, window=window,
+                                record_every=record_every, keep_last_window=keep_last_window,
+                                check=check_recorded if check else None)
+    return Rollout([state] + [State(*st) for st in traj.states[1:]], traj.steps)
+
+
+def step(model: Model, state: State, dt: float, control: Control | None = None, *,
+         params: dict[str, torch.Tensor] | None = None) -> State:
+    """One explicit step (a rollout of one step; differentiable). ``control`` of one row or None."""
+    return rollout(model, state, dt, 1, control, window=1, params=params).final
