@@ -23,6 +23,8 @@ MODULES = [
     "diffworld.geometry.kernels_flexicubes_dual",
     "diffworld.geometry.kernels_isosurface",
     "diffworld.geometry.kernels_sdf",
+    "diffworld.sims.fem.kernels",
+    "diffworld.sims.fem.kernels_materials",
     "diffworld.sims.mpm.kernels",
 ]
 
