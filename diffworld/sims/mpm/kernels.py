@@ -511,46 +511,34 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     # Clamps at 0 of the SDFs. On a tie (a point exactly on a face, e.g. a grid node on a face
     # that lies on a node plane) Warp's min/max adjoints send the gradient to their second
-    # argument. With ``ties`` set the constant 0 comes first, so the distance keeps its derivative
-    # 1 along the normal there (both one-sided derivatives are 1); without it the gradient goes to
-    # the constant and the derivative is 0 on the face. The smooth contact weight needs the
-    # former (its weight has a slope at d = 0); the default clamped weight keeps the latter, bit
-    # for bit as before (its own derivative is 0 at d = 0, but the normal's derivative uses these
-    # ties too: mpm_gather's gradient moves by 1.6 % with the tie-correct form; docs/mpm.md).
+    # argument, so the constant 0 comes first: the distance keeps its derivative 1 along the
+    # normal there (both one-sided derivatives are 1). The other order gave 0 on the face, a wrong
+    # gradient of the contact normal at such nodes (mpm_gather's first gradient norm was 1.3544
+    # with it, 1.3756 with this; docs/mpm.md), and a kink the smooth contact weight cannot have.
 
     @wp.func
-    def pos_part(x: f, ties: int):
-        """max(x, 0)."""
-        r = f(0.0)
-        if ties != 0:
-            r = wp.max(f(0.0), x)
-        else:
-            r = wp.max(x, f(0.0))
-        return r
+    def pos_part(x: f):
+        """max(x, 0), derivative 1 at x = 0."""
+        return wp.max(f(0.0), x)
 
     @wp.func
-    def neg_part(x: f, ties: int):
-        """min(x, 0)."""
-        r = f(0.0)
-        if ties != 0:
-            r = wp.min(f(0.0), x)
-        else:
-            r = wp.min(x, f(0.0))
-        return r
+    def neg_part(x: f):
+        """min(x, 0), derivative 1 at x = 0."""
+        return wp.min(f(0.0), x)
 
     @wp.func
-    def sd_box(q: vec3, h: vec3, ties: int):
+    def sd_box(q: vec3, h: vec3):
         d = vec3(wp.abs(q[0]), wp.abs(q[1]), wp.abs(q[2])) - h
-        outside = vec3(pos_part(d[0], ties), pos_part(d[1], ties), pos_part(d[2], ties))
-        return wp.length(outside) + neg_part(wp.max(d[0], wp.max(d[1], d[2])), ties)
+        outside = vec3(pos_part(d[0]), pos_part(d[1]), pos_part(d[2]))
+        return wp.length(outside) + neg_part(wp.max(d[0], wp.max(d[1], d[2])))
 
     @wp.func
-    def sd_cylinder(q: vec3, r: f, hh: f, ties: int):
+    def sd_cylinder(q: vec3, r: f, hh: f):
         dr = wp.sqrt(q[0] * q[0] + q[1] * q[1] + f(1.0e-20)) - r
         dz = wp.abs(q[2]) - hh
-        a = pos_part(dr, ties)
-        b = pos_part(dz, ties)
-        return neg_part(wp.max(dr, dz), ties) + wp.sqrt(a * a + b * b + f(1.0e-20))
+        a = pos_part(dr)
+        b = pos_part(dz)
+        return neg_part(wp.max(dr, dz)) + wp.sqrt(a * a + b * b + f(1.0e-20))
 
     @wp.func
     def grid_sdf(q: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i, glo: vec3, h: f):
@@ -578,21 +566,21 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
 
     @wp.func
     def shape_sdf(kind: int, q: vec3, size: vec3, data: wp.array(dtype=f), offset: int, dims: wp.vec3i,
-                  glo: vec3, h: f, ties: int):
-        """Signed distance [m] of a collider shape in its local frame (negative inside); ``ties``: see pos_part."""
+                  glo: vec3, h: f):
+        """Signed distance [m] of a collider shape in its local frame (negative inside)."""
         d = f(0.0)
         if kind == 0:  # sphere, radius size[0]
             d = wp.length(q + vec3(f(1.0e-20))) - size[0]
         elif kind == 1:  # box, half extents
-            d = sd_box(q, size, ties)
+            d = sd_box(q, size)
         elif kind == 2:  # capsule along z: radius size[0], half length of the segment size[1]
             z = wp.clamp(q[2], -size[1], size[1])
             d = wp.length(q - vec3(f(0.0), f(0.0), z) + vec3(f(1.0e-20))) - size[0]
         elif kind == 3:  # cylinder along z: radius size[0], half height size[1]
-            d = sd_cylinder(q, size[0], size[1], ties)
+            d = sd_cylinder(q, size[0], size[1])
         elif kind == 4:  # cup open at +z: inner radius size[0], half height size[1], wall size[2]
-            outer = sd_cylinder(q, size[0] + size[2], size[1], ties)
-            inner = sd_cylinder(q - vec3(f(0.0), f(0.0), size[2]), size[0], size[1], ties)
+            outer = sd_cylinder(q, size[0] + size[2], size[1])
+            inner = sd_cylinder(q - vec3(f(0.0), f(0.0), size[2]), size[0], size[1])
             d = wp.max(outer, -inner)
         elif kind == 5:  # half-space below the local xy plane (normal +z)
             d = q[2]
@@ -661,7 +649,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         ang = vec3(state[10], state[11], state[12])
         r = xn - pos
         q = wp.quat_rotate_inv(rot, r)
-        d = shape_sdf(kind, q, size, sdf_data, offset, dims, glo, h, weight)  # smooth weight: tie-correct SDF adjoint
+        d = shape_sdf(kind, q, size, sdf_data, offset, dims, glo, h)
         influence = f(0.0)
         if softness > f(0.0):
             if weight == 0:  # clamped_exp (the default: this exact expression keeps old results bit for bit)
@@ -676,12 +664,12 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
             ex = vec3(eps, f(0.0), f(0.0))
             ey = vec3(f(0.0), eps, f(0.0))
             ez = vec3(f(0.0), f(0.0), eps)
-            nl = vec3(shape_sdf(kind, q + ex, size, sdf_data, offset, dims, glo, h, weight)
-                      - shape_sdf(kind, q - ex, size, sdf_data, offset, dims, glo, h, weight),
-                      shape_sdf(kind, q + ey, size, sdf_data, offset, dims, glo, h, weight)
-                      - shape_sdf(kind, q - ey, size, sdf_data, offset, dims, glo, h, weight),
-                      shape_sdf(kind, q + ez, size, sdf_data, offset, dims, glo, h, weight)
-                      - shape_sdf(kind, q - ez, size, sdf_data, offset, dims, glo, h, weight))
+            nl = vec3(shape_sdf(kind, q + ex, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ex, size, sdf_data, offset, dims, glo, h),
+                      shape_sdf(kind, q + ey, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ey, size, sdf_data, offset, dims, glo, h),
+                      shape_sdf(kind, q + ez, size, sdf_data, offset, dims, glo, h)
+                      - shape_sdf(kind, q - ez, size, sdf_data, offset, dims, glo, h))
             n = wp.quat_rotate(rot, nl / wp.sqrt(wp.dot(nl, nl) + f(1.0e-20)))
             vc = lin + wp.cross(ang, r)
             v = collide(v, vc, n, influence, friction, sticky)
