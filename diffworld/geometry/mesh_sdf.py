@@ -41,7 +41,7 @@ from diffworld.engine.runtime import init_warp
 from diffworld.geometry.grid import Grid
 from diffworld.geometry.sdf import SDF, _register, sample_grid
 
-__all__ = ["MeshSDF", "SIGN_MODES", "check_mesh", "mesh_to_sdf"]
+__all__ = ["MeshSDF", "SIGN_MODES", "check_mesh", "closest_points", "mesh_to_sdf"]
 
 SIGN_MODES = ("winding", "normal")
 
@@ -153,6 +153,23 @@ def _closest(mesh: _WarpMesh, points: torch.Tensor, max_distance: float | None, 
             to_warp(p64, dtype=wp.vec3d), float(bound), float(scale), int(kernel_mode),
             int(points.dtype == torch.float64), to_warp(face), to_warp(weights, dtype=wp.vec3d), to_warp(sign)], dev)
     return face.long(), weights, sign
+
+
+def closest_points(vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closest point of a triangle mesh (open or closed) to each query point (BVH search).
+
+    Args:
+        vertices: (V, 3) [m]. faces: (F, 3) int. points: (M, 3) [m].
+
+    Returns:
+        (face (M,) int64, barycentric weights (M, 3) float64) of the closest points; float64
+        queries get the float64 refinement of the closest face.
+    """
+    vertices, faces = check_mesh(vertices, faces)
+    mesh = _WarpMesh(vertices, faces, points.device, winding=False)
+    face, weights, _ = _closest(mesh, points, None, mode=1)
+    return face, weights
 
 
 class _PseudoNormals(NamedTuple):

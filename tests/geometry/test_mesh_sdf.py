@@ -168,3 +168,28 @@ def test_errors_name_the_argument(sphere_mesh):
         mesh_to_sdf(v, f, (4, 4, 4))
     with pytest.raises(ValueError, match="degenerate"):
         mesh_to_sdf(torch.zeros((3, 3)), torch.tensor([[0, 1, 2]]), grid)
+
+
+def test_closest_points_match_brute_force_on_an_open_mesh():
+    import trimesh
+
+    from diffworld.geometry.mesh_sdf import closest_points
+
+    m = trimesh.creation.icosphere(subdivisions=2)
+    keep = m.triangles_center[:, 2] > 0  # an open cap
+    v = torch.as_tensor(m.vertices, dtype=torch.float64)
+    f = torch.as_tensor(m.faces[keep])
+    g = torch.Generator().manual_seed(0)
+    p = 1.5 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    face, w = closest_points(v, f, p)
+    c = (w[:, :, None] * v[f[face]]).sum(1)
+    d = (p - c).norm(dim=1)
+    # Brute force: the closest point on every triangle, densely sampled by barycentrics.
+    n = 40
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+    ok = (i + j) <= n
+    b = torch.stack([i[ok], j[ok], n - i[ok] - j[ok]], 1).double() / n
+    samples = torch.einsum("sk,fkd->fsd", b, v[f]).reshape(-1, 3)
+    brute = torch.cdist(p, samples).min(1).values
+    assert (d <= brute + 1e-12).all() and (brute - d).max() < 0.02
+    assert (w >= -1e-12).all() and torch.allclose(w.sum(1), torch.ones(200, dtype=torch.float64))
