@@ -1,12 +1,14 @@
-"""Vision-based tactile sensors (issue 15): elastomer geometry, camera and markers now;
-contact and the optical image next.
+"""Vision-based tactile sensors (issue 15): elastomer geometry, camera, markers and the
+optical image now; contact next.
 
 * :mod:`.sensors`: the hemispherical dome and the flat pad as FEM meshes with their contact
   surface and fixed base.
 * :mod:`.camera`: the sensor camera (pinhole, equidistant fisheye) and markers fixed on the gel.
+* :mod:`.optical`: the RGB tactile image (photometric shading of the deformed contact surface).
 """
 
 from diffworld.sims.tactile.camera import Markers, SensorCamera
+from diffworld.sims.tactile.optical import OpticalImage, Photometric
 from diffworld.sims.tactile.sensors import SensorGeometry, dome, flat_pad, prism_tets
 
-__all__ = ["Markers", "SensorCamera", "SensorGeometry", "dome", "flat_pad", "prism_tets"]
+__all__ = ["Markers", "OpticalImage", "Photometric", "SensorCamera", "SensorGeometry", "dome", "flat_pad", "prism_tets"]

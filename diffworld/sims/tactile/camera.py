@@ -94,8 +94,13 @@ class SensorCamera:
         return torch.stack([cx + f * scale * x, cy + f * scale * y], -1)
 
     def in_front(self, points: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: in front of the camera (z > 0 in camera coordinates)."""
-        return self.to_camera(points)[:, 2] > 0
+        """(N,) bool: in the camera's view half-space: z > 0 in camera coordinates for a pinhole;
+        z >= 0 (up to 90 degrees off the axis, e.g. a dome's rim) and not the optical centre
+        itself for a fisheye."""
+        q = self.to_camera(points)
+        if self.model == "pinhole":
+            return q[:, 2] > 0
+        return (q[:, 2] >= 0) & (q.norm(dim=1) > 0)
 
     def in_image(self, points: torch.Tensor) -> torch.Tensor:
         """(N,) bool: in front of the camera and projected inside the image."""
