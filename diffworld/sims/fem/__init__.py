@@ -1,6 +1,7 @@
 """Tetrahedral linear-element FEM solids (issue 15): the rest mesh, materials, and the
-Model/State/Control solver with the explicit (symplectic Euler) integrator, differentiable end to
-end through checkpoint windows.
+Model/State/Control solver with the explicit (symplectic Euler) and implicit (backward Euler,
+Newton/CG; ``rollout(..., integrator="implicit")``) integrators, differentiable end to end through
+checkpoint windows.
 
 Quick start::
 
@@ -19,6 +20,7 @@ F (N, 3, 3), differentiable in F, E and nu.
 is the geometry container FlexiCubes returns, accepted by ``TetMesh.from_flexicubes``.)
 """
 
+from diffworld.sims.fem.implicit import ImplicitStepper, NewtonStats
 from diffworld.sims.fem.materials import (FEM_MATERIALS, FemMaterial, PiolaVJP, check_parameters, device_energy,
                                           device_first_piola, device_first_piola_diff, device_first_piola_vjp,
                                           fem_material, material_code, stable_neo_hookean_E_nu, young_poisson)
@@ -33,7 +35,9 @@ __all__ = [
     "Energy",
     "FEM_MATERIALS",
     "FemMaterial",
+    "ImplicitStepper",
     "Model",
+    "NewtonStats",
     "PARAMS",
     "PiolaVJP",
     "Rollout",

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from diffworld.engine.rollout import checkpointed_rollout
+from diffworld.sims.fem.implicit import ImplicitStepper
 from diffworld.sims.fem.materials import check_parameters
 from diffworld.sims.fem.model import Control, Model, State
 from diffworld.sims.fem.solver import Stepper, check_dt
@@ -27,7 +28,7 @@ PARAMS = ("E", "nu", "density", "damping", "gravity")
 
 
 class SimulationError(RuntimeError):
-    """A rollout produced an unusable state (NaN/Inf)."""
+    """A rollout produced an unusable state (NaN/Inf), or an implicit step's Newton solve failed."""
 
 
 class Rollout(NamedTuple):
@@ -58,7 +59,10 @@ class _Steps:
         self.stepper = stepper
 
     def step(self, state, params, control, index: int, keep: bool):
-        x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep)
+        if isinstance(self.stepper, ImplicitStepper):  # its errors name the step
+            x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, index=index)
+        else:
+            x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep)
         return (x1, v1), saved
 
     def step_adjoint(self, saved, params, adj_out, adj_params, adj_control):
@@ -120,8 +124,9 @@ def _merged_params(model: Model, params: dict[str, torch.Tensor] | None) -> dict
 def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, control: Control | None = None, *,
             window: int = 32, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
             check: bool = True, stability_check: bool = True, stepper: Stepper | None = None,
-            keep_last_window: bool = True) -> Rollout:
-    """Simulate explicit FEM steps, differentiably.
+            keep_last_window: bool = True, integrator: str = "explicit",
+            implicit_options: dict | None = None) -> Rollout:
+    """Simulate FEM steps (explicit symplectic Euler or implicit backward Euler), differentiably.
 
     Args:
         model: The model.
@@ -144,6 +149,11 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
         stepper: A :class:`~diffworld.sims.fem.solver.Stepper` of this model and ``dt`` to reuse.
         keep_last_window: Keep the last window's intermediates from the forward instead of
             recomputing them in backward (same numbers).
+        integrator: ``"explicit"`` (symplectic Euler, dt limited) or ``"implicit"`` (backward
+            Euler by Newton/CG, :mod:`diffworld.sims.fem.implicit`: no stability limit, adjoint one
+            linear solve per step; ``stability_check`` does not apply).
+        implicit_options: Keyword arguments of
+            :class:`~diffworld.sims.fem.implicit.ImplicitStepper` (tolerances, iteration caps).
 
     Returns:
         A :class:`Rollout`.
@@ -165,14 +175,21 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
         raise ValueError(f"rollout: n_steps {n_steps} but the control has {n_ctrl} steps")
     if window < 1:
         raise ValueError(f"rollout: expected window >= 1, got {window}")
+    if integrator not in ("explicit", "implicit"):
+        raise ValueError(f"rollout: expected integrator 'explicit' or 'implicit', got {integrator!r}")
+    implicit = integrator == "implicit"
     p = _merged_params(model, params)
-    if stability_check:
+    if stability_check and not implicit:
         check_dt(model, dt, p)
+    elif implicit and (isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0 or dt == float("inf")):
+        raise ValueError(f"dt: expected a finite number > 0 [s], got {dt!r}")
     rows = (control or Control()).rows(model, n_steps)
     if stepper is None:
-        stepper = Stepper(model, dt)
+        stepper = ImplicitStepper(model, dt, **(implicit_options or {})) if implicit else Stepper(model, dt)
     elif stepper.model is not model or stepper.dt_value != float(dt):
         raise ValueError("rollout: 'stepper' was built for another model or dt")
+    elif isinstance(stepper, ImplicitStepper) != implicit:
+        raise ValueError(f"rollout: 'stepper' is not a {integrator} stepper")
     mass = model.masses(p["density"])
     # in solver.STEP_PARAMS order
     plist = [t.contiguous() for t in (p["E"], p["nu"], mass, p["damping"].reshape(1), p["gravity"])]
