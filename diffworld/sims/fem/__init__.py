@@ -21,6 +21,7 @@ is the geometry container FlexiCubes returns, accepted by ``TetMesh.from_flexicu
 """
 
 from diffworld.sims.fem.implicit import ImplicitStepper, NewtonStats
+from diffworld.sims.fem.contact import ContactParams, ContactResult, RigidObject, contact_forces, penalty_energy
 from diffworld.sims.fem.materials import (FEM_MATERIALS, FemMaterial, PiolaVJP, check_parameters, device_energy,
                                           device_first_piola, device_first_piola_diff, device_first_piola_vjp,
                                           fem_material, material_code, stable_neo_hookean_E_nu, young_poisson)
@@ -30,6 +31,11 @@ from diffworld.sims.fem.rollout import PARAMS, Rollout, SimulationError, check_s
 from diffworld.sims.fem.solver import CFL, StabilityLimit, Stepper, check_dt, stable_dt
 
 __all__ = [
+    "ContactParams",
+    "ContactResult",
+    "RigidObject",
+    "contact_forces",
+    "penalty_energy",
     "CFL",
     "Control",
     "Energy",
