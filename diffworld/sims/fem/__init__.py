@@ -27,10 +27,11 @@ from diffworld.sims.fem.materials import (FEM_MATERIALS, FemMaterial, PiolaVJP, 
                                           fem_material, material_code, stable_neo_hookean_E_nu, young_poisson)
 from diffworld.sims.fem.mesh import TetMesh
 from diffworld.sims.fem.model import Control, Energy, Model, State, build_model, rotation_matrix
-from diffworld.sims.fem.rollout import PARAMS, Rollout, SimulationError, check_state, rollout, step
+from diffworld.sims.fem.rollout import Contact, PARAMS, Rollout, SimulationError, check_state, rollout, step
 from diffworld.sims.fem.solver import CFL, StabilityLimit, Stepper, check_dt, stable_dt
 
 __all__ = [
+    "Contact",
     "ContactParams",
     "ContactResult",
     "RigidObject",

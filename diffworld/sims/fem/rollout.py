@@ -7,21 +7,29 @@ masses, computed by torch), ``damping`` and ``gravity``. A window's forward keep
 state; its backward recomputes the window (3 (N, 3) arrays per step) and runs the hand-written
 step adjoints in reverse. The numbers do not depend on the window: the state (x, v) is all a step
 reads.
+
+A :class:`Contact` (a rigid object, static or posed per step, pressing the gel) adds the penalty
+forces of :func:`~diffworld.sims.fem.contact.contact_forces` to the elastic forces of every
+explicit step; its pose and velocity per step travel as extra columns of the control rows and its
+parameters after the step parameters, so their gradients come back through the same windows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from diffworld.engine.rollout import checkpointed_rollout
+from diffworld.sims.common.quaternion import quat_to_matrix
+from diffworld.sims.fem.contact import ContactParams, RigidObject, contact_forces
 from diffworld.sims.fem.implicit import ImplicitStepper
 from diffworld.sims.fem.materials import check_parameters
 from diffworld.sims.fem.model import Control, Model, State
 from diffworld.sims.fem.solver import Stepper, check_dt
 
-__all__ = ["PARAMS", "Rollout", "SimulationError", "check_state", "rollout", "step"]
+__all__ = ["Contact", "ContactStep", "PARAMS", "Rollout", "SimulationError", "check_state", "rollout", "step"]
 
 # Parameters a rollout takes by name (``params=``); the step's ``mass`` comes from ``density``.
 PARAMS = ("E", "nu", "density", "damping", "gravity")
@@ -52,20 +60,151 @@ class Rollout(NamedTuple):
         return torch.stack([s.x for s in self.states])
 
 
+# Contact parameters that travel as differentiable rollout parameters (after solver.STEP_PARAMS).
+CONTACT_PARAMS = ("k_n", "k_d", "k_t", "mu", "eps_v")
+# Object columns appended to each control row: position (3), rotation matrix row-major (9),
+# linear velocity (3), angular velocity (3).
+_OBJ_WIDTH = 18
+
+
+@dataclass
+class Contact:
+    """A rigid object pressing the gel during a rollout (penalty contact, :mod:`diffworld.sims.fem.contact`).
+
+    Attributes:
+        obj: The object. Its ``position`` (3,) or (S, 3) [m], ``rotation`` (4,), (3, 3), (S, 4) or
+            (S, 3, 3), ``linear_velocity`` and ``angular_velocity`` (3,) or (S, 3) (None: zero) are
+            static or given per step (step s uses row s: the pose at the start of the step). All
+            may require gradients (per step, through the rollout's backward). The SDF's own
+            parameters are held fixed inside the rollout (no gradient).
+        nodes: (C,) int64 gel nodes that can touch the object (e.g. the contact-face nodes).
+        params: Contact parameters; ``k_n``, ``k_d``, ``k_t``, ``mu``, ``eps_v`` may require
+            gradients.
+    """
+
+    obj: RigidObject
+    nodes: torch.Tensor
+    params: ContactParams
+
+
+class ContactStep:
+    """The contact term of one rollout's steps: node forces from the object columns of a control
+    row (after ``offset``) and the contact parameters, and their adjoint by torch autograd."""
+
+    def __init__(self, contact: Contact, offset: int) -> None:
+        self.sdf = contact.obj.sdf
+        self.nodes = contact.nodes
+        self.params = contact.params
+        self.offset = offset
+
+    def _object(self, row: torch.Tensor) -> RigidObject:
+        o = row[self.offset:]
+        return RigidObject(self.sdf, o[0:3], o[3:12].reshape(3, 3), o[12:15], o[15:18])
+
+    def _params(self, cp) -> ContactParams:
+        k_n, k_d, k_t, mu, eps_v = cp
+        p = self.params
+        return ContactParams(k_n, k_d, k_t, mu, eps_v, p.penetration_width, p.damping_width, p.friction_exponent)
+
+    def node_forces(self, x, v, row, cp) -> torch.Tensor:
+        return contact_forces(x, v, self.nodes, self._object(row), self._params(cp)).node_forces
+
+    def adjoint(self, x, v, row, cp, adj_f, adj_row, adj_cp):
+        """Add the contact forces' vector-Jacobian product with ``adj_f`` into ``adj_row`` (object
+        columns) and ``adj_cp``; return its parts for x and v."""
+        with torch.enable_grad():
+            xg, vg = x.detach().requires_grad_(True), v.detach().requires_grad_(True)
+            og = row[self.offset:].detach().requires_grad_(True)
+            cg = [t.detach().requires_grad_(True) for t in cp]
+            full = torch.cat([row[:self.offset].detach(), og])
+            f = contact_forces(xg, vg, self.nodes, self._object(full), self._params(cg)).node_forces
+            grads = torch.autograd.grad(f, [xg, vg, og, *cg], adj_f, allow_unused=True)
+        gx, gv, go, *gc = grads
+        if go is not None:
+            adj_row[self.offset:] += go
+        for a, g in zip(adj_cp, gc):
+            if g is not None:
+                a += g
+        return (torch.zeros_like(x) if gx is None else gx), (torch.zeros_like(v) if gv is None else gv)
+
+
+def _contact_inputs(contact: Contact, model: Model, n_steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The object's per-step columns (S, 18) and the contact parameter tensors, checked."""
+    if not isinstance(contact, Contact):
+        raise TypeError(f"rollout: expected 'contact' a fem.Contact, got {type(contact).__name__}")
+    obj = contact.obj
+    if not isinstance(obj, RigidObject):
+        raise TypeError(f"rollout: expected contact.obj a RigidObject, got {type(obj).__name__}")
+    if not isinstance(contact.params, ContactParams):
+        raise TypeError(f"rollout: expected contact.params a ContactParams, got {type(contact.params).__name__}")
+    nodes = contact.nodes
+    if not isinstance(nodes, torch.Tensor) or nodes.dtype != torch.int64 or nodes.dim() != 1:
+        raise TypeError("rollout: expected contact.nodes a 1-D int64 tensor of node indices")
+    if nodes.numel() and (int(nodes.min()) < 0 or int(nodes.max()) >= model.n_nodes):
+        raise ValueError(f"rollout: contact.nodes must be in [0, {model.n_nodes})")
+    f = dict(dtype=model.dtype, device=model.device)
+
+    def per_step(name, t, shape):
+        if t is None:
+            t = torch.zeros(shape, **f)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rollout: expected contact.obj.{name} a tensor, got {type(t).__name__}")
+        t = t.to(**f)
+        if tuple(t.shape) == shape:
+            return t.expand(n_steps, *shape)
+        if tuple(t.shape) == (n_steps, *shape):
+            return t
+        raise ValueError(f"rollout: expected contact.obj.{name} of shape {shape} or {(n_steps, *shape)}, "
+                         f"got {tuple(t.shape)}")
+
+    rot = obj.rotation
+    if not isinstance(rot, torch.Tensor):
+        raise TypeError("rollout: expected contact.obj.rotation a tensor")
+    rot = rot.to(**f)
+    if rot.shape[-1:] == (4,):
+        rot = quat_to_matrix(per_step("rotation", rot, (4,)))
+    else:
+        rot = per_step("rotation", rot, (3, 3))
+    cols = torch.cat([per_step("position", obj.position, (3,)), rot.reshape(n_steps, 9),
+                      per_step("linear_velocity", obj.linear_velocity, (3,)),
+                      per_step("angular_velocity", obj.angular_velocity, (3,))], 1)
+    if not bool(torch.isfinite(cols.detach()).all()):
+        raise ValueError("rollout: contact.obj has non-finite pose or velocity values")
+    cps = []
+    for name in CONTACT_PARAMS:
+        t = getattr(contact.params, name)
+        t = torch.as_tensor(t).to(**f) if not isinstance(t, torch.Tensor) else t.to(**f)
+        if t.dim() == 1 and t.shape[0] == 1:
+            t = t.reshape(())
+        cps.append(t.contiguous())
+    # the op checks shapes and signs (messages name the parameter); run it once on the rest state
+    with torch.no_grad():
+        x0 = model.rest_state().x.to(**f)
+        step = ContactStep(contact, 0)
+        contact_forces(x0, torch.zeros_like(x0), nodes, step._object(cols[0]), step._params(cps))
+    return cols, cps
+
+
 class _Steps:
     """The FEM :class:`Stepper` as an :class:`~diffworld.engine.rollout.Simulator`: state (x, v)."""
 
-    def __init__(self, stepper: Stepper) -> None:
+    def __init__(self, stepper: Stepper, contact: ContactStep | None = None) -> None:
         self.stepper = stepper
+        self.contact = contact
 
     def step(self, state, params, control, index: int, keep: bool):
         if isinstance(self.stepper, ImplicitStepper):  # its errors name the step
             x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, index=index)
+        elif self.contact is not None:
+            x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, contact=self.contact)
         else:
             x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep)
         return (x1, v1), saved
 
     def step_adjoint(self, saved, params, adj_out, adj_params, adj_control):
+        if self.contact is not None:
+            return self.stepper.step_adjoint(saved, params, adj_out[0], adj_out[1], adj_params, adj_control,
+                                             contact=self.contact)
         return self.stepper.step_adjoint(saved, params, adj_out[0], adj_out[1], adj_params, adj_control)
 
 
@@ -125,7 +264,7 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
             window: int = 32, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
             check: bool = True, stability_check: bool = True, stepper: Stepper | None = None,
             keep_last_window: bool = True, integrator: str = "explicit",
-            implicit_options: dict | None = None) -> Rollout:
+            implicit_options: dict | None = None, contact: Contact | None = None) -> Rollout:
     """Simulate FEM steps (explicit symplectic Euler or implicit backward Euler), differentiably.
 
     Args:
@@ -154,6 +293,10 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
             linear solve per step; ``stability_check`` does not apply).
         implicit_options: Keyword arguments of
             :class:`~diffworld.sims.fem.implicit.ImplicitStepper` (tolerances, iteration caps).
+        contact: A rigid object pressing the gel (:class:`Contact`; explicit integrator only):
+            its penalty forces join the elastic forces at every step, and gradients reach its
+            per-step pose and velocity and the contact parameters. ``dt`` must also resolve the
+            penalty stiffness (``k_n`` is not part of the stability check).
 
     Returns:
         A :class:`Rollout`.
@@ -178,6 +321,9 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
     if integrator not in ("explicit", "implicit"):
         raise ValueError(f"rollout: expected integrator 'explicit' or 'implicit', got {integrator!r}")
     implicit = integrator == "implicit"
+    if contact is not None and implicit:
+        raise NotImplementedError("rollout: contact is implemented for the explicit integrator only; "
+                                  "use integrator='explicit' with a contact")
     p = _merged_params(model, params)
     if stability_check and not implicit:
         check_dt(model, dt, p)
@@ -193,11 +339,17 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
     mass = model.masses(p["density"])
     # in solver.STEP_PARAMS order
     plist = [t.contiguous() for t in (p["E"], p["nu"], mass, p["damping"].reshape(1), p["gravity"])]
+    contact_step = None
+    if contact is not None:
+        cols, cps = _contact_inputs(contact, model, n_steps)
+        contact_step = ContactStep(contact, rows.shape[1])
+        rows = torch.cat([rows, cols], 1).contiguous()
+        plist += cps
 
     def check_recorded(st, k: int) -> None:
         check_state(State(*st), k, dt)
 
-    traj = checkpointed_rollout(_Steps(stepper), tuple(state), n_steps, rows, plist, window=window,
+    traj = checkpointed_rollout(_Steps(stepper, contact_step), tuple(state), n_steps, rows, plist, window=window,
                                 record_every=record_every, keep_last_window=keep_last_window,
                                 check=check_recorded if check else None)
     return Rollout([state] + [State(*st) for st in traj.states[1:]], traj.steps)

@@ -248,15 +248,22 @@ class Stepper:
         return f
 
     def step(self, x: torch.Tensor, v: torch.Tensor, params: Sequence[torch.Tensor], control: torch.Tensor,
-             keep: bool = False) -> tuple[torch.Tensor, torch.Tensor, _Saved | None]:
+             keep: bool = False, contact=None) -> tuple[torch.Tensor, torch.Tensor, _Saved | None]:
         """One step from (x, v) under the packed control row ``control`` (12 + 3 M,).
+
+        ``contact``: a :class:`~diffworld.sims.fem.rollout.ContactStep` (None: no contact); its
+        object's pose is at the tail of the control row, its parameters after
+        :data:`STEP_PARAMS` in ``params``, and its node forces join the elastic ones.
 
         Returns:
             x', v' and, when ``keep``, the step's saved intermediates.
         """
-        E, nu, mass, damping, gravity = (t.contiguous() for t in params)
+        E, nu, mass, damping, gravity = (t.contiguous() for t in params[:5])
         x, v, control = x.contiguous(), v.contiguous(), control.contiguous()
         f = self.forces(x, E, nu)
+        if contact is not None:
+            with torch.no_grad():
+                f = (f + contact.node_forces(x, v, control, params[5:])).contiguous()
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         self._run(self.k["integrate"], self.model.n_nodes,
                   [self._vecs(x), self._vecs(v), self._vecs(f), self._scalars(mass), self.kin_slot, self.load_slot,
@@ -268,12 +275,13 @@ class Stepper:
 
     def step_adjoint(self, s: _Saved, params: Sequence[torch.Tensor], adj_x1: torch.Tensor | None,
                      adj_v1: torch.Tensor | None, adj_params: Sequence[torch.Tensor],
-                     adj_control: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     adj_control: torch.Tensor, contact=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adjoint of :meth:`step`: d loss / d (x, v) from d loss / d (x', v') (None: zero);
-        accumulates into ``adj_params`` (:data:`STEP_PARAMS` order, contiguous) and ``adj_control``
-        (the step's row, contiguous)."""
-        E, nu, mass, damping, gravity = (t.contiguous() for t in params)
-        aE, anu, amass, adamp, agrav = adj_params
+        accumulates into ``adj_params`` (:data:`STEP_PARAMS` order, then the contact parameters;
+        contiguous) and ``adj_control`` (the step's row, contiguous). The contact forces (when
+        ``contact``) are recomputed by torch and differentiated by autograd."""
+        E, nu, mass, damping, gravity = (t.contiguous() for t in params[:5])
+        aE, anu, amass, adamp, agrav = adj_params[:5]
         gx = torch.zeros_like(s.x) if adj_x1 is None else adj_x1.contiguous()
         gv = torch.zeros_like(s.v) if adj_v1 is None else adj_v1.contiguous()
         adj_x, adj_v, adj_f = torch.empty_like(s.x), torch.empty_like(s.v), torch.empty_like(s.f)
@@ -285,4 +293,8 @@ class Stepper:
         self._run(self.k["element_forces_adjoint"], self.model.n_tets,
                   [self.tets, vec(s.x), self.Dm_inv, self.volume, self.law, w(E), w(nu), vec(adj_f), vec(adj_x),
                    w(aE), w(anu)])
+        if contact is not None:
+            ax, av = contact.adjoint(s.x, s.v, s.control, params[5:], adj_f, adj_control, adj_params[5:])
+            adj_x += ax
+            adj_v += av
         return adj_x, adj_v
