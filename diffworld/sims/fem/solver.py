@@ -248,12 +248,17 @@ class Stepper:
         return f
 
     def step(self, x: torch.Tensor, v: torch.Tensor, params: Sequence[torch.Tensor], control: torch.Tensor,
-             keep: bool = False, contact=None) -> tuple[torch.Tensor, torch.Tensor, _Saved | None]:
+             keep: bool = False, contact=None, external: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, _Saved | None]:
         """One step from (x, v) under the packed control row ``control`` (12 + 3 M,).
 
         ``contact``: a :class:`~diffworld.sims.fem.rollout.ContactStep` (None: no contact); its
         object's pose is at the tail of the control row, its parameters after
         :data:`STEP_PARAMS` in ``params``, and its node forces join the elastic ones.
+
+        ``external``: extra nodal forces (N, 3) [N] for this step (None: none), e.g. coupling
+        forces a coupled simulator computed from this and another body's state; the adjoint hands
+        back d loss / d external through ``adj_external`` of :meth:`step_adjoint`.
 
         Returns:
             x', v' and, when ``keep``, the step's saved intermediates.
@@ -264,6 +269,11 @@ class Stepper:
         if contact is not None:
             with torch.no_grad():
                 f = (f + contact.node_forces(x, v, control, params[5:])).contiguous()
+        if external is not None:
+            if tuple(external.shape) != tuple(x.shape):
+                raise ValueError(f"Stepper.step: expected 'external' of shape {tuple(x.shape)}, "
+                                 f"got {tuple(external.shape)}")
+            f = (f + external.detach().to(f.dtype)).contiguous()
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         self._run(self.k["integrate"], self.model.n_nodes,
                   [self._vecs(x), self._vecs(v), self._vecs(f), self._scalars(mass), self.kin_slot, self.load_slot,
@@ -275,11 +285,13 @@ class Stepper:
 
     def step_adjoint(self, s: _Saved, params: Sequence[torch.Tensor], adj_x1: torch.Tensor | None,
                      adj_v1: torch.Tensor | None, adj_params: Sequence[torch.Tensor],
-                     adj_control: torch.Tensor, contact=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     adj_control: torch.Tensor, contact=None, adj_external: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Adjoint of :meth:`step`: d loss / d (x, v) from d loss / d (x', v') (None: zero);
         accumulates into ``adj_params`` (:data:`STEP_PARAMS` order, then the contact parameters;
         contiguous) and ``adj_control`` (the step's row, contiguous). The contact forces (when
-        ``contact``) are recomputed by torch and differentiated by autograd."""
+        ``contact``) are recomputed by torch and differentiated by autograd. ``adj_external``
+        (N, 3), when given, receives d loss / d (the step's ``external`` forces) (added in)."""
         E, nu, mass, damping, gravity = (t.contiguous() for t in params[:5])
         aE, anu, amass, adamp, agrav = adj_params[:5]
         gx = torch.zeros_like(s.x) if adj_x1 is None else adj_x1.contiguous()
@@ -293,6 +305,8 @@ class Stepper:
         self._run(self.k["element_forces_adjoint"], self.model.n_tets,
                   [self.tets, vec(s.x), self.Dm_inv, self.volume, self.law, w(E), w(nu), vec(adj_f), vec(adj_x),
                    w(aE), w(anu)])
+        if adj_external is not None:
+            adj_external += adj_f
         if contact is not None:
             ax, av = contact.adjoint(s.x, s.v, s.control, params[5:], adj_f, adj_control, adj_params[5:])
             adj_x += ax
