@@ -19,7 +19,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -32,8 +32,8 @@ from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
 from diffworld.sims.mpm.materials import PARAMETERS
 from diffworld.sims.mpm.rigid import RigidGroups, rigid_projection
 
-__all__ = ["Collider", "GridSpec", "LawBinding", "Model", "ParticleParams", "State", "Stepper", "PARTICLE_PARAMS",
-           "cpu_workers"]
+__all__ = ["Collider", "GridBox", "GridForce", "GridSpec", "LawBinding", "Model", "ParticleParams", "State", "Stepper",
+           "PARTICLE_PARAMS", "cpu_workers"]
 
 # Per-particle float parameters: the material's (materials.PARAMETERS) and the rest volume.
 PARTICLE_PARAMS = (*PARAMETERS, "volume")
@@ -239,7 +239,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOL
 
 
-class _Box(NamedTuple):
+class GridBox(NamedTuple):
     """The active part of the grid in one substep: the nodes any particle's stencil touches.
 
     Grid arrays of a substep cover only this box; node (0, 0, 0) of the box is node ``origin``
@@ -261,7 +261,7 @@ class _Substep(NamedTuple):
     A: torch.Tensor
     p: torch.Tensor
     m: torch.Tensor
-    box: _Box
+    box: GridBox
     grid_mv: torch.Tensor
     grid_m: torch.Tensor
     grid_v: list  # velocity after division, then after each collider, then after the walls
@@ -272,6 +272,32 @@ class _Substep(NamedTuple):
     active: torch.Tensor  # int32 (N,): particles taking part in this substep
     emitted_now: torch.Tensor | None  # positions in model.emitted of the particles activated now
     tau: torch.Tensor  # elastic Kirchhoff stress at F (input of particle_affine)
+    # (hook, what its forward saved) of a grid_force hook, else None; grid_mv then holds P2G's
+    # momentum plus the hook's impulse (what grid_velocity read)
+    grid_force: tuple | None = None
+
+
+class GridForce(Protocol):
+    """A hook that adds impulses to the grid momentum in a substep (external or coupling forces).
+
+    :meth:`Stepper.substep` calls :meth:`forward` after P2G and before the grid update (gravity,
+    colliders, walls): the grid velocity becomes ``(grid_mv + impulse) / grid_m + g dt``. The
+    substep's adjoint calls :meth:`adjoint` with d loss / d impulse and adds what it returns to
+    the adjoints of P2G's momentum and mass. Grid arrays cover the substep's box (see
+    :class:`GridBox`): node ``(i, j, k)`` of the box sits at ``box.lower + (i, j, k) dx``.
+    """
+
+    def forward(self, box: "GridBox", grid_mv: torch.Tensor, grid_m: torch.Tensor, keep: bool
+                ) -> tuple[torch.Tensor, Any]:
+        """Return the impulse [N s] on every box node, shape ``grid_mv.shape`` (*box.shape, 3),
+        and, when ``keep``, what :meth:`adjoint` needs. Must not write ``grid_mv`` or ``grid_m``
+        (P2G's momentum [kg m/s] (*box.shape, 3) and mass [kg] (*box.shape))."""
+        ...
+
+    def adjoint(self, saved: Any, adj_impulse: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Given d loss / d impulse, return d loss / d grid_mv and d loss / d grid_m through the
+        hook (None: zero); the hook handles the adjoints of its own other inputs."""
+        ...
 
 
 class Stepper:
@@ -383,11 +409,11 @@ class Stepper:
         for fut in futures:
             fut.result()
 
-    def _box(self, x: torch.Tensor) -> _Box:
+    def _box(self, x: torch.Tensor) -> GridBox:
         """Nodes the particles at ``x`` touch: their B-spline stencils plus one node of margin."""
         g = self.model.grid
         if x.shape[0] == 0:
-            return _Box((0, 0, 0), (1, 1, 1), g.lower)
+            return GridBox((0, 0, 0), (1, 1, 1), g.lower)
         ext = torch.stack([x.amin(0), x.amax(0)]).tolist()  # one device -> host copy
         origin, shape = [], []
         for a in range(3):
@@ -403,9 +429,9 @@ class Stepper:
             origin.append(o)
             shape.append(e - o)
         lower = tuple(g.lower[a] + origin[a] * g.dx for a in range(3))
-        return _Box(tuple(origin), tuple(shape), lower)
+        return GridBox(tuple(origin), tuple(shape), lower)
 
-    def _scatter_grids(self, box: _Box, width: int):
+    def _scatter_grids(self, box: GridBox, width: int):
         """Zeroed per-chunk grids for a scatter: ``width`` floats per node, shape (W, *box, width)."""
         shape = (len(self.chunks), *box.shape) + ((width,) if width > 1 else ())
         return _zeros(shape, self.dtype, self.device)
@@ -563,12 +589,14 @@ class Stepper:
             slot += len(own)
 
     def substep(self, state: State, params: Sequence[torch.Tensor], control: torch.Tensor | None,
-                keep: bool = False, step: int = 0, tau: torch.Tensor | None = None
-                ) -> tuple[State, torch.Tensor, _Substep | None]:
+                keep: bool = False, step: int = 0, tau: torch.Tensor | None = None,
+                grid_force: GridForce | None = None) -> tuple[State, torch.Tensor, _Substep | None]:
         """Advance one substep. ``params`` in :data:`PARTICLE_PARAMS` order (contiguous tensors
         (N,)); ``control`` (n_col, 13); ``step``: the index of this substep in the rollout (emitters
         activate particles by it); ``tau``: the elastic stress at ``state.F`` when known (what the
-        previous substep returned), else it is computed.
+        previous substep returned), else it is computed; ``grid_force``: a :class:`GridForce` hook
+        whose impulses join the grid momentum after P2G (None: none; the substep is then exactly
+        the one without the hook). :meth:`substep_adjoint` runs its adjoint.
 
         Returns the new state, the elastic stress at its F (a by-product of the plastic
         projection's SVD: pass it to the next substep), and the intermediates when ``keep`` is set.
@@ -612,6 +640,15 @@ class Stepper:
         self._parallel(to_grid)
         grid_mv = mv_parts.sum(0) if many else mv_parts[0]
         grid_m = m_parts.sum(0) if many else m_parts[0]
+        hook = None
+        if grid_force is not None:
+            impulse, hook_saved = grid_force.forward(box, grid_mv, grid_m, keep)
+            if tuple(impulse.shape) != tuple(grid_mv.shape):
+                raise ValueError(f"grid_force: expected an impulse of shape {tuple(grid_mv.shape)}, "
+                                 f"got {tuple(impulse.shape)}")
+            # a new tensor: P2G's momentum stays as it was (contract 3)
+            grid_mv = (grid_mv + impulse.to(grid_mv.dtype)).contiguous()
+            hook = (grid_force, hook_saved)
         gv = torch.empty_like(grid_mv)
         wgm = w(grid_m)
         self._run(k["grid_velocity"], box.shape, [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass],
@@ -651,7 +688,7 @@ class Stepper:
         saved = None
         if keep:
             saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v, act,
-                             emitted_now, tau)
+                             emitted_now, tau, hook)
         return State(x1, v1, C1, F1), tau1, saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
@@ -735,6 +772,13 @@ class Stepper:
         self._run(k["grid_velocity"], box.shape, [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass],
                   [v3(s.grid_v[0])], adjoint=True,
                   adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z], adj_outputs=[v3(adj_gv)])
+        if s.grid_force is not None:  # grid_mv = P2G momentum + impulse(P2G momentum, mass, ...)
+            hook, hook_saved = s.grid_force
+            a_mv, a_m = hook.adjoint(hook_saved, adj_grid_mv.clone())
+            if a_mv is not None:
+                adj_grid_mv = (adj_grid_mv + a_mv).contiguous()
+            if a_m is not None:
+                adj_grid_m += a_m
         adj_p = _zeros((n, 3), dt_, dev)
         adj_A = _zeros((n, 3, 3), dt_, dev)
         adj_m = _zeros((n,), dt_, dev)
