@@ -115,13 +115,6 @@ def test_far_object_bit_identical(pad):
         assert torch.equal(a, b)
 
 
-def test_implicit_refuses_contact(pad):
-    model, nodes, dt = pad
-    with pytest.raises(NotImplementedError, match="explicit"):
-        fem.rollout(model, model.rest_state(), dt, 2, integrator="implicit",
-                    contact=_contact(nodes, _poses(2), 300.0, 0.4))
-
-
 # -- Hertz: a rigid sphere pressed quasi-statically into a thick elastic block ------------------------
 
 def _lines(core, h, half, ratio):

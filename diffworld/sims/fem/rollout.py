@@ -10,7 +10,8 @@ reads.
 
 A :class:`Contact` (a rigid object, static or posed per step, pressing the gel) adds the penalty
 forces of :func:`~diffworld.sims.fem.contact.contact_forces` to the elastic forces of every
-explicit step; its pose and velocity per step travel as extra columns of the control rows and its
+explicit step (the implicit step takes them at the end of the step, with damping and friction
+semi-implicit: :mod:`diffworld.sims.fem.implicit`); its pose and velocity per step travel as extra columns of the control rows and its
 parameters after the step parameters, so their gradients come back through the same windows.
 """
 
@@ -194,7 +195,8 @@ class _Steps:
 
     def step(self, state, params, control, index: int, keep: bool):
         if isinstance(self.stepper, ImplicitStepper):  # its errors name the step
-            x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, index=index)
+            x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, index=index,
+                                              contact=self.contact)
         elif self.contact is not None:
             x1, v1, saved = self.stepper.step(state[0], state[1], params, control, keep, contact=self.contact)
         else:
@@ -293,10 +295,14 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
             linear solve per step; ``stability_check`` does not apply).
         implicit_options: Keyword arguments of
             :class:`~diffworld.sims.fem.implicit.ImplicitStepper` (tolerances, iteration caps).
-        contact: A rigid object pressing the gel (:class:`Contact`; explicit integrator only):
-            its penalty forces join the elastic forces at every step, and gradients reach its
-            per-step pose and velocity and the contact parameters. ``dt`` must also resolve the
-            penalty stiffness (``k_n`` is not part of the stability check).
+        contact: A rigid object pressing the gel (:class:`Contact`): its penalty forces join the
+            elastic forces at every step, and gradients reach its per-step pose and velocity and
+            the contact parameters. Explicit: row s of the object is its pose at the start of
+            step s, and ``dt`` must also resolve the penalty stiffness (``k_n`` is not part of the
+            stability check). Implicit: row s is the object during step s (the normal penalty at
+            the end of the step against it; damping and friction lag the normal, penetration and
+            normal force at the step's start against row s - 1, see
+            :mod:`diffworld.sims.fem.implicit`).
 
     Returns:
         A :class:`Rollout`.
@@ -321,9 +327,6 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
     if integrator not in ("explicit", "implicit"):
         raise ValueError(f"rollout: expected integrator 'explicit' or 'implicit', got {integrator!r}")
     implicit = integrator == "implicit"
-    if contact is not None and implicit:
-        raise NotImplementedError("rollout: contact is implemented for the explicit integrator only; "
-                                  "use integrator='explicit' with a contact")
     p = _merged_params(model, params)
     if stability_check and not implicit:
         check_dt(model, dt, p)
@@ -343,6 +346,8 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
     if contact is not None:
         cols, cps = _contact_inputs(contact, model, n_steps)
         contact_step = ContactStep(contact, rows.shape[1])
+        if implicit:  # its damping and friction lag the previous step's object (row 0 for the first)
+            cols = torch.cat([cols, torch.cat([cols[:1], cols[:-1]], 0)], 1)
         rows = torch.cat([rows, cols], 1).contiguous()
         plist += cps
 
