@@ -43,6 +43,7 @@ __all__ = [
     "Cylinder",
     "Cone",
     "HalfSpace",
+    "Waves",
     "Union",
     "Intersection",
     "Difference",
@@ -447,6 +448,40 @@ class HalfSpace(SDF):
     def _eval(self, p: torch.Tensor) -> torch.Tensor:
         n = _like(self.normal, p)
         return p @ (n / _length(n)) - _like(self.offset, p)
+
+
+class Waves(SDF):
+    """Wavy ground (a bumpy rigid surface): solid below ``z = offset + h(x, y)`` with
+    ``h = amplitude cos(2 pi x / wavelength_x) cos(2 pi y / wavelength_y)`` (a wavelength of 0
+    means flat along that axis).
+
+    The value ``(z - offset - h) / sqrt(1 + |grad h|^2)`` is the first-order distance: exact on
+    the surface (zero) and in its tangent plane, with an error of order ``amplitude k^2 d^2``
+    (``k = 2 pi / wavelength``) at distance ``d``; its gradient is the exact unit normal on the
+    surface. Smooth everywhere (analytic second derivatives for contact Jacobians).
+
+    Args:
+        amplitude: [m], >= 0.
+        wavelength: (x, y) wavelengths [m], each >= 0 (0: flat along that axis).
+        offset: Mean height of the surface [m].
+    """
+
+    def __init__(self, amplitude: TensorLike = 1e-3, wavelength: TensorLike = (1e-2, 0.0), offset: TensorLike = 0.0):
+        super().__init__()
+        _register(self, "amplitude", amplitude, nonnegative=True)
+        _register(self, "wavelength", wavelength, (2,), nonnegative=True)
+        _register(self, "offset", offset)
+
+    def _eval(self, p: torch.Tensor) -> torch.Tensor:
+        lam = _like(self.wavelength, p)
+        # k = 2 pi / wavelength, 0 for a flat axis
+        k = torch.where(lam > 0, 2 * math.pi / torch.where(lam > 0, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        a = _like(self.amplitude, p)
+        cx, cy = torch.cos(k[0] * p[:, 0]), torch.cos(k[1] * p[:, 1])
+        h = a * cx * cy
+        hx = -a * k[0] * torch.sin(k[0] * p[:, 0]) * cy
+        hy = -a * k[1] * cx * torch.sin(k[1] * p[:, 1])
+        return (p[:, 2] - _like(self.offset, p) - h) / torch.sqrt(1 + hx * hx + hy * hy)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,6 @@ and registers itself in :data:`diffworld.engine.config.TASKS` when imported. The
 other packages add theirs through the ``diffworld.tasks`` entry-point group.
 """
 
-from diffworld.tasks import mpm, reconstruction
+from diffworld.tasks import mpm, reconstruction, tactile
 
-__all__ = ["mpm", "reconstruction"]
+__all__ = ["mpm", "reconstruction", "tactile"]

@@ -1,0 +1,32 @@
+"""The ``tactile`` scene task (issue 15): a vision-based tactile sensor (a GelSight-type dome or a
+flat pad, FEM) touching a rigid object, optimized through the simulator.
+
+Objectives:
+
+* ``trajectory``: the sensor's per-control-step velocity (the listed ``dofs``) is optimized for
+  loss terms on the tactile readings: ``force`` (track a target normal or shear force in the
+  sensor frame, e.g. surface following: slide over a bumpy surface at a constant pressing
+  force) and ``smoothness`` (velocity changes between control steps).
+* ``system_identification``: recover the gel's E, nu and the contact's k_n, k_d, k_t, mu from
+  the force and marker time series of the scene's probe motion (press and slide); the data come
+  from a finer sensor mesh with 2 % noise, so the model is not the data's own.
+
+Contact parameters are per unit surface area (pressure laws), so they mean the same on every
+mesh. A run writes ``forces.png`` (normal and shear force, before/after, targets),
+``before.png``/``after.png`` and ``rollout.gif`` (a side view of the gel and the object beside the
+optical tactile image), ``readings.npz``, ``velocities.npy`` or ``observations.npz``,
+``metrics.json`` and the driver's ``log.csv``, ``loss.png`` and checkpoints.
+
+Rooms: :mod:`.config` (the scene section), :mod:`.build` (sensor model, object, motion,
+simulation, readings), :mod:`.objectives` (problems), :mod:`.outputs` (files and pictures),
+:mod:`.run` (the run, registered as ``tactile``).
+"""
+
+from diffworld.tasks.tactile import run
+from diffworld.tasks.tactile.build import Readings, TactileScene
+from diffworld.tasks.tactile.config import TactileTask
+from diffworld.tasks.tactile.objectives import SystemIdentificationProblem, TrajectoryProblem
+from diffworld.tasks.tactile.run import run_tactile
+
+__all__ = ["Readings", "SystemIdentificationProblem", "TactileScene", "TactileTask", "TrajectoryProblem", "run",
+           "run_tactile"]

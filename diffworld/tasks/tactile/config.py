@@ -1,0 +1,278 @@
+"""The ``tactile`` task's scene section: a sensor (dome or flat pad), a rigid object, the contact
+law, the time stepping and the objective (pydantic models with the checks that need no simulation).
+
+Units are SI. Contact parameters are per unit of gel surface area (a pressure law), so that a
+finer sensor mesh gives the same forces: node ``i`` with lumped contact area ``A_i`` gets
+``k_n A_i`` [N/m] etc. (see :mod:`diffworld.sims.fem.contact`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from diffworld.engine.config.schema import StrictModel, reject_boolean
+from diffworld.sims.fem.materials import FEM_MATERIALS
+from diffworld.tasks.assets import readable_asset
+from diffworld.tasks.mpm.config import KeyframeConfig
+from diffworld.tasks.mpm.shapes import Vec3, resolve_optional
+
+__all__ = [
+    "ContactConfig",
+    "DOFS",
+    "DomeConfig",
+    "ForceLossConfig",
+    "GelMaterialConfig",
+    "ObjectConfig",
+    "PadConfig",
+    "SensorMotionConfig",
+    "SmoothnessLossConfig",
+    "SysIdConfig",
+    "TactileTask",
+    "TrajectoryConfig",
+]
+
+DOFS = ("vx", "vy", "vz", "wx", "wy", "wz")  # the components of the sensor's per-step velocity
+# Parameters a system identification may fit: the gel's and the contact's.
+SYSID_PARAMETERS = ("E", "nu", "k_n", "k_d", "k_t", "mu")
+
+
+class GelMaterialConfig(StrictModel):
+    """The elastomer (uniform over the gel)."""
+
+    law: Literal[tuple(FEM_MATERIALS)] = Field("stable_neo_hookean", description="FEM material law.")
+    E: float = Field(8.0e4, gt=0, description="Young's modulus [Pa].")
+    nu: float = Field(0.43, gt=-1.0, lt=0.5, description="Poisson's ratio [-].")
+    density: float = Field(2000.0, gt=0, description="[kg/m^3] (the reference's rho).")
+    damping: float = Field(20.0, ge=0, description="Mass-proportional damping [1/s].")
+
+    _numbers = field_validator("E", "nu", "density", "damping", mode="before")(reject_boolean)
+
+
+class DomeConfig(StrictModel):
+    """A hemispherical gel shell (GelSight-type dome), :func:`diffworld.sims.tactile.dome`; its
+    contact side faces the sensor's +z."""
+
+    type: Literal["dome"] = "dome"
+    name: str = "sensor"
+    inner_radius: float = Field(7.5e-3, gt=0, description="Radius of the bonded inner surface [m].")
+    thickness: float = Field(7.5e-3, gt=0, description="Gel thickness [m].")
+    layers: int = Field(3, ge=1, le=8, description="Tet layers through the thickness.")
+    n_points: int = Field(200, ge=8, le=5000, description="Points of the hemisphere's triangulation per shell.")
+    material: GelMaterialConfig = GelMaterialConfig()
+
+
+class PadConfig(StrictModel):
+    """A flat gel pad (GelSight-style gripper finger), :func:`diffworld.sims.tactile.flat_pad`;
+    base at the sensor origin, contact face at z = thickness."""
+
+    type: Literal["flat_pad"] = "flat_pad"
+    name: str = "sensor"
+    size: tuple[float, float] = Field((0.02, 0.02), description="Extent along x and y [m].")
+    thickness: float = Field(4e-3, gt=0, description="Gel thickness [m].")
+    resolution: tuple[int, int, int] = Field((10, 10, 2), description="Cells along x, y, z.")
+    material: GelMaterialConfig = GelMaterialConfig()
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v):
+        if not all(s > 0 for s in v):
+            raise ValueError(f"expected two lengths > 0 [m], got {list(v)}")
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _cells(cls, v):
+        if not all(1 <= c <= 256 for c in v):
+            raise ValueError(f"expected three cell counts in [1, 256], got {list(v)}")
+        if v[0] * v[1] * v[2] > 100_000:
+            raise ValueError(f"expected at most 100000 cells (600000 tets), got {v[0] * v[1] * v[2]}")
+        return v
+
+
+SensorConfig = Annotated[Union[DomeConfig, PadConfig], Field(discriminator="type")]
+
+
+class SensorMotionConfig(StrictModel):
+    """How the sensor body (its base nodes) moves: held, through keyframes, or by per-control-step
+    velocities (the optimizable form). ``position``/``rotation`` place the sensor frame in the
+    world at the start (a dome pointing down: rotation [3.14159265, 0, 0])."""
+
+    type: Literal["static", "keyframes", "velocities"] = "static"
+    position: Vec3 = (0.0, 0.0, 0.0)
+    rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
+    keyframes: list[KeyframeConfig] = Field(default_factory=list,
+                                            description="Poses at times [s] (type keyframes); held after the last.")
+    velocity: tuple[float, float, float, float, float, float] = Field(
+        (0.0,) * 6, description="Per-step velocity (linear [m/s], angular [rad/s], world frame) for type velocities.")
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if self.type == "keyframes" and not self.keyframes:
+            raise ValueError("type 'keyframes' needs at least one entry in 'keyframes'")
+        return self
+
+
+class ObjectConfig(StrictModel):
+    """A rigid object touching the gel (static at its pose)."""
+
+    name: str = "object"
+    shape: Literal["sphere", "box", "plane", "waves", "mesh"] = Field(
+        ..., description="sphere (radius), box (half_extents), plane (z <= 0 in its frame), waves (a bumpy ground "
+                         "z <= amplitude cos(2 pi x / wavelength_x) cos(2 pi y / wavelength_y)), mesh (a closed "
+                         "triangle mesh file, Warp-BVH signed distance).")
+    radius: float = Field(5e-3, gt=0, description="Sphere radius [m].")
+    half_extents: Vec3 = Field((5e-3, 5e-3, 5e-3), description="Box half sizes [m].")
+    amplitude: float = Field(1e-3, ge=0, description="Waves amplitude [m].")
+    wavelength: tuple[float, float] = Field((1e-2, 0.0), description="Waves wavelengths along x, y [m] (0: flat).")
+    path: Optional[str] = Field(None, description="Mesh file for shape 'mesh' (any format trimesh reads) [m].")
+    position: Vec3 = (0.0, 0.0, 0.0)
+    rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
+
+    _path = field_validator("path")(resolve_optional)
+    _readable = field_validator("path")(readable_asset("mesh"))
+
+    @model_validator(mode="after")
+    def _mesh_needs_path(self):
+        if self.shape == "mesh" and self.path is None:
+            raise ValueError("shape 'mesh' needs 'path'")
+        if self.shape == "box" and not all(h > 0 for h in self.half_extents):
+            raise ValueError(f"half_extents: expected three lengths > 0 [m], got {list(self.half_extents)}")
+        if self.shape == "waves" and not all(w >= 0 for w in self.wavelength):
+            raise ValueError(f"wavelength: expected two lengths >= 0 [m], got {list(self.wavelength)}")
+        return self
+
+
+class ContactConfig(StrictModel):
+    """Penalty contact per unit gel surface area (node ``i`` gets ``k A_i``): normal stiffness,
+    Hunt-Crossley damping, viscous stick and Coulomb friction."""
+
+    k_n: float = Field(2.0e8, ge=0, description="Normal stiffness per area [N/m^3] (pressure per penetration).")
+    k_d: float = Field(0.0, ge=0, description="Damping per area [N s/m^4] (pressure k_d d max(-v_n, 0)).")
+    k_t: float = Field(1.0e6, ge=0, description="Viscous tangential coefficient per area [N s/m^3].")
+    mu: float = Field(0.5, ge=0, description="Coulomb friction coefficient [-].")
+    eps_v: float = Field(1e-4, gt=0, description="Slip-velocity regularization [m/s].")
+    penetration_width: float = Field(2e-5, ge=0, description="Softplus width of the penetration ramp [m] (0: hard).")
+
+    _numbers = field_validator("k_n", "k_d", "k_t", "mu", "eps_v", "penetration_width", mode="before")(reject_boolean)
+
+
+class ForceLossConfig(StrictModel):
+    """Track a target force in the sensor frame at every control step from ``start`` on:
+    mean of ((F - target) / scale)^2. ``component``: ``normal`` (pressing force, >= 0) or
+    ``shear`` (magnitude of the tangential force)."""
+
+    type: Literal["force"] = "force"
+    component: Literal["normal", "shear"] = "normal"
+    target: float = Field(..., description="Target force [N].")
+    scale: Optional[float] = Field(None, gt=0, description="Force scale [N]; default |target| (or 1 N if 0).")
+    start: int = Field(0, ge=0, description="First control step scored.")
+    weight: float = Field(1.0, ge=0)
+
+
+class SmoothnessLossConfig(StrictModel):
+    """Penalize changes of the controlled velocity between control steps: mean of
+    |v_k - v_(k-1)|^2 / scale^2 over the optimized components."""
+
+    type: Literal["smoothness"] = "smoothness"
+    scale: float = Field(0.01, gt=0, description="Velocity scale [m/s] (angular: [rad/s]).")
+    weight: float = Field(0.1, ge=0)
+
+
+LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig], Field(discriminator="type")]
+
+
+class TrajectoryConfig(StrictModel):
+    """Optimize the sensor's per-control-step velocity (the ``dofs`` listed) for the loss terms."""
+
+    type: Literal["trajectory"] = "trajectory"
+    dofs: list[Literal[DOFS]] = Field(list(DOFS), description="Optimized velocity components; the others keep "
+                                                               "their initial values.")
+    max_speed: float = Field(0.1, gt=0, description="Bound on the linear speed [m/s] per control step.")
+    max_angular_speed: float = Field(5.0, gt=0, description="Bound on the angular speed [rad/s].")
+    losses: list[LossTermConfig] = Field(..., min_length=1)
+
+
+class SysIdConfig(StrictModel):
+    """Recover gel and contact parameters from a press-and-slide probe: the observed total force
+    and marker displacements (sensor frame, every control step) come from a finer sensor mesh
+    (``refine`` times the points / cells, one more layer) with the ``truth`` parameters, plus
+    Gaussian noise of ``noise`` times each channel's RMS; the model starts from ``initial``."""
+
+    type: Literal["system_identification"] = "system_identification"
+    truth: dict[Literal[SYSID_PARAMETERS], float] = Field(..., min_length=1)
+    initial: dict[Literal[SYSID_PARAMETERS], float] = Field(..., min_length=1)
+    noise: float = Field(0.02, ge=0, le=1, description="Relative noise of the observations.")
+    refine: int = Field(2, ge=1, le=4, description="Truth mesh refinement factor (1: the model's own mesh).")
+    markers: int = Field(40, ge=1, le=2000, description="Markers on the contact surface.")
+    marker_weight: float = Field(1.0, ge=0, description="Weight of the marker term against the force term.")
+
+    @model_validator(mode="after")
+    def _same_keys(self):
+        if set(self.truth) != set(self.initial):
+            raise ValueError(f"'truth' and 'initial' must name the same parameters, got {sorted(self.truth)} and "
+                             f"{sorted(self.initial)}")
+        for name, values in (("truth", self.truth), ("initial", self.initial)):
+            for k, v in values.items():
+                bad = (v <= 0 if k in ("E", "k_n", "k_d", "k_t") else (not -1 < v < 0.5) if k == "nu" else v < 0)
+                if bad:
+                    want = {"nu": "in (-1, 0.5)", "mu": ">= 0"}.get(k, "> 0")
+                    raise ValueError(f"{name}.{k}: expected {want}, got {v}")
+        return self
+
+
+ObjectiveConfig = Annotated[Union[TrajectoryConfig, SysIdConfig], Field(discriminator="type")]
+
+
+class OutputsConfig(StrictModel):
+    frames: int = Field(24, ge=0, le=1000, description="Frames of the rollout GIF (0: none).")
+
+
+class TactileTask(StrictModel):
+    """A vision-based tactile sensor touching a rigid object, optimized through the FEM.
+
+    One control step is ``substeps`` FEM steps of ``dt``; the sensor's pose is interpolated
+    linearly within a control step. With ``control_dt`` the control step has that duration
+    instead, and the number of FEM steps in it follows from the stable ``dt`` (or the given one),
+    so keyframe times mean the same whatever the mesh and the contact stiffness.
+    """
+
+    type: Literal["tactile"] = "tactile"
+    sensor: SensorConfig
+    motion: SensorMotionConfig = SensorMotionConfig()
+    object: ObjectConfig
+    contact: ContactConfig = ContactConfig()
+    gravity: Vec3 = (0.0, 0.0, -9.81)
+    integrator: Literal["explicit", "implicit"] = "explicit"
+    dt: Optional[float] = Field(None, gt=0, description="FEM step [s]; default 0.9 x the stability limit (explicit).")
+    substeps: int = Field(10, ge=1, le=100000, description="FEM steps per control step.")
+    control_dt: Optional[float] = Field(None, gt=0, description="Duration of a control step [s] (instead of "
+                                                                 "'substeps': the FEM steps per control step follow "
+                                                                 "from dt).")
+    steps: int = Field(20, ge=1, le=100000, description="Control steps.")
+    window: int = Field(50, ge=1, description="Checkpoint window [FEM steps].")
+    objective: ObjectiveConfig
+    outputs: OutputsConfig = OutputsConfig()
+
+    @model_validator(mode="after")
+    def _implicit_needs_dt(self):
+        if self.integrator == "implicit" and self.dt is None:
+            raise ValueError("integrator 'implicit' needs 'dt' (it has no stability limit to derive it from)")
+        if self.control_dt is not None and "substeps" in self.model_fields_set:
+            raise ValueError("give 'substeps' or 'control_dt', not both")
+        return self
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        """The checks that need the sensor's mesh but no simulation (stable dt, objects not
+        starting inside the gel), so that ``diffworld validate`` catches them."""
+        import torch
+
+        from diffworld.tasks.tactile.build import TactileScene
+
+        try:
+            TactileScene(self, torch.float64, torch.device("cpu"))
+        except (RuntimeError, TypeError) as exc:  # e.g. a mesh the SDF cannot use
+            raise ValueError(str(exc)) from None
+        return self
