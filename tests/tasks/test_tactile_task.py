@@ -45,7 +45,7 @@ def test_surface_following_scene_reduced(tmp_path):
                  "velocities.npy"):
         assert (tmp_path / name).is_file(), name
     r = np.load(tmp_path / "readings.npz")
-    assert r["normal_after"].shape == (15,)
+    assert r["normal_after"].shape == (15, 1)  # (control steps + 1, sensors)
     # only vz is optimized: the other components keep their initial values
     v = np.load(tmp_path / "velocities.npy")
     assert np.allclose(v[:, [0, 1, 3, 4, 5]], [0.02, 0, 0, 0, 0])
@@ -61,7 +61,7 @@ def test_sysid_scene_reduced(tmp_path):
     assert set(m["recovered"]) == set(m["truth"]) == {"E", "nu", "k_n", "k_t", "mu"}
     assert m["truth_mesh"]["nodes"] > m["nodes"]  # the data come from a finer mesh
     obs = np.load(tmp_path / "observations.npz")
-    assert obs["force"].shape == (11, 3) and obs["marker_displacement"].shape == (11, 10, 3)
+    assert obs["force"].shape == (11, 1, 3) and obs["marker_displacement"].shape == (11, 10, 3)
 
 
 def _small_task(**changes):
@@ -148,7 +148,7 @@ def test_readings_are_in_the_sensor_frame():
     for task in (up, down):
         scene = TactileScene(task, F64, torch.device("cpu"))
         with torch.no_grad():  # gravity (sensor frame: opposite signs) is small next to the contact force
-            f.append(scene.readings(scene.simulate()).force[-1])
+            f.append(scene.readings(scene.simulate()).force[-1, 0])
     assert float(f[0][2]) < -1e-3
     assert torch.allclose(f[0], f[1], rtol=0.02, atol=2e-4), f
 
@@ -242,3 +242,60 @@ def test_waves_sdf():
     p = torch.cat([xy, 1e-3 * torch.randn(300, 1, generator=g, dtype=F64)], 1).requires_grad_()
     for check in directional_check(lambda q: w(q).sum(), [p], eps=1e-7, n_dirs=2, seed=2):
         assert check.rel_error < 1e-6, check
+
+
+def _grasp_task(**changes):
+    from diffworld.tasks.tactile.config import TactileTask
+
+    task = yaml.safe_load((SCENES / "tactile_grasp_elastic.yaml").read_text())["task"]
+    task["mpm"]["bodies"][0]["ppc"] = 1
+    task["sensor"]["pad"]["resolution"] = [2, 2, 1]
+    task["sensor"]["opening"] = 0.0205  # 0.25 mm from the cube on each side
+    task.update(changes)
+    return TactileTask.model_validate(task)
+
+
+def test_grasp_scene_reduced(tmp_path):
+    """The grasp at 10 control steps (closing and the start of the lift), 2 iterations: the lift
+    loss falls, both pads read forces, outputs are written."""
+    over = {"optimizer.iterations": 2, "task.steps": 10, "task.outputs.frames": 2,
+            "task.objective.losses": [{"type": "com", "body": "cube", "target": [0.03, 0.03, 0.0205], "axes": ["z"],
+                                       "scale": 0.005, "start": 6},
+                                      {"type": "slip", "mu": 1.0, "start": 5, "weight": 0.1}]}
+    scene, m = _run("tactile_grasp_elastic.yaml", over, tmp_path)
+    assert m["sensors"] == 2 and m["particles"] == 1728
+    assert m["final_loss"] < m["initial_loss"]
+    normal = np.array(m["final_normal_force_N"])
+    assert normal.shape == (11, 2) and normal[-1].min() > 0.1  # both pads hold the cube
+    assert abs(normal[-1, 0] - normal[-1, 1]) < 0.2 * normal[-1].mean()  # about equal by symmetry
+    for name in ("forces.png", "before.png", "after.png", "rollout.gif", "velocities.npy"):
+        assert (tmp_path / name).is_file(), name
+    assert np.load(tmp_path / "velocities.npy").shape == (10, 7)  # 6 velocity components + the opening rate
+
+
+def test_grasp_gradients_match_central_differences():
+    """Gripper velocities and opening rate -> pad poses -> coupled FEM-MPM rollout -> com and slip
+    loss, float64, 3 control steps of squeezing and lifting: d loss / d velocity vs FD."""
+    from diffworld.tasks.tactile.build import build_scene
+    from diffworld.tasks.tactile.objectives import TrajectoryProblem
+
+    task = _grasp_task(steps=3, control_dt=0.0006, motion=dict(
+        type="velocities", position=[0.03, 0.03, 0.0175], rotation=[np.pi, 0, 0], velocity=[0, 0, 0.05, 0, 0, 0]),
+        objective=dict(type="trajectory", dofs=["vz", "grip", "vx"], losses=[
+            dict(type="com", body="cube", target=[0.03, 0.03, 0.02], axes=["x", "z"], scale=0.005),
+            dict(type="slip", mu=1.0, weight=0.1)]))
+    scene = build_scene(task, F64, torch.device("cpu"))
+    base = TrajectoryProblem(scene, task.objective).velocity.detach().clone()
+    base[:, 6] = -0.6  # squeeze 0.36 mm per control step
+    with torch.no_grad():
+        r = scene.readings(scene.simulate(base), base)
+    assert float(r.normal[-1].min()) > 1e-3  # both pads touch
+
+    def loss(v):
+        out = scene.simulate(v)
+        rd = scene.readings(out, v)
+        com = scene.com(out, "cube")
+        return 100 * (com[-1, 2] - 0.0175) + 30 * (com[-1, 0] - 0.03) + (rd.shear ** 2).sum() + (rd.normal ** 2).sum()
+
+    for check in directional_check(loss, [base.clone().requires_grad_()], eps=1e-6, n_dirs=2, seed=4):
+        assert check.rel_error < 1e-5, check

@@ -12,9 +12,9 @@ from diffworld.sims import fem
 from diffworld.sims.common import colliders
 from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix, quat_to_rotvec
 from diffworld.sims.tactile import Markers, SensorGeometry, dome, flat_pad
-from diffworld.tasks.tactile.config import DomeConfig, ObjectConfig, PadConfig, TactileTask
+from diffworld.tasks.tactile.config import DOFS, DomeConfig, ObjectConfig, PadConfig, TactileTask
 
-__all__ = ["Readings", "TactileScene", "contact_areas", "sensor_geometry"]
+__all__ = ["Readings", "TactileScene", "build_scene", "contact_areas", "sensor_geometry"]
 
 # Safety factor on the contact stiffness limit sqrt(m_i / k_i) of the explicit integrator.
 _CONTACT_CFL = 0.5
@@ -56,13 +56,26 @@ def _object_sdf(cfg: ObjectConfig):
     return MeshSDF(m.vertices.double(), m.faces, sign="winding")
 
 
+def build_scene(task: TactileTask, dtype: torch.dtype, device: torch.device, refine: int = 1,
+                check_only: bool = False):
+    """The scene of a task: :class:`TactileScene` (a rigid object) or
+    :class:`~diffworld.tasks.tactile.build_mpm.CoupledTactileScene` (MPM objects).
+    ``check_only``: build only what validation needs."""
+    if task.mpm is None:
+        return TactileScene(task, dtype, device, refine)
+    from diffworld.tasks.tactile.build_mpm import CoupledTactileScene
+
+    return CoupledTactileScene(task, dtype, device)
+
+
 class Readings(NamedTuple):
-    """Tactile readings at the end of every control step (index 0: the start).
+    """Tactile readings at the end of every control step (index 0: the start), per sensor (G: 1,
+    or 2 for a gripper's pads).
 
     Attributes:
-        force: Total contact force on the gel in the sensor frame [N], (S + 1, 3).
-        normal: Pressing force ``-force_z`` [N] (>= 0 when pressed), (S + 1,).
-        shear: Tangential force magnitude [N], (S + 1,).
+        force: Total contact force on each gel in its sensor frame [N], (S + 1, G, 3).
+        normal: Pressing force ``-force_z`` [N] (>= 0 when pressed), (S + 1, G).
+        shear: Tangential force magnitude [N], (S + 1, G).
         penetration: Largest penetration of a gel node into the object [m], (S + 1,) (detached).
         markers: Marker positions in the sensor frame [m], (S + 1, M, 3) (None without markers).
     """
@@ -120,6 +133,7 @@ class TactileScene:
         self.step_time = self.substeps * self.dt
         self._check_start()
         self.stepper = None
+        self.dofs = DOFS
 
     # -- setup ----------------------------------------------------------------------------------------
 
@@ -264,9 +278,16 @@ class TactileScene:
             pen.append(res.penetration.detach().max() if res.penetration.numel() else st.x.new_zeros(()))
             if markers is not None:
                 marks.append(markers.positions((st.x - p) @ r))
-        force = torch.stack(forces)
-        return Readings(force, -force[:, 2], force[:, :2].norm(dim=1), torch.stack(pen),
+        force = torch.stack(forces)[:, None]  # one sensor
+        return Readings(force, -force[..., 2], force[..., :2].norm(dim=-1), torch.stack(pen),
                         torch.stack(marks) if markers is not None else None)
+
+    def frame_data(self, out: fem.Rollout, r: int, velocities=None):
+        """(gel node positions per sensor, contact nodes per sensor, MPM particles (None), the
+        sensor's nodes in its frame, the step) at record ``r``, for pictures."""
+        x = out.states[r].x.detach()
+        step = out.steps[r]
+        return [x], [self.geometry.contact_nodes], None, self.sensor_frame_nodes(x, step, velocities), step
 
     def sensor_frame_nodes(self, x: torch.Tensor, step: int, velocities: torch.Tensor | None = None) -> torch.Tensor:
         """Node positions (N, 3) in the sensor frame at FEM step ``step`` (0: the start)."""

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from diffworld.engine.config.schema import StrictModel, reject_boolean
 from diffworld.sims.fem.materials import FEM_MATERIALS
 from diffworld.tasks.assets import readable_asset
-from diffworld.tasks.mpm.config import KeyframeConfig
+from diffworld.tasks.mpm.config import BodyConfig, DomainConfig
 from diffworld.tasks.mpm.shapes import Vec3, resolve_optional
 
 __all__ = [
@@ -91,7 +91,44 @@ class PadConfig(StrictModel):
         return v
 
 
-SensorConfig = Annotated[Union[DomeConfig, PadConfig], Field(discriminator="type")]
+class GripperConfig(StrictModel):
+    """A parallel-jaw gripper with a flat gel pad on each jaw
+    (:class:`diffworld.sims.tactile.ParallelGripper`): the gripper frame's +z is the approach
+    axis, the jaws close along its x, the pads' centres sit ``finger_offset`` along +z. The task's
+    ``motion`` moves the gripper frame; ``opening`` is the gap between the contact faces."""
+
+    type: Literal["gripper"] = "gripper"
+    name: str = "gripper"
+    pad: PadConfig = PadConfig()
+    opening: float = Field(0.03, ge=0, description="Gap between the pads' contact faces at the start [m].")
+    max_opening: float = Field(0.08, gt=0, description="Largest gap [m].")
+    finger_offset: float = Field(0.0, description="Pad centres along the approach axis [m].")
+    grip_velocity: float = Field(0.0, description="Opening rate per control step for motion type velocities "
+                                                  "[m/s] (negative closes).")
+
+    @property
+    def material(self) -> GelMaterialConfig:
+        return self.pad.material
+
+    @property
+    def thickness(self) -> float:
+        return self.pad.thickness
+
+    @model_validator(mode="after")
+    def _opening(self):
+        if self.opening > self.max_opening:
+            raise ValueError(f"opening: {self.opening:g} m is above max_opening {self.max_opening:g} m")
+        return self
+
+
+SensorConfig = Annotated[Union[DomeConfig, PadConfig, GripperConfig], Field(discriminator="type")]
+
+
+class TactileKeyframeConfig(StrictModel):
+    t: float = Field(..., ge=0, description="Time [s].")
+    position: Vec3
+    rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
+    opening: Optional[float] = Field(None, ge=0, description="Gripper opening [m] (grippers only; default: held).")
 
 
 class SensorMotionConfig(StrictModel):
@@ -102,7 +139,7 @@ class SensorMotionConfig(StrictModel):
     type: Literal["static", "keyframes", "velocities"] = "static"
     position: Vec3 = (0.0, 0.0, 0.0)
     rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
-    keyframes: list[KeyframeConfig] = Field(default_factory=list,
+    keyframes: list[TactileKeyframeConfig] = Field(default_factory=list,
                                             description="Poses at times [s] (type keyframes); held after the last.")
     velocity: tuple[float, float, float, float, float, float] = Field(
         (0.0,) * 6, description="Per-step velocity (linear [m/s], angular [rad/s], world frame) for type velocities.")
@@ -158,10 +195,21 @@ class ContactConfig(StrictModel):
     _numbers = field_validator("k_n", "k_d", "k_t", "mu", "eps_v", "penetration_width", mode="before")(reject_boolean)
 
 
+class MPMObjectsConfig(StrictModel):
+    """Deformable objects simulated by MPM, coupled two-way with the gel(s) in one step
+    (:mod:`diffworld.sims.coupling.fem_mpm`); the domain's walls are the table and the box."""
+
+    domain: DomainConfig
+    bodies: list[BodyConfig] = Field(..., min_length=1)
+    contact: ContactConfig = Field(default_factory=lambda: ContactConfig(k_n=2.0e7, k_t=5.0e4, mu=1.0,
+                                                                         penetration_width=1e-4, eps_v=1e-3),
+                                   description="Gel - MPM contact, per unit area (a grid node gets k dx^2).")
+
+
 class ForceLossConfig(StrictModel):
     """Track a target force in the sensor frame at every control step from ``start`` on:
-    mean of ((F - target) / scale)^2. ``component``: ``normal`` (pressing force, >= 0) or
-    ``shear`` (magnitude of the tangential force)."""
+    mean of ((F - target) / scale)^2 (over the pads of a gripper too). ``component``: ``normal``
+    (pressing force, >= 0) or ``shear`` (magnitude of the tangential force)."""
 
     type: Literal["force"] = "force"
     component: Literal["normal", "shear"] = "normal"
@@ -180,15 +228,41 @@ class SmoothnessLossConfig(StrictModel):
     weight: float = Field(0.1, ge=0)
 
 
-LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig], Field(discriminator="type")]
+class SlipLossConfig(StrictModel):
+    """No slip (DiffTactile's grasp loss): mean over control steps from ``start`` and over the
+    pads of ``(shear / (mu normal + eps))^2``; below 1 the pad holds inside its friction cone."""
+
+    type: Literal["slip"] = "slip"
+    mu: float = Field(1.0, gt=0, description="Friction coefficient of the cone [-].")
+    eps: float = Field(0.01, gt=0, description="Force added to the cone's size [N] (no division by zero).")
+    start: int = Field(0, ge=0)
+    weight: float = Field(1.0, ge=0)
+
+
+class ComLossConfig(StrictModel):
+    """An MPM body's centre of mass vs a target at every control step from ``start`` on: mean of
+    squared distance over the listed axes, / scale^2."""
+
+    type: Literal["com"] = "com"
+    body: str
+    target: Vec3
+    axes: list[Literal["x", "y", "z"]] = Field(["x", "y", "z"], min_length=1)
+    scale: float = Field(0.01, gt=0, description="Distance scale [m].")
+    start: int = Field(0, ge=0)
+    weight: float = Field(1.0, ge=0)
+
+
+LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig, SlipLossConfig, ComLossConfig],
+                           Field(discriminator="type")]
 
 
 class TrajectoryConfig(StrictModel):
     """Optimize the sensor's per-control-step velocity (the ``dofs`` listed) for the loss terms."""
 
     type: Literal["trajectory"] = "trajectory"
-    dofs: list[Literal[DOFS]] = Field(list(DOFS), description="Optimized velocity components; the others keep "
-                                                               "their initial values.")
+    dofs: list[Literal[DOFS + ("grip",)]] = Field(list(DOFS), description="Optimized velocity components ('grip': "
+                                                                          "a gripper's opening rate); the others "
+                                                                          "keep their initial values.")
     max_speed: float = Field(0.1, gt=0, description="Bound on the linear speed [m/s] per control step.")
     max_angular_speed: float = Field(5.0, gt=0, description="Bound on the angular speed [rad/s].")
     losses: list[LossTermConfig] = Field(..., min_length=1)
@@ -241,7 +315,8 @@ class TactileTask(StrictModel):
     type: Literal["tactile"] = "tactile"
     sensor: SensorConfig
     motion: SensorMotionConfig = SensorMotionConfig()
-    object: ObjectConfig
+    object: Optional[ObjectConfig] = Field(None, description="A rigid object (or 'mpm' bodies).")
+    mpm: Optional[MPMObjectsConfig] = Field(None, description="Deformable MPM objects (or a rigid 'object').")
     contact: ContactConfig = ContactConfig()
     gravity: Vec3 = (0.0, 0.0, -9.81)
     integrator: Literal["explicit", "implicit"] = "explicit"
@@ -261,6 +336,26 @@ class TactileTask(StrictModel):
             raise ValueError("integrator 'implicit' needs 'dt' (it has no stability limit to derive it from)")
         if self.control_dt is not None and "substeps" in self.model_fields_set:
             raise ValueError("give 'substeps' or 'control_dt', not both")
+        if (self.object is None) == (self.mpm is None):
+            raise ValueError("give a rigid 'object' or 'mpm' bodies (exactly one of them)")
+        if self.mpm is not None:
+            if self.integrator != "explicit":
+                raise ValueError("'mpm' objects are coupled to the gel by the explicit integrator only")
+            if self.objective.type != "trajectory":
+                raise ValueError("'mpm' objects: only objective type 'trajectory' for now")
+        if self.sensor.type == "gripper" and self.mpm is None:
+            raise ValueError("a 'gripper' grasps 'mpm' bodies: give 'mpm' (a rigid object cannot be lifted)")
+        if self.sensor.type != "gripper" and self.motion.type == "keyframes" and any(
+                k.opening is not None for k in self.motion.keyframes):
+            raise ValueError("motion.keyframes: 'opening' is for a gripper only")
+        if self.objective.type == "trajectory":
+            names = {b.name for b in self.mpm.bodies} if self.mpm is not None else set()
+            for i, t in enumerate(self.objective.losses):
+                if t.type == "com" and t.body not in names:
+                    raise ValueError(f"objective.losses[{i}].body: unknown MPM body {t.body!r}; expected one of "
+                                     f"{sorted(names)}")
+            if "grip" in self.objective.dofs and self.sensor.type != "gripper":
+                raise ValueError("objective.dofs: 'grip' is for a gripper only")
         return self
 
     @model_validator(mode="after")
@@ -269,10 +364,10 @@ class TactileTask(StrictModel):
         starting inside the gel), so that ``diffworld validate`` catches them."""
         import torch
 
-        from diffworld.tasks.tactile.build import TactileScene
+        from diffworld.tasks.tactile.build import build_scene
 
         try:
-            TactileScene(self, torch.float64, torch.device("cpu"))
+            build_scene(self, torch.float64, torch.device("cpu"), check_only=True)
         except (RuntimeError, TypeError) as exc:  # e.g. a mesh the SDF cannot use
             raise ValueError(str(exc)) from None
         return self

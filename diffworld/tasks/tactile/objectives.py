@@ -12,21 +12,24 @@ import torch
 from diffworld.engine.problem import BaseProblem
 from diffworld.sims.tactile import Markers
 from diffworld.tasks.tactile.build import Readings, TactileScene
-from diffworld.tasks.tactile.config import DOFS, ForceLossConfig, SmoothnessLossConfig, SysIdConfig, TrajectoryConfig
+from diffworld.tasks.tactile.config import (ComLossConfig, ForceLossConfig, SlipLossConfig, SmoothnessLossConfig,
+                                            SysIdConfig, TrajectoryConfig)
 
 __all__ = ["PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem", "sysid_task"]
 
 
 def _term_names(terms) -> list[str]:
     """Log names of the loss terms: ``force_normal``, ``smoothness``, ... (numbered when repeated)."""
-    base = [f"force_{t.component}" if isinstance(t, ForceLossConfig) else t.type for t in terms]
+    base = [f"force_{t.component}" if isinstance(t, ForceLossConfig) else
+            f"com_{t.body}" if isinstance(t, ComLossConfig) else t.type for t in terms]
     return [b if base.count(b) == 1 else f"{b}_{base[:i + 1].count(b)}" for i, b in enumerate(base)]
 
 
 class TrajectoryProblem(BaseProblem):
     """Optimize the sensor's per-control-step velocity (a float64 leaf (S, 6): linear [m/s],
-    angular [rad/s], world frame); components not in ``dofs`` keep their initial values (zero
-    gradient, restored by :meth:`project`), and speeds are clipped to the bounds."""
+    angular [rad/s], world frame; a gripper's 7th column is its opening rate [m/s]); components
+    not in ``dofs`` keep their initial values (zero gradient, restored by :meth:`project`), and
+    speeds are clipped to the bounds (the opening rate to ``max_speed``)."""
 
     stage = "trajectory"
 
@@ -34,7 +37,7 @@ class TrajectoryProblem(BaseProblem):
         self.scene, self.obj = scene, obj
         self.names = _term_names(obj.losses)
         self.velocity = scene.initial_velocities().clone().requires_grad_()
-        self.free = torch.tensor([c in obj.dofs for c in DOFS], dtype=torch.bool)
+        self.free = torch.tensor([c in obj.dofs for c in scene.dofs], dtype=torch.bool)
         keep = self.free.to(torch.float64)
         self.velocity.register_hook(lambda g: g * keep)
         with torch.no_grad():
@@ -47,7 +50,7 @@ class TrajectoryProblem(BaseProblem):
     def control(self) -> torch.Tensor:
         return self.velocity.detach().clone()
 
-    def _loss(self, r: Readings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, r: Readings, out=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = r.force.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         for t, name in zip(self.obj.losses, self.names):
@@ -57,6 +60,14 @@ class TrajectoryProblem(BaseProblem):
                 # readings[0] is the start; control step k ends at readings[k]
                 v = ((value[1 + t.start:] - t.target) / scale) ** 2
                 term = v.mean() if v.numel() else value.new_zeros(())
+            elif isinstance(t, SlipLossConfig):
+                ratio = r.shear[1 + t.start:] / (t.mu * r.normal[1 + t.start:].clamp_min(0.0) + t.eps)
+                term = (ratio ** 2).mean() if ratio.numel() else total.new_zeros(())
+            elif isinstance(t, ComLossConfig):
+                com = self.scene.com(out, t.body)[1 + t.start:]
+                axes = ["xyz".index(a) for a in t.axes]
+                d = (com[:, axes] - torch.tensor(t.target, dtype=com.dtype, device=com.device)[axes]) / t.scale
+                term = (d * d).sum(1).mean() if d.shape[0] else total.new_zeros(())
             elif isinstance(t, SmoothnessLossConfig):
                 d = (self.velocity[1:] - self.velocity[:-1])[:, self.free] / t.scale
                 term = (d * d).sum(1).mean().to(total.dtype) if d.shape[0] else total.new_zeros(())
@@ -70,7 +81,7 @@ class TrajectoryProblem(BaseProblem):
         """(rollout and readings, total loss, terms) with the current velocities."""
         out = self.scene.simulate(self.velocity)
         r = self.scene.readings(out, self.velocity)
-        total, terms = self._loss(r)
+        total, terms = self._loss(r, out)
         return (out, r), total, terms
 
     def loss_fn(self, _iteration: int):
@@ -79,7 +90,8 @@ class TrajectoryProblem(BaseProblem):
 
     def _clip(self) -> None:
         v = self.velocity
-        for part, bound in ((slice(0, 3), self.obj.max_speed), (slice(3, 6), self.obj.max_angular_speed)):
+        for part, bound in ((slice(0, 3), self.obj.max_speed), (slice(3, 6), self.obj.max_angular_speed),
+                            (slice(6, 7), self.obj.max_speed)):
             u = v[:, part]
             n = u.norm(dim=1, keepdim=True)
             u.mul_(torch.where(n > bound, bound / n.clamp_min(1e-30), torch.ones_like(n)))
@@ -91,9 +103,12 @@ class TrajectoryProblem(BaseProblem):
 
     def metrics(self, phase: str, total: torch.Tensor, terms: dict, result) -> dict:
         _, r = result
+        normal = r.normal.detach()
         return {f"{phase}_loss": float(total), f"{phase}_terms": {k: float(v) for k, v in terms.items()},
                 f"{phase}_max_penetration_mm": float(r.penetration.max()) * 1e3,
-                f"{phase}_normal_force_N": [round(float(f), 6) for f in r.normal.detach()]}
+                # per control step: the sensor's normal force, or a list over the gripper's pads
+                f"{phase}_normal_force_N": [round(float(f[0]), 6) if f.numel() == 1 else [round(float(v), 6) for v in f]
+                                            for f in normal]}
 
     def write(self, out_dir: Path) -> None:
         np.save(out_dir / "velocities.npy", self.velocity.detach().numpy())

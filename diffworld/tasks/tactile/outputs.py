@@ -11,16 +11,18 @@ import torch
 from diffworld.engine.files import atomic_path
 from diffworld.sims.common.quaternion import quat_to_matrix
 from diffworld.sims.tactile import OpticalImage, SensorCamera
-from diffworld.tasks.tactile.build import Readings, TactileScene
+from diffworld.tasks.tactile.build import Readings
 from diffworld.tasks.tactile.config import ForceLossConfig
 
 __all__ = ["sensor_camera", "write_outputs"]
 
 
-def sensor_camera(scene: TactileScene) -> SensorCamera:
+def sensor_camera(scene) -> SensorCamera:
     """The camera inside the sensor: the reference's fisheye at a dome's centre; for a pad, a
     pinhole below its base looking up (+z) with the pad filling about 90 % of a 160 x 160 image."""
     cfg = scene.task.sensor
+    if cfg.type == "gripper":
+        cfg = cfg.pad
     if cfg.type == "dome":
         return SensorCamera.difftactile_fisheye()
     half = 0.5 * max(cfg.size)
@@ -43,15 +45,19 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=90, bbox_inches="tight")
 
 
-def plot_forces(scene: TactileScene, before: Readings, after: Readings | None, path: Path) -> None:
+def plot_forces(scene, before: Readings, after: Readings | None, path: Path) -> None:
     """Normal and shear force [N] per control step, before and after, with the targets."""
     plt = _plt()
     t = np.arange(before.normal.shape[0]) * scene.step_time * 1e3
+    names = getattr(scene, "names", [scene.task.sensor.name])
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     for a, key, title in ((ax[0], "normal", "normal force [N]"), (ax[1], "shear", "shear force [N]")):
-        a.plot(t, getattr(before, key).detach().cpu().numpy(), "--", color="0.5", label="before")
-        if after is not None:
-            a.plot(t, getattr(after, key).detach().cpu().numpy(), color="C0", label="after")
+        for g, name in enumerate(names):
+            tag = f" ({name})" if len(names) > 1 else ""
+            a.plot(t, getattr(before, key)[:, g].detach().cpu().numpy(), "--", color=f"C{g + 2}",
+                   label="before" + tag)
+            if after is not None:
+                a.plot(t, getattr(after, key)[:, g].detach().cpu().numpy(), color=f"C{g}", label="after" + tag)
         obj = scene.task.objective
         for term in getattr(obj, "losses", []):
             if isinstance(term, ForceLossConfig) and term.component == key:
@@ -65,9 +71,11 @@ def plot_forces(scene: TactileScene, before: Readings, after: Readings | None, p
 
 
 class _Frames:
-    """Draws one frame: a side view (world x-z) of the gel and the object, and the optical image."""
+    """Draws one frame: a side view (world x-z) of the gel(s) and the object (a rigid object's
+    outline in the plane y = the sensor's start y, or the MPM particles), and the first sensor's
+    optical image change from rest."""
 
-    def __init__(self, scene: TactileScene) -> None:
+    def __init__(self, scene) -> None:
         self.scene = scene
         geo = scene.geometry
         rest = geo.mesh.vertices.to(torch.float64)
@@ -75,44 +83,54 @@ class _Frames:
             self.optical = OpticalImage.at_rest(rest, geo.contact_faces, sensor_camera(scene), background=(0.1,) * 3)
         except ValueError:  # a camera that cannot see the whole surface: no image
             self.optical = None
-        x0 = scene.model.rest_state().x.detach().to(torch.float64).cpu().numpy()
+        self.rest_image = None if self.optical is None else self.optical.render(rest).clamp(0, 1).numpy()
+        models = getattr(scene, "models", [scene.model])
+        x0 = torch.cat([m.rest_state().x.detach().to(torch.float64).cpu() for m in models]).numpy()
+        if getattr(scene, "mpm_state", None) is not None:
+            x0 = np.concatenate([x0, scene.mpm_state.x.detach().to(torch.float64).cpu().numpy()])
         span = x0.max(0) - x0.min(0)
         pad = 0.15 * float(span.max())
         self.lo, self.hi = x0.min(0) - pad, x0.max(0) + pad
-        # the object's zero contour in the plane y = the sensor's start y
-        xs = np.linspace(self.lo[0], self.hi[0], 240)
-        zs = np.linspace(self.lo[2], self.hi[2], 200)
-        X, Z = np.meshgrid(xs, zs)
-        pts = torch.tensor(np.stack([X.ravel(), np.full(X.size, float(scene.start_position[1])), Z.ravel()], 1))
-        R = quat_to_matrix(scene.object_rotation.detach().to(torch.float64).cpu())
-        local = (pts - scene.object_position.detach().to(torch.float64).cpu()) @ R
-        with torch.no_grad():
-            phi = scene.sdf(local).reshape(X.shape).numpy()
-        self.contour = (X, Z, phi)
-        self.surface = geo.contact_nodes.numpy()
-        self.rest_image = None if self.optical is None else self.optical.render(rest).clamp(0, 1).numpy()
+        if getattr(scene, "mpm_state", None) is not None:  # room above for a lift
+            self.hi[2] += 0.5 * float(span[2])
+        self.contour = None
+        if getattr(scene, "sdf", None) is not None:
+            xs = np.linspace(self.lo[0], self.hi[0], 240)
+            zs = np.linspace(self.lo[2], self.hi[2], 200)
+            X, Z = np.meshgrid(xs, zs)
+            pts = torch.tensor(np.stack([X.ravel(), np.full(X.size, float(scene.start_position[1])), Z.ravel()], 1))
+            R = quat_to_matrix(scene.object_rotation.detach().to(torch.float64).cpu())
+            local = (pts - scene.object_position.detach().to(torch.float64).cpu()) @ R
+            with torch.no_grad():
+                phi = scene.sdf(local).reshape(X.shape).numpy()
+            self.contour = (X, Z, phi)
 
-    def draw(self, x: torch.Tensor, step: int, velocities, label: str) -> np.ndarray:
+    def draw(self, out, r: int, velocities, label: str) -> np.ndarray:
         plt = _plt()
         scene = self.scene
+        xs, contact, particles, local, step = scene.frame_data(out, r, velocities)
         fig, ax = plt.subplots(1, 2 if self.optical is not None else 1, figsize=(8, 3.4), squeeze=False)
         a = ax[0, 0]
-        X, Z, phi = self.contour
-        a.contourf(X * 1e3, Z * 1e3, phi, levels=[-1.0, 0.0], colors=["0.75"])
-        xn = x.detach().to(torch.float64).cpu().numpy()
-        a.scatter(xn[:, 0] * 1e3, xn[:, 2] * 1e3, s=2, color="0.55")
-        c = xn[self.surface]
-        a.scatter(c[:, 0] * 1e3, c[:, 2] * 1e3, s=4, color="C0")
-        a.set_xlim(X.min() * 1e3, X.max() * 1e3)
-        a.set_ylim(Z.min() * 1e3, Z.max() * 1e3)
+        if self.contour is not None:
+            X, Z, phi = self.contour
+            a.contourf(X * 1e3, Z * 1e3, phi, levels=[-1.0, 0.0], colors=["0.75"])
+        if particles is not None:
+            p = particles.to(torch.float64).cpu().numpy()
+            a.scatter(p[:, 0] * 1e3, p[:, 2] * 1e3, s=1, color="C1")
+        for x, nodes in zip(xs, contact):
+            xn = x.to(torch.float64).cpu().numpy()
+            a.scatter(xn[:, 0] * 1e3, xn[:, 2] * 1e3, s=2, color="0.55")
+            c = xn[nodes.cpu().numpy()]
+            a.scatter(c[:, 0] * 1e3, c[:, 2] * 1e3, s=4, color="C0")
+        a.set_xlim(self.lo[0] * 1e3, self.hi[0] * 1e3)
+        a.set_ylim(self.lo[2] * 1e3, self.hi[2] * 1e3)
         a.set_aspect("equal")
         a.set_xlabel("x [mm]")
         a.set_ylabel("z [mm]")
         a.set_title(f"{label}: t = {step * scene.dt * 1e3:.1f} ms")
         if self.optical is not None:
-            local = scene.sensor_frame_nodes(x.detach(), step, velocities).to(torch.float64).cpu()
             with torch.no_grad():
-                img = self.optical.render(local).clamp(0, 1).numpy()
+                img = self.optical.render(local.to(torch.float64).cpu()).clamp(0, 1).numpy()
             # the change from the image at rest, amplified: the contact print
             ax[0, 1].imshow(np.clip(0.5 + 4.0 * (img - self.rest_image), 0, 1))
             ax[0, 1].set_axis_off()
@@ -124,7 +142,7 @@ class _Frames:
         return frame
 
 
-def write_outputs(scene: TactileScene, before, after, out_dir: Path, velocities_before=None,
+def write_outputs(scene, before, after, out_dir: Path, velocities_before=None,
                   velocities_after=None) -> dict:
     """Write forces.png, before.png, after.png, rollout.gif and readings.npz; return file names."""
     import imageio.v3 as iio
@@ -136,12 +154,12 @@ def write_outputs(scene: TactileScene, before, after, out_dir: Path, velocities_
     frames = _Frames(scene)
     for name, out, vel in (("before", out_b, velocities_before), ("after", out_a, velocities_after)):
         with atomic_path(out_dir / f"{name}.png") as tmp:
-            iio.imwrite(tmp, frames.draw(out.final.x, out.steps[-1], vel, name))
+            iio.imwrite(tmp, frames.draw(out, len(out.steps) - 1, vel, name))
         files[name] = f"{name}.png"
     n = scene.task.outputs.frames
     if n:
-        pick = np.unique(np.linspace(0, len(out_a.states) - 1, min(n, len(out_a.states))).round().astype(int))
-        imgs = [frames.draw(out_a.states[i].x, out_a.steps[i], velocities_after, "after") for i in pick]
+        pick = np.unique(np.linspace(0, len(out_a.steps) - 1, min(n, len(out_a.steps))).round().astype(int))
+        imgs = [frames.draw(out_a, int(i), velocities_after, "after") for i in pick]
         with atomic_path(out_dir / "rollout.gif") as tmp:
             iio.imwrite(tmp, np.stack(imgs), duration=100, loop=0)
         files["gif"] = "rollout.gif"

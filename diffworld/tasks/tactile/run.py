@@ -9,7 +9,7 @@ import torch
 
 from diffworld.engine.config.registry import TASKS
 from diffworld.engine.problem import solve
-from diffworld.tasks.tactile.build import TactileScene
+from diffworld.tasks.tactile.build import build_scene
 from diffworld.tasks.tactile.config import TactileTask
 from diffworld.tasks.tactile.objectives import PROBLEMS, SystemIdentificationProblem, sysid_task
 from diffworld.tasks.tactile.outputs import write_outputs
@@ -24,9 +24,11 @@ def run_tactile(scene_cfg, task: TactileTask, runtime, out_dir: Path, *, resume:
     bounds = None
     if task.objective.type == "system_identification":
         task, bounds = sysid_task(task)  # a dt stable for every value the fit may reach
-    scene = TactileScene(task, runtime.dtype, runtime.device)
+    scene = build_scene(task, runtime.dtype, runtime.device)
     settings = scene_cfg.optimizer.settings(seed=scene_cfg.seed)
     metrics: dict = {"nodes": scene.model.n_nodes, "tets": scene.model.n_tets, "dt": scene.dt,
+                     "sensors": len(getattr(scene, "models", [scene.model])),
+                     "particles": scene.mpm_model.n_particles if hasattr(scene, "mpm_model") else 0,
                      "substeps": scene.substeps, "steps": task.steps, "integrator": task.integrator}
     t0 = time.perf_counter()
     kind = PROBLEMS[task.objective.type]

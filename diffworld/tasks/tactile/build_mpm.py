@@ -1,0 +1,258 @@
+"""A ``tactile`` scene with deformable MPM objects: one sensor or a two-pad gripper coupled two-way
+with MPM bodies in one differentiable step (:mod:`diffworld.sims.coupling.fem_mpm`).
+
+The same interface as :class:`~diffworld.tasks.tactile.build.TactileScene` (motion, simulate,
+readings, frame data), so the objectives and outputs serve both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffworld.sims import fem
+from diffworld.sims.common import colliders
+from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix, quat_to_rotvec
+from diffworld.sims.tactile import ParallelGripper, sensor_model
+from diffworld.tasks.tactile.build import _CONTACT_CFL, Readings, contact_areas, sensor_geometry
+from diffworld.tasks.tactile.config import DOFS, TactileTask
+
+__all__ = ["CoupledTactileScene"]
+
+
+class CoupledTactileScene:
+    """The built simulation of a ``tactile`` task with ``mpm`` objects.
+
+    Sensors: one (dome or pad), or the gripper's two pads (left, right). Every FEM step is one
+    MPM substep of the same ``dt``: the lowest of the gels' elastic limits, the MPM's, and the
+    coupling's penalty and friction limits (x 0.9), unless ``task.dt`` is given (then checked).
+
+    Args:
+        task: The scene's task section.
+        dtype: float32 or float64.
+        device: Torch device.
+    """
+
+    def __init__(self, task: TactileTask, dtype: torch.dtype, device: torch.device) -> None:
+        from diffworld.sims import mpm
+        from diffworld.sims.coupling.fem_mpm import Gel, contact_stable_dt
+
+        self.task, self.dtype, self.device = task, dtype, device
+        f64 = torch.float64
+        cfg = task.sensor
+        m = task.motion
+        self.start_position = torch.tensor(m.position, dtype=f64)
+        self.start_rotation = torch.tensor(m.rotation, dtype=f64)
+        if cfg.type == "gripper":
+            geo = sensor_geometry(cfg.pad)
+            self.gripper = ParallelGripper(geo, cfg.max_opening, cfg.finger_offset)
+            self.geometries = [geo, geo]
+            self.names = [f"{cfg.name}.left", f"{cfg.name}.right"]
+            self.dofs = DOFS + ("grip",)
+        else:
+            self.gripper = None
+            self.geometries = [sensor_geometry(cfg)]
+            self.names = [cfg.name]
+            self.dofs = DOFS
+        self.geometry = self.geometries[0]
+        mat = cfg.material
+        starts = self._sensor_poses(self.start_position[None], axis_angle_to_quat(self.start_rotation)[None],
+                                    self._start_opening()[None])
+        self.models = [sensor_model(g, p[0], q[0], name=n, E=mat.E, nu=mat.nu, density=mat.density, law=mat.law,
+                                    gravity=task.gravity, damping=mat.damping, dtype=dtype, device=device)
+                       for g, (p, q), n in zip(self.geometries, starts, self.names)]
+        self.model = self.models[0]
+        # MPM bodies; a grid node's contact coefficient is the per-area one times dx^2
+        sec = task.mpm
+        self.grid = mpm.GridSpec.make(sec.domain.lower, sec.domain.upper, sec.domain.resolution)
+        bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
+                  for b in sec.bodies]
+
+        def build(dt: float):
+            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, wall=sec.domain.wall,
+                                   wall_friction=sec.domain.wall_friction, dtype=dtype, device=device)
+
+        probe, _ = build(1.0)
+        dx2 = self.grid.dx ** 2
+        c = sec.contact
+        self.contact = fem.ContactParams(k_n=c.k_n * dx2, k_d=c.k_d * dx2, k_t=c.k_t * dx2, mu=c.mu, eps_v=c.eps_v,
+                                         penetration_width=c.penetration_width)
+        self.gels = [Gel(model, self.contact, faces=g.contact_faces.to(device), name=n)
+                     for model, g, n in zip(self.models, self.geometries, self.names)]
+        # a fully occupied grid node's mass (the coupling's default)
+        self.node_mass = float(probe.params["density"].detach().max()) * self.grid.dx ** 3
+        limits = {"the MPM's limit": 0.5 * mpm.stable_dt(probe, cfl=1.0)}
+        for model, gel, g, n in zip(self.models, self.gels, self.geometries, self.names):
+            limits[f"the gel's elastic limit ({n})"] = fem.stable_dt(model).dt
+            limits[f"the contact stiffness limit (mpm.contact.k_n = {c.k_n:g} N/m^3)"] = min(
+                limits.get(f"the contact stiffness limit (mpm.contact.k_n = {c.k_n:g} N/m^3)", math.inf),
+                contact_stable_dt(gel, self.node_mass, self.grid.dx))
+            if c.k_t > 0:
+                mass = model.masses(model.density).detach().to(f64)[g.contact_nodes]
+                area = contact_areas(g.mesh.vertices.to(f64), g.contact_faces, g.contact_nodes)
+                gel_side = float((mass / (c.k_t * area)).min())
+                grid_side = self.node_mass / (c.k_t * dx2)
+                key = f"the friction limit (mpm.contact.k_t = {c.k_t:g} N s/m^3)"
+                limits[key] = min(limits.get(key, math.inf), _CONTACT_CFL * 2.0 * min(gel_side, grid_side))
+        which, limit = min(limits.items(), key=lambda kv: kv[1])
+        if task.dt is None:
+            dt = 0.9 * limit
+        elif task.dt > limit * (1 + 1e-9):
+            raise ValueError(f"task.dt: {task.dt:g} s is above {which}, {limit:.3g} s; use at most {limit:.3g} s or "
+                             f"lower the contact coefficient")
+        else:
+            dt = float(task.dt)
+        if task.control_dt is not None:
+            self.substeps = max(1, math.ceil(task.control_dt / dt * (1 - 1e-12)))
+            dt = task.control_dt / self.substeps
+        else:
+            self.substeps = task.substeps
+        self.dt = dt
+        self.n_steps = task.steps * self.substeps
+        self.step_time = self.substeps * dt
+        self.mpm_model, self.mpm_state = build(dt)
+        self.body_index = {name: i for i, name in enumerate(self.mpm_model.body_names)}
+        self.mpm_stepper = None
+        self._check_start()
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def _start_opening(self) -> torch.Tensor:
+        cfg = self.task.sensor
+        return torch.tensor(cfg.opening if cfg.type == "gripper" else 0.0, dtype=torch.float64)
+
+    def _sensor_poses(self, pos: torch.Tensor, quat: torch.Tensor, opening: torch.Tensor):
+        """Per sensor (position (T, 3), quaternion (T, 4)) from the motion frame's poses."""
+        if self.gripper is None:
+            return [(pos, quat)]
+        p = self.gripper.pad_poses(pos, quat, opening)
+        return [(p.left_position, p.left_quaternion), (p.right_position, p.right_quaternion)]
+
+    def _check_start(self) -> None:
+        """MPM particles must not start inside a gel: say by how much they do."""
+        from diffworld.sims.coupling.fem_mpm import gel_surface_distance
+
+        x = self.mpm_state.x.detach()
+        for gel, model, n in zip(self.gels, self.models, self.names):
+            with torch.no_grad():
+                d = gel_surface_distance(gel, model.rest_state().x, x, 2 * self.grid.dx)
+            depth = float((-d).max()) if d.numel() else 0.0
+            if depth > 1e-9:
+                raise ValueError(f"task.mpm: MPM particles start {depth * 1e3:.3g} mm inside the gel of {n!r}; move the "
+                                 f"sensor (task.motion) or the bodies so that they at most touch at the start")
+
+    # -- motion ---------------------------------------------------------------------------------------
+
+    def _keyframes(self, n: int, dt: float, dtype):
+        """Motion-frame poses and openings at times 0, dt, ..., (n - 1) dt from the keyframes."""
+        m = self.task.motion
+        keys = m.keyframes
+        states = colliders.from_keyframes([k.t for k in keys], torch.tensor([k.position for k in keys], dtype=dtype),
+                                          torch.tensor([k.rotation for k in keys], dtype=dtype), n, dt)
+        o0 = float(self._start_opening())
+        values, last = [], o0
+        for k in keys:  # a keyframe without an opening holds the previous one
+            last = k.opening if k.opening is not None else last
+            values.append(last)
+        t = torch.arange(n, dtype=dtype) * dt
+        times = torch.tensor([k.t for k in keys], dtype=dtype)
+        vals = torch.tensor(values, dtype=dtype)
+        opening = torch.from_numpy(__import__("numpy").interp(t.numpy(), times.numpy(), vals.numpy())).to(dtype)
+        return states[:, :3], states[:, 3:7], opening
+
+    def initial_velocities(self) -> torch.Tensor:
+        """Per-control-step velocities (S, 6 or 7) float64 of the scene's motion (7th: opening rate)."""
+        m, S, f64 = self.task.motion, self.task.steps, torch.float64
+        grip = [] if self.gripper is None else [self.task.sensor.grip_velocity]
+        if m.type != "keyframes":
+            v = torch.tensor((list(m.velocity) if m.type == "velocities" else [0.0] * 6) +
+                             (grip if m.type == "velocities" else [0.0] * len(grip)), dtype=f64)
+            return v.repeat(S, 1)
+        p, q, o = self._keyframes(S + 1, self.step_time, f64)
+        conj = torch.cat([-q[:-1, :3], q[:-1, 3:]], 1)
+        turn = quat_to_rotvec(quat_multiply(q[1:], conj))
+        cols = [(p[1:] - p[:-1]) / self.step_time, turn / self.step_time]
+        if self.gripper is not None:
+            cols.append(((o[1:] - o[:-1]) / self.step_time)[:, None])
+        return torch.cat(cols, 1)
+
+    def poses(self, velocities: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sensor: world positions (T, 3) and quaternions (T, 4) at the end of every FEM step."""
+        task, dt = self.task, self.dt
+        if velocities is None and task.motion.type == "keyframes":
+            p, q, o = self._keyframes(self.n_steps + 1, dt, self.dtype)
+            p, q, o = p[1:], q[1:], o[1:]
+        else:
+            v = (self.initial_velocities() if velocities is None else velocities).to(self.dtype)
+            states = colliders.from_velocities(self.start_position.to(self.dtype), self.start_rotation.to(self.dtype),
+                                               torch.cat([v[:, :6], v[-1:, :6]]), self.substeps, dt)
+            p, q = states[1:self.n_steps + 1, :3], states[1:self.n_steps + 1, 3:7]
+            if self.gripper is not None:
+                rate = v[:, 6].repeat_interleave(self.substeps)
+                o = self._start_opening().to(self.dtype) + dt * torch.cumsum(rate, 0)
+            else:
+                o = torch.zeros(self.n_steps, dtype=self.dtype)
+        if self.gripper is not None:
+            self.gripper.check_opening(o)
+        return [(a.to(self.device), b.to(self.device)) for a, b in self._sensor_poses(p, q, o)]
+
+    def start_poses(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        q = axis_angle_to_quat(self.start_rotation)
+        return [(a[0].to(self.dtype), b[0].to(self.dtype)) for a, b in
+                self._sensor_poses(self.start_position[None], q[None], self._start_opening()[None])]
+
+    # -- simulation -----------------------------------------------------------------------------------
+
+    def simulate(self, velocities: torch.Tensor | None = None, material: dict | None = None,
+                 contact: dict | None = None, steps: int | None = None):
+        """The coupled rollout of the first ``steps`` control steps, one record per control step."""
+        from diffworld.sims import mpm
+        from diffworld.sims.coupling.fem_mpm import coupled_rollout
+
+        if contact:
+            raise ValueError("contact overrides are not supported with 'mpm' objects")
+        n = self.n_steps if steps is None else steps * self.substeps
+        controls = [fem.Control(translation=p[:n], rotation=q[:n]) for p, q in self.poses(velocities)]
+        params = None
+        if material:
+            params = [{k: torch.as_tensor(v, dtype=self.dtype, device=self.device).reshape(()).expand(m.n_tets)
+                       for k, v in material.items()} for m in self.models]
+        if self.mpm_stepper is None:
+            self.mpm_stepper = mpm.Stepper(self.mpm_model)
+        return coupled_rollout(self.gels, self.mpm_model, [m.rest_state() for m in self.models], self.mpm_state, n,
+                               gel_controls=controls, gel_params=params, window=self.task.window,
+                               record_every=self.substeps, node_mass=self.node_mass, mpm_stepper=self.mpm_stepper)
+
+    def readings(self, out, velocities: torch.Tensor | None = None, contact=None, markers=None) -> Readings:
+        """Tactile readings per record and sensor (forces on each gel in its own frame)."""
+        poses = self.poses(velocities)
+        starts = self.start_poses()
+        idx = [s - 1 for s in out.steps[1:]]
+        forces = []
+        for g, ((pos, quat), (p0, q0)) in enumerate(zip(poses, starts)):
+            R = quat_to_matrix(torch.cat([q0.to(self.device)[None], quat[idx]]))
+            F = torch.stack([out.gel_forces[r][g].sum(0) for r in range(len(out.steps))])
+            forces.append(torch.einsum("ri,rij->rj", F, R))
+        force = torch.stack(forces, 1)  # (R, G, 3)
+        pen = out.penetration.detach().amax(1) if out.penetration.dim() == 2 else out.penetration.detach()
+        return Readings(force, -force[..., 2], force[..., :2].norm(dim=-1), pen, None)
+
+    def com(self, out, body: str) -> torch.Tensor:
+        """Centre of mass (R, 3) [m] of an MPM body at every record."""
+        mask = self.mpm_model.body == self.body_index[body]
+        mass = (self.mpm_model.params["density"] * self.mpm_model.params["volume"]).detach()[mask]
+        return torch.stack([(s.x[mask] * mass[:, None]).sum(0) / mass.sum() for s in out.mpm_states])
+
+    def frame_data(self, out, r: int, velocities=None):
+        """(gel node positions per sensor, contact nodes per sensor, MPM particles, the first
+        sensor's nodes in its frame, the step) at record ``r``, for pictures."""
+        step = out.steps[r]
+        xs = [s.x.detach() for s in out.gel_states[r]]
+        if step == 0:
+            p, q = self.start_poses()[0]
+        else:
+            pos, quat = self.poses(velocities)[0]
+            p, q = pos[step - 1], quat[step - 1]
+        local = (xs[0] - p.to(xs[0])) @ quat_to_matrix(q.to(xs[0]))
+        return xs, [g.contact_nodes for g in self.geometries], out.mpm_states[r].x.detach(), local, step
