@@ -244,6 +244,10 @@ class CoupledTactileScene:
         mass = (self.mpm_model.params["density"] * self.mpm_model.params["volume"]).detach()[mask]
         return torch.stack([(s.x[mask] * mass[:, None]).sum(0) / mass.sum() for s in out.mpm_states])
 
+    def body_positions(self, out, body: str, r: int) -> torch.Tensor:
+        """Particle positions (P, 3) [m] of an MPM body at record ``r``."""
+        return out.mpm_states[r].x[self.mpm_model.body == self.body_index[body]]
+
     def frame_data(self, out, r: int, velocities=None):
         """(gel node positions per sensor, contact nodes per sensor, MPM particles, the first
         sensor's nodes in its frame, the step) at record ``r``, for pictures."""

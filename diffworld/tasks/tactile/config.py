@@ -252,7 +252,19 @@ class ComLossConfig(StrictModel):
     weight: float = Field(1.0, ge=0)
 
 
-LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig, SlipLossConfig, ComLossConfig],
+class DeformationLossConfig(StrictModel):
+    """Keep an MPM body's shape (DiffTactile's plastic grasp): at the final control step, the mean
+    squared displacement of its particles relative to their initial positions, after removing the
+    mean translation, / scale^2 (a rigid lift costs nothing; squashing and dents do)."""
+
+    type: Literal["deformation"] = "deformation"
+    body: str
+    scale: float = Field(0.001, gt=0, description="Displacement scale [m].")
+    weight: float = Field(1.0, ge=0)
+
+
+LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig, SlipLossConfig, ComLossConfig,
+                                 DeformationLossConfig],
                            Field(discriminator="type")]
 
 
@@ -351,7 +363,7 @@ class TactileTask(StrictModel):
         if self.objective.type == "trajectory":
             names = {b.name for b in self.mpm.bodies} if self.mpm is not None else set()
             for i, t in enumerate(self.objective.losses):
-                if t.type == "com" and t.body not in names:
+                if t.type in ("com", "deformation") and t.body not in names:
                     raise ValueError(f"objective.losses[{i}].body: unknown MPM body {t.body!r}; expected one of "
                                      f"{sorted(names)}")
             if "grip" in self.objective.dofs and self.sensor.type != "gripper":

@@ -12,7 +12,7 @@ import torch
 from diffworld.engine.problem import BaseProblem
 from diffworld.sims.tactile import Markers
 from diffworld.tasks.tactile.build import Readings, TactileScene
-from diffworld.tasks.tactile.config import (ComLossConfig, ForceLossConfig, SlipLossConfig, SmoothnessLossConfig,
+from diffworld.tasks.tactile.config import (ComLossConfig, DeformationLossConfig, ForceLossConfig, SlipLossConfig, SmoothnessLossConfig,
                                             SysIdConfig, TrajectoryConfig)
 
 __all__ = ["PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem", "sysid_task"]
@@ -21,7 +21,8 @@ __all__ = ["PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem", "sysi
 def _term_names(terms) -> list[str]:
     """Log names of the loss terms: ``force_normal``, ``smoothness``, ... (numbered when repeated)."""
     base = [f"force_{t.component}" if isinstance(t, ForceLossConfig) else
-            f"com_{t.body}" if isinstance(t, ComLossConfig) else t.type for t in terms]
+            f"com_{t.body}" if isinstance(t, ComLossConfig) else
+            f"deformation_{t.body}" if isinstance(t, DeformationLossConfig) else t.type for t in terms]
     return [b if base.count(b) == 1 else f"{b}_{base[:i + 1].count(b)}" for i, b in enumerate(base)]
 
 
@@ -68,6 +69,10 @@ class TrajectoryProblem(BaseProblem):
                 axes = ["xyz".index(a) for a in t.axes]
                 d = (com[:, axes] - torch.tensor(t.target, dtype=com.dtype, device=com.device)[axes]) / t.scale
                 term = (d * d).sum(1).mean() if d.shape[0] else total.new_zeros(())
+            elif isinstance(t, DeformationLossConfig):
+                x0, x1 = self.scene.body_positions(out, t.body, 0), self.scene.body_positions(out, t.body, -1)
+                d = ((x1 - x1.mean(0)) - (x0 - x0.mean(0))) / t.scale
+                term = (d * d).sum(1).mean()
             elif isinstance(t, SmoothnessLossConfig):
                 d = (self.velocity[1:] - self.velocity[:-1])[:, self.free] / t.scale
                 term = (d * d).sum(1).mean().to(total.dtype) if d.shape[0] else total.new_zeros(())
