@@ -27,6 +27,7 @@ MODULES = [
     "diffworld.sims.coupling.fem_cable",
     "diffworld.sims.coupling.fem_mpm",
     "diffworld.sims.fem.kernels",
+    "diffworld.sims.fem.kernels_contact",
     "diffworld.sims.fem.kernels_materials",
     "diffworld.sims.mpm.kernels",
 ]

@@ -13,6 +13,8 @@ forces of :func:`~diffworld.sims.fem.contact.contact_forces` to the elastic forc
 explicit step (the implicit step takes them at the end of the step, with damping and friction
 semi-implicit: :mod:`diffworld.sims.fem.implicit`); its pose and velocity per step travel as extra columns of the control rows and its
 parameters after the step parameters, so their gradients come back through the same windows.
+Against the analytic objects (sphere, box, half-space, waves) the explicit step's contact forces
+and their adjoint are one Warp kernel each (:class:`ContactStep`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from typing import NamedTuple
 
 import torch
 
+from diffworld.engine.bridge import launch, to_warp
 from diffworld.engine.rollout import checkpointed_rollout
+from diffworld.engine.runtime import init_warp
+from diffworld.geometry.sdf import Box, HalfSpace, Sphere, Waves
 from diffworld.sims.common.quaternion import quat_to_matrix
 from diffworld.sims.fem.contact import ContactParams, RigidObject, contact_forces
 from diffworld.sims.fem.implicit import ImplicitStepper
+from diffworld.sims.fem.kernels_contact import KERNELS as CONTACT_KERNELS
+from diffworld.sims.fem.kernels_contact import SDF_BOX, SDF_HALFSPACE, SDF_SPHERE, SDF_WAVES
 from diffworld.sims.fem.materials import check_parameters
 from diffworld.sims.fem.model import Control, Model, State
 from diffworld.sims.fem.solver import Stepper, check_dt
@@ -66,6 +73,8 @@ CONTACT_PARAMS = ("k_n", "k_d", "k_t", "mu", "eps_v")
 # Object columns appended to each control row: position (3), rotation matrix row-major (9),
 # linear velocity (3), angular velocity (3).
 _OBJ_WIDTH = 18
+# SDF types with a Warp contact kernel (diffworld.sims.fem.kernels_contact).
+_WARP_SDFS = {Sphere: SDF_SPHERE, Box: SDF_BOX, HalfSpace: SDF_HALFSPACE, Waves: SDF_WAVES}
 
 
 @dataclass
@@ -90,13 +99,23 @@ class Contact:
 
 class ContactStep:
     """The contact term of one rollout's steps: node forces from the object columns of a control
-    row (after ``offset``) and the contact parameters, and their adjoint by torch autograd."""
+    row (after ``offset``) and the contact parameters, and their adjoint.
+
+    For a ``Sphere``, ``Box``, ``HalfSpace`` or ``Waves`` object both are one Warp launch
+    (:mod:`diffworld.sims.fem.kernels_contact`: the same law, equal to the torch op to round-off;
+    its adjoint is Warp's automatic one); for any other SDF the torch op
+    :func:`~diffworld.sims.fem.contact.contact_forces` and torch autograd."""
 
     def __init__(self, contact: Contact, offset: int) -> None:
         self.sdf = contact.obj.sdf
         self.nodes = contact.nodes
         self.params = contact.params
         self.offset = offset
+        # Analytic SDFs run on one Warp kernel (forward and its automatic adjoint); any other SDF
+        # (MeshSDF, CSG, a user callable) on the torch op. Exact types only: a subclass may
+        # override the formula.
+        self._kind = _WARP_SDFS.get(type(self.sdf))
+        self._warp: dict = {}
 
     def _object(self, row: torch.Tensor) -> RigidObject:
         o = row[self.offset:]
@@ -107,12 +126,57 @@ class ContactStep:
         p = self.params
         return ContactParams(k_n, k_d, k_t, mu, eps_v, p.penetration_width, p.damping_width, p.friction_exponent)
 
+    def _sdf_params(self, dtype, device) -> torch.Tensor:
+        """The SDF's parameters as the kernel reads them (6,), detached (held fixed in the rollout)."""
+        key = (dtype, str(device))
+        hit = self._warp.get(key)
+        if hit is not None:
+            return hit
+        sdf = self.sdf
+        parts = {SDF_SPHERE: ("radius", "center"), SDF_BOX: ("half_extents", "center"),
+                 SDF_HALFSPACE: ("normal", "offset"), SDF_WAVES: ("amplitude", "wavelength", "offset")}[self._kind]
+        flat = torch.cat([getattr(sdf, name).detach().reshape(-1).to(dtype=dtype, device=device) for name in parts])
+        out = torch.zeros(6, dtype=dtype, device=device)
+        out[:flat.numel()] = flat
+        self._warp[key] = out
+        return out
+
+    def _launch_inputs(self, x, v, row, cp):
+        """Contiguous kernel inputs; the parameters expanded to (C,)."""
+        c = self.nodes.shape[0]
+        nodes = self._warp.get(("nodes", str(x.device)))
+        if nodes is None:
+            nodes = self._warp[("nodes", str(x.device))] = self.nodes.to(device=x.device, dtype=torch.int32)
+        obj = row[self.offset:self.offset + _OBJ_WIDTH].detach().contiguous()
+        params = [t.detach().to(x.dtype).expand(c).contiguous() for t in cp]
+        p = self.params
+        scal = (p.penetration_width, p.damping_width, -1.0 if p.friction_exponent is None else p.friction_exponent)
+        return nodes, obj, params, scal
+
+    def _kernel_args(self, x, v, nodes, obj, params, scal, f):
+        wp = init_warp()
+        f64 = x.dtype == torch.float64
+        vec, s = (wp.vec3d, wp.float64) if f64 else (wp.vec3f, wp.float32)
+        # every tensor here must be contiguous and outlive the launch (the views do not own it)
+        return [to_warp(x, dtype=vec), to_warp(v, dtype=vec), to_warp(nodes), to_warp(obj),
+                *(to_warp(t) for t in params), int(self._kind), to_warp(self._sdf_params(x.dtype, x.device)),
+                *(s(w) for w in scal), to_warp(f, dtype=vec)]
+
     def node_forces(self, x, v, row, cp) -> torch.Tensor:
-        return contact_forces(x, v, self.nodes, self._object(row), self._params(cp)).node_forces
+        if self._kind is None or self.nodes.numel() == 0:
+            return contact_forces(x, v, self.nodes, self._object(row), self._params(cp)).node_forces
+        x, v = x.contiguous(), v.contiguous()  # the Warp views below do not own their memory
+        nodes, obj, params, scal = self._launch_inputs(x, v, row, cp)
+        f = torch.zeros_like(x)
+        launch(CONTACT_KERNELS[_precision(x)], self.nodes.shape[0], self._kernel_args(x, v, nodes, obj, params, scal, f),
+               x.device)
+        return f
 
     def adjoint(self, x, v, row, cp, adj_f, adj_row, adj_cp):
         """Add the contact forces' vector-Jacobian product with ``adj_f`` into ``adj_row`` (object
         columns) and ``adj_cp``; return its parts for x and v."""
+        if self._kind is not None and self.nodes.numel():
+            return self._adjoint_warp(x, v, row, cp, adj_f, adj_row, adj_cp)
         with torch.enable_grad():
             xg, vg = x.detach().requires_grad_(True), v.detach().requires_grad_(True)
             og = row[self.offset:].detach().requires_grad_(True)
@@ -127,6 +191,30 @@ class ContactStep:
             if g is not None:
                 a += g
         return (torch.zeros_like(x) if gx is None else gx), (torch.zeros_like(v) if gv is None else gv)
+
+    def _adjoint_warp(self, x, v, row, cp, adj_f, adj_row, adj_cp):
+        """The Warp kernel's automatic adjoint (it replays the kernel; nothing is saved)."""
+        nodes, obj, params, scal = self._launch_inputs(x, v, row, cp)
+        x, v = x.contiguous(), v.contiguous()
+        f = torch.zeros_like(x)
+        gx, gv, gobj = torch.zeros_like(x), torch.zeros_like(v), torch.zeros_like(obj)
+        gparams = [torch.zeros_like(t) for t in params]
+        inputs = self._kernel_args(x, v, nodes, obj, params, scal, f)
+        adj_f = adj_f.contiguous()
+        adj = self._kernel_args(gx, gv, nodes, gobj, gparams, scal, adj_f)
+        # the SDF parameters are held fixed: their adjoint goes to a scratch array
+        scratch = torch.zeros(6, dtype=x.dtype, device=x.device)
+        adj[10] = to_warp(scratch)
+        launch(CONTACT_KERNELS[_precision(x)], self.nodes.shape[0], inputs[:-1], x.device, outputs=inputs[-1:],
+               adjoint=True, adj_inputs=adj[:-1], adj_outputs=adj[-1:])
+        adj_row[self.offset:self.offset + _OBJ_WIDTH] += gobj
+        for a, g in zip(adj_cp, gparams):
+            a += g if a.dim() else g.sum()
+        return gx, gv
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "float64" if x.dtype == torch.float64 else "float32"
 
 
 def _contact_inputs(contact: Contact, model: Model, n_steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
