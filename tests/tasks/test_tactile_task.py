@@ -299,3 +299,47 @@ def test_grasp_gradients_match_central_differences():
 
     for check in directional_check(loss, [base.clone().requires_grad_()], eps=1e-6, n_dirs=2, seed=4):
         assert check.rel_error < 1e-5, check
+
+
+def test_cable_scene_reduced(tmp_path):
+    """Cable straightening at 8 control steps, 2 iterations: the straightness loss falls; the
+    rope is drawn from above."""
+    scene, m = _run("tactile_cable_straighten.yaml", {"optimizer.iterations": 2, "task.steps": 8,
+                                                      "task.outputs.frames": 2}, tmp_path)
+    assert m["final_loss"] < m["initial_loss"]
+    for name in ("forces.png", "before.png", "after.png", "rollout.gif", "velocities.npy"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_cable_gradients_match_central_differences():
+    """Pad velocities -> coupled FEM-rope rollout on a table -> straightness, float64, 3 control
+    steps of pressing and dragging the bulge: d loss / d velocity vs FD."""
+    from diffworld.tasks.tactile.build import build_scene
+    from diffworld.tasks.tactile.config import TactileTask
+    from diffworld.tasks.tactile.objectives import TrajectoryProblem
+
+    task = yaml.safe_load((SCENES / "tactile_cable_straighten.yaml").read_text())["task"]
+    task.update(steps=3, control_dt=0.0015, motion=dict(type="velocities", position=[0.0, 0.024, 0.0071],
+                                                        rotation=[np.pi, 0, 0], velocity=[0.0, -0.2, -0.1, 0, 0, 0]))
+    task["cable"]["particles"] = 11
+    task["sensor"]["resolution"] = [3, 3, 1]
+    task = TactileTask.model_validate(task)
+    scene = build_scene(task, F64, torch.device("cpu"))
+    prob = TrajectoryProblem(scene, task.objective)
+    base = prob.velocity.detach().clone()
+    with torch.no_grad():
+        r = scene.readings(scene.simulate(base), base)
+    assert float(r.normal[-1, 0]) > 1e-3  # the pad presses the rope
+
+    def loss(v):
+        prob.velocity = v
+        return prob.evaluate()[1] * 100 + (scene.rope_positions(scene.simulate(v), -1)[:, :2] ** 2).sum() * 1e3
+
+    for check in directional_check(loss, [base.clone().requires_grad_()], eps=1e-6, n_dirs=2, seed=2):
+        assert check.rel_error < 1e-5, check
+
+
+def test_cable_refuses_force_losses(tmp_path):
+    result = _validate(tmp_path, "tactile_cable_straighten.yaml", "      - {type: straightness, scale: 0.05}",
+                       "      - {type: force, target: 0.1}")
+    assert result.exit_code == 2 and "'force' is not available with a cable" in result.output, result.output[-800:]

@@ -61,6 +61,10 @@ def build_scene(task: TactileTask, dtype: torch.dtype, device: torch.device, ref
     """The scene of a task: :class:`TactileScene` (a rigid object) or
     :class:`~diffworld.tasks.tactile.build_mpm.CoupledTactileScene` (MPM objects).
     ``check_only``: build only what validation needs."""
+    if task.cable is not None:
+        from diffworld.tasks.tactile.build_cable import CableTactileScene
+
+        return CableTactileScene(task, dtype, device)
     if task.mpm is None:
         return TactileScene(task, dtype, device, refine)
     from diffworld.tasks.tactile.build_mpm import CoupledTactileScene

@@ -38,31 +38,7 @@ class CoupledTactileScene:
         from diffworld.sims import mpm
         from diffworld.sims.coupling.fem_mpm import Gel, contact_stable_dt
 
-        self.task, self.dtype, self.device = task, dtype, device
-        f64 = torch.float64
-        cfg = task.sensor
-        m = task.motion
-        self.start_position = torch.tensor(m.position, dtype=f64)
-        self.start_rotation = torch.tensor(m.rotation, dtype=f64)
-        if cfg.type == "gripper":
-            geo = sensor_geometry(cfg.pad)
-            self.gripper = ParallelGripper(geo, cfg.max_opening, cfg.finger_offset)
-            self.geometries = [geo, geo]
-            self.names = [f"{cfg.name}.left", f"{cfg.name}.right"]
-            self.dofs = DOFS + ("grip",)
-        else:
-            self.gripper = None
-            self.geometries = [sensor_geometry(cfg)]
-            self.names = [cfg.name]
-            self.dofs = DOFS
-        self.geometry = self.geometries[0]
-        mat = cfg.material
-        starts = self._sensor_poses(self.start_position[None], axis_angle_to_quat(self.start_rotation)[None],
-                                    self._start_opening()[None])
-        self.models = [sensor_model(g, p[0], q[0], name=n, E=mat.E, nu=mat.nu, density=mat.density, law=mat.law,
-                                    gravity=task.gravity, damping=mat.damping, dtype=dtype, device=device)
-                       for g, (p, q), n in zip(self.geometries, starts, self.names)]
-        self.model = self.models[0]
+        self._init_sensors(task, dtype, device)
         # MPM bodies; a grid node's contact coefficient is the per-area one times dx^2
         sec = task.mpm
         self.grid = mpm.GridSpec.make(sec.domain.lower, sec.domain.upper, sec.domain.resolution)
@@ -89,8 +65,8 @@ class CoupledTactileScene:
                 limits.get(f"the contact stiffness limit (mpm.contact.k_n = {c.k_n:g} N/m^3)", math.inf),
                 contact_stable_dt(gel, self.node_mass, self.grid.dx))
             if c.k_t > 0:
-                mass = model.masses(model.density).detach().to(f64)[g.contact_nodes]
-                area = contact_areas(g.mesh.vertices.to(f64), g.contact_faces, g.contact_nodes)
+                mass = model.masses(model.density).detach().to(torch.float64)[g.contact_nodes]
+                area = contact_areas(g.mesh.vertices.to(torch.float64), g.contact_faces, g.contact_nodes)
                 gel_side = float((mass / (c.k_t * area)).min())
                 grid_side = self.node_mass / (c.k_t * dx2)
                 key = f"the friction limit (mpm.contact.k_t = {c.k_t:g} N s/m^3)"
@@ -103,6 +79,45 @@ class CoupledTactileScene:
                              f"lower the contact coefficient")
         else:
             dt = float(task.dt)
+        self._set_steps(dt)
+        self.mpm_model, self.mpm_state = build(self.dt)
+        self.body_index = {name: i for i, name in enumerate(self.mpm_model.body_names)}
+        self.mpm_stepper = None
+        self._check_start()
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def _init_sensors(self, task: TactileTask, dtype: torch.dtype, device: torch.device) -> None:
+        """The sensor(s): geometry, start poses and FEM models (one sensor, or a gripper's pads)."""
+        self.task, self.dtype, self.device = task, dtype, device
+        f64 = torch.float64
+        cfg = task.sensor
+        m = task.motion
+        self.start_position = torch.tensor(m.position, dtype=f64)
+        self.start_rotation = torch.tensor(m.rotation, dtype=f64)
+        if cfg.type == "gripper":
+            geo = sensor_geometry(cfg.pad)
+            self.gripper = ParallelGripper(geo, cfg.max_opening, cfg.finger_offset)
+            self.geometries = [geo, geo]
+            self.names = [f"{cfg.name}.left", f"{cfg.name}.right"]
+            self.dofs = DOFS + ("grip",)
+        else:
+            self.gripper = None
+            self.geometries = [sensor_geometry(cfg)]
+            self.names = [cfg.name]
+            self.dofs = DOFS
+        self.geometry = self.geometries[0]
+        mat = cfg.material
+        starts = self._sensor_poses(self.start_position[None], axis_angle_to_quat(self.start_rotation)[None],
+                                    self._start_opening()[None])
+        self.models = [sensor_model(g, p[0], q[0], name=n, E=mat.E, nu=mat.nu, density=mat.density, law=mat.law,
+                                    gravity=task.gravity, damping=mat.damping, dtype=dtype, device=device)
+                       for g, (p, q), n in zip(self.geometries, starts, self.names)]
+        self.model = self.models[0]
+
+    def _set_steps(self, dt: float) -> None:
+        """dt, FEM steps per control step (``control_dt`` or ``substeps``) and the totals."""
+        task = self.task
         if task.control_dt is not None:
             self.substeps = max(1, math.ceil(task.control_dt / dt * (1 - 1e-12)))
             dt = task.control_dt / self.substeps
@@ -111,12 +126,6 @@ class CoupledTactileScene:
         self.dt = dt
         self.n_steps = task.steps * self.substeps
         self.step_time = self.substeps * dt
-        self.mpm_model, self.mpm_state = build(dt)
-        self.body_index = {name: i for i, name in enumerate(self.mpm_model.body_names)}
-        self.mpm_stepper = None
-        self._check_start()
-
-    # -- setup ----------------------------------------------------------------------------------------
 
     def _start_opening(self) -> torch.Tensor:
         cfg = self.task.sensor

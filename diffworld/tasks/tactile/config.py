@@ -206,6 +206,38 @@ class MPMObjectsConfig(StrictModel):
                                    description="Gel - MPM contact, per unit area (a grid node gets k dx^2).")
 
 
+class CableContactConfig(StrictModel):
+    """Penalty contact of the rope's particles (spheres of the rope's radius) per particle."""
+
+    k_n: float = Field(300.0, ge=0, description="Normal stiffness [N/m].")
+    k_d: float = Field(0.0, ge=0, description="Damping [N s/m^2].")
+    k_t: float = Field(0.2, ge=0, description="Viscous tangential coefficient [N s/m].")
+    mu: float = Field(0.5, ge=0, description="Coulomb friction coefficient [-].")
+    eps_v: float = Field(1e-3, gt=0, description="Slip-velocity regularization [m/s].")
+    penetration_width: float = Field(1e-4, ge=0, description="Softplus width of the penetration ramp [m].")
+
+
+class CableConfig(StrictModel):
+    """A differentiable XPBD rope (:mod:`diffworld.sims.cable`) lying on a table at z = 0, straight
+    at rest, starting bent into a circular arc in the table's plane; coupled two-way with the
+    gel(s) in every step (:mod:`diffworld.sims.coupling.fem_cable`)."""
+
+    length: float = Field(0.1, gt=0, description="Rope length [m].")
+    particles: int = Field(21, ge=3, le=2000, description="Particles along the rope.")
+    radius: float = Field(0.002, gt=0, description="Rope radius [m] (contact spheres).")
+    linear_density: float = Field(0.01, gt=0, description="[kg/m].")
+    bend_stiffness: float = Field(1e-6, gt=0, description="Bending stiffness EI [N m^2].")
+    stretch_compliance: float = Field(0.0, ge=0, description="[m/N]; 0: inextensible.")
+    damping: float = Field(10.0, ge=0, description="Mass-proportional damping [1/s].")
+    iterations: int = Field(10, ge=1, le=200, description="Constraint iterations per step.")
+    center: tuple[float, float] = Field((0.0, 0.0), description="Middle of the rope on the table (x, y) [m].")
+    arc_angle: float = Field(60.0, ge=0, lt=360, description="Initial bend: the arc's angle [deg] (0: straight).")
+    heading: float = Field(0.0, description="Direction of the chord from the first to the last particle [deg from x].")
+    table: CableContactConfig = Field(default_factory=lambda: CableContactConfig(k_n=200.0, k_t=0.4, mu=1.0),
+                                      description="Rope - table contact.")
+    contact: CableContactConfig = Field(default_factory=CableContactConfig, description="Gel - rope contact.")
+
+
 class ForceLossConfig(StrictModel):
     """Track a target force in the sensor frame at every control step from ``start`` on:
     mean of ((F - target) / scale)^2 (over the pads of a gripper too). ``component``: ``normal``
@@ -263,8 +295,17 @@ class DeformationLossConfig(StrictModel):
     weight: float = Field(1.0, ge=0)
 
 
+class StraightnessLossConfig(StrictModel):
+    """Straighten a cable: ``((1 - |x_last - x_first| / length) / scale)^2`` at the final control
+    step (0 when straight)."""
+
+    type: Literal["straightness"] = "straightness"
+    scale: float = Field(0.05, gt=0, description="Relative scale [-].")
+    weight: float = Field(1.0, ge=0)
+
+
 LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig, SlipLossConfig, ComLossConfig,
-                                 DeformationLossConfig],
+                                 DeformationLossConfig, StraightnessLossConfig],
                            Field(discriminator="type")]
 
 
@@ -329,6 +370,7 @@ class TactileTask(StrictModel):
     motion: SensorMotionConfig = SensorMotionConfig()
     object: Optional[ObjectConfig] = Field(None, description="A rigid object (or 'mpm' bodies).")
     mpm: Optional[MPMObjectsConfig] = Field(None, description="Deformable MPM objects (or a rigid 'object').")
+    cable: Optional[CableConfig] = Field(None, description="A rope on a table (or an 'object' or 'mpm').")
     contact: ContactConfig = ContactConfig()
     gravity: Vec3 = (0.0, 0.0, -9.81)
     integrator: Literal["explicit", "implicit"] = "explicit"
@@ -348,15 +390,26 @@ class TactileTask(StrictModel):
             raise ValueError("integrator 'implicit' needs 'dt' (it has no stability limit to derive it from)")
         if self.control_dt is not None and "substeps" in self.model_fields_set:
             raise ValueError("give 'substeps' or 'control_dt', not both")
-        if (self.object is None) == (self.mpm is None):
-            raise ValueError("give a rigid 'object' or 'mpm' bodies (exactly one of them)")
+        if sum(x is not None for x in (self.object, self.mpm, self.cable)) != 1:
+            raise ValueError("give a rigid 'object', 'mpm' bodies or a 'cable' (exactly one of them)")
+        if self.cable is not None:
+            if self.integrator != "explicit":
+                raise ValueError("a 'cable' is coupled to the gel by the explicit integrator only")
+            if self.objective.type != "trajectory":
+                raise ValueError("a 'cable': only objective type 'trajectory' for now")
+            for i, t in enumerate(self.objective.losses):
+                if t.type in ("force", "slip", "com", "deformation"):
+                    raise ValueError(f"objective.losses[{i}]: {t.type!r} is not available with a cable (its forces are "
+                                     f"reported, not differentiated); use straightness and smoothness")
+        elif any(t.type == "straightness" for t in getattr(self.objective, "losses", [])):
+            raise ValueError("objective.losses: 'straightness' needs a 'cable'")
         if self.mpm is not None:
             if self.integrator != "explicit":
                 raise ValueError("'mpm' objects are coupled to the gel by the explicit integrator only")
             if self.objective.type != "trajectory":
                 raise ValueError("'mpm' objects: only objective type 'trajectory' for now")
-        if self.sensor.type == "gripper" and self.mpm is None:
-            raise ValueError("a 'gripper' grasps 'mpm' bodies: give 'mpm' (a rigid object cannot be lifted)")
+        if self.sensor.type == "gripper" and self.object is not None:
+            raise ValueError("a 'gripper' grasps 'mpm' bodies or a 'cable': a rigid object cannot be lifted")
         if self.sensor.type != "gripper" and self.motion.type == "keyframes" and any(
                 k.opening is not None for k in self.motion.keyframes):
             raise ValueError("motion.keyframes: 'opening' is for a gripper only")

@@ -12,8 +12,8 @@ import torch
 from diffworld.engine.problem import BaseProblem
 from diffworld.sims.tactile import Markers
 from diffworld.tasks.tactile.build import Readings, TactileScene
-from diffworld.tasks.tactile.config import (ComLossConfig, DeformationLossConfig, ForceLossConfig, SlipLossConfig, SmoothnessLossConfig,
-                                            SysIdConfig, TrajectoryConfig)
+from diffworld.tasks.tactile.config import (ComLossConfig, DeformationLossConfig, ForceLossConfig, SlipLossConfig,
+                                            SmoothnessLossConfig, StraightnessLossConfig, SysIdConfig, TrajectoryConfig)
 
 __all__ = ["PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem", "sysid_task"]
 
@@ -73,6 +73,9 @@ class TrajectoryProblem(BaseProblem):
                 x0, x1 = self.scene.body_positions(out, t.body, 0), self.scene.body_positions(out, t.body, -1)
                 d = ((x1 - x1.mean(0)) - (x0 - x0.mean(0))) / t.scale
                 term = (d * d).sum(1).mean()
+            elif isinstance(t, StraightnessLossConfig):
+                x = self.scene.rope_positions(out, -1)
+                term = ((1 - (x[-1] - x[0]).norm() / self.scene.task.cable.length) / t.scale) ** 2
             elif isinstance(t, SmoothnessLossConfig):
                 d = (self.velocity[1:] - self.velocity[:-1])[:, self.free] / t.scale
                 term = (d * d).sum(1).mean().to(total.dtype) if d.shape[0] else total.new_zeros(())

@@ -88,10 +88,14 @@ class _Frames:
         x0 = torch.cat([m.rest_state().x.detach().to(torch.float64).cpu() for m in models]).numpy()
         if getattr(scene, "mpm_state", None) is not None:
             x0 = np.concatenate([x0, scene.mpm_state.x.detach().to(torch.float64).cpu().numpy()])
+        # a rope on a table is seen from above (x-y), everything else from the side (x-z)
+        self.axes = (0, 1) if getattr(scene, "rope", None) is not None else (0, 2)
+        if self.axes == (0, 1):
+            x0 = np.concatenate([x0, scene.rope_start.x.detach().to(torch.float64).cpu().numpy()])
         span = x0.max(0) - x0.min(0)
         pad = 0.15 * float(span.max())
         self.lo, self.hi = x0.min(0) - pad, x0.max(0) + pad
-        if getattr(scene, "mpm_state", None) is not None:  # room above for a lift
+        if getattr(scene, "mpm_state", None) is not None and self.axes == (0, 2):  # room above for a lift
             self.hi[2] += 0.5 * float(span[2])
         self.contour = None
         if getattr(scene, "sdf", None) is not None:
@@ -114,19 +118,23 @@ class _Frames:
         if self.contour is not None:
             X, Z, phi = self.contour
             a.contourf(X * 1e3, Z * 1e3, phi, levels=[-1.0, 0.0], colors=["0.75"])
+        i, j = self.axes
         if particles is not None:
             p = particles.to(torch.float64).cpu().numpy()
-            a.scatter(p[:, 0] * 1e3, p[:, 2] * 1e3, s=1, color="C1")
+            if self.axes == (0, 1):  # the rope
+                a.plot(p[:, i] * 1e3, p[:, j] * 1e3, "-o", color="C1", ms=3)
+            else:
+                a.scatter(p[:, i] * 1e3, p[:, j] * 1e3, s=1, color="C1")
         for x, nodes in zip(xs, contact):
             xn = x.to(torch.float64).cpu().numpy()
-            a.scatter(xn[:, 0] * 1e3, xn[:, 2] * 1e3, s=2, color="0.55")
+            a.scatter(xn[:, i] * 1e3, xn[:, j] * 1e3, s=2, color="0.55")
             c = xn[nodes.cpu().numpy()]
-            a.scatter(c[:, 0] * 1e3, c[:, 2] * 1e3, s=4, color="C0")
-        a.set_xlim(self.lo[0] * 1e3, self.hi[0] * 1e3)
-        a.set_ylim(self.lo[2] * 1e3, self.hi[2] * 1e3)
+            a.scatter(c[:, i] * 1e3, c[:, j] * 1e3, s=4, color="C0")
+        a.set_xlim(self.lo[i] * 1e3, self.hi[i] * 1e3)
+        a.set_ylim(self.lo[j] * 1e3, self.hi[j] * 1e3)
         a.set_aspect("equal")
         a.set_xlabel("x [mm]")
-        a.set_ylabel("z [mm]")
+        a.set_ylabel("y [mm] (from above)" if j == 1 else "z [mm]")
         a.set_title(f"{label}: t = {step * scene.dt * 1e3:.1f} ms")
         if self.optical is not None:
             with torch.no_grad():
