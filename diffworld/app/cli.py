@@ -58,12 +58,14 @@ def _execute(scene_path: Path, out: Optional[Path], device: Optional[str], itera
     _prepare_out(out_dir, scene_path, text, resume, overwrite if optimize else None)
     from diffworld.engine.driver import NonFiniteError
     from diffworld.engine.files import atomic_write
+    from diffworld.sims.cable.rollout import SimulationError as CableSimulationError
+    from diffworld.sims.fem.rollout import SimulationError as FemSimulationError
     from diffworld.sims.mpm.rollout import SimulationError
 
     atomic_write(out_dir / "scene.yaml", lambda f: f.write(text.encode()))
     try:
         metrics = run_scene(scene, runtime, out_dir, resume=resume, progress=progress, optimize=optimize)
-    except (NonFiniteError, SimulationError) as exc:
+    except (NonFiniteError, SimulationError, FemSimulationError, CableSimulationError) as exc:
         _fail(str(exc), code=1)
     except ValueError as exc:  # a scene that validates but cannot be built (e.g. dt above the limit)
         _fail(f"{scene_path}: {exc}")

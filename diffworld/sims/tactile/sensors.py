@@ -113,7 +113,8 @@ def dome(inner_radius: float = 7.5e-3, thickness: float = 7.5e-3, layers: int = 
         The open rim (z = 0) is a free boundary.
 
     Raises:
-        ValueError: Non-positive sizes or counts under the minimum.
+        ValueError: Non-positive sizes, counts under the minimum, or a shell so thin for its
+            triangles that tets are degenerate (the message names the arguments and the tets).
     """
     for name, value in (("inner_radius", inner_radius), ("thickness", thickness)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -129,7 +130,11 @@ def dome(inner_radius: float = 7.5e-3, thickness: float = 7.5e-3, layers: int = 
     radii = inner_radius + thickness * np.arange(layers + 1) / layers
     vertices = np.concatenate([unit * r for r in radii])
     tets = np.concatenate([prism_tets(faces + l * n, faces + (l + 1) * n) for l in range(layers)])
-    mesh = TetMesh.from_arrays(torch.from_numpy(vertices), torch.from_numpy(tets), name="dome", orient=True)
+    try:
+        mesh = TetMesh.from_arrays(torch.from_numpy(vertices), torch.from_numpy(tets), name="dome", orient=True)
+    except ValueError as err:  # e.g. flat tets of a shell too thin for its triangles: say which arguments
+        raise ValueError(f"dome: inner_radius {inner_radius:g} m, thickness {thickness:g} m, layers {layers}, "
+                         f"n_points {n_points} give an unusable mesh: {err}") from None
     return SensorGeometry(mesh, torch.from_numpy(faces + layers * n).long(), torch.arange(n, dtype=torch.int64))
 
 
@@ -144,13 +149,21 @@ def flat_pad(size: tuple[float, float] = (0.02, 0.02), thickness: float = 4e-3,
 
     Returns:
         :class:`SensorGeometry`: contact faces on the top face, base nodes on the bottom face.
+
+    Raises:
+        ValueError: Non-positive sizes, a bad ``res``, or a pad so thin for its cells that tets are
+            degenerate (the message names the arguments and the tets).
     """
     if len(size) != 2 or not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in size):
         raise ValueError(f"flat_pad: 'size' must be two positive lengths [m], got {size!r}")
     if not (isinstance(thickness, (int, float)) and math.isfinite(thickness) and thickness > 0):
         raise ValueError(f"flat_pad: 'thickness' must be a positive length [m], got {thickness!r}")
     sx, sy = size
-    mesh = TetMesh.box((-sx / 2, -sy / 2, 0.0), (sx / 2, sy / 2, thickness), res)
+    try:
+        mesh = TetMesh.box((-sx / 2, -sy / 2, 0.0), (sx / 2, sy / 2, thickness), res)
+    except ValueError as err:  # e.g. flat tets of a pad too thin for its cells: say which arguments
+        raise ValueError(f"flat_pad: size {tuple(size)} m, thickness {thickness:g} m, res {tuple(res)} give an "
+                         f"unusable mesh: {err}") from None
     faces = mesh.surface_faces()
     z = mesh.vertices[:, 2]
     tol = 1e-9 * thickness
