@@ -343,3 +343,68 @@ def test_cable_refuses_force_losses(tmp_path):
     result = _validate(tmp_path, "tactile_cable_straighten.yaml", "      - {type: straightness, scale: 0.05}",
                        "      - {type: force, target: 0.1}")
     assert result.exit_code == 2 and "'force' is not available with a cable" in result.output, result.output[-800:]
+
+
+URDF = """<?xml version="1.0"?>
+<robot name="probe">
+  <link name="base"/><link name="carriage"/><link name="tool"/>
+  <joint name="lift" type="prismatic">
+    <parent link="base"/><child link="carriage"/><origin xyz="0 0 0.01" rpy="0 0 0"/>
+    <axis xyz="0 0 1"/><limit lower="-0.01" upper="0.01" effort="1" velocity="1"/>
+  </joint>
+  <joint name="slide" type="prismatic">
+    <parent link="carriage"/><child link="tool"/><origin xyz="0 0 0" rpy="0 0 0"/>
+    <axis xyz="1 0 0"/><limit lower="-0.01" upper="0.01" effort="1" velocity="1"/>
+  </joint>
+</robot>
+"""
+
+
+def _joint_task(tmp_path, keyframes, **changes):
+    from diffworld.tasks.tactile.config import TactileTask
+
+    (tmp_path / "probe.urdf").write_text(URDF)
+    motion = dict(type="joints", urdf=str(tmp_path / "probe.urdf"), link="tool", position=[0, 0, 0],
+                  mount_rotation=[np.pi, 0, 0], joint_keyframes=keyframes)
+    return TactileTask.model_validate(dict(
+        type="tactile", sensor=dict(type="flat_pad", size=[0.008, 0.008], thickness=0.002, resolution=[4, 4, 1]),
+        motion=motion, object=dict(shape="sphere", radius=0.003, position=[0.0, 0.0, 0.01 - 0.002 - 0.003 - 1e-5]),
+        substeps=8, steps=6, objective=dict(type="trajectory", losses=[dict(type="force", target=0.05)]), **changes))
+
+
+def test_joint_keyframes_drive_the_sensor(tmp_path):
+    """A URDF robot (lift + slide prismatic joints) carries a pad pointing down: the sensor's poses
+    are the mounted link's forward kinematics, the gel's base follows them, and the velocities
+    derived for a trajectory objective reproduce the poses at the control steps."""
+    pytest.importorskip("yourdfpy")
+    from diffworld.sims.common.quaternion import quat_to_matrix
+    from diffworld.tasks.tactile.build import build_scene
+
+    task = _joint_task(tmp_path, [dict(t=0.0, q=[0.0, 0.0]), dict(t=0.002, q=[-0.0003, 0.0]),
+                                  dict(t=0.004, q=[-0.0003, 0.001])])
+    scene = build_scene(task, F64, torch.device("cpu"))
+    assert torch.allclose(scene.start_position, torch.tensor([0.0, 0.0, 0.01], dtype=F64), atol=1e-15)
+    pos, quat = scene.poses()
+    t_end = scene.dt * scene.n_steps
+    lift = -0.0003 * min(t_end / 0.002, 1.0)
+    slide = 0.001 * max(0.0, min((t_end - 0.002) / 0.002, 1.0))
+    assert torch.allclose(pos[-1], torch.tensor([slide, 0.0, 0.01 + lift], dtype=F64), atol=1e-12)
+    with torch.no_grad():
+        out = scene.simulate()
+        r = scene.readings(out)
+    assert float(r.normal[-1, 0]) > 1e-3  # the pad came down onto the ball
+    base = scene.model.kinematic
+    R = quat_to_matrix(quat[-1])
+    want = scene.geometry.mesh.vertices.to(F64)[scene.geometry.base_nodes] @ R.T + pos[-1]
+    assert torch.allclose(out.final.x[base], want, atol=1e-12)
+    pv, _ = scene.poses(scene.initial_velocities())
+    k = scene.substeps
+    assert torch.allclose(pv[k - 1::k], pos[k - 1::k], atol=1e-12)
+
+
+def test_joint_keyframes_outside_the_limits_are_refused(tmp_path):
+    pytest.importorskip("yourdfpy")
+    with pytest.raises(ValueError, match="joint 'lift' = 0.02 m at row 1 is outside its limits"):
+        _joint_task(tmp_path, [dict(t=0.0, q=[0.0, 0.0]), dict(t=0.002, q=[0.02, 0.0])])
+    with pytest.raises(ValueError, match=r"joint_keyframes\[0\].q: expected 2 values"):
+        _joint_task(tmp_path, [dict(t=0.0, q=[0.0])])

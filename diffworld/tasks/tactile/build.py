@@ -56,6 +56,47 @@ def _object_sdf(cfg: ObjectConfig):
     return MeshSDF(m.vertices.double(), m.faces, sign="winding")
 
 
+def frame_motion(motion, n: int, dt: float, dtype: torch.dtype, opening0: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The motion frame's poses at times ``0, dt, ..., (n - 1) dt`` of a ``keyframes`` or ``joints``
+    motion: positions (n, 3) [m], quaternions (n, 4) and gripper openings (n,) [m] (keyframes
+    without an opening hold the previous one; ``opening0`` before the first)."""
+    import numpy as np
+
+    if motion.type == "joints":
+        from diffworld.sims.common.kinematics import KinematicChain, mount_pose
+
+        chain = KinematicChain.from_urdf(motion.urdf)
+        keys = motion.joint_keyframes
+        q = chain.keyframes([k.t for k in keys], torch.tensor([k.q for k in keys], dtype=torch.float64), n, dt)
+        base_q = axis_angle_to_quat(torch.tensor(motion.rotation, dtype=torch.float64))
+        link = chain.link_pose(q, motion.link, torch.tensor(motion.position, dtype=torch.float64), base_q)
+        pose = mount_pose(link, torch.tensor(motion.mount_position, dtype=torch.float64),
+                          axis_angle_to_quat(torch.tensor(motion.mount_rotation, dtype=torch.float64)))
+        p, quat = pose.position.to(dtype), pose.quaternion.to(dtype)
+    else:
+        keys = motion.keyframes
+        states = colliders.from_keyframes([k.t for k in keys], torch.tensor([k.position for k in keys], dtype=dtype),
+                                          torch.tensor([k.rotation for k in keys], dtype=dtype), n, dt)
+        p, quat = states[:, :3], states[:, 3:7]
+    values, last = [], opening0
+    for k in keys:
+        last = k.opening if k.opening is not None else last
+        values.append(last)
+    t = np.arange(n) * dt
+    opening = torch.from_numpy(np.interp(t, [k.t for k in keys], values)).to(dtype)
+    return p, quat, opening
+
+
+def start_pose(motion) -> tuple[torch.Tensor, torch.Tensor]:
+    """The motion frame's start (position (3,), rotation vector (3,)) float64."""
+    f64 = torch.float64
+    if motion.type != "joints":
+        return torch.tensor(motion.position, dtype=f64), torch.tensor(motion.rotation, dtype=f64)
+    p, q, _ = frame_motion(motion, 1, 1.0, f64)
+    return p[0], quat_to_rotvec(q[0])
+
+
 def build_scene(task: TactileTask, dtype: torch.dtype, device: torch.device, refine: int = 1,
                 check_only: bool = False):
     """The scene of a task: :class:`TactileScene` (a rigid object) or
@@ -110,8 +151,7 @@ class TactileScene:
         f64 = torch.float64
         self.geometry = geo = sensor_geometry(task.sensor, refine)
         m = task.motion
-        self.start_position = torch.tensor(m.position, dtype=f64)
-        self.start_rotation = torch.tensor(m.rotation, dtype=f64)
+        self.start_position, self.start_rotation = start_pose(m)
         R0 = quat_to_matrix(axis_angle_to_quat(self.start_rotation))
         local = geo.mesh.vertices.to(f64)
         world = local @ R0.T + self.start_position
@@ -192,7 +232,7 @@ class TactileScene:
         ``static``/``velocities``; for ``keyframes``, the velocities that reproduce the keyframed
         poses at every control step (constant within a step)."""
         m, S, f64 = self.task.motion, self.task.steps, torch.float64
-        if m.type != "keyframes":
+        if m.type not in ("keyframes", "joints"):
             v = torch.tensor(m.velocity if m.type == "velocities" else (0.0,) * 6, dtype=f64)
             return v.repeat(S, 1)
         p, q = self._keyframe_poses(S + 1, self.step_time, f64)
@@ -201,18 +241,15 @@ class TactileScene:
         return torch.cat([(p[1:] - p[:-1]) / self.step_time, turn / self.step_time], 1)
 
     def _keyframe_poses(self, n: int, dt: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.task.motion
-        states = colliders.from_keyframes([k.t for k in m.keyframes],
-                                          torch.tensor([k.position for k in m.keyframes], dtype=dtype),
-                                          torch.tensor([k.rotation for k in m.keyframes], dtype=dtype), n, dt)
-        return states[:, :3], states[:, 3:7]
+        p, q, _ = frame_motion(self.task.motion, n, dt, dtype)
+        return p, q
 
     def poses(self, velocities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The sensor's world pose after every FEM step: positions (T, 3) [m] and quaternions
         (T, 4) (x, y, z, w), from per-control-step ``velocities`` (S, 6) (differentiable), or the
         scene's motion when None."""
         task, dt = self.task, self.dt
-        if velocities is None and task.motion.type == "keyframes":
+        if velocities is None and task.motion.type in ("keyframes", "joints"):
             p, q = self._keyframe_poses(self.n_steps + 1, dt, self.dtype)
             return p[1:].to(self.device), q[1:].to(self.device)
         v = self.initial_velocities() if velocities is None else velocities

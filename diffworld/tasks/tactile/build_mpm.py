@@ -15,7 +15,8 @@ from diffworld.sims import fem
 from diffworld.sims.common import colliders
 from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_multiply, quat_to_matrix, quat_to_rotvec
 from diffworld.sims.tactile import ParallelGripper, sensor_model
-from diffworld.tasks.tactile.build import _CONTACT_CFL, Readings, contact_areas, sensor_geometry
+from diffworld.tasks.tactile.build import (_CONTACT_CFL, Readings, contact_areas, frame_motion, sensor_geometry,
+                                           start_pose)
 from diffworld.tasks.tactile.config import DOFS, TactileTask
 
 __all__ = ["CoupledTactileScene"]
@@ -93,8 +94,7 @@ class CoupledTactileScene:
         f64 = torch.float64
         cfg = task.sensor
         m = task.motion
-        self.start_position = torch.tensor(m.position, dtype=f64)
-        self.start_rotation = torch.tensor(m.rotation, dtype=f64)
+        self.start_position, self.start_rotation = start_pose(m)
         if cfg.type == "gripper":
             geo = sensor_geometry(cfg.pad)
             self.gripper = ParallelGripper(geo, cfg.max_opening, cfg.finger_offset)
@@ -154,27 +154,14 @@ class CoupledTactileScene:
     # -- motion ---------------------------------------------------------------------------------------
 
     def _keyframes(self, n: int, dt: float, dtype):
-        """Motion-frame poses and openings at times 0, dt, ..., (n - 1) dt from the keyframes."""
-        m = self.task.motion
-        keys = m.keyframes
-        states = colliders.from_keyframes([k.t for k in keys], torch.tensor([k.position for k in keys], dtype=dtype),
-                                          torch.tensor([k.rotation for k in keys], dtype=dtype), n, dt)
-        o0 = float(self._start_opening())
-        values, last = [], o0
-        for k in keys:  # a keyframe without an opening holds the previous one
-            last = k.opening if k.opening is not None else last
-            values.append(last)
-        t = torch.arange(n, dtype=dtype) * dt
-        times = torch.tensor([k.t for k in keys], dtype=dtype)
-        vals = torch.tensor(values, dtype=dtype)
-        opening = torch.from_numpy(__import__("numpy").interp(t.numpy(), times.numpy(), vals.numpy())).to(dtype)
-        return states[:, :3], states[:, 3:7], opening
+        """Motion-frame poses and openings at times 0, dt, ..., (n - 1) dt (keyframes or joints)."""
+        return frame_motion(self.task.motion, n, dt, dtype, float(self._start_opening()))
 
     def initial_velocities(self) -> torch.Tensor:
         """Per-control-step velocities (S, 6 or 7) float64 of the scene's motion (7th: opening rate)."""
         m, S, f64 = self.task.motion, self.task.steps, torch.float64
         grip = [] if self.gripper is None else [self.task.sensor.grip_velocity]
-        if m.type != "keyframes":
+        if m.type not in ("keyframes", "joints"):
             v = torch.tensor((list(m.velocity) if m.type == "velocities" else [0.0] * 6) +
                              (grip if m.type == "velocities" else [0.0] * len(grip)), dtype=f64)
             return v.repeat(S, 1)
@@ -189,7 +176,7 @@ class CoupledTactileScene:
     def poses(self, velocities: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sensor: world positions (T, 3) and quaternions (T, 4) at the end of every FEM step."""
         task, dt = self.task, self.dt
-        if velocities is None and task.motion.type == "keyframes":
+        if velocities is None and task.motion.type in ("keyframes", "joints"):
             p, q, o = self._keyframes(self.n_steps + 1, dt, self.dtype)
             p, q, o = p[1:], q[1:], o[1:]
         else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
+import torch
+
 from pydantic import Field, field_validator, model_validator
 
 from diffworld.engine.config.schema import StrictModel, reject_boolean
@@ -131,23 +133,56 @@ class TactileKeyframeConfig(StrictModel):
     opening: Optional[float] = Field(None, ge=0, description="Gripper opening [m] (grippers only; default: held).")
 
 
-class SensorMotionConfig(StrictModel):
-    """How the sensor body (its base nodes) moves: held, through keyframes, or by per-control-step
-    velocities (the optimizable form). ``position``/``rotation`` place the sensor frame in the
-    world at the start (a dome pointing down: rotation [3.14159265, 0, 0])."""
+class JointKeyframeConfig(StrictModel):
+    t: float = Field(..., ge=0, description="Time [s].")
+    q: list[float] = Field(..., min_length=1, description="Joint values [rad or m], in the URDF's joint order "
+                                                            "(movable joints).")
+    opening: Optional[float] = Field(None, ge=0, description="Gripper opening [m] (grippers only; default: held).")
 
-    type: Literal["static", "keyframes", "velocities"] = "static"
+
+class SensorMotionConfig(StrictModel):
+    """How the sensor body (its base nodes) moves: held, through keyframes, by per-control-step
+    velocities (the optimizable form), or by a robot: ``joints`` keyframes of a URDF kinematic
+    chain whose ``link`` carries the sensor at ``mount_position``/``mount_rotation`` (the robot's
+    base at ``position``/``rotation``; needs the ``robots`` extra). Otherwise ``position``/
+    ``rotation`` place the sensor frame in the world at the start (a dome pointing down: rotation
+    [3.14159265, 0, 0]). Keyframes and joints are also the initial guess of a trajectory
+    objective (as per-control-step velocities)."""
+
+    type: Literal["static", "keyframes", "velocities", "joints"] = "static"
     position: Vec3 = (0.0, 0.0, 0.0)
     rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Rotation vector [rad].")
     keyframes: list[TactileKeyframeConfig] = Field(default_factory=list,
                                             description="Poses at times [s] (type keyframes); held after the last.")
     velocity: tuple[float, float, float, float, float, float] = Field(
         (0.0,) * 6, description="Per-step velocity (linear [m/s], angular [rad/s], world frame) for type velocities.")
+    urdf: Optional[str] = Field(None, description="URDF file of the robot (type joints).")
+    link: Optional[str] = Field(None, description="The link carrying the sensor (type joints).")
+    mount_position: Vec3 = Field((0.0, 0.0, 0.0), description="Sensor origin in the link frame [m] (type joints).")
+    mount_rotation: Vec3 = Field((0.0, 0.0, 0.0), description="Sensor rotation w.r.t. the link, rotation vector "
+                                                               "[rad] (type joints).")
+    joint_keyframes: list[JointKeyframeConfig] = Field(default_factory=list, description="Joint values at times "
+                                                                                         "(type joints).")
+
+    _urdf = field_validator("urdf")(resolve_optional)
 
     @model_validator(mode="after")
     def _keys(self):
         if self.type == "keyframes" and not self.keyframes:
             raise ValueError("type 'keyframes' needs at least one entry in 'keyframes'")
+        if self.type == "joints":
+            if not (self.urdf and self.link and self.joint_keyframes):
+                raise ValueError("type 'joints' needs 'urdf', 'link' and 'joint_keyframes'")
+            from diffworld.sims.common.kinematics import KinematicChain
+
+            chain = KinematicChain.from_urdf(self.urdf)
+            if self.link not in chain.links:
+                raise ValueError(f"link: {self.link!r} is not a link of {self.urdf}; its links are {list(chain.links)}")
+            for i, k in enumerate(self.joint_keyframes):
+                if len(k.q) != len(chain.joint_names):
+                    raise ValueError(f"joint_keyframes[{i}].q: expected {len(chain.joint_names)} values (joints "
+                                     f"{chain.joint_names}), got {len(k.q)}")
+            chain.check_limits(torch.tensor([k.q for k in self.joint_keyframes], dtype=torch.float64))
         return self
 
 
@@ -410,8 +445,8 @@ class TactileTask(StrictModel):
                 raise ValueError("'mpm' objects: only objective type 'trajectory' for now")
         if self.sensor.type == "gripper" and self.object is not None:
             raise ValueError("a 'gripper' grasps 'mpm' bodies or a 'cable': a rigid object cannot be lifted")
-        if self.sensor.type != "gripper" and self.motion.type == "keyframes" and any(
-                k.opening is not None for k in self.motion.keyframes):
+        if self.sensor.type != "gripper" and any(
+                k.opening is not None for k in (*self.motion.keyframes, *self.motion.joint_keyframes)):
             raise ValueError("motion.keyframes: 'opening' is for a gripper only")
         if self.objective.type == "trajectory":
             names = {b.name for b in self.mpm.bodies} if self.mpm is not None else set()
