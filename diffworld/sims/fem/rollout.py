@@ -19,6 +19,7 @@ and their adjoint are one Warp kernel each (:class:`ContactStep`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from diffworld.sims.fem.materials import check_parameters
 from diffworld.sims.fem.model import Control, Model, State
 from diffworld.sims.fem.solver import Stepper, check_dt
 
-__all__ = ["Contact", "ContactStep", "PARAMS", "Rollout", "SimulationError", "check_state", "rollout", "step"]
+__all__ = ["Contact", "ContactStep", "PARAMS", "check_contact_dt", "Rollout", "SimulationError", "check_state", "rollout", "step"]
 
 # Parameters a rollout takes by name (``params=``); the step's ``mass`` comes from ``density``.
 PARAMS = ("E", "nu", "density", "damping", "gravity")
@@ -274,6 +275,35 @@ def _contact_inputs(contact: Contact, model: Model, n_steps: int) -> tuple[torch
     return cols, cps
 
 
+def check_contact_dt(mass: torch.Tensor, nodes: torch.Tensor, k_n: torch.Tensor, k_t: torch.Tensor, dt: float) -> None:
+    """Refuse an explicit ``dt`` that cannot resolve the penalty contact on its lightest node.
+
+    A contact node of mass ``m`` on a penalty spring ``k_n`` oscillates at ``sqrt(k_n / m)``:
+    symplectic Euler needs ``dt < 2 sqrt(m / k_n)``. The friction is not checked here: its
+    viscous slope ``k_t`` applies only below the Coulomb cap, where a too-large step overshoots
+    into the capped regime and stays bounded (the tests' sliding gradients match finite
+    differences at ``k_t dt / m`` far above 2); when sticking matters, keep ``k_t dt / m < 2``
+    (the ``tactile`` task enforces it). ``k_d`` (proportional to the penetration) is not checked.
+
+    Raises:
+        ValueError: ``dt`` above either limit, naming it and the node.
+    """
+    with torch.no_grad():
+        m = mass.detach()[nodes].to(torch.float64)
+        for name, k, limit in (("k_n", k_n, lambda m, k: 2 * torch.sqrt(m / k)),):
+            k = k.detach().to(torch.float64).expand_as(m)
+            pos = k > 0
+            if not bool(pos.any()):
+                continue
+            lim = torch.where(pos, limit(m, k.clamp_min(1e-300)), torch.full_like(m, math.inf))
+            i = int(torch.argmin(lim))
+            if float(dt) >= float(lim[i]):
+                what = "penalty stiffness" if name == "k_n" else "friction coefficient"
+                raise ValueError(f"rollout: dt {float(dt):.3g} s is above the contact {what} limit {float(lim[i]):.3g} s "
+                                 f"({name} {float(k[i]):.3g} on contact node {int(nodes[i])} of mass "
+                                 f"{float(m[i]):.3g} kg); use a smaller dt or {name}, or integrator='implicit'")
+
+
 class _Steps:
     """The FEM :class:`Stepper` as an :class:`~diffworld.engine.rollout.Simulator`: state (x, v)."""
 
@@ -386,8 +416,8 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
         contact: A rigid object pressing the gel (:class:`Contact`): its penalty forces join the
             elastic forces at every step, and gradients reach its per-step pose and velocity and
             the contact parameters. Explicit: row s of the object is its pose at the start of
-            step s, and ``dt`` must also resolve the penalty stiffness (``k_n`` is not part of the
-            stability check). Implicit: row s is the object during step s (the normal penalty at
+            step s, and ``dt`` must also resolve the penalty stiffness on the lightest contact node
+            (:func:`check_contact_dt`, with ``stability_check``). Implicit: row s is the object during step s (the normal penalty at
             the end of the step against it; damping and friction lag the normal, penetration and
             normal force at the step's start against row s - 1, see
             :mod:`diffworld.sims.fem.implicit`).
@@ -433,6 +463,8 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
     contact_step = None
     if contact is not None:
         cols, cps = _contact_inputs(contact, model, n_steps)
+        if stability_check and not implicit:
+            check_contact_dt(mass, contact.nodes, cps[0], cps[2], dt)
         contact_step = ContactStep(contact, rows.shape[1])
         if implicit:  # its damping and friction lag the previous step's object (row 0 for the first)
             cols = torch.cat([cols, torch.cat([cols[:1], cols[:-1]], 0)], 1)
