@@ -61,7 +61,7 @@ def test_third_law_and_bvh_query():
     vg = 0.01 * torch.randn(xg.shape, generator=g, dtype=D)
     ids = closest_faces(xg, faces, xr, 3 * R)
     # brute force: the face whose closest point is nearest
-    from diffworld.sims.coupling.fem_cable import closest_point_on_triangle
+    from diffworld.geometry.triangles import closest_point_on_triangle
     tri = xg[faces]
     assert int((ids >= 0).sum()) >= 4  # the particles under the pad
     for i in range(xr.shape[0]):

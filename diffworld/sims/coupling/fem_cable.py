@@ -62,7 +62,8 @@ from diffworld.sims.cable.model import Model as RopeModel
 from diffworld.sims.cable.model import State as RopeState
 from diffworld.sims.cable.rollout import check_ground_dt, rope_params
 from diffworld.sims.cable.solver import RopeStepper
-from diffworld.sims.fem.contact import ContactParams, _smooth_min, _softplus_ramp
+from diffworld.geometry.triangles import closest_point_on_triangle
+from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
 from diffworld.sims.fem.model import Control as FemControl
 from diffworld.sims.fem.model import Model as FemModel
 from diffworld.sims.fem.model import State as FemState
@@ -122,60 +123,6 @@ def closest_faces(x_gel: torch.Tensor, faces: torch.Tensor, points: torch.Tensor
     return _Bvh(faces, x_gel.shape[0], x_gel.device).closest_faces(x_gel, points, max_dist)
 
 
-def closest_point_on_triangle(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Signed distance of points to triangles, its gradient, and the closest point's weights.
-
-    Args:
-        p, a, b, c: Points and triangle corners [m], each (K, 3) (counter-clockwise seen from the
-            positive side).
-
-    Returns:
-        ``phi`` (K,) [m]: the distance to the triangle's plane when the closest point lies inside
-        the triangle, else ``+-|p - c|`` (the sign of the side of the plane); ``normal`` (K, 3)
-        ``= d phi / d p`` (unit); ``bary`` (K, 3) weights of the closest point on (a, b, c).
-        Differentiable in all inputs (continuous across region boundaries).
-    """
-    tiny = torch.finfo(p.dtype).tiny
-    ab, ac, ap = b - a, c - a, p - a
-    nrm = torch.linalg.cross(ab, ac, dim=-1)
-    nh = nrm / torch.sqrt((nrm * nrm).sum(-1, keepdim=True)).clamp_min(tiny)
-    # barycentrics of the projection onto the plane
-    d00, d01, d11 = (ab * ab).sum(-1), (ab * ac).sum(-1), (ac * ac).sum(-1)
-    d20, d21 = (ap * ab).sum(-1), (ap * ac).sum(-1)
-    den = (d00 * d11 - d01 * d01).clamp_min(tiny)
-    bv = (d11 * d20 - d01 * d21) / den
-    bw = (d00 * d21 - d01 * d20) / den
-    bu = 1.0 - bv - bw
-    inside = (bu >= 0) & (bv >= 0) & (bw >= 0)
-    # otherwise the closest point is on the nearest of the three edges (clamped projections)
-    best_q = best_b = best_e = None
-    zero = torch.zeros_like(bu)
-    for s0, s1, k0, k1 in ((a, b, 0, 1), (b, c, 1, 2), (c, a, 2, 0)):
-        d = s1 - s0
-        t = (((p - s0) * d).sum(-1) / (d * d).sum(-1).clamp_min(tiny)).clamp(0.0, 1.0)
-        q = s0 + t[:, None] * d
-        e = ((p - q) ** 2).sum(-1)
-        w = [zero, zero, zero]
-        w[k0], w[k1] = 1.0 - t, t
-        bb = torch.stack(w, -1)
-        if best_q is None:
-            best_q, best_b, best_e = q, bb, e
-        else:
-            closer = e < best_e
-            best_q = torch.where(closer[:, None], q, best_q)
-            best_b = torch.where(closer[:, None], bb, best_b)
-            best_e = torch.where(closer, e, best_e)
-    bary = torch.where(inside[:, None], torch.stack([bu, bv, bw], -1), best_b)
-    diff = p - best_q
-    # the unused branch must not make NaN gradients: its square root sees 1 on inside rows
-    dist = torch.sqrt(torch.where(inside, torch.ones_like(best_e), best_e).clamp_min(tiny))
-    side = torch.where((diff * nh).sum(-1) >= 0, 1.0, -1.0).to(p.dtype)
-    phi = torch.where(inside, (ap * nh).sum(-1), side * dist)
-    normal = torch.where(inside[:, None], nh, (side / dist)[:, None] * diff)
-    return phi, normal, bary
-
-
 class GelRopeForces(NamedTuple):
     """Contact between one gel and the rope (:func:`gel_rope_forces`).
 
@@ -212,13 +159,13 @@ def gel_rope_forces(x_gel: torch.Tensor, v_gel: torch.Tensor, faces: torch.Tenso
     tri = faces[face_ids[rows]]
     p = x_rope[rows]
     phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
-    d = _softplus_ramp(radius - phi, law.penetration_width)
+    d = softplus_ramp(radius - phi, law.penetration_width)
     v_rel = v_rope[rows] - (bary[:, :, None] * v_gel[tri]).sum(1)
     v_n = (v_rel * n).sum(-1)
-    fn = k_n * d + k_d * d * _softplus_ramp(-v_n, law.damping_width)
+    fn = k_n * d + k_d * d * softplus_ramp(-v_n, law.damping_width)
     v_t = v_rel - v_n[:, None] * n
     s = torch.sqrt((v_t * v_t).sum(-1) + eps_v * eps_v)
-    ft = _smooth_min(k_t * s, mu * fn, law.friction_exponent)
+    ft = smooth_min(k_t * s, mu * fn, law.friction_exponent)
     f = fn[:, None] * n - (ft / s)[:, None] * v_t
     rope = torch.zeros_like(x_rope).index_add(0, rows, f)
     gel = torch.zeros_like(x_gel).index_add(0, tri.reshape(-1), (-bary[:, :, None] * f[:, None, :]).reshape(-1, 3))

@@ -65,7 +65,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 import warp as wp
 
 from diffworld.engine.bridge import launch, on_torch_stream, to_warp
@@ -73,7 +72,8 @@ from diffworld.engine.rollout import checkpointed_rollout
 from diffworld.engine.runtime import init_warp
 from diffworld.sims.common.colliders import COLLIDER_STATE
 from diffworld.sims.fem import model as fem_model
-from diffworld.sims.fem.contact import ContactParams
+from diffworld.geometry.triangles import closest_point_on_triangle
+from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
 from diffworld.sims.fem.rollout import SimulationError as FemSimulationError
 from diffworld.sims.fem.solver import Stepper as FemStepper
 from diffworld.sims.fem.solver import check_dt
@@ -158,67 +158,6 @@ class CoupledRollout(NamedTuple):
 # Geometry and the force law (torch; differentiated by autograd)
 # ------------------------------------------------------------------------------------------------
 
-def _closest_point(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
-    """Closest points of triangles (a, b, c) to points p (all (K, 3)), with the signed distance
-    and its gradient (module docstring).
-
-    Returns:
-        phi (K,) [m], normal (K, 3), barycentric weights (K, 3) of the closest point.
-    """
-    tiny = torch.finfo(p.dtype).tiny
-    ab, ac, ap = b - a, c - a, p - a
-    nrm = torch.linalg.cross(ab, ac, dim=-1)
-    nh = nrm / torch.sqrt((nrm * nrm).sum(-1, keepdim=True)).clamp_min(tiny)
-    d00, d01, d11 = (ab * ab).sum(-1), (ab * ac).sum(-1), (ac * ac).sum(-1)
-    d20, d21 = (ap * ab).sum(-1), (ap * ac).sum(-1)
-    den = (d00 * d11 - d01 * d01).clamp_min(tiny)
-    bv = (d11 * d20 - d01 * d21) / den
-    bw = (d00 * d21 - d01 * d20) / den
-    bu = 1.0 - bv - bw
-    inside = (bu >= 0) & (bv >= 0) & (bw >= 0)
-
-    def segment(s0, s1):
-        d = s1 - s0
-        t = (((p - s0) * d).sum(-1) / (d * d).sum(-1).clamp_min(tiny)).clamp(0.0, 1.0)
-        q = s0 + t.unsqueeze(-1) * d
-        return q, t, ((p - q) ** 2).sum(-1)
-
-    q_ab, t_ab, e_ab = segment(a, b)
-    q_bc, t_bc, e_bc = segment(b, c)
-    q_ca, t_ca, e_ca = segment(c, a)
-    zero = torch.zeros_like(t_ab)
-    edge = torch.stack([e_ab, e_bc, e_ca], -1).argmin(-1)
-    q_edge = torch.where((edge == 0).unsqueeze(-1), q_ab, torch.where((edge == 1).unsqueeze(-1), q_bc, q_ca))
-    b_edge = torch.where((edge == 0).unsqueeze(-1), torch.stack([1 - t_ab, t_ab, zero], -1),
-                         torch.where((edge == 1).unsqueeze(-1), torch.stack([zero, 1 - t_bc, t_bc], -1),
-                                     torch.stack([t_ca, zero, 1 - t_ca], -1)))
-    bary = torch.where(inside.unsqueeze(-1), torch.stack([bu, bv, bw], -1), b_edge)
-    diff = p - q_edge
-    dist2 = (diff * diff).sum(-1)
-    # the unused branch must not make NaN gradients: its square root sees 1 on face rows
-    dist = torch.sqrt(torch.where(inside, torch.ones_like(dist2), dist2).clamp_min(tiny))
-    side = torch.where((diff * nh).sum(-1) >= 0, 1.0, -1.0).to(p.dtype)
-    plane = (ap * nh).sum(-1)
-    phi = torch.where(inside, plane, side * dist)
-    normal = torch.where(inside.unsqueeze(-1), nh, (side / dist).unsqueeze(-1) * diff)
-    return phi, normal, bary
-
-
-def _ramp(z: torch.Tensor, width: float) -> torch.Tensor:
-    return width * F.softplus(z / width) if width > 0 else torch.clamp_min(z, 0.0)
-
-
-def _smooth_min(a: torch.Tensor, b: torch.Tensor, p: float | None) -> torch.Tensor:
-    """``min(a, b)`` (a, b >= 0), or ``(a^-p + b^-p)^(-1/p)`` (<= min, 0 when either is 0)."""
-    lo = torch.minimum(a, b)
-    if p is None:
-        return lo
-    hi = torch.maximum(a, b)
-    safe = torch.where(hi > 0, hi, torch.ones_like(hi))
-    r = torch.where(hi > 0, lo / safe, torch.zeros_like(lo))
-    return lo * (1.0 + r ** p) ** (-1.0 / p)
-
-
 class _PairForces(NamedTuple):
     node: torch.Tensor  # (K, 3) forces on the grid nodes [N]
     gel: torch.Tensor  # (N, 3) forces on the gel nodes [N]
@@ -230,15 +169,15 @@ def _pair_forces(p, v_node, weight, x_gel, v_gel, tri, cp: Sequence[torch.Tensor
     """The law of the module docstring for nodes at ``p`` (K, 3) with velocities ``v_node`` and
     occupancy weights ``weight`` (K,), against triangles ``tri`` (K, 3) of a gel at (x_gel, v_gel)."""
     k_n, k_d, k_t, mu, eps_v = cp
-    phi, n, bary = _closest_point(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
-    d = _ramp(-phi, law.penetration_width)
+    phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
+    d = softplus_ramp(-phi, law.penetration_width)
     v_c = (bary.unsqueeze(-1) * v_gel[tri]).sum(1)
     v_rel = v_node - v_c
     v_n = (v_rel * n).sum(-1)
-    fn = k_n * d + k_d * d * _ramp(-v_n, law.damping_width)
+    fn = k_n * d + k_d * d * softplus_ramp(-v_n, law.damping_width)
     v_t = v_rel - v_n.unsqueeze(-1) * n
     s = torch.sqrt((v_t * v_t).sum(-1) + eps_v * eps_v)
-    ft = _smooth_min(k_t * s, mu * fn, law.friction_exponent)
+    ft = smooth_min(k_t * s, mu * fn, law.friction_exponent)
     f = weight.unsqueeze(-1) * (fn.unsqueeze(-1) * n - (ft / s).unsqueeze(-1) * v_t)
     gel = torch.zeros_like(x_gel).index_add(0, tri.reshape(-1), (-bary.unsqueeze(-1) * f.unsqueeze(1)).reshape(-1, 3))
     return _PairForces(f, gel, d)
@@ -293,7 +232,7 @@ class _Bvh:
                 tri = self.faces[cand]  # (k, R, 3)
                 p = points[rows].detach().unsqueeze(1).expand(-1, cand.shape[1], -1)
                 xg = x_gel.detach()
-                _, _, bary = _closest_point(p.reshape(-1, 3), *(xg[tri[..., j].reshape(-1)] for j in range(3)))
+                _, _, bary = closest_point_on_triangle(p.reshape(-1, 3), *(xg[tri[..., j].reshape(-1)] for j in range(3)))
                 c = (bary.unsqueeze(-1) * xg[tri.reshape(-1, 3)]).sum(1)
                 dist = ((p.reshape(-1, 3) - c) ** 2).sum(-1).reshape(cand.shape)
                 f = f.clone()
@@ -601,7 +540,7 @@ def gel_surface_distance(gel: Gel, x_gel: torch.Tensor, points: torch.Tensor, ma
     rows = (f >= 0).nonzero()[:, 0]
     if rows.numel():
         tri = faces[f[rows]]
-        phi, _, _ = _closest_point(points[rows], x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
+        phi, _, _ = closest_point_on_triangle(points[rows], x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
         out = out.index_put((rows,), phi)
     return out
 
@@ -811,6 +750,6 @@ def _penetration(sim: _CoupledSim, st) -> list[float]:
                 out.append(0.0)
                 continue
             tri = sim.faces[g][f[rows]]
-            phi, _, _ = _closest_point(xp[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]])
+            phi, _, _ = closest_point_on_triangle(xp[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]])
             out.append(float(torch.clamp_min(-phi, 0.0).max()))
     return out

@@ -64,7 +64,8 @@ from diffworld.geometry.mesh_sdf import MeshSDF
 from diffworld.geometry.sdf import Box, HalfSpace, Sphere
 from diffworld.sims.common.quaternion import quat_to_matrix
 
-__all__ = ["ContactParams", "ContactResult", "RigidObject", "contact_forces", "penalty_energy"]
+__all__ = ["ContactParams", "ContactResult", "RigidObject", "contact_forces", "penalty_energy", "smooth_min",
+           "softplus_ramp"]
 
 TensorLike = Any
 
@@ -174,14 +175,14 @@ class ContactResult(NamedTuple):
     shear_force_total: torch.Tensor
 
 
-def _softplus_ramp(z: torch.Tensor, width: float) -> torch.Tensor:
+def softplus_ramp(z: torch.Tensor, width: float) -> torch.Tensor:
     """``max(z, 0)``, or ``width * softplus(z / width)`` (smooth, > 0) when ``width > 0``."""
     if width > 0:
         return width * F.softplus(z / width)
     return torch.clamp_min(z, 0.0)
 
 
-def _smooth_min(a: torch.Tensor, b: torch.Tensor, p: float | None) -> torch.Tensor:
+def smooth_min(a: torch.Tensor, b: torch.Tensor, p: float | None) -> torch.Tensor:
     """``min(a, b)`` for a, b >= 0, or the p-norm soft min ``(a^-p + b^-p)^(-1/p) <= min``."""
     lo = torch.minimum(a, b)
     if p is None:
@@ -315,18 +316,18 @@ def contact_forces(x: torch.Tensor, v: torch.Tensor, nodes: torch.Tensor, obj: R
     col = lambda t: t.reshape(-1, 1) if t.dim() else t  # noqa: E731 - broadcast (C,) params over xyz
     xc, vc = x[nodes], v[nodes]
     phi, n = _signed_distance(obj, xc, pos, rot)
-    d = _softplus_ramp(-phi, w_pen)
+    d = softplus_ramp(-phi, w_pen)
 
     r = xc - pos
     v_rel = vc - (v_lin + torch.linalg.cross(omega.expand_as(r), r, dim=-1))
     v_n = (v_rel * n).sum(-1)
-    approach = _softplus_ramp(-v_n, w_damp)
+    approach = softplus_ramp(-v_n, w_damp)
     fn_mag = k_n * d + k_d * d * approach  # (C,) >= 0
     f_normal = col(fn_mag) * n
 
     v_t = v_rel - v_n.unsqueeze(-1) * n
     s = torch.sqrt((v_t * v_t).sum(-1) + eps_v * eps_v)
-    ft_mag = _smooth_min(k_t * s, mu * fn_mag, p_fric)
+    ft_mag = smooth_min(k_t * s, mu * fn_mag, p_fric)
     f_tangent = -col(ft_mag / s) * v_t
 
     f = f_normal + f_tangent

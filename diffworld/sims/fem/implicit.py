@@ -78,7 +78,7 @@ import torch
 from scipy.special import spence
 
 from diffworld.sims.constitutive.laws import lame
-from diffworld.sims.fem.contact import RigidObject, _signed_distance, _smooth_min, _softplus_ramp
+from diffworld.sims.fem.contact import RigidObject, _signed_distance, smooth_min, softplus_ramp
 from diffworld.sims.fem.model import Model
 from diffworld.sims.fem.solver import Stepper
 
@@ -437,9 +437,9 @@ def _lagged(contact, x: torch.Tensor, v: torch.Tensor, row: torch.Tensor, cp) ->
     p0, R0, vl0, om0 = _pose_cols(row, contact.offset + _OBJ)
     p, _, vl, om = _pose_cols(row, contact.offset)
     phi0, n0 = _sdf_normal(contact, xc, p0, R0)
-    d0 = _softplus_ramp(-phi0, par.penetration_width)
+    d0 = softplus_ramp(-phi0, par.penetration_width)
     vn0 = ((vc - vl0 - torch.linalg.cross(om0.expand_as(xc), xc - p0, dim=-1)) * n0).sum(-1)
-    fn0 = k_n * d0 + k_d * d0 * _softplus_ramp(-vn0, par.damping_width)
+    fn0 = k_n * d0 + k_d * d0 * softplus_ramp(-vn0, par.damping_width)
     u = vl + torch.linalg.cross(om.expand_as(xc), xc - p, dim=-1)
     return _Lag(d0, n0, fn0.expand_as(d0), u)
 
@@ -452,13 +452,13 @@ def _contact_force(contact, yc: torch.Tensor, wc: torch.Tensor, lag: _Lag, row: 
     par = contact.params
     p, R, _, _ = _pose_cols(row, contact.offset)
     phi, n = _sdf_normal(contact, yc, p, R)
-    f = (k_n * _softplus_ramp(-phi, par.penetration_width))[:, None] * n
+    f = (k_n * softplus_ramp(-phi, par.penetration_width))[:, None] * n
     vr = wc - lag.u
     vn = (vr * lag.n0).sum(-1)
-    f = f + (k_d * lag.d0 * _softplus_ramp(-vn, par.damping_width))[:, None] * lag.n0
+    f = f + (k_d * lag.d0 * softplus_ramp(-vn, par.damping_width))[:, None] * lag.n0
     vt = vr - vn[:, None] * lag.n0
     s = torch.sqrt((vt * vt).sum(-1) + eps_v * eps_v)
-    ft = _smooth_min(k_t * s, mu * lag.fn0, par.friction_exponent)
+    ft = smooth_min(k_t * s, mu * lag.fn0, par.friction_exponent)
     return f - (ft / s)[:, None] * vt
 
 
@@ -490,7 +490,7 @@ def _friction_potential(r: torch.Tensor, k_t, a, eps, p) -> torch.Tensor:
         return torch.where(s_star <= eps, a * (s - eps), viscous + capped)
     rho = r[:, None] * _GL_X.to(r)[None, :]
     s = torch.sqrt(rho * rho + (eps * eps)[:, None])
-    g = _smooth_min(k_t[:, None] * s, a[:, None].expand_as(s), p) * rho / s
+    g = smooth_min(k_t[:, None] * s, a[:, None].expand_as(s), p) * rho / s
     return r * (g * _GL_W.to(r)[None, :]).sum(1)
 
 
