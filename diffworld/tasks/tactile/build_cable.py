@@ -9,7 +9,6 @@ import math
 import torch
 
 from diffworld.sims import cable, fem
-from diffworld.sims.common.quaternion import quat_to_matrix
 from diffworld.tasks.tactile.build import Readings
 from diffworld.tasks.tactile.build_mpm import CoupledTactileScene
 from diffworld.tasks.tactile.config import TactileTask
@@ -78,8 +77,6 @@ class CableTactileScene(CoupledTactileScene):
 
     def _check_start(self) -> None:
         """The rope must not start inside a gel: say by how much it does."""
-        from diffworld.sims.coupling.fem_cable import closest_faces, gel_rope_forces  # noqa: F401
-
         x = self.rope_start.x.to(torch.float64)
         r = self.task.cable.radius
         for model, g, n in zip(self.models, self.geometries, self.names):
@@ -116,31 +113,19 @@ class CableTactileScene(CoupledTactileScene):
                                  window=self.task.window, record_every=self.substeps)
 
     def readings(self, out, velocities: torch.Tensor | None = None, contact=None, markers=None) -> Readings:
-        poses = self.poses(velocities)
-        starts = self.start_poses()
+        """Readings per record and sensor from the rollout's (detached) gel-force diagnostics."""
         idx = [s - 1 for s in out.steps[1:]]
-        forces = []
-        for g, ((pos, quat), (p0, q0)) in enumerate(zip(poses, starts)):
-            R = quat_to_matrix(torch.cat([q0.to(self.device)[None], quat[idx]]))
-            F = torch.cat([torch.zeros(1, 3, dtype=self.dtype, device=self.device),
-                           out.gel_force[idx, g].to(self.dtype)])
-            forces.append(torch.einsum("ri,rij->rj", F, R))
-        force = torch.stack(forces, 1).detach()
-        pen = torch.cat([torch.zeros(1, dtype=self.dtype), out.penetration[idx].amax(1).to(self.dtype)])
-        return Readings(force, -force[..., 2], force[..., :2].norm(dim=-1), pen.detach(), None)
+        zero = torch.zeros(1, len(self.models), 3, dtype=self.dtype, device=self.device)
+        force = torch.cat([zero, out.gel_force[idx].to(self.dtype)]).detach()
+        pen = torch.cat([torch.zeros(1, dtype=self.dtype), out.penetration[idx].amax(1).to(self.dtype)]).detach()
+        return self.sensor_readings(force, pen, out.steps, velocities)
 
     def rope_positions(self, out, r: int) -> torch.Tensor:
         """Rope particle positions (N, 3) [m] at record ``r``."""
         return out.states[r].rope.x
 
     def frame_data(self, out, r: int, velocities=None):
-        step = out.steps[r]
-        st = out.states[r]
+        step, st = out.steps[r], out.states[r]
         xs = [g.x.detach() for g in st.gels]
-        if step == 0:
-            p, q = self.start_poses()[0]
-        else:
-            pos, quat = self.poses(velocities)[0]
-            p, q = pos[step - 1], quat[step - 1]
-        local = (xs[0] - p.to(xs[0])) @ quat_to_matrix(q.to(xs[0]))
-        return xs, [g.contact_nodes for g in self.geometries], st.rope.x.detach(), local, step
+        return (xs, [g.contact_nodes for g in self.geometries], st.rope.x.detach(),
+                self.sensor_local(xs[0], step, velocities), step)

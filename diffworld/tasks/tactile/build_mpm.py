@@ -220,19 +220,33 @@ class CoupledTactileScene:
                                gel_controls=controls, gel_params=params, window=self.task.window,
                                record_every=self.substeps, node_mass=self.node_mass, mpm_stepper=self.mpm_stepper)
 
-    def readings(self, out, velocities: torch.Tensor | None = None, contact=None, markers=None) -> Readings:
-        """Tactile readings per record and sensor (forces on each gel in its own frame)."""
-        poses = self.poses(velocities)
-        starts = self.start_poses()
-        idx = [s - 1 for s in out.steps[1:]]
-        forces = []
+    def sensor_readings(self, force: torch.Tensor, penetration: torch.Tensor, steps: list[int],
+                        velocities: torch.Tensor | None = None) -> Readings:
+        """Readings from the world-frame contact force on each gel (R, G, 3) [N] at the records
+        ending at ``steps``: rotated into each sensor's frame at that record."""
+        poses, starts = self.poses(velocities), self.start_poses()
+        idx = [s - 1 for s in steps[1:]]
+        local = []
         for g, ((pos, quat), (p0, q0)) in enumerate(zip(poses, starts)):
             R = quat_to_matrix(torch.cat([q0.to(self.device)[None], quat[idx]]))
-            F = torch.stack([out.gel_forces[r][g].sum(0) for r in range(len(out.steps))])
-            forces.append(torch.einsum("ri,rij->rj", F, R))
-        force = torch.stack(forces, 1)  # (R, G, 3)
+            local.append(torch.einsum("ri,rij->rj", force[:, g], R))
+        f = torch.stack(local, 1)
+        return Readings(f, -f[..., 2], f[..., :2].norm(dim=-1), penetration, None)
+
+    def sensor_local(self, x: torch.Tensor, step: int, velocities: torch.Tensor | None = None) -> torch.Tensor:
+        """The first sensor's node positions ``x`` (N, 3) in its own frame at FEM step ``step``."""
+        if step == 0:
+            p, q = self.start_poses()[0]
+        else:
+            pos, quat = self.poses(velocities)[0]
+            p, q = pos[step - 1], quat[step - 1]
+        return (x - p.to(x)) @ quat_to_matrix(q.to(x))
+
+    def readings(self, out, velocities: torch.Tensor | None = None, contact=None, markers=None) -> Readings:
+        """Tactile readings per record and sensor (forces on each gel in its own frame)."""
+        force = torch.stack([torch.stack([f.sum(0) for f in out.gel_forces[r]]) for r in range(len(out.steps))])
         pen = out.penetration.detach().amax(1) if out.penetration.dim() == 2 else out.penetration.detach()
-        return Readings(force, -force[..., 2], force[..., :2].norm(dim=-1), pen, None)
+        return self.sensor_readings(force, pen, out.steps, velocities)
 
     def com(self, out, body: str) -> torch.Tensor:
         """Centre of mass (R, 3) [m] of an MPM body at every record."""
@@ -249,10 +263,5 @@ class CoupledTactileScene:
         sensor's nodes in its frame, the step) at record ``r``, for pictures."""
         step = out.steps[r]
         xs = [s.x.detach() for s in out.gel_states[r]]
-        if step == 0:
-            p, q = self.start_poses()[0]
-        else:
-            pos, quat = self.poses(velocities)[0]
-            p, q = pos[step - 1], quat[step - 1]
-        local = (xs[0] - p.to(xs[0])) @ quat_to_matrix(q.to(xs[0]))
-        return xs, [g.contact_nodes for g in self.geometries], out.mpm_states[r].x.detach(), local, step
+        return (xs, [g.contact_nodes for g in self.geometries], out.mpm_states[r].x.detach(),
+                self.sensor_local(xs[0], step, velocities), step)
