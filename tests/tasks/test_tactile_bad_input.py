@@ -308,7 +308,7 @@ def test_scene_dt_above_the_stability_limit(tmp_path, scene, old, new, want):
     (SYSID, "position: [0, 0, 0.007]}", "position: [0, 0, 0.0065]}",
      "task.object: 'ball' starts 0.5 mm inside the gel of 'pad'"),
     (GRASP, "    opening: 0.022\n", "    opening: 0.010\n",
-     "task.mpm: MPM particles start 3.9 mm inside the gel of 'gripper.left'"),
+     "task.mpm: MPM particles start 0.836 mm inside the gel of 'gripper.left'"),
 ], ids=["sysid-ball", "grasp-cube"])
 def test_scene_objects_interpenetrating_at_the_start(tmp_path, scene, old, new, want):
     _refused(_validate(tmp_path, scene, (old, new)), want)

@@ -62,7 +62,7 @@ from diffworld.sims.cable.model import Model as RopeModel
 from diffworld.sims.cable.model import State as RopeState
 from diffworld.sims.cable.rollout import check_ground_dt, rope_params
 from diffworld.sims.cable.solver import RopeStepper
-from diffworld.geometry.triangles import closest_point_on_triangle
+from diffworld.geometry.triangles import SurfaceTopology, closest_point_on_triangle
 from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
 from diffworld.sims.fem.model import Control as FemControl
 from diffworld.sims.fem.model import Model as FemModel
@@ -141,7 +141,7 @@ class GelRopeForces(NamedTuple):
 
 def gel_rope_forces(x_gel: torch.Tensor, v_gel: torch.Tensor, faces: torch.Tensor, face_ids: torch.Tensor,
                     x_rope: torch.Tensor, v_rope: torch.Tensor, radius: float, cp: Sequence[torch.Tensor],
-                    law: ContactParams) -> GelRopeForces:
+                    law: ContactParams, topology: SurfaceTopology | None = None) -> GelRopeForces:
     """The contact law of the module docstring (torch, differentiable).
 
     Args:
@@ -153,12 +153,16 @@ def gel_rope_forces(x_gel: torch.Tensor, v_gel: torch.Tensor, faces: torch.Tenso
         cp: ``k_n``, ``k_d``, ``k_t``, ``mu``, ``eps_v`` (0-d tensors).
         law: The smoothing settings (its ``penetration_width``, ``damping_width``,
             ``friction_exponent``).
+        topology: The edge adjacency of ``faces``: distances to edges and vertices are signed by
+            their pseudo-normals (a particle beyond the rim of an open contact surface is outside);
+            default (None) the side of the triangle's plane.
     """
     k_n, k_d, k_t, mu, eps_v = cp
     rows = (face_ids >= 0).nonzero()[:, 0]
     tri = faces[face_ids[rows]]
     p = x_rope[rows]
-    phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
+    fn = None if topology is None else topology.feature_normals(x_gel, face_ids[rows])
+    phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]], fn)
     d = softplus_ramp(radius - phi, law.penetration_width)
     v_rel = v_rope[rows] - (bary[:, :, None] * v_gel[tri]).sum(1)
     v_n = (v_rel * n).sum(-1)
@@ -262,6 +266,7 @@ class FemCableSimulator:
         self.query = (coupling.query_distance if coupling.query_distance is not None else
                       2 * r + 20 * coupling.params.penetration_width)
         self.bvh = [_Bvh(f, s.model.n_nodes, rope.device) for f, s in zip(self.faces, self.gels)]
+        self.topology = [SurfaceTopology(f) for f in self.faces]
         self.row_off = [0]
         for w in gel_widths:
             self.row_off.append(self.row_off[-1] + w)
@@ -280,7 +285,7 @@ class FemCableSimulator:
         g = len(self.gels)
         xr, vr = state[2 * g], state[2 * g + 1]
         return [gel_rope_forces(state[2 * i], state[2 * i + 1], self.faces[i], face_ids[i], xr, vr,
-                                self.rope.model.radius, cp, self.law) for i in range(g)]
+                                self.rope.model.radius, cp, self.law, self.topology[i]) for i in range(g)]
 
     def step(self, state, params, control, index: int, keep: bool):
         g = len(self.gels)

@@ -72,7 +72,7 @@ from diffworld.engine.rollout import checkpointed_rollout
 from diffworld.engine.runtime import init_warp
 from diffworld.sims.common.colliders import COLLIDER_STATE
 from diffworld.sims.fem import model as fem_model
-from diffworld.geometry.triangles import closest_point_on_triangle
+from diffworld.geometry.triangles import SurfaceTopology, closest_point_on_triangle
 from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
 from diffworld.sims.fem.rollout import SimulationError as FemSimulationError
 from diffworld.sims.fem.solver import Stepper as FemStepper
@@ -164,12 +164,14 @@ class _PairForces(NamedTuple):
     depth: torch.Tensor  # (K,) penetration d [m]
 
 
-def _pair_forces(p, v_node, weight, x_gel, v_gel, tri, cp: Sequence[torch.Tensor], law: ContactParams
-                 ) -> _PairForces:
+def _pair_forces(p, v_node, weight, x_gel, v_gel, tri, cp: Sequence[torch.Tensor], law: ContactParams,
+                 feature_normals: torch.Tensor | None = None) -> _PairForces:
     """The law of the module docstring for nodes at ``p`` (K, 3) with velocities ``v_node`` and
-    occupancy weights ``weight`` (K,), against triangles ``tri`` (K, 3) of a gel at (x_gel, v_gel)."""
+    occupancy weights ``weight`` (K,), against triangles ``tri`` (K, 3) of a gel at (x_gel, v_gel)
+    (``feature_normals`` (K, 6, 3): the pseudo-normals that sign edge and vertex distances)."""
     k_n, k_d, k_t, mu, eps_v = cp
-    phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
+    phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]],
+                                             feature_normals)
     d = softplus_ramp(-phi, law.penetration_width)
     v_c = (bary.unsqueeze(-1) * v_gel[tri]).sum(1)
     v_rel = v_node - v_c
@@ -290,7 +292,7 @@ class _Coupling:
         gel = []
         for g, (rows, tri) in enumerate(faces):
             r = _pair_forces(pos[rows], v_node[rows], weight[rows], x[g], v[g], sim.faces[g][tri], cps[g],
-                             sim.laws[g])
+                             sim.laws[g], sim.topology[g].feature_normals(x[g], tri))
             node = node.index_add(0, rows, r.node)
             gel.append(r.gel)
         return node, gel
@@ -354,6 +356,7 @@ class _CoupledSim:
         self.fem = fem_steppers
         self.faces = faces
         self.bvh = [_Bvh(f, g.model.n_nodes, g.model.device) for f, g in zip(faces, gels)]
+        self.topology = [SurfaceTopology(f.to(g.model.device)) for f, g in zip(faces, gels)]
         self.laws = [g.contact for g in gels]
         model = mpm_stepper.model
         self.dt = float(model.dt)
@@ -540,7 +543,8 @@ def gel_surface_distance(gel: Gel, x_gel: torch.Tensor, points: torch.Tensor, ma
     rows = (f >= 0).nonzero()[:, 0]
     if rows.numel():
         tri = faces[f[rows]]
-        phi, _, _ = closest_point_on_triangle(points[rows], x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]])
+        fn = SurfaceTopology(faces.to(x_gel.device)).feature_normals(x_gel, f[rows])
+        phi, _, _ = closest_point_on_triangle(points[rows], x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]], fn)
         out = out.index_put((rows,), phi)
     return out
 
@@ -750,6 +754,7 @@ def _penetration(sim: _CoupledSim, st) -> list[float]:
                 out.append(0.0)
                 continue
             tri = sim.faces[g][f[rows]]
-            phi, _, _ = closest_point_on_triangle(xp[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]])
+            phi, _, _ = closest_point_on_triangle(xp[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]],
+                                                  sim.topology[g].feature_normals(xg, f[rows]))
             out.append(float(torch.clamp_min(-phi, 0.0).max()))
     return out

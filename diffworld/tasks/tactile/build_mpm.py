@@ -19,7 +19,29 @@ from diffworld.tasks.tactile.build import (_CONTACT_CFL, Readings, contact_areas
                                            start_pose)
 from diffworld.tasks.tactile.config import DOFS, TactileTask
 
-__all__ = ["CoupledTactileScene"]
+__all__ = ["CoupledTactileScene", "body_angle"]
+
+
+def body_angle(x: torch.Tensor, X: torch.Tensor, mass: torch.Tensor, axis) -> torch.Tensor:
+    """The best-fit rotation angle [rad] about ``axis`` taking points ``X`` (P, 3) to ``x`` (P, 3)
+    (weights ``mass`` (P,)): with ``A = sum m (x - c)(X - C)^T`` restricted to an orthonormal
+    basis (u, w) of the plane normal to the axis (u x w = axis), ``atan2(A_wu - A_uw, A_uu +
+    A_ww)``, the 2D Procrustes solution. Smooth wherever ``A``'s planar part is not zero; no SVD,
+    so bodies with equal principal moments (a cube) are fine. Range (-pi, pi]."""
+    a = torch.as_tensor(axis, dtype=torch.float64)
+    a = a / a.norm()
+    # u: the world axis least aligned with a, made orthogonal to it; w = a x u
+    e = torch.zeros(3, dtype=torch.float64)
+    e[int(a.abs().argmin())] = 1.0
+    u = e - a * (a @ e)
+    u = u / u.norm()
+    w = torch.linalg.cross(a, u)
+    basis = torch.stack([u, w], 1).to(x)  # (3, 2)
+    m = mass.to(x)[:, None]
+    c, C = (x * m).sum(0) / m.sum(), (X * m).sum(0) / m.sum()
+    p, P = (x - c) @ basis, (X.to(x) - C) @ basis
+    A = (m * p).T @ P  # (2, 2): sum m p P^T
+    return torch.atan2(A[1, 0] - A[0, 1], A[0, 0] + A[1, 1])
 
 
 class CoupledTactileScene:
@@ -55,7 +77,7 @@ class CoupledTactileScene:
         c = sec.contact
         self.contact = fem.ContactParams(k_n=c.k_n * dx2, k_d=c.k_d * dx2, k_t=c.k_t * dx2, mu=c.mu, eps_v=c.eps_v,
                                          penetration_width=c.penetration_width)
-        self.gels = [Gel(model, self.contact, faces=g.contact_faces.to(device), name=n)
+        self.gels = [Gel(model, self.contact, name=n)
                      for model, g, n in zip(self.models, self.geometries, self.names)]
         # a fully occupied grid node's mass (the coupling's default)
         self.node_mass = float(probe.params["density"].detach().max()) * self.grid.dx ** 3
@@ -253,6 +275,15 @@ class CoupledTactileScene:
         mask = self.mpm_model.body == self.body_index[body]
         mass = (self.mpm_model.params["density"] * self.mpm_model.params["volume"]).detach()[mask]
         return torch.stack([(s.x[mask] * mass[:, None]).sum(0) / mass.sum() for s in out.mpm_states])
+
+    def body_angle(self, out, body: str, axis) -> torch.Tensor:
+        """An MPM body's turn about ``axis`` (world, right-handed) since the start, per record (R,)
+        [rad]: the best-fit planar rotation of its particles (see
+        :class:`~diffworld.tasks.tactile.config.RotationLossConfig`)."""
+        mask = self.mpm_model.body == self.body_index[body]
+        mass = (self.mpm_model.params["density"] * self.mpm_model.params["volume"]).detach()[mask]
+        return torch.stack([body_angle(s.x[mask], out.mpm_states[0].x[mask].detach(), mass, axis)
+                            for s in out.mpm_states])
 
     def body_positions(self, out, body: str, r: int) -> torch.Tensor:
         """Particle positions (P, 3) [m] of an MPM body at record ``r``."""
