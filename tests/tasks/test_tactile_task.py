@@ -266,8 +266,11 @@ def test_grasp_scene_reduced(tmp_path, name):
     assert m["sensors"] == 2 and m["particles"] == 1728
     assert m["final_loss"] < m["initial_loss"]
     normal = np.array(m["final_normal_force_N"])
-    assert normal.shape == (11, 2) and normal[-1].min() > 0.1  # both pads hold the cube
-    assert abs(normal[-1, 0] - normal[-1, 1]) < 0.2 * normal[-1].mean()  # about equal by symmetry
+    # both pads hold the cube: its weight (0.039 N) over two pads at mu = 1 needs 0.02 N each
+    assert normal.shape == (11, 2) and normal[-1].min() > 0.03
+    # about equal by symmetry; measured 9 % (elastic) and 32 % (plastic) since the particle contact
+    # law (2026-12-05): the pads' triangulations are not mirror images on the particle lattice
+    assert abs(normal[-1, 0] - normal[-1, 1]) < 0.4 * normal[-1].mean()
     for name in ("forces.png", "before.png", "after.png", "rollout.gif", "velocities.npy"):
         assert (tmp_path / name).is_file(), name
     assert np.load(tmp_path / "velocities.npy").shape == (10, 7)  # 6 velocity components + the opening rate

@@ -1,46 +1,55 @@
 """FEM gels and MPM bodies in one differentiable step: penalty contact between the gels' surface
-triangles and the occupied MPM grid nodes, equal and opposite, two-way (issue 15, items 2 and 3).
+triangles and the MPM particles, equal and opposite, two-way (issue 15, items 2 and 3).
 
 One coupled step, of the shared step ``dt`` (the MPM model's ``dt``):
 
 1. MPM P2G from the particles at time n (grid momentum ``mv_i`` and mass ``m_i`` per node);
-2. for every grid node with mass and every gel: the closest gel surface triangle (a Warp BVH,
-   ``wp.Mesh`` refit to the gel's positions at time n, queried in float32 for the triangle id
-   only), then in torch, in the model's dtype, the closest point on that triangle, the signed
-   distance ``phi`` and the contact normal ``n`` (out of the gel), and the penalty force ``f_i``
-   on the node (law below);
-3. the impulse ``f_i dt`` joins the node's momentum before the grid update (gravity, colliders,
-   walls) and G2P: the MPM :class:`~diffworld.sims.mpm.solver.GridForce` hook; ``-f_i`` goes to
-   the triangle's three nodes with the barycentric weights of the closest point, and the gels
-   take one explicit FEM step with those nodal forces (``external=``) from their state at time n.
+2. for every particle near a gel: the closest gel surface triangle (a Warp BVH, ``wp.Mesh``
+   refit to the gel's positions at time n, queried in float32 for the triangle id only), then in
+   torch, in the model's dtype, the closest point on that triangle, the signed distance ``phi``
+   (signed at edges and vertices by their pseudo-normals,
+   :class:`~diffworld.geometry.triangles.SurfaceTopology`) and the contact normal ``n`` (out of
+   the gel), and the penalty force ``f_p`` on the particle (law below);
+3. the impulse ``f_p dt`` is spread onto the grid with the particle's quadratic B-spline weights
+   (as P2G spreads its momentum) before the grid update (gravity, colliders, walls) and G2P: the
+   MPM :class:`~diffworld.sims.mpm.solver.GridForce` hook; ``-f_p`` goes to the triangle's three
+   nodes with the barycentric weights of the closest point, and the gels take one explicit FEM
+   step with those nodal forces (``external=``) from their state at time n.
 
-Law (node i, gel triangle with closest point ``c = sum_k b_k x_k``; ``v_i = mv_i / m_i`` the
-node's velocity before the grid update, ``v_rel = v_i - sum_k b_k v_k``, ``v_n = v_rel . n``):
+Law (particle p of volume ``V_p``, gel triangle with closest point ``c = sum_k b_k x_k``;
+``v_rel = v_p - sum_k b_k v_k``, ``v_n = v_rel . n``):
 
-* ``phi = (x_i - x_a) . n_tri`` when the closest point is inside the triangle (the plane
-  distance), else ``+-|x_i - c|`` signed by the side of the triangle's plane; ``n = d phi / d x``
-  (the face normal, or the direction from the closest edge/vertex point): continuous, and C1
-  across the face/edge region boundaries;
-* penetration ``d = ramp(-phi)``, normal force ``f_n = k_n d + k_d d ramp(-v_n)`` along ``n``
-  (DiffTactile's ``-(k_n + k_d max(-v_n, 0)) sdf``), friction ``f_t = -min(k_t s, mu f_n) v_t / s``
-  with ``s = sqrt(|v_t|^2 + eps_v^2)``; ``ramp`` is ``max(., 0)`` or a softplus of width
-  ``penetration_width`` [m] / ``damping_width`` [m/s], and ``friction_exponent`` makes the min
-  smooth, exactly as :class:`~diffworld.sims.fem.contact.ContactParams` documents for the rigid
-  contact (the same dataclass is used here);
-* the force on node i is ``f_i = (m_i / node_mass) (f_n n + f_t)``: ``k_n`` [N/m], ``k_d``
-  [N s/m^2] and ``k_t`` [N s/m] are the coefficients of a *fully occupied* node, whose P2G mass is
-  ``node_mass = density dx^3`` [kg] (default from the MPM model's largest density). The weight
-  makes the force vanish smoothly as a node empties (no "occupied" threshold: the set of nodes
-  with mass changes without a jump in the forces or their gradients), keeps the node's
-  acceleration ``k_n d / node_mass`` bounded for nodes that only a stencil tail reaches, and
-  makes the coupling resolution independent in the sense of a penalty per unit volume.
+* ``phi = (x_p - x_a) . n_tri`` when the closest point is inside the triangle (the plane
+  distance), else ``+-|x_p - c|``; ``n = d phi / d x`` (the face normal, or the direction from the
+  closest edge/vertex point): continuous, and C1 across the face/edge region boundaries;
+* the particle is a ball of radius ``r_p = V_p^(1/3) / 2`` (half its spacing: the body's surface
+  lies there, not at the particle centres): penetration ``d = ramp(r_p - phi)``, normal force
+  ``f_n = k_n d + k_d d ramp(-v_n)`` along ``n`` (DiffTactile's ``-(k_n + k_d max(-v_n, 0)) sdf``),
+  friction ``f_t = -min(k_t s, mu f_n) v_t / s`` with ``s = sqrt(|v_t|^2 + eps_v^2)``; ``ramp`` is
+  ``max(., 0)`` or a softplus of width ``penetration_width`` [m] / ``damping_width`` [m/s], and
+  ``friction_exponent`` makes the min smooth, exactly as
+  :class:`~diffworld.sims.fem.contact.ContactParams` documents for the rigid contact (the same
+  dataclass is used here);
+* the force on particle p is ``a_p (f_n n + f_t)`` with ``a_p = V_p^(2/3) / dx^2``, its share of
+  a ``dx x dx`` patch of surface: ``k_n`` [N/m], ``k_d`` [N s/m^2] and ``k_t`` [N s/m] are the
+  coefficients of such a patch (the contact is a pressure law, the same whatever ``ppc``).
 
-Differences from DiffTactile (shared/reference/tactile.md, "Contact (penalty)"): a BVH query
-instead of a brute-force nearest-centroid search; the true closest point with a distance that is
-continuous off the triangle (not a plane distance with an inside test); forces split with the
-closest point's barycentric weights (so the force acts where the contact is) instead of 1/3 each;
-smooth ramps and regularized friction without a switch at ``|v_t| = 1e-4``; occupancy weighting;
-and gradients through the whole horizon (no per-control-step truncation).
+Why particles and not grid nodes (DiffTactile's choice, and this module's until 2026-12): a grid
+node is fixed in space, so its penetration grows as a gel advances whether or not the body
+retreats, and the node's mass comes from particles up to 1.5 cells away. The force was then no
+function of the relative position: a pad moving at 5 cm/s launched a free block at 25 cm/s
+(measured), the force on a block at a fixed gap to the pad pulsed as the pad crossed grid
+planes, and bodies felt the gel 1.5 cells before touching it. The particle law is a potential of
+the relative positions (plus friction and damping), so an elastic collision cannot gain energy
+(tests/sims/test_fem_mpm.py).
+
+Differences from DiffTactile (shared/reference/tactile.md, "Contact (penalty)"): particles
+instead of occupied grid nodes (above); a BVH query instead of a brute-force nearest-centroid
+search; the true closest point with a distance that is continuous off the triangle (not a plane
+distance with an inside test); forces split with the closest point's barycentric weights (so the
+force acts where the contact is) instead of 1/3 each; smooth ramps and regularized friction
+without a switch at ``|v_t| = 1e-4``; and gradients through the whole horizon (no
+per-control-step truncation).
 
 Time stepping. One shared ``dt`` (the MPM model's): both solvers are explicit, the coupling
 forces are computed from the state at time n and applied over the same step, so the impulses on
@@ -53,7 +62,8 @@ the caller (:meth:`diffworld.sims.fem.Control.upsample`, collider keyframes).
 
 Gradients. The whole coupled step is differentiated: MPM's hand-written adjoints, the FEM's
 hand-written adjoints, and the coupling forces by torch autograd on a recomputation (the triangle
-ids are saved from the forward; they are a discrete choice with no gradient). Within a face
+ids are saved from the forward; they are a discrete choice with no gradient), including the
+particles' B-spline weights, so gradients reach the particles' positions and velocities. Within a face
 region the closest point and the distance are smooth; switching between coplanar triangles is
 continuous in value and gradient.
 """
@@ -82,7 +92,8 @@ from diffworld.sims.mpm.rollout import stable_dt as mpm_stable_dt
 from diffworld.sims.mpm.solver import PARTICLE_PARAMS, GridBox, Model as MpmModel, State as MpmState
 from diffworld.sims.mpm.solver import Stepper as MpmStepper
 
-__all__ = ["CONTACT_PARAMS", "CoupledRollout", "Gel", "coupled_rollout", "contact_stable_dt", "gel_surface_distance"]
+__all__ = ["CONTACT_PARAMS", "CoupledRollout", "Gel", "coupled_rollout", "contact_stable_dt", "gel_surface_distance",
+           "particle_stiffness_ratio"]
 
 init_warp()
 
@@ -112,7 +123,7 @@ class Gel:
         model: Its FEM model (explicit integrator; its kinematic nodes follow its control).
         contact: Penalty contact parameters with the MPM bodies; ``k_n``, ``k_d``, ``k_t``,
             ``mu``, ``eps_v`` are scalars (numbers or 0-d tensors, which may require gradients):
-            ``k_n`` [N/m] per fully occupied grid node (module docstring), ``k_d`` [N s/m^2],
+            ``k_n`` [N/m] per ``dx x dx`` patch of surface (module docstring), ``k_d`` [N s/m^2],
             ``k_t`` [N s/m], ``mu`` [-], ``eps_v`` [m/s].
         faces: (F, 3) int64 outward triangles that can touch MPM bodies; default the mesh's whole
             boundary (``mesh.surface_faces()``), a closed surface, so every side of the gel
@@ -159,20 +170,21 @@ class CoupledRollout(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 
 class _PairForces(NamedTuple):
-    node: torch.Tensor  # (K, 3) forces on the grid nodes [N]
+    node: torch.Tensor  # (K, 3) forces on the particles [N]
     gel: torch.Tensor  # (N, 3) forces on the gel nodes [N]
     depth: torch.Tensor  # (K,) penetration d [m]
 
 
 def _pair_forces(p, v_node, weight, x_gel, v_gel, tri, cp: Sequence[torch.Tensor], law: ContactParams,
-                 feature_normals: torch.Tensor | None = None) -> _PairForces:
-    """The law of the module docstring for nodes at ``p`` (K, 3) with velocities ``v_node`` and
-    occupancy weights ``weight`` (K,), against triangles ``tri`` (K, 3) of a gel at (x_gel, v_gel)
-    (``feature_normals`` (K, 6, 3): the pseudo-normals that sign edge and vertex distances)."""
+                 feature_normals: torch.Tensor | None = None, radius: torch.Tensor | float = 0.0) -> _PairForces:
+    """The law of the module docstring for particles at ``p`` (K, 3) with velocities ``v_node``,
+    area weights ``weight`` (K,) and radii ``radius`` (K,), against triangles ``tri`` (K, 3) of a
+    gel at (x_gel, v_gel) (``feature_normals`` (K, 6, 3): the pseudo-normals that sign edge and
+    vertex distances)."""
     k_n, k_d, k_t, mu, eps_v = cp
     phi, n, bary = closest_point_on_triangle(p, x_gel[tri[:, 0]], x_gel[tri[:, 1]], x_gel[tri[:, 2]],
                                              feature_normals)
-    d = softplus_ramp(-phi, law.penetration_width)
+    d = softplus_ramp(radius - phi, law.penetration_width)
     v_c = (bary.unsqueeze(-1) * v_gel[tri]).sum(1)
     v_rel = v_node - v_c
     v_n = (v_rel * n).sum(-1)
@@ -263,80 +275,93 @@ class _Bvh:
 
 class _Coupling:
     """The MPM :class:`~diffworld.sims.mpm.solver.GridForce` of one coupled step: contact forces
-    between the grid nodes and every gel at (x_g, v_g). The forward leaves the gels' nodal forces
-    in ``gel_forces``; before the MPM adjoint runs, ``adj_gel_forces`` must hold their adjoints,
-    and the adjoint leaves the gels' and contact parameters' adjoints in ``adj_x``, ``adj_v``,
-    ``adj_cp``."""
+    between the particles at (xp, vp) and every gel at (x_g, v_g), spread onto the grid with the
+    particles' B-spline weights. The forward leaves the gels' nodal forces in ``gel_forces``;
+    before the MPM adjoint runs, ``adj_gel_forces`` must hold their adjoints, and the adjoint
+    leaves the adjoints of the gels' states and contact parameters in ``adj_x``, ``adj_v``,
+    ``adj_cp`` and of the particles' positions and velocities in ``adj_px``, ``adj_pv``."""
 
-    def __init__(self, sim: "_CoupledSim", x: list, v: list, cps: list) -> None:
-        self.sim, self.x, self.v, self.cps = sim, x, v, cps
+    def __init__(self, sim: "_CoupledSim", x: list, v: list, cps: list, xp: torch.Tensor, vp: torch.Tensor) -> None:
+        self.sim, self.x, self.v, self.cps, self.xp, self.vp = sim, x, v, cps, xp, vp
         self.gel_forces: list[torch.Tensor] = []
         self.adj_gel_forces: list[torch.Tensor] | None = None
-        self.adj_x = self.adj_v = self.adj_cp = None
+        self.adj_x = self.adj_v = self.adj_cp = self.adj_px = self.adj_pv = None
 
-    def _nodes(self, box: GridBox, grid_mv, grid_m):
-        """Flat ids of the nodes with mass, their positions [m], velocities and weights."""
+    def _forces(self, box: GridBox, sel, xp, vp, x, v, cps, faces):
+        """The impulse on the box's grid (flat (nodes, 3)) and the gels' nodal forces, from the
+        particles ``sel`` at (xp, vp) (their rows only)."""
         sim = self.sim
-        m = grid_m.reshape(-1)
-        sel = (m > 0).nonzero()[:, 0]
-        ny, nz = box.shape[1], box.shape[2]
-        ijk = torch.stack([sel // (ny * nz), (sel // nz) % ny, sel % nz], -1).to(grid_m.dtype)
-        lower = torch.tensor(box.lower, dtype=grid_m.dtype, device=grid_m.device)
-        return sel, lower + ijk * sim.dx
-
-    def _forces(self, pos, mv, m, x, v, cps, faces):
-        sim = self.sim
-        v_node = mv / m.clamp_min(sim.min_mass).unsqueeze(-1)
-        weight = m / sim.node_mass
-        node = torch.zeros_like(mv)
+        fp = torch.zeros_like(xp)
         gel = []
         for g, (rows, tri) in enumerate(faces):
-            r = _pair_forces(pos[rows], v_node[rows], weight[rows], x[g], v[g], sim.faces[g][tri], cps[g],
-                             sim.laws[g], sim.topology[g].feature_normals(x[g], tri))
-            node = node.index_add(0, rows, r.node)
+            r = _pair_forces(xp[rows], vp[rows], sim.area[sel][rows], x[g], v[g], sim.faces[g][tri], cps[g],
+                             sim.laws[g], sim.topology[g].feature_normals(x[g], tri), sim.radius[sel][rows])
+            fp = fp.index_add(0, rows, r.node)
             gel.append(r.gel)
-        return node, gel
+        # quadratic B-spline weights of each particle's 27 stencil nodes (the P2G of the solver)
+        lower = torch.tensor(box.lower, dtype=xp.dtype, device=xp.device)
+        u = (xp - lower) / sim.dx
+        base = torch.floor(u.detach() - 0.5)
+        fx = u - base
+        w = torch.stack([0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1.0) ** 2, 0.5 * (fx - 0.5) ** 2], 1)  # (K, 3 nodes, 3 axes)
+        base = base.to(torch.int64)
+        o = torch.arange(3, device=xp.device)
+        ii = (base[:, 0, None] + o)[:, :, None, None]
+        jj = (base[:, 1, None] + o)[:, None, :, None]
+        kk = (base[:, 2, None] + o)[:, None, None, :]
+        ny, nz = box.shape[1], box.shape[2]
+        flat = ((ii * ny + jj) * nz + kk).reshape(-1)
+        ww = (w[:, :, 0, None, None] * w[:, None, :, 1, None] * w[:, None, None, :, 2]).reshape(xp.shape[0], 27)
+        n_nodes = box.shape[0] * ny * nz
+        impulse = torch.zeros((n_nodes, 3), dtype=xp.dtype, device=xp.device).index_add(
+            0, flat, (ww[..., None] * fp[:, None, :] * sim.dt).reshape(-1, 3))
+        return impulse, gel
 
     def forward(self, box: GridBox, grid_mv: torch.Tensor, grid_m: torch.Tensor, keep: bool):
         sim = self.sim
-        sel, pos = self._nodes(box, grid_mv, grid_m)
-        faces = []
+        xp = self.xp.detach()
+        faces, near = [], []
         for g, bvh in enumerate(sim.bvh):
-            f = bvh.faces_of(self.x[g], pos, sim.query_distance)
-            rows = (f >= 0).nonzero()[:, 0]
-            faces.append((rows, f[rows]))
-        mv, m = grid_mv.reshape(-1, 3)[sel], grid_m.reshape(-1)[sel]
+            f = bvh.faces_of(self.x[g], xp, sim.query_distance)
+            near.append(f >= 0)
+            faces.append(f)
+        sel = torch.stack(near).any(0).nonzero()[:, 0]
+        faces = [((f[sel] >= 0).nonzero()[:, 0], f[sel][f[sel] >= 0]) for f in faces]
         with torch.no_grad():
-            node, self.gel_forces = self._forces(pos, mv, m, self.x, self.v, self.cps, faces)
-        impulse = torch.zeros_like(grid_mv).reshape(-1, 3)
-        impulse[sel] = node * sim.dt
-        saved = (box, sel, pos, mv.clone(), m.clone(), faces) if keep else None
+            if sel.numel():
+                impulse, self.gel_forces = self._forces(box, sel, xp[sel], self.vp.detach()[sel], self.x, self.v,
+                                                        self.cps, faces)
+            else:
+                impulse = torch.zeros((grid_m.numel(), 3), dtype=grid_mv.dtype, device=grid_mv.device)
+                self.gel_forces = [torch.zeros_like(t) for t in self.x]
+        saved = (box, sel, faces) if keep else None
         return impulse.reshape(grid_mv.shape), saved
 
     def adjoint(self, saved, adj_impulse: torch.Tensor):
-        sim = self.sim
-        box, sel, pos, mv, m, faces = saved
-        g_node = adj_impulse.reshape(-1, 3)[sel] * sim.dt
+        box, sel, faces = saved
+        self.adj_px, self.adj_pv = torch.zeros_like(self.xp), torch.zeros_like(self.vp)
         with torch.enable_grad():
-            mv_, m_ = mv.detach().requires_grad_(), m.detach().requires_grad_()
+            xp_ = self.xp.detach()[sel].requires_grad_()
+            vp_ = self.vp.detach()[sel].requires_grad_()
             x_ = [t.detach().requires_grad_() for t in self.x]
             v_ = [t.detach().requires_grad_() for t in self.v]
             cp_ = [[t.detach().requires_grad_() for t in c] for c in self.cps]
-            node, gel = self._forces(pos, mv_, m_, x_, v_, cp_, faces)
             flat_cp = [t for c in cp_ for t in c]
-            grads = torch.autograd.grad([node, *gel], [mv_, m_, *x_, *v_, *flat_cp],
-                                        [g_node, *self.adj_gel_forces], allow_unused=True)
+            if sel.numel():
+                impulse, gel = self._forces(box, sel, xp_, vp_, x_, v_, cp_, faces)
+                grads = torch.autograd.grad([impulse, *gel], [xp_, vp_, *x_, *v_, *flat_cp],
+                                            [adj_impulse.reshape(-1, 3), *self.adj_gel_forces], allow_unused=True)
+            else:
+                grads = [None] * (2 + len(x_) + len(v_) + len(flat_cp))
         n_g = len(x_)
         z = lambda g, t: torch.zeros_like(t) if g is None else g  # noqa: E731
+        self.adj_px[sel] = z(grads[0], xp_)
+        self.adj_pv[sel] = z(grads[1], vp_)
         self.adj_x = [z(g, t) for g, t in zip(grads[2:2 + n_g], x_)]
         self.adj_v = [z(g, t) for g, t in zip(grads[2 + n_g:2 + 2 * n_g], v_)]
         gcp = [z(g, t) for g, t in zip(grads[2 + 2 * n_g:], flat_cp)]
         self.adj_cp = [gcp[5 * g:5 * g + 5] for g in range(n_g)]
-        a_mv = torch.zeros_like(adj_impulse).reshape(-1, 3)
-        a_mv[sel] = z(grads[0], mv_)
-        a_m = torch.zeros(adj_impulse.shape[:-1], dtype=adj_impulse.dtype, device=adj_impulse.device).reshape(-1)
-        a_m[sel] = z(grads[1], m_)
-        return a_mv.reshape(adj_impulse.shape), a_m.reshape(adj_impulse.shape[:-1])
+        return None, None
 
 
 class _CoupledSim:
@@ -350,7 +375,7 @@ class _CoupledSim:
     """
 
     def __init__(self, gels: Sequence[Gel], mpm_stepper: MpmStepper, fem_steppers: list[FemStepper],
-                 faces: list[torch.Tensor], node_mass: float, query_distance: float) -> None:
+                 faces: list[torch.Tensor], query_distance: float) -> None:
         self.gels = list(gels)
         self.mpm = mpm_stepper
         self.fem = fem_steppers
@@ -361,7 +386,9 @@ class _CoupledSim:
         model = mpm_stepper.model
         self.dt = float(model.dt)
         self.dx = float(model.grid.dx)
-        self.node_mass = float(node_mass)
+        volume = model.params["volume"].detach()
+        self.area = volume ** (2.0 / 3.0) / self.dx ** 2  # each particle's share of a dx^2 patch
+        self.radius = 0.5 * volume ** (1.0 / 3.0)  # [m] half the particle spacing
         self.query_distance = float(query_distance)
         self.min_mass = float(mpm_stepper.min_mass)
         self.widths = [g.model.control_width for g in gels]
@@ -389,7 +416,7 @@ class _CoupledSim:
         xs = [state[3 * g] for g in range(ng)]
         vs = [state[3 * g + 1] for g in range(ng)]
         x, v, C, Fm, tau = state[3 * ng:]
-        hook = _Coupling(self, xs, vs, cps)
+        hook = _Coupling(self, xs, vs, cps, x, v)
         out, tau1, msaved = self.mpm.substep(MpmState(x, v, C, Fm), mp, mctrl, keep=keep, step=index, tau=tau,
                                              grid_force=hook)
         new, fsaved = [], []
@@ -426,12 +453,14 @@ class _CoupledSim:
                           for t, a in zip((msaved.x, msaved.v, msaved.C, msaved.F), adj_out[3 * ng:3 * ng + 4])))
         adj_mp = adj_params[10 * ng:]
         madj, adj_tau = self.mpm.substep_adjoint(msaved, mp, madj, adj_mp, adj_mctrl, adj_out[3 * ng + 4])
+        if hook.adj_px is not None:  # the contact forces' dependence on the particles at time n
+            madj = madj._replace(x=madj.x + hook.adj_px, v=madj.v + hook.adj_pv)
         if stress_computed:
             self.mpm.stress_adjoint(msaved.F, mp, adj_tau, madj.F, adj_mp)
             adj_tau = None
         out = []
         for g in range(ng):
-            if hook.adj_x is not None:  # None when the MPM substep had no grid node (no hook adjoint)
+            if hook.adj_x is not None:  # None when the hook's adjoint did not run
                 adj_gx[g] += hook.adj_x[g]
                 adj_gv[g] += hook.adj_v[g]
                 for a, b in zip(adj_params[10 * g + 5:10 * g + 10], hook.adj_cp[g]):
@@ -501,19 +530,29 @@ def _gel_params(where: str, model: fem_model.Model, over: dict | None) -> dict[s
     return p
 
 
-def contact_stable_dt(gel: Gel, node_mass: float, dx: float, k_n: float | None = None) -> float:
+def particle_stiffness_ratio(mpm_model: MpmModel) -> float:
+    """The largest ``a_p / m_p`` [1/kg] over the MPM particles (``a_p = V_p^(2/3) / dx^2``, the
+    share of a ``dx x dx`` patch of the contact law): ``k a_p / m_p`` is a particle's ``omega^2``
+    under a penalty ``k`` [N/m] per patch."""
+    p = mpm_model.params
+    vol = p["volume"].detach().to(torch.float64)
+    mass = vol * p["density"].detach().to(torch.float64)
+    return float((vol ** (2.0 / 3.0) / mpm_model.grid.dx ** 2 / mass).max())
+
+
+def contact_stable_dt(gel: Gel, mpm_model: MpmModel, k_n: float | None = None) -> float:
     """The explicit limit of the penalty springs, ``CONTACT_CFL * 2 / omega`` [s].
 
-    ``omega^2`` is the larger of ``k_n / node_mass`` (a fully occupied grid node on the gel) and
-    ``max_i k_n (A_i / dx^2) / m_i`` over the gel's contact nodes (a gel node of lumped area A_i
-    and mass m_i faces about ``A_i / dx^2`` penetrating grid nodes).
+    ``omega^2`` is the larger of ``max_p k_n a_p / m_p`` over the MPM particles
+    (:func:`particle_stiffness_ratio`) and ``max_i k_n (A_i / dx^2) / m_i`` over the gel's contact
+    nodes (a gel node of lumped area A_i and mass m_i faces about ``A_i / dx^2`` patches).
 
     Args:
         gel: The gel.
-        node_mass: Mass of a fully occupied grid node [kg].
-        dx: Grid spacing [m].
-        k_n: Normal stiffness [N/m] (default the gel's).
+        mpm_model: The MPM model (particles, grid spacing).
+        k_n: Normal stiffness [N/m] per ``dx x dx`` patch (default the gel's).
     """
+    dx = float(mpm_model.grid.dx)
     model = gel.model
     k = float(torch.as_tensor(gel.contact.k_n if k_n is None else k_n).detach())
     if k <= 0:
@@ -529,7 +568,7 @@ def contact_stable_dt(gel: Gel, node_mass: float, dx: float, k_n: float | None =
         free = torch.ones(model.n_nodes, dtype=torch.bool, device=x.device)
         free[model.kinematic] = False
         ratio = torch.where(free & (m > 0), a_node / m.clamp_min(1e-300), torch.zeros_like(m))
-        w2 = max(k / node_mass, k * float(ratio.max()) / dx ** 2)
+        w2 = max(k * particle_stiffness_ratio(mpm_model), k * float(ratio.max()) / dx ** 2)
     return CONTACT_CFL * 2.0 / math.sqrt(w2)
 
 
@@ -553,7 +592,7 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
                     mpm_state: MpmState, n_steps: int, *, gel_controls: Sequence[fem_model.Control | None] | None = None,
                     mpm_control: torch.Tensor | None = None, gel_params: Sequence[dict | None] | None = None,
                     mpm_params: dict[str, torch.Tensor] | None = None, window: int = 16,
-                    record_every: int | None = None, check: bool = True, node_mass: float | None = None,
+                    record_every: int | None = None, check: bool = True,
                     query_distance: float | None = None, mpm_stepper: MpmStepper | None = None) -> CoupledRollout:
     """Simulate FEM gels and MPM bodies in contact, differentiably, in checkpoint windows.
 
@@ -577,8 +616,6 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
         record_every: Record every this many steps (default: only the final state).
         check: Stop with a SimulationError on NaN/Inf (naming the step and the quantity),
             particles leaving the domain, or an MPM CFL breach, at every record.
-        node_mass: Mass of a fully occupied grid node [kg] (default: the MPM model's largest
-            density times dx^3).
         query_distance: Grid nodes farther than this from a gel's surface [m] feel no force from
             it (default ``2 dx + 40 max(penetration_width)``: beyond it a softplus ramp's force
             is below ``exp(-40)`` of its scale); it must also exceed any penetration.
@@ -622,11 +659,6 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
         raise ValueError("coupled_rollout: 'gel_states' is required (one fem.State per gel)")
     dt = float(mpm_model.dt)
     dx = float(mpm_model.grid.dx)
-    if node_mass is None:
-        node_mass = float(mpm_model.params["density"].detach().max()) * dx ** 3
-    if isinstance(node_mass, bool) or not isinstance(node_mass, (int, float)) or not node_mass > 0 \
-            or not math.isfinite(node_mass):
-        raise ValueError(f"coupled_rollout: expected node_mass a finite number > 0 [kg], got {node_mass!r}")
     if query_distance is None:
         query_distance = 2 * dx + 40 * max(float(g.contact.penetration_width) for g in gels)
     if isinstance(query_distance, bool) or not isinstance(query_distance, (int, float)) or not query_distance > 0 \
@@ -662,10 +694,10 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
             raise ValueError(f"{where} ('{gel.name}'): {err} (the shared dt is mpm_model.dt)") from None
         cps = [_scalar_param(f"{where}.contact.{name}", getattr(gel.contact, name), dtype, device,
                              positive=name == "eps_v") for name in CONTACT_PARAMS]
-        lim = contact_stable_dt(gel, node_mass, dx, k_n=float(cps[0].detach()))
+        lim = contact_stable_dt(gel, mpm_model, k_n=float(cps[0].detach()))
         if dt > lim:
             raise ValueError(f"{where} ('{gel.name}'): dt {dt:.3g} s is above the penalty contact's stable step "
-                             f"{lim:.3g} s (k_n {float(cps[0].detach()):.3g} N/m, node_mass {node_mass:.3g} kg); "
+                             f"{lim:.3g} s (k_n {float(cps[0].detach()):.3g} N/m); "
                              f"lower k_n or dt")
         ctrl = gel_controls[g] if gel_controls else None
         if ctrl is not None and not isinstance(ctrl, fem_model.Control):
@@ -713,7 +745,7 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
     plist += [merged[name].to(dtype).contiguous() for name in PARTICLE_PARAMS] + stepper.law_parameters()
     states += [t.to(dtype) for t in mpm_state] + [None]
     control = (torch.cat(rows_all, 1) if rows_all else torch.zeros((n_steps, 0), dtype=dtype, device=device))
-    sim = _CoupledSim(gels, stepper, steppers, faces, node_mass, query_distance)
+    sim = _CoupledSim(gels, stepper, steppers, faces, query_distance)
     pen_rows: list[list[float]] = []
 
     def check_recorded(st, k: int) -> None:
@@ -741,7 +773,7 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
 
 
 def _penetration(sim: _CoupledSim, st) -> list[float]:
-    """Deepest penetration [m] of an MPM particle into each gel (0 if none)."""
+    """Deepest penetration [m] of an MPM particle's ball (radius ``r_p``) into each gel (0 if none)."""
     ng = sim.n_gels
     out = []
     with torch.no_grad():
@@ -756,5 +788,5 @@ def _penetration(sim: _CoupledSim, st) -> list[float]:
             tri = sim.faces[g][f[rows]]
             phi, _, _ = closest_point_on_triangle(xp[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]],
                                                   sim.topology[g].feature_normals(xg, f[rows]))
-            out.append(float(torch.clamp_min(-phi, 0.0).max()))
+            out.append(float(torch.clamp_min(sim.radius[rows] - phi, 0.0).max()))
     return out

@@ -59,10 +59,10 @@ class CoupledTactileScene:
 
     def __init__(self, task: TactileTask, dtype: torch.dtype, device: torch.device) -> None:
         from diffworld.sims import mpm
-        from diffworld.sims.coupling.fem_mpm import Gel, contact_stable_dt
+        from diffworld.sims.coupling.fem_mpm import Gel, contact_stable_dt, particle_stiffness_ratio
 
         self._init_sensors(task, dtype, device)
-        # MPM bodies; a grid node's contact coefficient is the per-area one times dx^2
+        # MPM bodies; the coupling's coefficients are per dx x dx patch: the per-area ones times dx^2
         sec = task.mpm
         self.grid = mpm.GridSpec.make(sec.domain.lower, sec.domain.upper, sec.domain.resolution)
         bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
@@ -79,19 +79,24 @@ class CoupledTactileScene:
                                          penetration_width=c.penetration_width)
         self.gels = [Gel(model, self.contact, name=n)
                      for model, g, n in zip(self.models, self.geometries, self.names)]
-        # a fully occupied grid node's mass (the coupling's default)
-        self.node_mass = float(probe.params["density"].detach().max()) * self.grid.dx ** 3
+        self.particle_radius = 0.5 * probe.params["volume"].detach() ** (1.0 / 3.0)  # [m] (the coupling's r_p)
         limits = {"the MPM's limit": 0.5 * mpm.stable_dt(probe, cfl=1.0)}
         for model, gel, g, n in zip(self.models, self.gels, self.geometries, self.names):
             limits[f"the gel's elastic limit ({n})"] = fem.stable_dt(model).dt
             limits[f"the contact stiffness limit (mpm.contact.k_n = {c.k_n:g} N/m^3)"] = min(
                 limits.get(f"the contact stiffness limit (mpm.contact.k_n = {c.k_n:g} N/m^3)", math.inf),
-                contact_stable_dt(gel, self.node_mass, self.grid.dx))
+                contact_stable_dt(gel, probe))
             if c.k_t > 0:
-                mass = model.masses(model.density).detach().to(torch.float64)[g.contact_nodes]
-                area = contact_areas(g.mesh.vertices.to(torch.float64), g.contact_faces, g.contact_nodes)
-                gel_side = float((mass / (c.k_t * area)).min())
-                grid_side = self.node_mass / (c.k_t * dx2)
+                # every free node of the gel's closed surface may touch (the coupling uses it all)
+                faces = model.mesh.surface_faces()
+                free = torch.ones(model.n_nodes, dtype=torch.bool)
+                free[model.kinematic.cpu()] = False
+                nodes = torch.unique(faces.cpu())
+                nodes = nodes[free[nodes]]
+                mass = model.masses(model.density).detach().to(torch.float64).cpu()[nodes]
+                area = contact_areas(g.mesh.vertices.to(torch.float64), faces.cpu(), nodes)
+                gel_side = float((mass / (c.k_t * area).clamp_min(1e-300)).min())
+                grid_side = 1.0 / (c.k_t * dx2 * particle_stiffness_ratio(probe))  # the lightest particle
                 key = f"the friction limit (mpm.contact.k_t = {c.k_t:g} N s/m^3)"
                 limits[key] = min(limits.get(key, math.inf), _CONTACT_CFL * 2.0 * min(gel_side, grid_side))
         which, limit = min(limits.items(), key=lambda kv: kv[1])
@@ -161,14 +166,16 @@ class CoupledTactileScene:
         return [(p.left_position, p.left_quaternion), (p.right_position, p.right_quaternion)]
 
     def _check_start(self) -> None:
-        """MPM particles must not start inside a gel: say by how much they do."""
+        """MPM bodies must not start inside a gel: say by how much they do (a particle is a ball of
+        half its spacing, the body's surface, as the coupling sees it)."""
         from diffworld.sims.coupling.fem_mpm import gel_surface_distance
 
         x = self.mpm_state.x.detach()
+        r = self.particle_radius.to(x)
         for gel, model, n in zip(self.gels, self.models, self.names):
             with torch.no_grad():
                 d = gel_surface_distance(gel, model.rest_state().x, x, 2 * self.grid.dx)
-            depth = float((-d).max()) if d.numel() else 0.0
+            depth = float((r - d).max()) if d.numel() else 0.0
             if depth > 1e-9:
                 raise ValueError(f"task.mpm: MPM particles start {depth * 1e3:.3g} mm inside the gel of {n!r}; move the "
                                  f"sensor (task.motion) or the bodies so that they at most touch at the start")
@@ -240,7 +247,7 @@ class CoupledTactileScene:
             self.mpm_stepper = mpm.Stepper(self.mpm_model)
         return coupled_rollout(self.gels, self.mpm_model, [m.rest_state() for m in self.models], self.mpm_state, n,
                                gel_controls=controls, gel_params=params, window=self.task.window,
-                               record_every=self.substeps, node_mass=self.node_mass, mpm_stepper=self.mpm_stepper)
+                               record_every=self.substeps, mpm_stepper=self.mpm_stepper)
 
     def sensor_readings(self, force: torch.Tensor, penetration: torch.Tensor, steps: list[int],
                         velocities: torch.Tensor | None = None) -> Readings:
