@@ -28,6 +28,7 @@ __all__ = [
     "GelMaterialConfig",
     "ObjectConfig",
     "PadConfig",
+    "RotationLossConfig",
     "SensorMotionConfig",
     "SmoothnessLossConfig",
     "SysIdConfig",
@@ -330,6 +331,34 @@ class DeformationLossConfig(StrictModel):
     weight: float = Field(1.0, ge=0)
 
 
+class RotationLossConfig(StrictModel):
+    """Turn an MPM body about an axis (DiffTactile's box opening and block repose): its angle
+    about ``axis`` (through its centre of mass) from the start, at every control step from
+    ``start`` on, vs ``target``: mean of ((angle - target) / scale)^2.
+
+    The angle is the best-fit (Procrustes) rotation of the body's particles, projected on the
+    plane normal to ``axis``: ``atan2(A_wu - A_uw, A_uu + A_ww)`` with ``A = sum_p m_p (x_p - c)
+    (X_p - C)^T`` in an orthonormal basis (u, w) of that plane (right-handed about ``axis``). It
+    needs no SVD, so it is smooth for symmetric bodies (a cube) too, and it serves deformable
+    bodies (a lid that bends) as their mean turn. Range (-pi, pi].
+    """
+
+    type: Literal["rotation"] = "rotation"
+    body: str
+    axis: Vec3 = Field(..., description="Rotation axis (world frame; normalized), right-handed.")
+    target: float = Field(..., ge=-3.14159, le=3.14159, description="Target angle [rad].")
+    scale: float = Field(0.1, gt=0, description="Angle scale [rad].")
+    start: int = Field(0, ge=0, description="First control step scored.")
+    weight: float = Field(1.0, ge=0)
+
+    @field_validator("axis")
+    @classmethod
+    def _nonzero(cls, v):
+        if sum(c * c for c in v) < 1e-24:
+            raise ValueError(f"expected a non-zero direction, got {list(v)}")
+        return v
+
+
 class StraightnessLossConfig(StrictModel):
     """Straighten a cable: ``((1 - |x_last - x_first| / length) / scale)^2`` at the final control
     step (0 when straight)."""
@@ -340,7 +369,7 @@ class StraightnessLossConfig(StrictModel):
 
 
 LossTermConfig = Annotated[Union[ForceLossConfig, SmoothnessLossConfig, SlipLossConfig, ComLossConfig,
-                                 DeformationLossConfig, StraightnessLossConfig],
+                                 DeformationLossConfig, RotationLossConfig, StraightnessLossConfig],
                            Field(discriminator="type")]
 
 
@@ -433,7 +462,7 @@ class TactileTask(StrictModel):
             if self.objective.type != "trajectory":
                 raise ValueError("a 'cable': only objective type 'trajectory' for now")
             for i, t in enumerate(self.objective.losses):
-                if t.type in ("force", "slip", "com", "deformation"):
+                if t.type in ("force", "slip", "com", "deformation", "rotation"):
                     raise ValueError(f"objective.losses[{i}]: {t.type!r} is not available with a cable (its forces are "
                                      f"reported, not differentiated); use straightness and smoothness")
         elif any(t.type == "straightness" for t in getattr(self.objective, "losses", [])):
@@ -451,7 +480,7 @@ class TactileTask(StrictModel):
         if self.objective.type == "trajectory":
             names = {b.name for b in self.mpm.bodies} if self.mpm is not None else set()
             for i, t in enumerate(self.objective.losses):
-                if t.type in ("com", "deformation") and t.body not in names:
+                if t.type in ("com", "deformation", "rotation") and t.body not in names:
                     raise ValueError(f"objective.losses[{i}].body: unknown MPM body {t.body!r}; expected one of "
                                      f"{sorted(names)}")
             if "grip" in self.objective.dofs and self.sensor.type != "gripper":

@@ -12,8 +12,9 @@ import torch
 from diffworld.engine.problem import BaseProblem
 from diffworld.sims.tactile import Markers
 from diffworld.tasks.tactile.build import Readings, TactileScene
-from diffworld.tasks.tactile.config import (ComLossConfig, DeformationLossConfig, ForceLossConfig, SlipLossConfig,
-                                            SmoothnessLossConfig, StraightnessLossConfig, SysIdConfig, TrajectoryConfig)
+from diffworld.tasks.tactile.config import (ComLossConfig, DeformationLossConfig, ForceLossConfig, RotationLossConfig,
+                                            SlipLossConfig, SmoothnessLossConfig, StraightnessLossConfig, SysIdConfig,
+                                            TrajectoryConfig)
 
 __all__ = ["PROBLEMS", "SystemIdentificationProblem", "TrajectoryProblem", "sysid_task"]
 
@@ -22,7 +23,8 @@ def _term_names(terms) -> list[str]:
     """Log names of the loss terms: ``force_normal``, ``smoothness``, ... (numbered when repeated)."""
     base = [f"force_{t.component}" if isinstance(t, ForceLossConfig) else
             f"com_{t.body}" if isinstance(t, ComLossConfig) else
-            f"deformation_{t.body}" if isinstance(t, DeformationLossConfig) else t.type for t in terms]
+            f"deformation_{t.body}" if isinstance(t, DeformationLossConfig) else
+            f"rotation_{t.body}" if isinstance(t, RotationLossConfig) else t.type for t in terms]
     return [b if base.count(b) == 1 else f"{b}_{base[:i + 1].count(b)}" for i, b in enumerate(base)]
 
 
@@ -73,6 +75,9 @@ class TrajectoryProblem(BaseProblem):
                 x0, x1 = self.scene.body_positions(out, t.body, 0), self.scene.body_positions(out, t.body, -1)
                 d = ((x1 - x1.mean(0)) - (x0 - x0.mean(0))) / t.scale
                 term = (d * d).sum(1).mean()
+            elif isinstance(t, RotationLossConfig):
+                angle = self.scene.body_angle(out, t.body, t.axis)[1 + t.start:]
+                term = (((angle - t.target) / t.scale) ** 2).mean() if angle.numel() else total.new_zeros(())
             elif isinstance(t, StraightnessLossConfig):
                 x = self.scene.rope_positions(out, -1)
                 term = ((1 - (x[-1] - x[0]).norm() / self.scene.task.cable.length) / t.scale) ** 2
