@@ -54,12 +54,12 @@ def test_csg_shapes_fill_their_analytic_volume():
 def test_collider_contact_weight_key_is_validated_and_reaches_the_collider():
     from pydantic import ValidationError
 
-    from diffworld.tasks.mpm.build import _collider
+    from diffworld.tasks.mpm.build import build_collider
     from diffworld.tasks.mpm.config import ColliderConfig
 
-    assert _collider(ColliderConfig(shape="box"), torch.float32).contact_weight == "clamped_exp"  # default
+    assert build_collider(ColliderConfig(shape="box"), torch.float32).contact_weight == "clamped_exp"  # default
     cfg = ColliderConfig(shape="box", softness=100, contact_weight="smooth")
-    assert _collider(cfg, torch.float32).contact_weight == "smooth"
+    assert build_collider(cfg, torch.float32).contact_weight == "smooth"
     with pytest.raises(ValidationError, match="needs softness > 0"):
         ColliderConfig(shape="box", contact_weight="smooth")
     with pytest.raises(ValidationError, match="contact_weight"):

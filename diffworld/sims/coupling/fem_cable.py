@@ -405,11 +405,32 @@ def _contact_params(cp: ContactParams, dtype, device) -> list[torch.Tensor]:
     return out
 
 
+def _check_start_outside(gel: CableGel, x_gel: torch.Tensor, x_rope: torch.Tensor, radius: float) -> None:
+    """Refuse a rope that starts inside a gel (its particles are spheres of ``radius``): the
+    penalty would fire at once with k_n times the depth. A touch is fine."""
+    with torch.no_grad():
+        xg, xr = x_gel.detach().to(x_rope), x_rope.detach()
+        ids = closest_faces(xg, gel.faces, xr, 2 * radius)
+        rows = (ids >= 0).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return
+        tri = gel.faces[ids[rows]]
+        fn = SurfaceTopology(gel.faces).feature_normals(xg, ids[rows])
+        phi, _, _ = closest_point_on_triangle(xr[rows], xg[tri[:, 0]], xg[tri[:, 1]], xg[tri[:, 2]], fn)
+        depth = radius - phi
+        k = int(torch.argmax(depth))
+    if float(depth[k]) > 1e-9:
+        raise ValueError(f"fem_cable_rollout: rope particle {int(rows[k])} starts {float(depth[k]) * 1e3:.3g} mm inside "
+                         f"gel {gel.name!r} (its sphere of radius {radius * 1e3:.3g} mm, centre "
+                         f"{float(phi[k]) * 1e3:.3g} mm from the gel surface); place the rope so that it at most "
+                         f"touches the gel at the start")
+
+
 def fem_cable_rollout(gels: Sequence[CableGel], rope: RopeModel, state: CoupledState, dt: float,
                       n_steps: int, coupling: CableCoupling | None = None, rope_control: RopeControl | None = None,
                       *, rope_params_override: dict | None = None, window: int = 32,
                       record_every: int | None = None, check: bool = True,
-                      keep_last_window: bool = True) -> FemCableRollout:
+                      keep_last_window: bool = True, check_start: bool = False) -> FemCableRollout:
     """Simulate gels and a rope in contact, differentiably, in checkpoint windows.
 
     Args:
@@ -425,6 +446,8 @@ def fem_cable_rollout(gels: Sequence[CableGel], rope: RopeModel, state: CoupledS
         window: Steps per checkpoint window (the numbers do not depend on it).
         record_every: Record every this many steps (default: only the final state).
         check: Stop with ``SimulationError`` on NaN/Inf in a recorded state.
+        check_start: Refuse (ValueError, by how much) a rope that starts inside a gel. Off by
+            default: a rollout continued from a state in contact starts inside on purpose.
         keep_last_window: Keep the last window's intermediates from the forward.
 
     Returns:
@@ -486,6 +509,9 @@ def fem_cable_rollout(gels: Sequence[CableGel], rope: RopeModel, state: CoupledS
                          f"{float(cps[0]):g} N/m (need dt < {limit:.3g} s, or a smaller k_n)")
     rows.append((rope_control or RopeControl()).rows(rope, n_steps))
     control = torch.cat(rows, 1).contiguous()
+    if check_start and n_steps > 0:
+        for g, gel in enumerate(gels):
+            _check_start_outside(gel, state.gels[g][0], rs[0], float(rope.radius))
     sim = FemCableSimulator(steppers, [g.faces for g in gels], rope_stepper, coupling, widths, len(rp))
 
     def check_recorded(st, k: int) -> None:

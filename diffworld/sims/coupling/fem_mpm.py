@@ -588,12 +588,29 @@ def gel_surface_distance(gel: Gel, x_gel: torch.Tensor, points: torch.Tensor, ma
     return out
 
 
+def _check_start_outside(where: str, gel: Gel, x_gel: torch.Tensor, mpm_model: MpmModel, mpm_state: MpmState) -> None:
+    """Refuse MPM particles that start inside a gel (each a ball of radius r_p, as the coupling
+    sees it): the penalty would fire at once with k_n times the depth. A touch is fine."""
+    with torch.no_grad():
+        x = mpm_state.x.detach()
+        r = 0.5 * mpm_model.params["volume"].detach().to(x) ** (1.0 / 3.0)
+        d = gel_surface_distance(gel, x_gel.detach().to(x), x, 2 * float(mpm_model.grid.dx))
+        depth = r - d
+        k = int(torch.argmax(depth)) if depth.numel() else 0
+        worst = float(depth[k]) if depth.numel() else 0.0
+    if worst > 1e-9:
+        raise ValueError(f"{where} ('{gel.name}'): MPM particle {k} starts {worst * 1e3:.3g} mm inside the gel (its "
+                         f"ball of radius {float(r[k]) * 1e3:.3g} mm, centre {float(d[k]) * 1e3:.3g} mm from the gel "
+                         f"surface); place the bodies so that they at most touch the gel at the start")
+
+
 def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequence[fem_model.State],
                     mpm_state: MpmState, n_steps: int, *, gel_controls: Sequence[fem_model.Control | None] | None = None,
                     mpm_control: torch.Tensor | None = None, gel_params: Sequence[dict | None] | None = None,
                     mpm_params: dict[str, torch.Tensor] | None = None, window: int = 16,
                     record_every: int | None = None, check: bool = True,
-                    query_distance: float | None = None, mpm_stepper: MpmStepper | None = None) -> CoupledRollout:
+                    query_distance: float | None = None, mpm_stepper: MpmStepper | None = None,
+                    check_start: bool = False) -> CoupledRollout:
     """Simulate FEM gels and MPM bodies in contact, differentiably, in checkpoint windows.
 
     Every step is one MPM substep and one explicit FEM step of ``dt = mpm_model.dt`` with the
@@ -620,6 +637,9 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
             it (default ``2 dx + 40 max(penetration_width)``: beyond it a softplus ramp's force
             is below ``exp(-40)`` of its scale); it must also exceed any penetration.
         mpm_stepper: A :class:`~diffworld.sims.mpm.solver.Stepper` of ``mpm_model`` to reuse.
+        check_start: Refuse (ValueError, by how much) MPM particles that start inside a gel. Off
+            by default: a rollout continued from a state in contact starts inside on purpose; a
+            simulation from rest (the tactile task) turns it on.
 
     Returns:
         :class:`CoupledRollout`.
@@ -713,6 +733,8 @@ def coupled_rollout(gels: Sequence[Gel], mpm_model: MpmModel, gel_states: Sequen
         states += [st[0].to(dtype), st[1].to(dtype), None]
         steppers.append(FemStepper(model, dt))
         faces.append(_faces(where, gel))
+        if check_start and n_steps > 0:
+            _check_start_outside(where, gel, st[0], mpm_model, mpm_state)
 
     n_col = len(mpm_model.colliders)
     if n_col:

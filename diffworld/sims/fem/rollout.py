@@ -218,6 +218,26 @@ def _precision(x: torch.Tensor) -> str:
     return "float64" if x.dtype == torch.float64 else "float32"
 
 
+def _check_start_outside(contact: Contact, obj: RigidObject, x: torch.Tensor) -> None:
+    """Refuse an object that starts inside the gel: its penalty would fire at once with a force of
+    k_n times the depth (a launch, not a touch). A touch (depth 0) is fine."""
+    from diffworld.sims.fem.contact import _signed_distance
+
+    if contact.nodes.numel() == 0:
+        return
+    with torch.no_grad():
+        xc = x.detach()[contact.nodes]
+        pos, rot = obj.position.to(xc), obj.rotation_matrix().to(xc)
+        phi, _ = _signed_distance(obj, xc, pos, rot)
+        k = int(torch.argmin(phi))
+        depth = -float(phi[k])
+        extent = float((xc.max(0).values - xc.min(0).values).max())
+    if depth > 1e-6 * max(extent, 1e-3):
+        raise ValueError(f"rollout: the contact object starts {depth * 1e3:.3g} mm inside the gel (contact node "
+                         f"{int(contact.nodes[k])}, signed distance {-depth:.3g} m); place it so that it at most "
+                         f"touches the gel at step 0")
+
+
 def _contact_inputs(contact: Contact, model: Model, n_steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The object's per-step columns (S, 18) and the contact parameter tensors, checked."""
     if not isinstance(contact, Contact):
@@ -384,7 +404,8 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
             window: int = 32, record_every: int | None = None, params: dict[str, torch.Tensor] | None = None,
             check: bool = True, stability_check: bool = True, stepper: Stepper | None = None,
             keep_last_window: bool = True, integrator: str = "explicit",
-            implicit_options: dict | None = None, contact: Contact | None = None) -> Rollout:
+            implicit_options: dict | None = None, contact: Contact | None = None,
+            check_start: bool = False) -> Rollout:
     """Simulate FEM steps (explicit symplectic Euler or implicit backward Euler), differentiably.
 
     Args:
@@ -403,6 +424,9 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
             require gradients: ``E``, ``nu``, ``density`` (T,) or scalars, ``damping`` (),
             ``gravity`` (3,).
         check: Stop with :class:`SimulationError` on NaN/Inf in a recorded state.
+        check_start: Refuse (ValueError, by how much) a contact object that starts inside the
+            gel. Off by default: a rollout continued from a state in contact starts inside on
+            purpose.
         stability_check: Refuse ``dt`` above the stability limit (turn off only to study
             instability).
         stepper: A :class:`~diffworld.sims.fem.solver.Stepper` of this model and ``dt`` to reuse.
@@ -466,6 +490,8 @@ def rollout(model: Model, state: State, dt: float, n_steps: int | None = None, c
         if stability_check and not implicit:
             check_contact_dt(mass, contact.nodes, cps[0], cps[2], dt)
         contact_step = ContactStep(contact, rows.shape[1])
+        if check_start and n_steps > 0:
+            _check_start_outside(contact, contact_step._object(torch.cat([rows[0], cols[0]])), state.x)
         if implicit:  # its damping and friction lag the previous step's object (row 0 for the first)
             cols = torch.cat([cols, torch.cat([cols[:1], cols[:-1]], 0)], 1)
         rows = torch.cat([rows, cols], 1).contiguous()

@@ -11,7 +11,9 @@ from diffworld.tasks.mpm.config import ColliderConfig, MPMTask
 __all__ = ["MPMScene"]
 
 
-def _collider(cfg: ColliderConfig, dtype):
+def build_collider(cfg: ColliderConfig, dtype: torch.dtype):
+    """The simulator's :class:`~diffworld.sims.common.colliders.Collider` of a scene's collider (a mesh
+    file becomes a winding-number SDF grid of ``cfg.sdf_resolution``^3 cells)."""
     from diffworld.sims.common.colliders import Collider
 
     if cfg.shape != "mesh":
@@ -44,7 +46,7 @@ class MPMScene:
         self.grid = mpm.GridSpec.make(task.domain.lower, task.domain.upper, task.domain.resolution)
         bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
                   for b in task.bodies]
-        colliders = [_collider(c, dtype) for c in task.colliders]
+        colliders = [build_collider(c, dtype) for c in task.colliders]
         emitters = [e.build() for e in task.emitters]
 
         def build(dt: float):

@@ -68,9 +68,14 @@ class CoupledTactileScene:
         bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
                   for b in sec.bodies]
 
+        from diffworld.tasks.mpm.build import build_collider
+
+        colliders = [build_collider(c, dtype) for c in sec.colliders]
+
         def build(dt: float):
-            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, wall=sec.domain.wall,
-                                   wall_friction=sec.domain.wall_friction, dtype=dtype, device=device)
+            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
+                                   wall=sec.domain.wall, wall_friction=sec.domain.wall_friction, dtype=dtype,
+                                   device=device)
 
         probe, _ = build(1.0)
         dx2 = self.grid.dx ** 2
@@ -245,8 +250,14 @@ class CoupledTactileScene:
                        for k, v in material.items()} for m in self.models]
         if self.mpm_stepper is None:
             self.mpm_stepper = mpm.Stepper(self.mpm_model)
+        mctrl = None
+        if self.task.mpm.colliders:  # static: one pose per collider, repeated over the steps
+            from diffworld.sims.common.colliders import static
+
+            mctrl = torch.stack([static(c.motion.position, c.motion.rotation, n, self.dtype)
+                                 for c in self.task.mpm.colliders], 1).to(self.device)
         return coupled_rollout(self.gels, self.mpm_model, [m.rest_state() for m in self.models], self.mpm_state, n,
-                               gel_controls=controls, gel_params=params, window=self.task.window,
+                               gel_controls=controls, mpm_control=mctrl, gel_params=params, window=self.task.window,
                                record_every=self.substeps, mpm_stepper=self.mpm_stepper)
 
     def sensor_readings(self, force: torch.Tensor, penetration: torch.Tensor, steps: list[int],

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from diffworld.engine.config.schema import StrictModel, reject_boolean
 from diffworld.sims.fem.materials import FEM_MATERIALS
 from diffworld.tasks.assets import readable_asset
-from diffworld.tasks.mpm.config import BodyConfig, DomainConfig
+from diffworld.tasks.mpm.config import BodyConfig, ColliderConfig, DomainConfig
 from diffworld.tasks.mpm.shapes import Vec3, resolve_optional
 
 __all__ = [
@@ -206,6 +206,27 @@ class ObjectConfig(StrictModel):
     _path = field_validator("path")(resolve_optional)
     _readable = field_validator("path")(readable_asset("mesh"))
 
+    @field_validator("path")
+    @classmethod
+    def _closed(cls, v):
+        """The object's signed distance is a winding number: on a surface with a hole it is no
+        longer a distance to a solid (a point can be 'inside' through the hole)."""
+        if v is None:
+            return v
+        import numpy as np
+
+        from diffworld.geometry import io
+
+        m = io.load_mesh(v)
+        edges = np.sort(m.faces.cpu().numpy()[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+        _, counts = np.unique(edges, axis=0, return_counts=True)
+        open_edges, non_manifold = int((counts == 1).sum()), int((counts > 2).sum())
+        if open_edges or non_manifold:
+            raise ValueError(f"{v} is not a closed triangle mesh ({open_edges} boundary edge(s), {non_manifold} "
+                             f"edge(s) shared by more than two triangles); the object's signed distance needs a "
+                             f"closed surface (fill the holes, e.g. trimesh.repair.fill_holes)")
+        return v
+
     @model_validator(mode="after")
     def _mesh_needs_path(self):
         if self.shape == "mesh" and self.path is None:
@@ -240,6 +261,20 @@ class MPMObjectsConfig(StrictModel):
     contact: ContactConfig = Field(default_factory=lambda: ContactConfig(k_n=2.0e7, k_t=5.0e4, mu=1.0,
                                                                          penetration_width=1e-4, eps_v=1e-3),
                                    description="Gel - MPM contact, per unit area (a grid node gets k dx^2).")
+    colliders: list[ColliderConfig] = Field(default_factory=list, description="Static rigid colliders of the MPM "
+                                            "bodies (a ledge, a stop, a fixed base): the MPM task's colliders, at "
+                                            "rest at motion.position / motion.rotation; the gel does not touch them.")
+
+    @model_validator(mode="after")
+    def _static_colliders(self):
+        for i, c in enumerate(self.colliders):
+            if c.motion.type != "static":
+                raise ValueError(f"colliders[{i}].motion.type: expected 'static' (the sensor is what moves in a "
+                                 f"tactile scene), got {c.motion.type!r}")
+        names = [c.name for c in self.colliders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"colliders: names must be distinct, got {names}")
+        return self
 
 
 class CableContactConfig(StrictModel):
@@ -439,7 +474,8 @@ class TactileTask(StrictModel):
     gravity: Vec3 = (0.0, 0.0, -9.81)
     integrator: Literal["explicit", "implicit"] = "explicit"
     dt: Optional[float] = Field(None, gt=0, description="FEM step [s]; default 0.9 x the stability limit (explicit).")
-    substeps: int = Field(10, ge=1, le=100000, description="FEM steps per control step.")
+    substeps: Optional[int] = Field(None, ge=1, le=100000, description="FEM steps per control step (default 10; "
+                                                                        "none with 'control_dt').")
     control_dt: Optional[float] = Field(None, gt=0, description="Duration of a control step [s] (instead of "
                                                                  "'substeps': the FEM steps per control step follow "
                                                                  "from dt).")
@@ -452,8 +488,10 @@ class TactileTask(StrictModel):
     def _implicit_needs_dt(self):
         if self.integrator == "implicit" and self.dt is None:
             raise ValueError("integrator 'implicit' needs 'dt' (it has no stability limit to derive it from)")
-        if self.control_dt is not None and "substeps" in self.model_fields_set:
+        if self.control_dt is not None and self.substeps is not None:
             raise ValueError("give 'substeps' or 'control_dt', not both")
+        if self.control_dt is None and self.substeps is None:
+            self.substeps = 10
         if sum(x is not None for x in (self.object, self.mpm, self.cable)) != 1:
             raise ValueError("give a rigid 'object', 'mpm' bodies or a 'cable' (exactly one of them)")
         if self.cable is not None:

@@ -97,6 +97,30 @@ class _Frames:
         self.lo, self.hi = x0.min(0) - pad, x0.max(0) + pad
         if getattr(scene, "mpm_state", None) is not None and self.axes == (0, 2):  # room above for a lift
             self.hi[2] += 0.5 * float(span[2])
+        self._set_contour()
+        self.colliders = self._collider_outlines()
+
+    def _collider_outlines(self) -> list[np.ndarray]:
+        """Static MPM colliders (a box's base, a rough strip) as their silhouettes in the view:
+        the convex hull of each mesh's projected vertices (exact for the convex kernel shapes)."""
+        from scipy.spatial import ConvexHull
+
+        from diffworld.sims.common.colliders import collider_mesh, static
+
+        model = getattr(self.scene, "mpm_model", None)
+        if model is None or not model.colliders:
+            return []
+        i, j = self.axes
+        out = []
+        for c, cfg in zip(model.colliders, self.scene.task.mpm.colliders):
+            v, _ = collider_mesh(c, static(cfg.motion.position, cfg.motion.rotation, 1, torch.float64)[0])
+            p = v[:, [i, j]]
+            out.append(p[ConvexHull(p).vertices])
+        return out
+
+    def _set_contour(self) -> None:
+        """The rigid object's section in the view (None for MPM bodies and cables)."""
+        scene = self.scene
         self.contour = None
         if getattr(scene, "sdf", None) is not None:
             xs = np.linspace(self.lo[0], self.hi[0], 240)
@@ -109,6 +133,26 @@ class _Frames:
                 phi = scene.sdf(local).reshape(X.shape).numpy()
             self.contour = (X, Z, phi)
 
+    def fit(self, runs) -> None:
+        """Widen the view to hold the gels and the object at every record of ``runs``
+        ((rollout, velocities) pairs), so that a pushed block or a lifted lid stays in the
+        picture and every frame of the GIF shares one view."""
+        lo, hi = [], []
+        for out, vel in runs:
+            for r in range(len(out.steps)):
+                xs, _, particles, _, _ = self.scene.frame_data(out, r, vel)
+                pts = [x.detach().to(torch.float64).cpu().numpy() for x in xs]
+                if particles is not None:
+                    pts.append(particles.detach().to(torch.float64).cpu().numpy())
+                pts = np.concatenate(pts)
+                lo.append(pts.min(0))
+                hi.append(pts.max(0))
+        if lo:
+            margin = 0.05 * float((self.hi - self.lo).max())
+            self.lo = np.minimum(self.lo, np.min(lo, 0) - margin)
+            self.hi = np.maximum(self.hi, np.max(hi, 0) + margin)
+            self._set_contour()
+
     def draw(self, out, r: int, velocities, label: str) -> np.ndarray:
         plt = _plt()
         scene = self.scene
@@ -119,12 +163,19 @@ class _Frames:
             X, Z, phi = self.contour
             a.contourf(X * 1e3, Z * 1e3, phi, levels=[-1.0, 0.0], colors=["0.75"])
         i, j = self.axes
+        for poly in self.colliders:
+            a.fill(poly[:, 0] * 1e3, poly[:, 1] * 1e3, color="0.8", zorder=0)
         if particles is not None:
             p = particles.to(torch.float64).cpu().numpy()
             if self.axes == (0, 1):  # the rope
                 a.plot(p[:, i] * 1e3, p[:, j] * 1e3, "-o", color="C1", ms=3)
             else:
-                a.scatter(p[:, i] * 1e3, p[:, j] * 1e3, s=1, color="C1")
+                body = getattr(scene, "mpm_model", None)
+                body = None if body is None else body.body.cpu().numpy()
+                if body is not None and len(body) == len(p):  # one colour per body (a hinge and its lid)
+                    a.scatter(p[:, i] * 1e3, p[:, j] * 1e3, s=1, c=[f"C{1 + k % 9}" for k in body])
+                else:
+                    a.scatter(p[:, i] * 1e3, p[:, j] * 1e3, s=1, color="C1")
         for x, nodes in zip(xs, contact):
             xn = x.to(torch.float64).cpu().numpy()
             a.scatter(xn[:, i] * 1e3, xn[:, j] * 1e3, s=2, color="0.55")
@@ -160,6 +211,7 @@ def write_outputs(scene, before, after, out_dir: Path, velocities_before=None,
     plot_forces(scene, r_b, r_a, out_dir / "forces.png")
     files["forces"] = "forces.png"
     frames = _Frames(scene)
+    frames.fit([(out_b, velocities_before), (out_a, velocities_after)])
     for name, out, vel in (("before", out_b, velocities_before), ("after", out_a, velocities_after)):
         with atomic_path(out_dir / f"{name}.png") as tmp:
             iio.imwrite(tmp, frames.draw(out, len(out.steps) - 1, vel, name))
