@@ -1,0 +1,392 @@
+"""Neural constitutive laws (NCLaw, Ma et al., ICML 2023) as torch laws of the MPM.
+
+A neural law is a :class:`~diffworld.sims.constitutive.torch_law.TorchLaw` made of two parts,
+either of which may be a network or an analytic law:
+
+* elasticity ``F -> tau`` (Kirchhoff stress [Pa]), and
+* plasticity ``F_trial -> F`` (the return map after each substep's G2P).
+
+The reference architecture (:class:`InvariantElasticity`, :class:`InvariantPlasticity`):
+
+* inputs, invariant under ``F -> Q F``: ``sigma - 1`` (the 3 singular values), ``vec(F^T F - I)``
+  (9) and ``det F - 1`` (1): 13 numbers, each divided by a fixed scale (the normalisation,
+  default 1);
+* a bias-free MLP 13 -> 64 -> 64 -> 9 with GELU, Xavier-uniform weights;
+* elasticity: ``N = MLP(x)`` as 3 x 3, ``S = (N + N^T) / 2``, ``P = R S``, ``tau = P F^T`` with
+  ``R = U V^T`` the rotation of ``F = U Sigma V^T`` (U, V proper rotations; ``sigma_3`` takes the
+  sign of ``det F``);
+* plasticity: ``F' = F + alpha R sym(MLP(x))``, ``alpha = 1e-3``.
+
+Hence ``tau(Q F) = Q tau(F) Q^T`` and ``F'(Q F) = Q F'(F)`` for every rotation Q, and at ``F = I``
+every input is 0, so the bias-free MLP (GELU(0) = 0) gives ``tau(I) = 0`` and ``F'(I) = I``
+exactly. The ablation (:class:`PlainElasticity`, :class:`PlainPlasticity`) feeds ``vec(F - I)``
+to the same MLP and reads ``P`` (or the plastic correction) directly: not equivariant.
+
+The decomposition has a hand-written adjoint (:func:`rotation_and_singular_values`): the SVD's
+autograd divides by ``sigma_i - sigma_j`` and is NaN wherever singular values repeat (F = I, every
+particle at the start), while ``R`` and ``sigma`` only need ``sigma_i + sigma_j`` (the polar
+decomposition's Sylvester equation), finite away from inversion.
+
+A law is saved as a file pair (:func:`save_law`, :func:`load_law`): ``NAME.pt`` (the torch state
+dict) and ``NAME.json`` (the architecture and normalisation), so a scene can name it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from diffworld.sims.constitutive.torch_law import BuiltinTorchLaw, TorchLaw
+
+__all__ = [
+    "ELASTIC_KINDS",
+    "PLASTIC_KINDS",
+    "InvariantElasticity",
+    "InvariantPlasticity",
+    "NeuralLaw",
+    "PlainElasticity",
+    "PlainPlasticity",
+    "invariants",
+    "load_law",
+    "rotation_and_singular_values",
+    "save_law",
+]
+
+N_INVARIANTS = 13
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- decomposition
+
+
+class _PolarSVD(torch.autograd.Function):
+    """(R, sigma) of F = U diag(sigma) V^T with U, V proper rotations, R = U V^T."""
+
+    @staticmethod
+    def forward(ctx, F):
+        U, s, Vh = torch.linalg.svd(F)
+        V = Vh.transpose(-1, -2)
+        # proper rotations: flip the last column of U or V (and the sign of sigma_3) where det < 0
+        du = torch.linalg.det(U)
+        dv = torch.linalg.det(V)
+        flip_u = torch.where(du < 0, -1.0, 1.0).to(F.dtype)
+        flip_v = torch.where(dv < 0, -1.0, 1.0).to(F.dtype)
+        U = torch.cat([U[..., :2], U[..., 2:] * flip_u[..., None, None]], -1)
+        V = torch.cat([V[..., :2], V[..., 2:] * flip_v[..., None, None]], -1)
+        s = torch.cat([s[..., :2], s[..., 2:] * (flip_u * flip_v)[..., None]], -1)
+        R = U @ V.transpose(-1, -2)
+        ctx.save_for_backward(U, s, V)
+        return R, s
+
+    @staticmethod
+    def backward(ctx, gR, gs):
+        U, s, V = ctx.saved_tensors
+        # dP = U^T dF V: d sigma_i = dP_ii; dR = U A V^T, A_ij = (dP_ij - dP_ji) / (s_i + s_j)
+        G = torch.zeros_like(U)
+        if gs is not None:
+            G = G + torch.diag_embed(gs)
+        if gR is not None:
+            M = U.transpose(-1, -2) @ gR @ V
+            denom = s[..., :, None] + s[..., None, :]
+            # s_i + s_j -> 0 only under (near) inversion; keep the sign, bound the magnitude
+            tiny = torch.finfo(s.dtype).eps ** 0.5
+            denom = torch.where(denom.abs() < tiny, torch.where(denom < 0, -tiny, tiny), denom)
+            K = (M - M.transpose(-1, -2)) / denom
+            K = K - torch.diag_embed(torch.diagonal(K, dim1=-2, dim2=-1))  # zero diagonal
+            G = G + K
+        return U @ G @ V.transpose(-1, -2)
+
+
+def rotation_and_singular_values(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation ``R = U V^T`` (..., 3, 3) and singular values ``sigma`` (..., 3), descending
+    in magnitude, ``sigma_3 < 0`` where ``det F < 0``, of deformation gradients F (..., 3, 3).
+
+    Differentiable with a hand-written adjoint that is finite where singular values repeat
+    (see the module docstring); ``sigma`` is not differentiable where two of them cross (it is
+    sorted), like every function of ordered singular values.
+    """
+    return _PolarSVD.apply(F)
+
+
+def invariants(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NCLaw's 13 rotation-invariant inputs of F (..., 3, 3) and its rotation R.
+
+    Returns:
+        (x (..., 13): ``sigma - 1``, ``vec(F^T F - I)``, ``det F - 1``; R (..., 3, 3)).
+    """
+    R, s = rotation_and_singular_values(F)
+    eye = torch.eye(3, dtype=F.dtype, device=F.device)
+    C = F.transpose(-1, -2) @ F - eye
+    J = s.prod(-1, keepdim=True)  # det F (sigma_3 carries its sign)
+    return torch.cat([s - 1.0, C.reshape(*F.shape[:-2], 9), J - 1.0], -1), R
+
+
+def _sym(A: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
+# ---------------------------------------------------------------------------------- networks
+
+
+class _MLP(torch.nn.Module):
+    """Bias-free MLP with GELU (NCLaw's): zero in, zero out."""
+
+    def __init__(self, n_in: int, width: int, depth: int, n_out: int) -> None:
+        super().__init__()
+        sizes = [n_in] + [width] * depth + [n_out]
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:]))
+        for layer in self.layers:
+            torch.nn.init.xavier_uniform_(layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < len(self.layers) - 1:
+                x = torch.nn.functional.gelu(x)
+        return x
+
+
+class _Part(torch.nn.Module):
+    """A network part of a neural law: its architecture as a JSON-able dict."""
+
+    kind = ""
+
+    def __init__(self, width: int = 64, depth: int = 2, input_scale: Optional[list[float]] = None) -> None:
+        super().__init__()
+        n_in = self.n_inputs
+        scale = torch.ones(n_in) if input_scale is None else torch.as_tensor(input_scale, dtype=torch.float64)
+        if scale.shape != (n_in,) or not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{type(self).__name__}: input_scale: expected {n_in} finite numbers > 0, got "
+                             f"{list(scale.reshape(-1).tolist())}")
+        if not (isinstance(width, int) and width >= 1 and isinstance(depth, int) and depth >= 1):
+            raise ValueError(f"{type(self).__name__}: expected width and depth integers >= 1, got {width!r}, {depth!r}")
+        self.width, self.depth = width, depth
+        self.register_buffer("input_scale", scale.to(torch.get_default_dtype()))
+        self.mlp = _MLP(n_in, width, depth, 9)
+
+    n_inputs = N_INVARIANTS
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "width": self.width, "depth": self.depth,
+                "input_scale": [float(v) for v in self.input_scale.tolist()]}
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x / self.input_scale.to(x)).reshape(*x.shape[:-1], 3, 3)
+
+
+class _ElasticPart(_Part):
+    """An elastic part: its network's output times ``output_scale`` [Pa] is the stress, so that
+    weights of order one give stresses of the material's order (e.g. its Young's modulus)."""
+
+    def __init__(self, output_scale: float = 1.0, **kw) -> None:
+        super().__init__(**kw)
+        if not (isinstance(output_scale, (int, float)) and math.isfinite(output_scale) and output_scale > 0):
+            raise ValueError(f"{type(self).__name__}: output_scale: expected a finite number > 0 [Pa], got "
+                             f"{output_scale!r}")
+        self.output_scale = float(output_scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "output_scale": self.output_scale}
+
+
+class InvariantElasticity(_ElasticPart):
+    """NCLaw's elasticity: ``tau = output_scale R sym(MLP(x)) F^T`` with the invariants x of F."""
+
+    kind = "invariant"
+
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        x, R = invariants(F)
+        return self.output_scale * (R @ _sym(self._net(x)) @ F.transpose(-1, -2))
+
+
+class InvariantPlasticity(_Part):
+    """NCLaw's plasticity: ``F' = F + alpha R sym(MLP(x))``."""
+
+    kind = "invariant"
+
+    def __init__(self, alpha: float = 1e-3, **kw) -> None:
+        super().__init__(**kw)
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{type(self).__name__}: alpha: expected a finite number > 0, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha}
+
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        x, R = invariants(F)
+        return F + self.alpha * R @ _sym(self._net(x))
+
+
+class PlainElasticity(_ElasticPart):
+    """The ablation: ``P = output_scale MLP(vec(F - I))``, ``tau = P F^T`` (zero at F = I, not
+    equivariant)."""
+
+    kind = "plain"
+    n_inputs = 9
+
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(3, dtype=F.dtype, device=F.device)
+        return self.output_scale * (self._net((F - eye).reshape(*F.shape[:-2], 9)) @ F.transpose(-1, -2))
+
+
+class PlainPlasticity(_Part):
+    """The ablation: ``F' = F + alpha MLP(vec(F - I))``."""
+
+    kind = "plain"
+    n_inputs = 9
+
+    def __init__(self, alpha: float = 1e-3, **kw) -> None:
+        super().__init__(**kw)
+        self.alpha = float(alpha)
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha}
+
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(3, dtype=F.dtype, device=F.device)
+        return F + self.alpha * self._net((F - eye).reshape(*F.shape[:-2], 9))
+
+
+ELASTIC_KINDS = {"invariant": InvariantElasticity, "plain": PlainElasticity}
+PLASTIC_KINDS = {"invariant": InvariantPlasticity, "plain": PlainPlasticity}
+
+
+# ---------------------------------------------------------------------------------- the law
+
+
+class NeuralLaw(TorchLaw):
+    """A constitutive law whose elasticity and/or plasticity are networks.
+
+    Args:
+        elastic: A network part (:class:`InvariantElasticity`, :class:`PlainElasticity`) or the
+            name of a built-in law (e.g. ``"fixed_corotated"``: its stress from the particles'
+            ``E``, ``nu``).
+        plastic: A network part (:class:`InvariantPlasticity`, :class:`PlainPlasticity`), the name
+            of a built-in law whose return map is used (e.g. ``"von_mises"``), or None (elastic).
+    """
+
+    def __init__(self, elastic: torch.nn.Module | str, plastic: torch.nn.Module | str | None = None) -> None:
+        super().__init__()
+        self.elastic = BuiltinTorchLaw(elastic) if isinstance(elastic, str) else elastic
+        self.plastic = BuiltinTorchLaw(plastic) if isinstance(plastic, str) else plastic
+        names: list[str] = []
+        for part in (self.elastic, self.plastic):
+            if isinstance(part, BuiltinTorchLaw):
+                names += [n for n in part.material_parameters if n not in names]
+        self.material_parameters = tuple(names)
+
+    def stress(self, F: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.elastic, BuiltinTorchLaw):
+            return self.elastic.stress(F, params)
+        return self.elastic(F)
+
+    def project(self, F: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.plastic is None:
+            return F
+        if isinstance(self.plastic, BuiltinTorchLaw):
+            return self.plastic.project(F, params)
+        return self.plastic(F)
+
+    def config(self) -> dict:
+        """The architecture (what :func:`load_law` needs besides the weights)."""
+
+        def part(p):
+            if p is None:
+                return None
+            if isinstance(p, BuiltinTorchLaw):
+                return {"kind": "builtin", "law": p.law.name}
+            return p.config()
+
+        return {"format": "diffworld.neural_law", "version": FORMAT_VERSION, "elastic": part(self.elastic),
+                "plastic": part(self.plastic)}
+
+
+def _part_from_config(cfg, kinds: dict, where: str):
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict) or "kind" not in cfg:
+        raise ValueError(f"{where}: expected a mapping with 'kind', got {cfg!r}")
+    kind = cfg["kind"]
+    if kind == "builtin":
+        return cfg.get("law")
+    if kind not in kinds:
+        raise ValueError(f"{where}.kind: expected one of {sorted([*kinds, 'builtin'])}, got {kind!r}")
+    kw = {k: cfg[k] for k in ("width", "depth", "input_scale", "alpha", "output_scale") if k in cfg}
+    if "alpha" in kw and kinds is ELASTIC_KINDS:
+        raise ValueError(f"{where}: 'alpha' is for a plastic part")
+    if "output_scale" in kw and kinds is PLASTIC_KINDS:
+        raise ValueError(f"{where}: 'output_scale' is for an elastic part")
+    unknown = sorted(set(cfg) - {"kind", "width", "depth", "input_scale", "alpha", "output_scale"})
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}")
+    return kinds[kind](**kw)
+
+
+def law_from_config(cfg: dict, where: str = "law") -> NeuralLaw:
+    """A freshly initialised :class:`NeuralLaw` of the architecture ``cfg`` (:meth:`NeuralLaw.config`)."""
+    if not isinstance(cfg, dict) or cfg.get("format") != "diffworld.neural_law":
+        raise ValueError(f"{where}: not a diffworld neural law description (expected 'format': "
+                         f"'diffworld.neural_law')")
+    if cfg.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: version {cfg.get('version')!r}; this diffworld reads version {FORMAT_VERSION}")
+    elastic = _part_from_config(cfg.get("elastic"), ELASTIC_KINDS, f"{where}.elastic")
+    if elastic is None:
+        raise ValueError(f"{where}.elastic: required")
+    return NeuralLaw(elastic, _part_from_config(cfg.get("plastic"), PLASTIC_KINDS, f"{where}.plastic"))
+
+
+def save_law(law: NeuralLaw, path: str | Path) -> Path:
+    """Write ``law`` as ``path`` (``.pt``: the state dict, float64) and its ``.json`` sibling
+    (the architecture). Returns the ``.pt`` path."""
+    from diffworld.engine.files import atomic_write
+
+    p = Path(path).with_suffix(".pt")
+    state = {k: v.detach().to("cpu", torch.float64) for k, v in law.state_dict().items()}
+    atomic_write(p, lambda f: torch.save(state, f))
+    text = json.dumps(law.config(), indent=2)
+    atomic_write(p.with_suffix(".json"), lambda f: f.write(text.encode()))
+    return p
+
+
+def load_law(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> NeuralLaw:
+    """Read a law written by :func:`save_law` (``path``: the ``.pt`` file or its ``.json``).
+
+    Raises:
+        ValueError: A missing file, a description that is not a neural law's, or weights of
+            another architecture (the mismatching tensor and both shapes named).
+    """
+    p = Path(path)
+    pt, js = p.with_suffix(".pt"), p.with_suffix(".json")
+    for f in (pt, js):
+        if not f.is_file():
+            raise ValueError(f"{f}: no such file (a neural law is a .pt state dict beside a .json description)")
+    try:
+        cfg = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{js}: not JSON ({exc})") from None
+    law = law_from_config(cfg, where=str(js))
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same answer
+        raise ValueError(f"{pt}: cannot read the weights ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{pt}: expected a state dict, got {type(state).__name__}")
+    own = law.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"{pt}: weights of another architecture than {js.name} describes: missing {missing}, "
+                         f"unexpected {extra}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{pt}: {k} has shape {tuple(state[k].shape)}, the architecture in {js.name} needs "
+                             f"{tuple(v.shape)}")
+        if not bool(torch.isfinite(state[k]).all()):
+            raise ValueError(f"{pt}: {k} has non-finite values")
+    law.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return law.to(dtype=dtype, device=device)

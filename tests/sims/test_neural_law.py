@@ -1,0 +1,272 @@
+"""Neural constitutive laws (NCLaw's architecture and its plain-MLP ablation): rotation
+equivariance to round-off on random, compressed, stretched and inverted F; exactly stress-free and
+plasticity-free at F = I; the decomposition's hand-written adjoint vs central differences and finite
+where singular values repeat; float64 FD checks through an MPM rollout w.r.t. the network weights,
+independent of the checkpoint window; save/load and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffworld.engine.runtime import init_warp
+from diffworld.geometry.sdf import Box
+from diffworld.sims import mpm
+from diffworld.sims.common.quaternion import axis_angle_to_quat, quat_to_matrix
+from diffworld.sims.constitutive.neural import (InvariantElasticity, InvariantPlasticity, NeuralLaw, PlainElasticity,
+                                                PlainPlasticity, invariants, load_law, rotation_and_singular_values,
+                                                save_law)
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def _random_F(n: int, seed: int) -> torch.Tensor:
+    """Random deformation gradients: general, near identity, strongly compressed/stretched along
+    random axes, and inverted (det < 0)."""
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(3, dtype=F64)
+    general = eye + 0.4 * torch.randn(n, 3, 3, generator=g, dtype=F64)
+    near = eye + 1e-7 * torch.randn(n, 3, 3, generator=g, dtype=F64)
+    Q = quat_to_matrix(axis_angle_to_quat(torch.randn(n, 3, generator=g, dtype=F64)))
+    s = torch.exp(1.2 * torch.randn(n, 3, generator=g, dtype=F64))
+    stretched = Q @ torch.diag_embed(s) @ quat_to_matrix(axis_angle_to_quat(torch.randn(n, 3, generator=g, dtype=F64)))
+    inverted = general.clone()
+    inverted[:, :, 0] *= -1
+    return torch.cat([general, near, stretched, inverted])
+
+
+def _rotations(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return quat_to_matrix(axis_angle_to_quat(3.0 * torch.randn(n, 3, generator=g, dtype=F64)))
+
+
+def _net(part):
+    torch.manual_seed(0)
+    return part.to(F64)
+
+
+def test_invariant_parts_are_rotation_equivariant_to_round_off():
+    F = _random_F(200, 0)
+    Q = _rotations(F.shape[0], 1)
+    el, pl = _net(InvariantElasticity(output_scale=1e3)), _net(InvariantPlasticity())
+    with torch.no_grad():
+        tau, tau_q = el(F), el(Q @ F)
+        Fp, Fp_q = pl(F), pl(Q @ F)
+    # round-off relative to the stress scale of each F (output_scale |F|^2): near the identity tau
+    # itself is ~1e-7 of it, and the SVD's rotation there is good to round-off of |F| only
+    scale = 1e3 * F.abs().amax((-2, -1)) ** 2
+    err = (tau_q - Q @ tau @ Q.transpose(-1, -2)).abs().amax((-2, -1)) / scale
+    assert float(err.max()) < 1e-13
+    generic = torch.cat([torch.arange(200), torch.arange(400, 800)])  # away from the identity: relative too
+    rel = (tau_q - Q @ tau @ Q.transpose(-1, -2)).abs().amax((-2, -1)) / tau.abs().amax((-2, -1))
+    assert float(rel[generic].max()) < 1e-11
+    assert float((Fp_q - Q @ Fp).abs().max()) < 1e-12 * float(F.abs().max())
+    # tau is symmetric (a Kirchhoff stress): P F^T with P = R S
+    assert float((tau - tau.transpose(-1, -2)).abs().max()) > 0  # R S F^T is not symmetric in general
+    # the ablation is not equivariant (so the test above can fail)
+    plain = _net(PlainElasticity(output_scale=1e3))
+    with torch.no_grad():
+        assert float((plain(Q @ F) - Q @ plain(F) @ Q.transpose(-1, -2)).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stress_free_and_plasticity_free_at_identity_exactly(dtype):
+    for seed in range(5):
+        torch.manual_seed(seed)
+        law = NeuralLaw(InvariantElasticity(output_scale=1e5), InvariantPlasticity()).to(dtype)
+        plain = NeuralLaw(PlainElasticity(output_scale=1e5), PlainPlasticity()).to(dtype)
+        I = torch.eye(3, dtype=dtype).expand(7, 3, 3)
+        for m in (law, plain):
+            assert bool((m.stress(I, {}) == 0).all())
+            assert bool((m.project(I, {}) == I).all())
+
+
+def test_decomposition_is_a_proper_polar_rotation_and_its_adjoint_matches_differences():
+    F = _random_F(100, 2)
+    R, s = rotation_and_singular_values(F)
+    eye = torch.eye(3, dtype=F64)
+    assert float((R.transpose(-1, -2) @ R - eye).abs().max()) < 1e-12
+    assert float((torch.linalg.det(R) - 1).abs().max()) < 1e-12
+    S = R.transpose(-1, -2) @ F  # the stretch: symmetric, eigenvalues = the singular values (sign of det F)
+    assert float((S - S.transpose(-1, -2)).abs().max()) < 1e-10 * float(F.abs().max())
+    ev = torch.linalg.eigvalsh(0.5 * (S + S.transpose(-1, -2)))
+    assert float((ev.sort(-1).values - s.sort(-1).values).abs().max()) < 1e-10 * float(s.abs().max())
+    assert bool(((s.prod(-1) > 0) == (torch.linalg.det(F) > 0)).all())
+    # adjoint vs central differences in random directions (generic F: distinct singular values)
+    g = torch.Generator().manual_seed(3)
+    Fg = F[:100].clone().requires_grad_()
+    wR = torch.randn(100, 3, 3, generator=g, dtype=F64)
+    ws = torch.randn(100, 3, generator=g, dtype=F64)
+
+    def f(X):
+        Rx, sx = rotation_and_singular_values(X)
+        return (Rx * wR).sum() + (sx * ws).sum()
+
+    (grad,) = torch.autograd.grad(f(Fg), Fg)
+    for _ in range(5):
+        d = torch.randn(Fg.shape, generator=g, dtype=F64)
+        e = 1e-6
+        with torch.no_grad():
+            fd = (f(Fg + e * d) - f(Fg - e * d)) / (2 * e)
+        assert abs(float(fd) - float((grad * d).sum())) < 1e-6 * abs(float(fd))
+
+
+def test_rotation_gradient_is_finite_and_right_where_singular_values_repeat():
+    """At F = I and F = diag(2, 2, 1) torch's SVD autograd is NaN; R's derivative there is
+    defined (it needs sigma_i + sigma_j only) and matches central differences."""
+    g = torch.Generator().manual_seed(4)
+    for base in (torch.eye(3, dtype=F64), torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=F64))):
+        Q = _rotations(1, 5)[0]
+        F = (Q @ base).requires_grad_()
+        w = torch.randn(3, 3, generator=g, dtype=F64)
+        (grad,) = torch.autograd.grad((rotation_and_singular_values(F)[0] * w).sum(), F)
+        assert bool(torch.isfinite(grad).all())
+        for _ in range(3):
+            d = torch.randn(3, 3, generator=g, dtype=F64)
+            e = 1e-6
+            with torch.no_grad():
+                fd = ((rotation_and_singular_values(F + e * d)[0] - rotation_and_singular_values(F - e * d)[0])
+                      * w).sum() / (2 * e)
+            assert abs(float(fd) - float((grad * d).sum())) < 1e-6 * max(1.0, abs(float(fd)))
+    # the networks' gradients w.r.t. F are finite at the identity (every particle at the start)
+    F = torch.eye(3, dtype=F64).expand(4, 3, 3).clone().requires_grad_()
+    x, R = invariants(F)
+    law = NeuralLaw(_net(InvariantElasticity(output_scale=10.0)), _net(InvariantPlasticity()))
+    out = law.stress(F, {}).sum() + law.project(F, {}).sum()
+    (grad,) = torch.autograd.grad(out, F)
+    assert bool(torch.isfinite(grad).all())
+
+
+# ------------------------------------------------------------------------------ through a rollout
+
+T = 16
+
+
+def _scene():
+    init_warp()
+    grid = mpm.GridSpec.make((0, 0, 0), (1, 1, 1), resolution=16)
+    bodies = [mpm.Body(Box((0.1, 0.1, 0.1), (0.45, 0.5, 0.45)), mpm.material("neo_hookean", E=3e3), ppc=8,
+                       velocity=(0.5, -0.4, -0.6), name="cube"),
+              mpm.Body(Box((0.08, 0.08, 0.06), (0.62, 0.5, 0.3)), mpm.material("water", E=2e3), ppc=8,
+                       name="water")]
+    model, state = mpm.build_model(grid, bodies, dt=1e-3, dtype=F64)
+    # a spin as in NCLaw's set-up, so that F leaves the identity at once in every direction
+    c = state.x[model.body == 0].mean(0)
+    spin = torch.linalg.cross(torch.tensor([4.0, 4.0, 4.0], dtype=F64).expand_as(state.x), state.x - c)
+    v = torch.where((model.body == 0)[:, None], state.v + 0.1 * spin, state.v)
+    return model, mpm.State(state.x, v, state.C, state.F)
+
+
+def _law(kind):
+    torch.manual_seed(7)
+    if kind == "invariant":
+        law = NeuralLaw(InvariantElasticity(width=16, output_scale=2e3), InvariantPlasticity(width=16, alpha=0.05))
+    else:
+        law = NeuralLaw(PlainElasticity(width=16, output_scale=2e3), PlainPlasticity(width=16, alpha=0.05))
+    return law.to(F64)
+
+
+def _loss(model, state, window):
+    out = mpm.rollout(model, state, T, None, window=window, record_every=4)
+    gen = torch.Generator().manual_seed(5)
+    return sum((s.x * torch.randn(s.x.shape, generator=gen, dtype=F64)).sum()
+               + (s.F * torch.randn(s.F.shape, generator=gen, dtype=F64)).sum() for s in out.states[1:])
+
+
+@pytest.mark.parametrize("kind", ["invariant", "plain"])
+def test_weight_gradients_through_a_rollout_match_central_differences(kind):
+    model, state = _scene()
+    law = _law(kind)
+    bound = mpm.use_law(model, law, "cube")
+    params = list(law.parameters())
+    _loss(bound, state, window=5).backward()
+    grads = [p.grad.clone() for p in params]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    gen = torch.Generator().manual_seed(11)
+    eps = 1e-6
+    for _ in range(2):
+        dirs = [torch.randn(p.shape, generator=gen, dtype=F64) for p in params]
+        norm = torch.sqrt(sum((d * d).sum() for d in dirs))
+        dirs = [d / norm for d in dirs]
+        analytic = float(sum((g * d).sum() for g, d in zip(grads, dirs)))
+        values = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, d in zip(params, dirs):
+                    p.add_(sign * eps * d)
+                values.append(float(_loss(bound, state, window=5)))
+                for p, d in zip(params, dirs):
+                    p.sub_(sign * eps * d)
+        numeric = (values[0] - values[1]) / (2 * eps)
+        assert abs(analytic - numeric) <= 1e-5 * abs(numeric), (analytic, numeric)
+
+
+def test_weight_gradients_do_not_depend_on_the_window():
+    model, state = _scene()
+    law = _law("invariant")
+    bound = mpm.use_law(model, law, "cube")
+    grads = []
+    for window in (3, 7, T):
+        law.zero_grad()
+        _loss(bound, state, window).backward()
+        grads.append([p.grad.clone() for p in law.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert float((a - b).abs().max()) <= 1e-10 * float(a.abs().max())
+
+
+def test_an_analytic_part_keeps_its_material_parameters():
+    """Elasticity analytic (the particles' E, nu), plasticity a network: the stress is the
+    built-in law's exactly; the law reads E and nu by name."""
+    from diffworld.sims.constitutive import LAWS
+
+    torch.manual_seed(0)
+    law = NeuralLaw("corotated", InvariantPlasticity()).to(F64)
+    assert law.material_parameters == ("E", "nu")
+    F = _random_F(20, 6)[:20]
+    p = {"E": torch.full((20,), 1e4, dtype=F64), "nu": torch.full((20,), 0.3, dtype=F64)}
+    assert torch.equal(law.stress(F, p), LAWS["corotated"].stress(F, p))
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    law = NeuralLaw(InvariantElasticity(width=8, output_scale=1e5, input_scale=[0.1] * 13),
+                    InvariantPlasticity(width=8, depth=3, alpha=2e-3)).to(F64)
+    path = save_law(law, tmp_path / "jelly")
+    assert path.suffix == ".pt" and (tmp_path / "jelly.json").is_file()
+    back = load_law(tmp_path / "jelly.json", dtype=F64)
+    assert back.config() == law.config()
+    F = _random_F(10, 7)
+    assert torch.equal(back.stress(F, {}), law.stress(F, {}))
+    assert torch.equal(back.project(F, {}), law.project(F, {}))
+    assert load_law(path).elastic.mlp.layers[0].weight.dtype == torch.float32
+
+
+def test_load_errors_name_the_file_and_the_mismatch(tmp_path):
+    torch.manual_seed(1)
+    law = NeuralLaw(InvariantElasticity(width=8), InvariantPlasticity(width=8))
+    save_law(law, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"nope\.pt: no such file"):
+        load_law(tmp_path / "nope.pt")
+    # the weights of another architecture (width 16) under the description of width 8
+    other = NeuralLaw(InvariantElasticity(width=16), InvariantPlasticity(width=16))
+    save_law(other, tmp_path / "b")
+    (tmp_path / "b.json").write_text((tmp_path / "a.json").read_text())
+    with pytest.raises(ValueError, match=r"b\.pt: elastic\.mlp\.layers\.0\.weight has shape \(16, 13\), the "
+                                         r"architecture in b\.json needs \(8, 13\)"):
+        load_law(tmp_path / "b.pt")
+    cfg = json.loads((tmp_path / "a.json").read_text())
+    cfg["elastic"]["kind"] = "spline"
+    (tmp_path / "a.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"a\.json\.elastic\.kind: expected one of \['builtin', 'invariant', "
+                                         r"'plain'\], got 'spline'"):
+        load_law(tmp_path / "a.pt")
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a diffworld neural law"):
+        load_law(tmp_path / "a.pt")
