@@ -36,6 +36,18 @@ def build_collider(cfg: ColliderConfig, dtype: torch.dtype):
                     sdf_lower=tuple(lo.tolist()), sdf_spacing=h, name=cfg.name, contact_weight=cfg.contact_weight)
 
 
+def bind_learned_laws(model, bodies, dtype: torch.dtype, device):
+    """The model with each body whose material is ``type: neural`` governed by its learned law
+    (:func:`diffworld.sims.mpm.use_law`); ``bodies``: the scene's body sections."""
+    from diffworld.sims import mpm
+
+    for b in bodies:
+        law = b.material.law(dtype, device)
+        if law is not None:
+            model = mpm.use_law(model, law, b.name)
+    return model
+
+
 class MPMScene:
     """The built simulation of an ``mpm`` task."""
 
@@ -50,9 +62,10 @@ class MPMScene:
         emitters = [e.build() for e in task.emitters]
 
         def build(dt: float):
-            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
-                                   wall=task.domain.wall, wall_friction=task.domain.wall_friction, dtype=dtype,
-                                   device=device, seed=seed, emitters=emitters)
+            model, state = mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
+                                           wall=task.domain.wall, wall_friction=task.domain.wall_friction,
+                                           dtype=dtype, device=device, seed=seed, emitters=emitters)
+            return bind_learned_laws(model, task.bodies, dtype, device), state
 
         # dt first from a provisional model (stable_dt needs the particles' materials).
         model, state = build(task.dt or 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
+import torch
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from diffworld.engine.config.schema import StrictModel, reject_boolean
@@ -58,14 +59,53 @@ BODY_COLORS = np.array([[0.20, 0.45, 0.85], [0.90, 0.55, 0.15], [0.30, 0.70, 0.3
 class _MaterialSection(StrictModel):
     """A material by name with optional parameter overrides (see diffworld.sims.mpm.materials)."""
 
-    name: str = Field(..., description=f"One of: {', '.join(MATERIALS)}.")
+    type: Literal["builtin", "neural"] = Field(
+        "builtin", description="builtin: the law of 'name'; neural: a learned law file ('path', "
+                               "diffworld.sims.constitutive.save_law) whose particles keep the density of 'name' "
+                               "(default jelly), and its E, nu for the time-step limit and any analytic part.")
+    name: Optional[str] = Field(None, description=f"One of: {', '.join(MATERIALS)} (required for type builtin).")
+    path: Optional[str] = Field(None, description="The learned law (.pt beside its .json) for type neural.")
+
+    _path = field_validator("path")(resolve_optional)
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in MATERIALS:
+    def _known(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in MATERIALS:
             raise ValueError(f"unknown material {v!r}; expected one of {sorted(MATERIALS)}")
         return v
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.type == "builtin":
+            if self.name is None:
+                raise ValueError(f"name: required for a built-in material; expected one of {sorted(MATERIALS)}")
+            if self.path is not None:
+                raise ValueError("path: only for type 'neural'")
+        else:
+            if self.path is None:
+                raise ValueError("path: required for type 'neural' (a law written by save_law: NAME.pt and "
+                                 "NAME.json)")
+            from diffworld.sims.constitutive.neural import load_law
+
+            try:
+                load_law(self.path, torch.float64)
+            except ValueError as exc:
+                raise ValueError(f"path: {exc}") from None
+            if self.name is None:
+                self.name = "jelly"
+        return self
+
+    def law(self, dtype: torch.dtype, device) -> Optional["TorchLaw"]:
+        """The learned law of a neural material (its weights fixed: a scene uses it, a
+        constitutive_learning task trains it), else None."""
+        if self.type != "neural":
+            return None
+        from diffworld.sims.constitutive.neural import load_law
+
+        law = load_law(self.path, dtype, device)
+        law.requires_grad_(False)
+        return law
 
     _numbers = field_validator(*PARAMETERS, mode="before", check_fields=False)(reject_boolean)
 
@@ -78,7 +118,7 @@ class _MaterialSection(StrictModel):
         return v
 
     def build(self) -> Material:
-        return Material(**self.model_dump())
+        return Material(**self.model_dump(exclude={"type", "path"}))
 
 
 # Generated from the material parameters (materials.PARAMETERS, PARAMETER_DOCS, PARAMETER_RANGES):
@@ -122,6 +162,9 @@ class EmitterConfig(StrictModel):
     def _check(self):
         if self.start >= self.stop:
             raise ValueError(f"expected start < stop [s], got start={self.start}, stop={self.stop}")
+        if self.material.type == "neural":
+            raise ValueError("material.type: an emitter's particles take built-in laws only (a learned law binds a "
+                             "body)")
         if sum(d * d for d in self.direction) < 1e-24:
             raise ValueError(f"direction: expected a non-zero vector, got {list(self.direction)}")
         return self

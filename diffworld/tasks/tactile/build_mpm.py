@@ -68,14 +68,15 @@ class CoupledTactileScene:
         bodies = [mpm.Body(b.shape.build(), b.material.build(), b.velocity, b.name, b.sampling, b.ppc)
                   for b in sec.bodies]
 
-        from diffworld.tasks.mpm.build import build_collider
+        from diffworld.tasks.mpm.build import bind_learned_laws, build_collider
 
         colliders = [build_collider(c, dtype) for c in sec.colliders]
 
         def build(dt: float):
-            return mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
-                                   wall=sec.domain.wall, wall_friction=sec.domain.wall_friction, dtype=dtype,
-                                   device=device)
+            model, state = mpm.build_model(self.grid, bodies, dt=dt, gravity=task.gravity, colliders=colliders,
+                                           wall=sec.domain.wall, wall_friction=sec.domain.wall_friction, dtype=dtype,
+                                           device=device)
+            return bind_learned_laws(model, sec.bodies, dtype, device), state
 
         probe, _ = build(1.0)
         dx2 = self.grid.dx ** 2
