@@ -6,6 +6,6 @@ and registers itself in :data:`diffworld.engine.config.TASKS` when imported. The
 other packages add theirs through the ``diffworld.tasks`` entry-point group.
 """
 
-from diffworld.tasks import mpm, reconstruction, tactile
+from diffworld.tasks import constitutive, mpm, reconstruction, tactile
 
-__all__ = ["mpm", "reconstruction", "tactile"]
+__all__ = ["constitutive", "mpm", "reconstruction", "tactile"]

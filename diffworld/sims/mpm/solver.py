@@ -498,7 +498,7 @@ class Stepper:
             xs[moving], vs[moving] = xm, vm
         return xs, vs
 
-    def stress(self, F: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def stress(self, F: torch.Tensor, params: Sequence[torch.Tensor], step: int | None = None) -> torch.Tensor:
         """Elastic Kirchhoff stress of every particle at ``F`` [Pa], shape (N, 3, 3).
 
         ``params``: as for :meth:`substep`."""
@@ -514,7 +514,7 @@ class Stepper:
                       [m33(tau[q])])
 
         self._parallel(run)
-        self._torch_laws_forward(F, pp, tau)
+        self._torch_laws_forward(F, pp, tau, step=step)
         return tau
 
     def stress_adjoint(self, F: torch.Tensor, params: Sequence[torch.Tensor], adj_tau: torch.Tensor,
@@ -547,7 +547,7 @@ class Stepper:
         return {name: getattr(pp, name)[b.index] for name in b.law.material_parameters}
 
     def _torch_laws_forward(self, F: torch.Tensor, pp: ParticleParams, tau_out: torch.Tensor,
-                            F_out: torch.Tensor | None = None) -> None:
+                            F_out: torch.Tensor | None = None, step: int | None = None) -> None:
         """Rows of the torch-law particles: ``tau_out = stress(F)``, or with ``F_out``, the
         substep's stage ``F_out = project(F)``, ``tau_out = stress(F_out)``. The Warp kernels left
         these rows as F and 0 (law code EXTERNAL)."""
@@ -555,10 +555,27 @@ class Stepper:
             for b in self.torch_laws:
                 inputs = self._law_inputs(b, pp)
                 if F_out is None:
-                    tau_out[b.index] = b.law.stress(F[b.index], inputs)
+                    tau_out[b.index] = self._checked(b, "stress", b.law.stress(F[b.index], inputs), step)
                 else:
                     Fn, tau = b.law(F[b.index], inputs)
-                    F_out[b.index], tau_out[b.index] = Fn, tau
+                    F_out[b.index] = self._checked(b, "return map (project)", Fn, step)
+                    tau_out[b.index] = self._checked(b, "stress", tau, step)
+
+    def _checked(self, b: LawBinding, what: str, out: Any, step: int | None) -> torch.Tensor:
+        """A torch law's output, or a ValueError naming the law, the body, the substep and the
+        problem (a wrong shape, non-finite values): a learned law can produce either."""
+        n = int(b.index.numel())
+        body = self.model.body_names[int(self.model.body[b.index[0]])] if n else "?"
+        where = (f"{type(b.law).__name__} (body {body!r}" + (f", substep {step}" if step is not None else "")
+                 + f"): its {what}")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, 3, 3):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{where} has shape {shape}; expected ({n}, 3, 3), one 3 x 3 matrix per particle")
+        bad = ~torch.isfinite(out).reshape(n, 9).all(1)
+        if bool(bad.any()):
+            raise ValueError(f"{where} is not finite for {int(bad.sum())} of {n} particles (first: particle "
+                             f"{int(b.index[bad.nonzero()[0, 0]])})")
+        return out
 
     def _torch_laws_adjoint(self, F: torch.Tensor, pp: ParticleParams, adj_F_out: torch.Tensor | None,
                             adj_tau_out: torch.Tensor, adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
@@ -613,7 +630,7 @@ class Stepper:
             pp.theta_s))
         law = self.law_t
         if tau is None:
-            tau = self.stress(F, params)
+            tau = self.stress(F, params, step)
         elif emitted_now is not None:
             tau = tau.clone()
             tau[self.emitted.index[emitted_now]] = 0.0  # their F was reset to I: tau(I) = 0
@@ -676,7 +693,7 @@ class Stepper:
                                                        w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
 
         self._parallel(to_particles)
-        self._torch_laws_forward(Ft, pp, tau1, F1)
+        self._torch_laws_forward(Ft, pp, tau1, F1, step)
         rigid_v = None
         if self.rigid is not None:
             ri = self.rigid.index
