@@ -195,6 +195,59 @@ def run(scene: Path = typer.Argument(..., help="Scene YAML file."),
 
 
 @app.command()
+def sweep(scene: Path = typer.Argument(..., help="Scene YAML file."),
+          sets: list[str] = typer.Option(..., "--set", help="key=value1,value2,... (repeat for a product of keys), "
+                                                            "e.g. --set optimizer.lr=0.01,0.1"),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/<name>-sweep)."),
+          workers: int = typer.Option(2, "--workers", "-j", help="Points run at once (local processes or "
+                                                                 "CPUs of a local Ray)."),
+          ray: Optional[str] = typer.Option(None, "--ray", help="Run the points as Ray tasks: a cluster address "
+                                                                "(ray://..., or auto), or 'local' to start one; "
+                                                                "needs the 'ray' extra."),
+          iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="Overrides optimizer.iterations "
+                                                                                    "at every point."),
+          device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda:N."),
+          resume: bool = typer.Option(False, "--resume", help="Keep finished points, rerun failed or missing ones."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier sweep in --out.")) -> None:
+    """Run a scene at every point of a parameter grid (one run folder each) and gather results.csv
+    and results.png; exit 1 if a point failed (rerun those with --resume)."""
+    import shutil
+
+    from diffworld.app.scenes import SceneError
+    from diffworld.app.sweep import parse_sets, run_sweep
+
+    if workers < 1:
+        _fail(f"--workers: expected a number >= 1, got {workers}")
+    if iterations is not None and iterations < 0:
+        _fail(f"--iterations: expected a number >= 0, got {iterations}")
+    if resume and overwrite:
+        _fail("--resume and --overwrite: choose one")
+    try:
+        grid = parse_sets(sets)
+    except ValueError as exc:
+        _fail(str(exc))
+    base = _load(scene, {})
+    out_dir = out or Path("runs") / f"{base.name}-sweep"
+    if (out_dir / "results.csv").exists() and not (resume or overwrite):
+        _fail(f"--out: {out_dir} holds an earlier sweep (results.csv); add --resume to rerun its failed points or "
+              f"--overwrite to replace it")
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    try:
+        results = run_sweep(scene, grid, out_dir, workers=workers, ray_address=ray, resume=resume,
+                            iterations=iterations, device=device, echo=typer.echo)
+    except SceneError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+    failed = [i for i, r in sorted(results.items()) if r["status"] != "ok"]
+    typer.echo(f"results in {out_dir / 'results.csv'}")
+    if failed:
+        typer.echo(f"{len(failed)} point(s) failed: {failed}; rerun them with --resume", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def validate(scene: Path = typer.Argument(..., help="Scene YAML file.")) -> None:
     """Check a scene file; print the errors (file, key path, expected) or 'ok'."""
     s = _load(scene, {})
