@@ -24,6 +24,7 @@ MODULES = [
     "diffworld.geometry.kernels_isosurface",
     "diffworld.geometry.kernels_sdf",
     "diffworld.sims.cable.kernels",
+    "diffworld.sims.constitutive.kernels_neural",
     "diffworld.sims.coupling.fem_cable",
     "diffworld.sims.coupling.fem_mpm",
     "diffworld.sims.fem.kernels",

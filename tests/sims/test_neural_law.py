@@ -59,10 +59,12 @@ def test_invariant_parts_are_rotation_equivariant_to_round_off():
     # itself is ~1e-7 of it, and the SVD's rotation there is good to round-off of |F| only
     scale = 1e3 * F.abs().amax((-2, -1)) ** 2
     err = (tau_q - Q @ tau @ Q.transpose(-1, -2)).abs().amax((-2, -1)) / scale
-    assert float(err.max()) < 1e-13
+    # measured up to 1.2e-12 for the stretched F (condition numbers up to ~1e3: the iterative SVD is
+    # accurate to ~1e-15 x the condition number), ~1e-15 for the others
+    assert float(err.max()) < 1e-11
     generic = torch.cat([torch.arange(200), torch.arange(400, 800)])  # away from the identity: relative too
     rel = (tau_q - Q @ tau @ Q.transpose(-1, -2)).abs().amax((-2, -1)) / tau.abs().amax((-2, -1))
-    assert float(rel[generic].max()) < 1e-11
+    assert float(rel[generic].max()) < 1e-12  # measured 4.5e-14
     assert float((Fp_q - Q @ Fp).abs().max()) < 1e-12 * float(F.abs().max())
     # tau is symmetric (a Kirchhoff stress): P F^T with P = R S
     assert float((tau - tau.transpose(-1, -2)).abs().max()) > 0  # R S F^T is not symmetric in general

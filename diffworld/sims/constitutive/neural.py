@@ -68,16 +68,17 @@ class _PolarSVD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, F):
-        U, s, Vh = torch.linalg.svd(F)
-        V = Vh.transpose(-1, -2)
-        # proper rotations: flip the last column of U or V (and the sign of sigma_3) where det < 0
-        du = torch.linalg.det(U)
-        dv = torch.linalg.det(V)
-        flip_u = torch.where(du < 0, -1.0, 1.0).to(F.dtype)
-        flip_v = torch.where(dv < 0, -1.0, 1.0).to(F.dtype)
-        U = torch.cat([U[..., :2], U[..., 2:] * flip_u[..., None, None]], -1)
-        V = torch.cat([V[..., :2], V[..., 2:] * flip_v[..., None, None]], -1)
-        s = torch.cat([s[..., :2], s[..., 2:] * (flip_u * flip_v)[..., None]], -1)
+        from diffworld.sims.constitutive.kernels_neural import signed_svd
+
+        shape = F.shape
+        U, s, V = signed_svd(F.reshape(-1, 3, 3))  # a Warp kernel (float64 inside)
+        U, s, V = U.reshape(shape), s.reshape(*shape[:-2], 3), V.reshape(shape)
+        # where F^T F = I holds exactly in floating point (F = I, an exact permutation or
+        # reflection), sigma is +-1 exactly: the iterative SVD lands an ulp off, and the law would
+        # not be exactly stress-free at F = I
+        eye = torch.eye(3, dtype=F.dtype, device=F.device)
+        exact = ((F.transpose(-1, -2) @ F - eye) == 0).all(-1).all(-1)
+        s = torch.where(exact[..., None], torch.sign(s), s)
         R = U @ V.transpose(-1, -2)
         ctx.save_for_backward(U, s, V)
         return R, s

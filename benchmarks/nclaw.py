@@ -1,0 +1,155 @@
+"""Benchmark: a neural constitutive law (NCLaw's networks) inside the MPM, forward and
+forward + backward per step at about 1k, 10k and 100k particles, diffworld vs a minimal port of
+the reference's scheme, same run, same sizes.
+
+Setup (issue 16 item 4; facts from shared/reference/nclaw.md): NCLaw's training scene (a 0.5 m
+cube thrown and spun in the unit box, 20^3 grid, dt 5e-4) with a plasticine truth for the
+particles' density; particles per cell 1, 10 and 100 give 1,000, 9,261 and 97,336 particles
+(the grid stays 20^3). Both sides use the same MPM kernels (diffworld's Warp P2G, grid, G2P) and
+NCLaw's architecture (13 invariants, bias-free MLP 13-64-64-9 with GELU, elastic and plastic
+networks), float32, with the same weights:
+
+* baseline (the reference's scheme): the invariants from ``torch.linalg.svd`` with its autograd
+  (NaN where singular values repeat, e.g. every particle at the start: zeroed with
+  ``nan_to_num`` as the reference does), the MLP in torch, between the Warp kernels;
+* ours: the same networks through :mod:`diffworld.sims.constitutive.neural`: the signed SVD in a
+  Warp kernel (float64 inside) and its adjoint by the polar decomposition's closed form.
+
+Columns: ms per step forward (``mpm.rollout`` under ``no_grad``), and forward + backward (the
+rollout with the law's weights requiring grad, then ``backward()`` of the final positions' squared
+sum), best of 2 runs of ``--steps`` steps (fewer at 100k). Ratio = baseline / ours.
+
+Usage::
+
+    python benchmarks/nclaw.py [--steps 20] [--quick]
+
+Runtime on a 2-core CPU: about 3 minutes (``--quick``: 1k and 10k only, about 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from diffworld.engine.runtime import init_warp
+from diffworld.sims import mpm
+from diffworld.sims.constitutive.neural import InvariantElasticity, InvariantPlasticity, NeuralLaw, _sym
+from diffworld.tasks.constitutive.config import ConstitutiveLearningTask
+from diffworld.tasks.constitutive.training import build_setup
+
+
+def _torch_invariants(F: torch.Tensor):
+    """The reference's way: torch.linalg.svd with autograd, sign fixes by torch ops."""
+    U, s, Vh = torch.linalg.svd(F)
+    V = Vh.transpose(-1, -2)
+    du, dv = torch.linalg.det(U), torch.linalg.det(V)
+    fu = torch.where(du < 0, -1.0, 1.0).to(F.dtype)
+    fv = torch.where(dv < 0, -1.0, 1.0).to(F.dtype)
+    U = torch.cat([U[..., :2], U[..., 2:] * fu[..., None, None]], -1)
+    V = torch.cat([V[..., :2], V[..., 2:] * fv[..., None, None]], -1)
+    s = torch.cat([s[..., :2], s[..., 2:] * (fu * fv)[..., None]], -1)
+    R = U @ V.transpose(-1, -2)
+    eye = torch.eye(3, dtype=F.dtype, device=F.device)
+    C = F.transpose(-1, -2) @ F - eye
+    J = s.prod(-1, keepdim=True)
+    x = torch.cat([s - 1.0, C.reshape(*F.shape[:-2], 9), J - 1.0], -1)
+    if x.requires_grad:
+        x.register_hook(lambda g: torch.nan_to_num(g))
+    if R.requires_grad:
+        R.register_hook(lambda g: torch.nan_to_num(g))
+    return x, R
+
+
+class BaselineElasticity(InvariantElasticity):
+    def forward(self, F):
+        x, R = _torch_invariants(F)
+        return self.output_scale * (R @ _sym(self._net(x)) @ F.transpose(-1, -2))
+
+
+class BaselinePlasticity(InvariantPlasticity):
+    def forward(self, F):
+        x, R = _torch_invariants(F)
+        return F + self.alpha * R @ _sym(self._net(x))
+
+
+class _NanToNumF(torch.autograd.Function):
+    """The reference zeroes NaN gradients of the deformation gradient (its SVD's at repeated
+    singular values) before they reach the simulator."""
+
+    @staticmethod
+    def forward(ctx, F):
+        return F.view_as(F)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.nan_to_num(g)
+
+
+class BaselineLaw(NeuralLaw):
+    def stress(self, F, params):
+        return self.elastic(_NanToNumF.apply(F))
+
+    def project(self, F, params):
+        return self.plastic(_NanToNumF.apply(F))
+
+
+def _laws(seed: int = 0):
+    torch.manual_seed(seed)
+    ours = NeuralLaw(InvariantElasticity(output_scale=3e5), InvariantPlasticity())
+    with torch.no_grad():  # a law that does something (small stresses, small plastic flow)
+        ours.elastic.mlp.layers[-1].weight.mul_(0.01)
+    base = BaselineLaw(BaselineElasticity(output_scale=3e5), BaselinePlasticity())
+    base.load_state_dict(ours.state_dict())
+    return ours.float(), base.float()
+
+
+def _time(model, state, law, steps: int, backward: bool) -> float:
+    best = float("inf")
+    for _ in range(2):
+        law.zero_grad()
+        t = time.perf_counter()
+        if backward:
+            out = mpm.rollout(model, state, steps, None, window=steps)
+            (out.states[-1].x ** 2).sum().backward()
+        else:
+            with torch.no_grad():
+                mpm.rollout(model, state, steps, None, window=steps)
+        best = min(best, time.perf_counter() - t)
+    return best / steps * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed run (1k; fewer at larger sizes)")
+    ap.add_argument("--quick", action="store_true", help="1k and 10k particles only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    init_warp()
+    sizes = [1, 10] if args.quick else [1, 10, 100]
+    print("| particles | baseline fwd [ms/step] | ours fwd | ratio | baseline fwd+bwd [ms/step] | ours fwd+bwd | "
+          "ratio | max abs diff of x after the run [m] |")
+    print("|---|---|---|---|---|---|---|---|")
+    per_particle = []
+    for ppc in sizes:
+        task = ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "plasticine"}, "ppc": ppc}})
+        model, state = build_setup(task.data, torch.float32, "cpu")
+        ours, base = _laws()
+        m_ours, m_base = mpm.use_law(model, ours, "cube"), mpm.use_law(model, base, "cube")
+        steps = max(2, args.steps // ppc) if ppc > 1 else args.steps
+        with torch.no_grad():
+            xa = mpm.rollout(m_ours, state, steps, None, window=steps).states[-1].x
+            xb = mpm.rollout(m_base, state, steps, None, window=steps).states[-1].x
+        diff = float((xa - xb).abs().max())
+        fb, fo = _time(m_base, state, base, steps, False), _time(m_ours, state, ours, steps, False)
+        bb, bo = _time(m_base, state, base, steps, True), _time(m_ours, state, ours, steps, True)
+        n = model.n_particles
+        per_particle.append((n, bo / n * 1e3))
+        print(f"| {n:,} | {fb:.2f} | {fo:.2f} | {fb / fo:.2f} | {bb:.2f} | {bo:.2f} | {bb / bo:.2f} | {diff:.1e} |",
+              flush=True)
+    print("\nours fwd+bwd per particle [us/step]: " + ", ".join(f"{n:,}: {t:.2f}" for n, t in per_particle))
+
+
+if __name__ == "__main__":
+    main()
