@@ -13,7 +13,7 @@ from diffworld.app.scenes import SceneError, load_scene, scene_json_schema
 ALL_SCENES = sorted((Path(__file__).resolve().parents[2] / "scenes").glob("*.yaml"))
 # Reconstruction scenes on marching cubes here; simulation scenes (test_mpm_scenes.py) and the
 # FlexiCubes / G-Shell scenes (test_isosurface_scenes.py) have their own reduced runs.
-SCENES = [p for p in ALL_SCENES if not p.stem.startswith(("mpm_", "tactile_"))
+SCENES = [p for p in ALL_SCENES if not p.stem.startswith(("mpm_", "tactile_", "nclaw_"))
           and load_scene(p).task.representation.type in ("grid", "neural")]
 runner = CliRunner()
 

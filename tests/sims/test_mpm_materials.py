@@ -128,7 +128,7 @@ def test_scene_material_section_is_the_library_material():
 
     from diffworld.tasks.mpm.config import MaterialConfig
 
-    assert set(MaterialConfig.model_fields) == {"name", *M.PARAMETERS}
+    assert set(MaterialConfig.model_fields) == {"type", "name", "path", *M.PARAMETERS}  # type, path: neural laws
     for name, value in [("E", -1.0), ("nu", 0.5), ("friction_angle", 95.0), ("theta_c", 1.0), ("E", float("inf")),
                         ("E", True)]:
         with pytest.raises(ValueError, match=name):

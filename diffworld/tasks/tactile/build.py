@@ -172,7 +172,7 @@ class TactileScene:
             self.substeps = max(1, math.ceil(task.control_dt / dt * (1 - 1e-12)))
             self.dt = task.control_dt / self.substeps
         else:
-            self.substeps, self.dt = task.substeps, dt
+            self.substeps, self.dt = task.substeps or 10, dt  # 10: the default (a model_copy skips the validator)
         self.n_steps = task.steps * self.substeps
         self.step_time = self.substeps * self.dt
         self._check_start()

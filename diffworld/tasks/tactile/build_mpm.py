@@ -155,7 +155,7 @@ class CoupledTactileScene:
             self.substeps = max(1, math.ceil(task.control_dt / dt * (1 - 1e-12)))
             dt = task.control_dt / self.substeps
         else:
-            self.substeps = task.substeps
+            self.substeps = task.substeps or 10  # the default (a model_copy skips the validator)
         self.dt = dt
         self.n_steps = task.steps * self.substeps
         self.step_time = self.substeps * dt
