@@ -1,7 +1,22 @@
-"""Warp kernels of the neural laws: the signed SVD of a batch of deformation gradients (the
-decomposition :func:`diffworld.sims.constitutive.neural.rotation_and_singular_values` takes
-forward; its adjoint is torch arithmetic on the factors). ``torch.linalg.svd`` of 3 x 3 batches
-runs LAPACK per matrix and was 42 % of a neural MPM step at 1,000 particles on this CPU."""
+"""Warp kernels of the neural laws: everything of NCLaw's law that is per particle and not a
+matrix product, with hand-written adjoints.
+
+A neural law's evaluation is ``invariants -> MLP -> head``: the MLP's batched matrix products
+stay in torch (BLAS beats a per-particle loop by far), and the two per-particle stages around it
+are one Warp kernel each, forward and adjoint:
+
+* :func:`invariants_forward` / :func:`invariants_adjoint`: the signed SVD of F (float64, by
+  Jacobi rotations of F^T F: Warp's float32 ``svd3`` reconstructs F only to ~1e-3 and its float64
+  one is three times slower), the rotation ``R = U V^T`` and the 13
+  scaled invariants ``(sigma - 1, vec(F^T F - I), det F - 1) / scale``. The adjoint is the polar
+  decomposition's closed form (denominators ``sigma_i + sigma_j``, finite where singular values
+  repeat), from the factors the forward kept.
+* :func:`head_forward` / :func:`head_adjoint`: the network output N (9 per particle) made a
+  stress ``tau = c R sym(N) F^T`` or a plastic update ``F' = F + c R sym(N)``.
+
+In torch the same arithmetic is some thirty small ops per evaluation, each costing more than the
+kernel that replaces them at a thousand particles (measured in ``benchmarks/nclaw.py``).
+"""
 
 from __future__ import annotations
 
@@ -10,55 +25,384 @@ from typing import Any
 import torch
 import warp as wp
 
-__all__ = ["signed_svd"]
+__all__ = ["head_adjoint", "head_forward", "invariants_adjoint", "invariants_forward", "signed_svd"]
+
+N_INVARIANTS = 13
+HEAD_STRESS, HEAD_PLASTIC = 0, 1
+
+
+@wp.func
+def _jacobi(A: wp.mat33d, V: wp.mat33d, p: int, q: int):
+    """One Jacobi rotation of the symmetric A zeroing ``A[p, q]`` (Numerical Recipes' stable
+    form), accumulated into V's columns."""
+    apq = A[p, q]
+    if apq == wp.float64(0.0):
+        return A, V
+    r = 3 - p - q
+    theta = (A[q, q] - A[p, p]) / (wp.float64(2.0) * apq)
+    t = wp.float64(1.0) / (wp.abs(theta) + wp.sqrt(theta * theta + wp.float64(1.0)))
+    if theta < wp.float64(0.0):
+        t = -t
+    c = wp.float64(1.0) / wp.sqrt(t * t + wp.float64(1.0))
+    s = t * c
+    arp = A[r, p]
+    arq = A[r, q]
+    A[p, p] = A[p, p] - t * apq
+    A[q, q] = A[q, q] + t * apq
+    A[p, q] = wp.float64(0.0)
+    A[q, p] = wp.float64(0.0)
+    A[r, p] = c * arp - s * arq
+    A[p, r] = A[r, p]
+    A[r, q] = s * arp + c * arq
+    A[q, r] = A[r, q]
+    for k in range(3):
+        vkp = V[k, p]
+        vkq = V[k, q]
+        V[k, p] = c * vkp - s * vkq
+        V[k, q] = s * vkp + c * vkq
+    return A, V
+
+
+@wp.func
+def _swap_columns(V: wp.mat33d, a: int, b: int):
+    for k in range(3):
+        t = V[k, a]
+        V[k, a] = V[k, b]
+        V[k, b] = t
+    return V
+
+
+@wp.func
+def _unit_orthogonal(u: wp.vec3d):
+    """A unit vector orthogonal to the unit vector u."""
+    e = wp.vec3d(wp.float64(1.0), wp.float64(0.0), wp.float64(0.0))
+    if wp.abs(u[0]) > wp.float64(0.5):
+        e = wp.vec3d(wp.float64(0.0), wp.float64(1.0), wp.float64(0.0))
+    w = e - wp.dot(e, u) * u
+    return w / wp.length(w)
+
+
+@wp.func
+def _svd_signed(F: wp.mat33d):
+    """F = U diag(s) V^T with U, V proper rotations, s_0 >= s_1 >= |s_2|, s_2 taking the sign
+    of det F.
+
+    V diagonalises F^T F by cyclic Jacobi rotations (to round-off, at most 12 sweeps; 3-5 in
+    practice); U's columns come from F V (normalised, Gram-Schmidt, a cross product), so that
+    ``s_2 = u_2 . F v_2`` carries det F's sign. Warp's ``svd3`` takes about three times as long
+    on the CPU (measured: 1.1 us vs ~0.3 us per matrix, float64)."""
+    A = wp.transpose(F) @ F
+    V = wp.identity(3, dtype=wp.float64)
+    for sweep in range(12):
+        off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
+        diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
+        if off <= wp.float64(1.0e-34) * diag:
+            break
+        A, V = _jacobi(A, V, 0, 1)
+        A, V = _jacobi(A, V, 0, 2)
+        A, V = _jacobi(A, V, 1, 2)
+    # eigenvalues of F^T F descending, V's columns with them
+    l0 = A[0, 0]
+    l1 = A[1, 1]
+    l2 = A[2, 2]
+    if l0 < l1:
+        V = _swap_columns(V, 0, 1)
+        t = l0
+        l0 = l1
+        l1 = t
+    if l0 < l2:
+        V = _swap_columns(V, 0, 2)
+        t = l0
+        l0 = l2
+        l2 = t
+    if l1 < l2:
+        V = _swap_columns(V, 1, 2)
+    if wp.determinant(V) < wp.float64(0.0):
+        for k in range(3):
+            V[k, 2] = -V[k, 2]
+    B = F @ V
+    b0 = wp.vec3d(B[0, 0], B[1, 0], B[2, 0])
+    b1 = wp.vec3d(B[0, 1], B[1, 1], B[2, 1])
+    b2 = wp.vec3d(B[0, 2], B[1, 2], B[2, 2])
+    s0 = wp.length(b0)
+    u0 = wp.vec3d(wp.float64(1.0), wp.float64(0.0), wp.float64(0.0))
+    if s0 > wp.float64(0.0):
+        u0 = b0 / s0
+    w1 = b1 - wp.dot(b1, u0) * u0
+    s1 = wp.length(w1)
+    u1 = _unit_orthogonal(u0)
+    if s1 > wp.float64(1.0e-300):
+        u1 = w1 / s1
+    s1 = wp.dot(b1, u1)
+    u2 = wp.cross(u0, u1)
+    s2 = wp.dot(b2, u2)
+    U = wp.mat33d(u0[0], u1[0], u2[0], u0[1], u1[1], u2[1], u0[2], u1[2], u2[2])
+    return U, wp.vec3d(s0, s1, s2), V
+
+
+@wp.func
+def _sign(x: wp.float64):
+    if x < wp.float64(0.0):
+        return wp.float64(-1.0)
+    return wp.float64(1.0)
+
+
+@wp.func
+def _exact_orthogonal(F: Any):
+    """True where F^T F = I holds exactly in F's own precision (F = I, a permutation or a
+    reflection): sigma is then +-1 exactly, which the iterative SVD misses by an ulp, and a
+    law would not be exactly stress-free at F = I."""
+    C = wp.transpose(F) @ F
+    ok = True
+    for a in range(3):
+        for b in range(3):
+            target = type(F[0, 0])(0.0)
+            if a == b:
+                target = type(F[0, 0])(1.0)
+            if C[a, b] != target:
+                ok = False
+    return ok
 
 
 @wp.kernel
 def _signed_svd(F: wp.array(dtype=Any), U_out: wp.array(dtype=Any), s_out: wp.array(dtype=Any),
                 V_out: wp.array(dtype=Any)):
     i = wp.tid()
-    A = F[i]
-    U = type(A)()
-    V = type(A)()
-    s = s_out[i]
-    wp.svd3(A, U, s, V)
-    one = type(A[0, 0])(1.0)
-    # proper rotations: flip the last column of U (V) and the sign of s_2 where det < 0
-    if wp.determinant(U) < type(one)(0.0):
-        U = U @ wp.diag(type(s)(one, one, -one))
-        s = type(s)(s[0], s[1], -s[2])
-    if wp.determinant(V) < type(one)(0.0):
-        V = V @ wp.diag(type(s)(one, one, -one))
-        s = type(s)(s[0], s[1], -s[2])
+    U, s, V = _svd_signed(wp.mat33d(F[i]))
+    U_out[i] = type(F[i])(U)
+    s_out[i] = type(s_out[i])(s)
+    V_out[i] = type(F[i])(V)
+
+
+@wp.kernel
+def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: wp.array2d(dtype=Any),
+                    R: wp.array(dtype=Any), U_out: wp.array(dtype=wp.mat33d), s_out: wp.array(dtype=wp.vec3d),
+                    V_out: wp.array(dtype=wp.mat33d)):
+    i = wp.tid()
+    Fi = F[i]
+    U, s, V = _svd_signed(wp.mat33d(Fi))
+    if _exact_orthogonal(Fi):
+        s = wp.vec3d(_sign(s[0]), _sign(s[1]), _sign(s[2]))
     U_out[i] = U
     s_out[i] = s
     V_out[i] = V
+    R[i] = type(Fi)(U @ wp.transpose(V))
+    C = wp.transpose(Fi) @ Fi  # in F's precision, as the torch reference computes it
+    one = type(Fi[0, 0])(1.0)
+    for a in range(3):
+        x[i, a] = (type(one)(s[a]) - one) * inv_scale[a]
+        for b in range(3):
+            c = C[a, b]
+            if a == b:
+                c = c - one
+            x[i, 3 + 3 * a + b] = c * inv_scale[3 + 3 * a + b]
+    x[i, 12] = (type(one)(s[0] * s[1] * s[2]) - one) * inv_scale[12]
 
 
-_KERNELS: dict[torch.dtype, Any] = {}
+@wp.kernel
+def _invariants_adj(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U_in: wp.array(dtype=wp.mat33d),
+                    s_in: wp.array(dtype=wp.vec3d), V_in: wp.array(dtype=wp.mat33d), gx: wp.array2d(dtype=Any),
+                    gR: wp.array(dtype=Any), tiny: wp.float64, gF: wp.array(dtype=Any)):
+    i = wp.tid()
+    Fi = wp.mat33d(F[i])
+    U = U_in[i]
+    s = s_in[i]
+    V = V_in[i]
+    # d sigma (the first three inputs and det F = s0 s1 s2), dC (the next nine)
+    gJ = wp.float64(gx[i, 12]) * wp.float64(inv_scale[12])
+    gs = wp.vec3d(wp.float64(gx[i, 0]) * wp.float64(inv_scale[0]) + gJ * s[1] * s[2],
+                  wp.float64(gx[i, 1]) * wp.float64(inv_scale[1]) + gJ * s[0] * s[2],
+                  wp.float64(gx[i, 2]) * wp.float64(inv_scale[2]) + gJ * s[0] * s[1])
+    gC = wp.mat33d()
+    for a in range(3):
+        for b in range(3):
+            gC[a, b] = wp.float64(gx[i, 3 + 3 * a + b]) * wp.float64(inv_scale[3 + 3 * a + b])
+    out = Fi @ (gC + wp.transpose(gC))
+    # the SVD: dP = U^T dF V; d sigma_i = dP_ii; dR = U A V^T, A_ij = (dP_ij - dP_ji) / (s_i + s_j)
+    M = wp.transpose(U) @ wp.mat33d(gR[i]) @ V
+    G = wp.diag(gs)
+    for a in range(3):
+        for b in range(3):
+            if a != b:
+                d = s[a] + s[b]
+                if wp.abs(d) < tiny:  # s_i + s_j -> 0 only under (near) inversion: keep the sign
+                    d = tiny * _sign(d)
+                G[a, b] = G[a, b] + (M[a, b] - M[b, a]) / d
+    out = out + U @ G @ wp.transpose(V)
+    gF[i] = type(F[i])(out)
+
+
+@wp.kernel
+def _head_fwd(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any, mode: int,
+              out: wp.array(dtype=Any)):
+    i = wp.tid()
+    Fi = F[i]
+    S = type(Fi)()
+    for a in range(3):
+        for b in range(3):
+            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    if mode == 0:
+        out[i] = coef * (R[i] @ S @ wp.transpose(Fi))
+    else:
+        out[i] = Fi + coef * (R[i] @ S)
+
+
+@wp.kernel
+def _head_adj(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any, mode: int,
+              g: wp.array(dtype=Any), gF: wp.array(dtype=Any), gR: wp.array(dtype=Any), gN: wp.array2d(dtype=Any)):
+    i = wp.tid()
+    Fi = F[i]
+    Ri = R[i]
+    gi = g[i]
+    S = type(Fi)()
+    for a in range(3):
+        for b in range(3):
+            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    if mode == 0:  # tau = c R S F^T
+        gR[i] = coef * (gi @ Fi @ S)
+        gS = coef * (wp.transpose(Ri) @ gi @ Fi)
+        gF[i] = coef * (wp.transpose(gi) @ Ri @ S)
+    else:  # F' = F + c R S
+        gR[i] = coef * (gi @ S)
+        gS = coef * (wp.transpose(Ri) @ gi)
+        gF[i] = gi
+    for a in range(3):
+        for b in range(3):
+            gN[i, 3 * a + b] = type(coef)(0.5) * (gS[a, b] + gS[b, a])
+
+
+def _types(s):
+    return wp.types.matrix((3, 3), s), wp.types.vector(3, s)
+
+
+_K: dict[torch.dtype, dict[str, Any]] = {}
 for _t, _s in ((torch.float32, wp.float32), (torch.float64, wp.float64)):
-    _m = wp.array(dtype=wp.types.matrix((3, 3), _s))
-    _v = wp.array(dtype=wp.types.vector(3, _s))
-    _KERNELS[_t] = (wp.overload(_signed_svd, [_m, _m, _v, _m]), wp.types.matrix((3, 3), _s), wp.types.vector(3, _s))
+    _m33, _v3 = _types(_s)
+    _am, _av, _as, _a2 = wp.array(dtype=_m33), wp.array(dtype=_v3), wp.array(dtype=_s), wp.array2d(dtype=_s)
+    _a64m, _a64v = wp.array(dtype=wp.mat33d), wp.array(dtype=wp.vec3d)
+    _K[_t] = {
+        "m33": _m33, "v3": _v3, "s": _s,
+        "svd": wp.overload(_signed_svd, [_am, _am, _av, _am]),
+        "inv_fwd": wp.overload(_invariants_fwd, [_am, _as, _a2, _am, _a64m, _a64v, _a64m]),
+        "inv_adj": wp.overload(_invariants_adj, [_am, _as, _a64m, _a64v, _a64m, _a2, _am, wp.float64, _am]),
+        "head_fwd": wp.overload(_head_fwd, [_am, _am, _a2, _s, wp.int32, _am]),
+        "head_adj": wp.overload(_head_adj, [_am, _am, _a2, _s, wp.int32, _am, _am, _am, _a2]),
+    }
+
+_VIEWS: dict[tuple, Any] = {}
+
+
+def _view(t: torch.Tensor, dtype, shape: tuple[int, ...]):
+    """A Warp view of a contiguous tensor, cached by address, shape and type: wrapping a tensor
+    costs more than these kernels at a thousand particles."""
+    key = (t.data_ptr(), tuple(shape), dtype, t.device)
+    a = _VIEWS.get(key)
+    if a is None:
+        if not t.is_contiguous():
+            raise ValueError("internal: expected a contiguous tensor")
+        if len(_VIEWS) > 4096:
+            _VIEWS.clear()
+        dev = "cpu" if t.device.type == "cpu" else f"cuda:{t.device.index or 0}"
+        a = wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
+        _VIEWS[key] = a
+    return a
+
+
+def _launch(kernel, n: int, args: list, device: torch.device) -> None:
+    from diffworld.engine.bridge import launch
+
+    launch(kernel, n, args, device)
+
+
+def _check(F: torch.Tensor) -> dict[str, Any]:
+    from diffworld.engine.runtime import init_warp
+
+    init_warp()
+    if F.dtype not in _K:
+        raise ValueError(f"neural law kernels: expected float32 or float64 deformation gradients, got {F.dtype}")
+    return _K[F.dtype]
+
+
+def _m(k, t):
+    return _view(t, k["m33"], t.shape[:1])
 
 
 def signed_svd(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F = U diag(s) V^T`` for F (n, 3, 3) float32/float64 on the CPU or a CUDA device, with U, V
     proper rotations, ``|s|`` descending and ``s_2 < 0`` where ``det F < 0``; computed in float64,
     returned in F's dtype (not differentiable; see ``neural``)."""
-    from diffworld.engine.runtime import init_warp
-
-    init_warp()
-    # always in float64: Warp's float32 svd3 reconstructs F only to ~1e-2 (measured on I + 0.5 N(0, 1))
-    kernel, m33, v3 = _KERNELS[torch.float64]
-    out_dtype = F.dtype
-    F = F.detach().to(torch.float64).contiguous()
+    k = _check(F)
+    F = F.detach().contiguous()
     n = F.shape[0]
     U, V = torch.empty_like(F), torch.empty_like(F)
     s = torch.empty((n, 3), dtype=F.dtype, device=F.device)
-    if n:
-        dev = "cpu" if F.device.type == "cpu" else f"cuda:{F.device.index or 0}"
-        wp.launch(kernel, n, [wp.from_torch(F, dtype=m33)],
-                  [wp.from_torch(U, dtype=m33), wp.from_torch(s, dtype=v3), wp.from_torch(V, dtype=m33)],
-                  device=dev)
-    return U.to(out_dtype), s.to(out_dtype), V.to(out_dtype)
+    _launch(k["svd"], n, [_m(k, F), _m(k, U), _view(s, k["v3"], (n,)), _m(k, V)], F.device)
+    return U, s, V
+
+
+def invariants_forward(F: torch.Tensor, inv_scale: torch.Tensor):
+    """NCLaw's scaled invariants of F (n, 3, 3) and its rotation.
+
+    Args:
+        F: Deformation gradients (n, 3, 3), float32 or float64.
+        inv_scale: (13,) the reciprocal normalisation of each input, F's dtype and device.
+
+    Returns:
+        (x (n, 13), R (n, 3, 3), saved): ``saved`` (the float64 factors U, s, V) is what
+        :func:`invariants_adjoint` needs.
+    """
+    k = _check(F)
+    F = F.detach().contiguous()
+    n = F.shape[0]
+    x = torch.empty((n, N_INVARIANTS), dtype=F.dtype, device=F.device)
+    R = torch.empty_like(F)
+    U = torch.empty((n, 3, 3), dtype=torch.float64, device=F.device)
+    V = torch.empty_like(U)
+    s = torch.empty((n, 3), dtype=torch.float64, device=F.device)
+    inv_scale = inv_scale.detach().to(F.dtype).contiguous()
+    _launch(k["inv_fwd"], n, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)), _view(x, k["s"], (n, N_INVARIANTS)),
+                              _m(k, R), _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)),
+                              _view(V, wp.mat33d, (n,))], F.device)
+    return x, R, (U, s, V)
+
+
+def invariants_adjoint(F: torch.Tensor, inv_scale: torch.Tensor, saved, gx: torch.Tensor | None,
+                       gR: torch.Tensor | None) -> torch.Tensor:
+    """d loss / dF (n, 3, 3) from d loss / dx (n, 13) and d loss / dR (n, 3, 3) (None: zero)."""
+    k = _check(F)
+    F = F.detach().contiguous()
+    n = F.shape[0]
+    U, s, V = saved
+    gx = torch.zeros((n, N_INVARIANTS), dtype=F.dtype, device=F.device) if gx is None else gx.to(F.dtype).contiguous()
+    gR = torch.zeros_like(F) if gR is None else gR.to(F.dtype).contiguous()
+    inv_scale = inv_scale.detach().to(F.dtype).contiguous()
+    gF = torch.empty_like(F)
+    tiny = float(torch.finfo(F.dtype).eps ** 0.5)
+    _launch(k["inv_adj"], n, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)), _view(U, wp.mat33d, (n,)),
+                              _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
+                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), wp.float64(tiny), _m(k, gF)], F.device)
+    return gF
+
+
+def head_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float, mode: int) -> torch.Tensor:
+    """``c R sym(N) F^T`` (mode :data:`HEAD_STRESS`) or ``F + c R sym(N)`` (:data:`HEAD_PLASTIC`)
+    for F, R (n, 3, 3) and N (n, 9) (row-major 3 x 3)."""
+    k = _check(F)
+    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    n = F.shape[0]
+    out = torch.empty_like(F)
+    _launch(k["head_fwd"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), int(mode), _m(k, out)],
+            F.device)
+    return out
+
+
+def head_adjoint(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float, mode: int, g: torch.Tensor):
+    """(d loss / dF, d loss / dR, d loss / dN) of :func:`head_forward` from d loss / d out."""
+    k = _check(F)
+    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    g = g.to(F.dtype).contiguous()
+    n = F.shape[0]
+    gF, gR, gN = torch.empty_like(F), torch.empty_like(F), torch.empty_like(N)
+    _launch(k["head_adj"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), int(mode), _m(k, g),
+                               _m(k, gF), _m(k, gR), _view(gN, k["s"], (n, 9))], F.device)
+    return gF, gR, gN

@@ -27,6 +27,11 @@ autograd divides by ``sigma_i - sigma_j`` and is NaN wherever singular values re
 particle at the start), while ``R`` and ``sigma`` only need ``sigma_i + sigma_j`` (the polar
 decomposition's Sylvester equation), finite away from inversion.
 
+The invariant parts run as ``Warp kernel -> torch MLP -> Warp kernel``: the invariants (with the
+SVD) and the head (``R sym(N) F^T`` or ``F + alpha R sym(N)``) are one kernel each way
+(:mod:`~diffworld.sims.constitutive.kernels_neural`), the matrix products stay in torch. The test
+suite checks them against the same law composed of torch ops, values and gradients.
+
 A law is saved as a file pair (:func:`save_law`, :func:`load_law`): ``NAME.pt`` (the torch state
 dict) and ``NAME.json`` (the architecture and normalisation), so a scene can name it.
 """
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from diffworld.sims.constitutive.torch_law import BuiltinTorchLaw, TorchLaw
 
@@ -113,17 +119,66 @@ def rotation_and_singular_values(F: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _PolarSVD.apply(F)
 
 
+class _Invariants(torch.autograd.Function):
+    """(x, R): the scaled invariants (n, 13) and rotation of F (n, 3, 3), one Warp kernel each
+    way (:mod:`~diffworld.sims.constitutive.kernels_neural`)."""
+
+    @staticmethod
+    def forward(ctx, F, inv_scale):
+        from diffworld.sims.constitutive.kernels_neural import invariants_forward
+
+        x, R, saved = invariants_forward(F, inv_scale)
+        ctx.save_for_backward(F, inv_scale, *saved)
+        return x, R
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gx, gR):
+        from diffworld.sims.constitutive.kernels_neural import invariants_adjoint
+
+        F, inv_scale, U, s, V = ctx.saved_tensors
+        return invariants_adjoint(F, inv_scale, (U, s, V), gx, gR), None
+
+
+class _Head(torch.autograd.Function):
+    """A network output N (n, 9) made a stress ``c R sym(N) F^T`` (mode 0) or a plastic update
+    ``F + c R sym(N)`` (mode 1); one Warp kernel each way."""
+
+    @staticmethod
+    def forward(ctx, F, R, N, coef, mode):
+        from diffworld.sims.constitutive.kernels_neural import head_forward
+
+        ctx.save_for_backward(F, R, N)
+        ctx.coef, ctx.mode = coef, mode
+        return head_forward(F, R, N, coef, mode)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        from diffworld.sims.constitutive.kernels_neural import head_adjoint
+
+        F, R, N = ctx.saved_tensors
+        gF, gR, gN = head_adjoint(F, R, N, ctx.coef, ctx.mode, g)
+        return gF, gR, gN.to(N.dtype), None, None
+
+
+def _scaled_invariants(F: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / input_scale (n, 13), R (n, 3, 3)) of F (n, 3, 3)."""
+    return _Invariants.apply(F, 1.0 / input_scale.to(F))
+
+
 def invariants(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NCLaw's 13 rotation-invariant inputs of F (..., 3, 3) and its rotation R.
+
+    Differentiable (one Warp kernel each way; the rotation's adjoint is the polar decomposition's
+    closed form, as in :func:`rotation_and_singular_values`).
 
     Returns:
         (x (..., 13): ``sigma - 1``, ``vec(F^T F - I)``, ``det F - 1``; R (..., 3, 3)).
     """
-    R, s = rotation_and_singular_values(F)
-    eye = torch.eye(3, dtype=F.dtype, device=F.device)
-    C = F.transpose(-1, -2) @ F - eye
-    J = s.prod(-1, keepdim=True)  # det F (sigma_3 carries its sign)
-    return torch.cat([s - 1.0, C.reshape(*F.shape[:-2], 9), J - 1.0], -1), R
+    batch = F.shape[:-2]
+    x, R = _scaled_invariants(F.reshape(-1, 3, 3), torch.ones(N_INVARIANTS, dtype=F.dtype, device=F.device))
+    return x.reshape(*batch, N_INVARIANTS), R.reshape(*batch, 3, 3)
 
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
@@ -200,8 +255,9 @@ class InvariantElasticity(_ElasticPart):
     kind = "invariant"
 
     def forward(self, F: torch.Tensor) -> torch.Tensor:
-        x, R = invariants(F)
-        return self.output_scale * (R @ _sym(self._net(x)) @ F.transpose(-1, -2))
+        F2 = F.reshape(-1, 3, 3)
+        x, R = _scaled_invariants(F2, self.input_scale)
+        return _Head.apply(F2, R, self.mlp(x), self.output_scale, 0).reshape(F.shape)
 
 
 class InvariantPlasticity(_Part):
@@ -219,8 +275,9 @@ class InvariantPlasticity(_Part):
         return {**super().config(), "alpha": self.alpha}
 
     def forward(self, F: torch.Tensor) -> torch.Tensor:
-        x, R = invariants(F)
-        return F + self.alpha * R @ _sym(self._net(x))
+        F2 = F.reshape(-1, 3, 3)
+        x, R = _scaled_invariants(F2, self.input_scale)
+        return _Head.apply(F2, R, self.mlp(x), self.alpha, 1).reshape(F.shape)
 
 
 class PlainElasticity(_ElasticPart):

@@ -275,6 +275,9 @@ class _Substep(NamedTuple):
     # (hook, what its forward saved) of a grid_force hook, else None; grid_mv then holds P2G's
     # momentum plus the hook's impulse (what grid_velocity read)
     grid_force: tuple | None = None
+    # per torch-law binding, the (F rows, material inputs, outputs) of its forward with autograd
+    # on, so that the adjoint need not evaluate the law again; consumed by the adjoint
+    law_graphs: list | None = None
 
 
 class GridForce(Protocol):
@@ -547,19 +550,32 @@ class Stepper:
         return {name: getattr(pp, name)[b.index] for name in b.law.material_parameters}
 
     def _torch_laws_forward(self, F: torch.Tensor, pp: ParticleParams, tau_out: torch.Tensor,
-                            F_out: torch.Tensor | None = None, step: int | None = None) -> None:
+                            F_out: torch.Tensor | None = None, step: int | None = None,
+                            keep: bool = False) -> list | None:
         """Rows of the torch-law particles: ``tau_out = stress(F)``, or with ``F_out``, the
         substep's stage ``F_out = project(F)``, ``tau_out = stress(F_out)``. The Warp kernels left
-        these rows as F and 0 (law code EXTERNAL)."""
-        with torch.no_grad():
+        these rows as F and 0 (law code EXTERNAL).
+
+        With ``keep``, the laws run with autograd on and their graphs are returned (one entry per
+        binding) for :meth:`_torch_laws_adjoint`: a window's backward then evaluates each law once
+        per substep instead of twice (the recomputed forward and the adjoint)."""
+        graphs = [] if keep else None
+        with torch.set_grad_enabled(keep):
             for b in self.torch_laws:
-                inputs = self._law_inputs(b, pp)
+                Fi, inputs = F[b.index], self._law_inputs(b, pp)
+                if keep:
+                    Fi = Fi.detach().requires_grad_()
+                    inputs = {n: t.detach().requires_grad_() for n, t in inputs.items()}
                 if F_out is None:
-                    tau_out[b.index] = self._checked(b, "stress", b.law.stress(F[b.index], inputs), step)
+                    outs = (self._checked(b, "stress", b.law.stress(Fi, inputs), step),)
+                    tau_out[b.index] = outs[0].detach()
                 else:
-                    Fn, tau = b.law(F[b.index], inputs)
-                    F_out[b.index] = self._checked(b, "return map (project)", Fn, step)
-                    tau_out[b.index] = self._checked(b, "stress", tau, step)
+                    Fn, tau = b.law(Fi, inputs)
+                    outs = (self._checked(b, "return map (project)", Fn, step), self._checked(b, "stress", tau, step))
+                    F_out[b.index], tau_out[b.index] = outs[0].detach(), outs[1].detach()
+                if keep:
+                    graphs.append((Fi, inputs, outs))
+        return graphs
 
     def _checked(self, b: LawBinding, what: str, out: Any, step: int | None) -> torch.Tensor:
         """A torch law's output, or a ValueError naming the law, the body, the substep and the
@@ -578,19 +594,22 @@ class Stepper:
         return out
 
     def _torch_laws_adjoint(self, F: torch.Tensor, pp: ParticleParams, adj_F_out: torch.Tensor | None,
-                            adj_tau_out: torch.Tensor, adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor]) -> None:
-        """Adjoint of :meth:`_torch_laws_forward` by autograd on the recomputed rows: accumulates
-        into ``adj_F``, the particle parameters' adjoints and the laws' parameters' adjoints."""
+                            adj_tau_out: torch.Tensor, adj_F: torch.Tensor, adj_params: Sequence[torch.Tensor],
+                            graphs: list | None = None) -> None:
+        """Adjoint of :meth:`_torch_laws_forward` by autograd, on the graphs a ``keep`` forward
+        returned (``graphs``, consumed) or else on the recomputed rows: accumulates into
+        ``adj_F``, the particle parameters' adjoints and the laws' parameters' adjoints."""
         slot = len(PARTICLE_PARAMS)
-        for b in self.torch_laws:
+        for j, b in enumerate(self.torch_laws):
             own = list(b.law.parameters())
             with torch.enable_grad():
-                Fi = F[b.index].detach().requires_grad_()
-                inputs = {n: t.detach().requires_grad_() for n, t in self._law_inputs(b, pp).items()}
-                if adj_F_out is None:
-                    outs, gouts = (b.law.stress(Fi, inputs),), (adj_tau_out[b.index],)
+                gouts = (adj_tau_out[b.index],) if adj_F_out is None else (adj_F_out[b.index], adj_tau_out[b.index])
+                if graphs is not None and graphs[j] is not None:
+                    (Fi, inputs, outs), graphs[j] = graphs[j], None
                 else:
-                    outs, gouts = b.law(Fi, inputs), (adj_F_out[b.index], adj_tau_out[b.index])
+                    Fi = F[b.index].detach().requires_grad_()
+                    inputs = {n: t.detach().requires_grad_() for n, t in self._law_inputs(b, pp).items()}
+                    outs = (b.law.stress(Fi, inputs),) if adj_F_out is None else b.law(Fi, inputs)
                 live = [p for p in own if p.requires_grad]
                 grads = torch.autograd.grad(outs, [Fi, *inputs.values(), *live], gouts, allow_unused=True)
             if grads[0] is not None:
@@ -693,7 +712,7 @@ class Stepper:
                                                        w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
 
         self._parallel(to_particles)
-        self._torch_laws_forward(Ft, pp, tau1, F1, step)
+        law_graphs = self._torch_laws_forward(Ft, pp, tau1, F1, step, keep=keep and bool(self.torch_laws))
         rigid_v = None
         if self.rigid is not None:
             ri = self.rigid.index
@@ -705,7 +724,7 @@ class Stepper:
         saved = None
         if keep:
             saved = _Substep(x, F, C, v, A, p, m, box, grid_mv, grid_m, grids, C1, Ft, control, rigid_v, act,
-                             emitted_now, tau, hook)
+                             emitted_now, tau, hook, law_graphs)
         return State(x1, v1, C1, F1), tau1, saved
 
     # -- adjoint of one substep -------------------------------------------------------------------
@@ -743,7 +762,7 @@ class Stepper:
         # (rows of rigid particles are read but do not matter: law 6 has no stress)
         g_tau1 = _zeros((n, 3, 3), dt_, dev) if adj_tau_out is None else adj_tau_out.contiguous()
         # torch laws first: the Warp adjoint adds nothing to their rows (law code EXTERNAL)
-        self._torch_laws_adjoint(s.F_trial, pp, gF, g_tau1, adj_Ft, adj_params)
+        self._torch_laws_adjoint(s.F_trial, pp, gF, g_tau1, adj_Ft, adj_params, s.law_graphs)
 
         def from_particles(c, a, b):
             q = slice(a, b)
