@@ -155,3 +155,119 @@ def test_a_law_with_a_bad_output_is_named_with_body_and_substep(mode, want):
     bound = mpm.use_law(model, _Broken(mode), "cube")
     with pytest.raises(ValueError, match=want):
         mpm.rollout(bound, state, 3, None)
+
+
+# ---------------------------------------------------------------------- evaluation and recorded data
+
+
+def test_evaluation_cases_replace_keys_and_score_each_law(tmp_path):
+    """Each case is the training set-up with its keys replaced; a law equal to the truth scores
+    exactly 0 on every case (same simulator, same start), a stress-free law does not."""
+    from diffworld.sims.constitutive.torch_law import BuiltinTorchLaw
+    from diffworld.tasks.constitutive.run import evaluate_case
+
+    task = ConstitutiveLearningTask.model_validate({
+        "data": {"material": {"name": "jelly"}, "resolution": 16, "size": 0.25, "steps": 12},
+        "law": {"width": 8, "plastic": "none"},
+        "evaluate": [{"name": "long", "steps": 24}, {"name": "fast", "velocity": [0.0, 0.0, -3.0], "spin": [0, 0, 0], "steps": 150},
+                     {"name": "slope", "gravity": [4.9, 0.0, -8.49]},
+                     {"name": "ball", "resolution": 24, "shape": {"type": "sphere", "radius": 0.15}}]})
+    long, fast, slope, ball = (c.data(task.data) for c in task.evaluate)
+    assert (long.steps, long.velocity) == (24, task.data.velocity)
+    assert fast.velocity == (0.0, 0.0, -3.0) and fast.steps == 150 and fast.size == 0.25
+    assert slope.gravity == (4.9, 0.0, -8.49)
+    assert ball.resolution == 24 and ball.shape.type == "sphere"
+    truth_like = BuiltinTorchLaw("corotated")
+    free = build_law(task.law, 1e5, F64, "cpu").requires_grad_(False)
+    for case in task.evaluate:
+        r = evaluate_case(task, case, {"truth": truth_like, "free": free}, F64, "cpu")
+        assert r["truth"] < 1e-20, (case.name, r["truth"])
+        assert r["free"] > 1e-10, (case.name, r["free"])
+        assert r["steps"] == case.data(task.data).steps
+    model, _ = build_setup(ball, F64, "cpu")
+    assert model.n_particles > 100 and model.grid.dx == pytest.approx(1 / 24)
+
+
+def test_a_run_with_evaluation_writes_the_scores_and_their_plot(tmp_path):
+    from diffworld.engine.run import run_scene
+    from diffworld.engine.runtime import get_runtime
+
+    scene = load_scene(ROOT / "scenes" / "nclaw_jelly.yaml", {
+        "task.data.steps": 10, "task.data.resolution": 16, "task.data.size": 0.25, "optimizer.iterations": 2,
+        "task.teacher_forcing.start": 5, "task.teacher_forcing.end": 10, "task.law.width": 8,
+        "task.evaluate": [{"name": "long", "steps": 20}, {"name": "slope", "gravity": [4.9, 0.0, -8.49]}]})
+    m = run_scene(scene, get_runtime("cpu", "float64"), tmp_path, progress=False)
+    for name in ("long", "slope"):
+        assert m[f"eval_{name}_mse"] >= 0 and m[f"eval_{name}_initial_mse"] > 0
+        assert m["evaluation"][name]["steps"] == (20 if name == "long" else 10)
+    assert (tmp_path / "evaluation.png").is_file() and (tmp_path / "truth.npz").is_file()
+    # the recorded truth trains the same law: the same first loss as the simulated truth
+    scene2 = load_scene(ROOT / "scenes" / "nclaw_jelly.yaml", {
+        "task.data.steps": 10, "task.data.resolution": 16, "task.data.size": 0.25, "optimizer.iterations": 2,
+        "task.teacher_forcing.start": 5, "task.teacher_forcing.end": 10, "task.law.width": 8,
+        "task.data.trajectory": str(tmp_path / "truth.npz")})
+    m2 = run_scene(scene2, get_runtime("cpu", "float64"), tmp_path / "again", progress=False)
+    assert m2["initial_rollout_mse"] == pytest.approx(m["initial_rollout_mse"], rel=1e-12)
+    assert m2["final_rollout_mse"] == pytest.approx(m["final_rollout_mse"], rel=1e-9)
+
+
+@pytest.mark.parametrize("change,want", [
+    ("short", r"'x' has 11 frames; data.steps is 12, so 13 are needed"),
+    ("particles", r"'x' has 63 particles; the set-up \(shape, resolution, ppc\) makes 64"),
+    ("missing", r"has no array 'F'"),
+    ("nan", r"'v' has non-finite values"),
+    ("shape", r"'C' has shape \(13, 64, 9\); expected \(13, 64, 3, 3\)"),
+    ("garbage", r"cannot read .* as .npz"),
+])
+def test_recorded_trajectories_of_the_wrong_length_or_shape_are_refused(tmp_path, change, want):
+    import numpy as np
+
+    from diffworld.tasks.constitutive.training import load_trajectory, save_trajectory
+
+    task = _task()
+    model, state = build_setup(task.data, F64, "cpu")
+    truth = ground_truth(model, state, task.data.steps)
+    p = save_trajectory(truth, tmp_path / "t.npz")
+    back = load_trajectory(p, 12, 64, F64, "cpu")
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.F, b.F) for a, b in zip(truth, back))
+    arrays = dict(np.load(p))
+    if change == "short":
+        arrays = {k: v[:11] for k, v in arrays.items()}
+    elif change == "particles":
+        arrays = {k: v[:, :63] for k, v in arrays.items()}
+    elif change == "missing":
+        del arrays["F"]
+    elif change == "nan":
+        arrays["v"][5, 3, 1] = np.nan
+    elif change == "shape":
+        arrays["C"] = arrays["C"].reshape(13, 64, 9)
+    bad = tmp_path / "bad.npz"
+    if change == "garbage":
+        bad.write_bytes(b"not a zip file")
+    else:
+        np.savez(bad, **arrays)
+    with pytest.raises(ValueError, match="data.trajectory: .*" + want):
+        load_trajectory(bad, 12, 64, F64, "cpu")
+
+
+@pytest.mark.parametrize("evaluate,want", [
+    ([{"name": "a"}, {"name": "a"}], "names must be unique"),
+    ([{"name": "training"}], "names must be unique"),
+    ([{"name": "big", "shape": {"type": "sphere", "radius": 0.45}}], r"evaluate\[0\] \(big\): data: shape: .*particles outside the domain interior"),
+    ([{"name": "fast", "dt": 0.1}], "dt"),
+])
+def test_bad_evaluation_cases_are_refused(evaluate, want):
+    with pytest.raises(Exception, match=want):
+        ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "jelly"}}, "evaluate": evaluate})
+
+
+def test_law_kind_switches_every_network_part():
+    from diffworld.sims.constitutive.neural import PlainElasticity, PlainPlasticity
+
+    task = ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "jelly"}}, "law": {"kind": "plain"}})
+    law = build_law(task.law, 1e5, F64, "cpu")
+    assert isinstance(law.elastic, PlainElasticity) and isinstance(law.plastic, PlainPlasticity)
+    task = ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "jelly"}},
+                                                   "law": {"kind": "plain", "elastic": "invariant"}})
+    law = build_law(task.law, 1e5, F64, "cpu")
+    assert isinstance(law.elastic, InvariantElasticity) and isinstance(law.plastic, PlainPlasticity)

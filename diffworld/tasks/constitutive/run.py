@@ -3,6 +3,8 @@ file, the evaluation and its pictures; registered as ``constitutive_learning``."
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from pathlib import Path
 
@@ -13,9 +15,9 @@ from diffworld.engine.config.registry import TASKS
 from diffworld.engine.problem import BaseProblem, solve
 from diffworld.sims import mpm
 from diffworld.sims.constitutive.neural import save_law
-from diffworld.tasks.constitutive.config import ConstitutiveLearningTask
-from diffworld.tasks.constitutive.training import (build_law, build_setup, ground_truth, lambda_at, rollout_mse,
-                                                   teacher_forced_loss, truth_young)
+from diffworld.tasks.constitutive.config import ConstitutiveLearningTask, EvaluationCase
+from diffworld.tasks.constitutive.training import (build_law, build_setup, ground_truth, lambda_at, load_trajectory,
+                                                   rollout_mse, save_trajectory, teacher_forced_loss, truth_young)
 
 __all__ = ["LawProblem", "run_constitutive_learning"]
 
@@ -93,7 +95,11 @@ def run_constitutive_learning(scene_cfg, task: ConstitutiveLearningTask, runtime
     dtype, device = runtime.dtype, runtime.device
     t0 = time.perf_counter()
     truth_model, state = build_setup(task.data, dtype, device)
-    truth = ground_truth(truth_model, state, task.data.steps)
+    if task.data.trajectory is not None:
+        truth = load_trajectory(task.data.trajectory, task.data.steps, truth_model.n_particles, dtype, device)
+    else:
+        truth = ground_truth(truth_model, state, task.data.steps)
+        save_trajectory(truth, Path(out_dir) / "truth.npz")
     torch.manual_seed(scene_cfg.seed)
     law = build_law(task.law, truth_young(task), dtype, device)
     model = mpm.use_law(truth_model, law, "cube")
@@ -101,14 +107,23 @@ def run_constitutive_learning(scene_cfg, task: ConstitutiveLearningTask, runtime
     every = task.eval_every
     before, curve_before = rollout_mse(model, truth, every)
     metrics: dict = {"particles": truth_model.n_particles, "steps": task.data.steps, "dt": task.data.dt,
-                     "truth": task.data.material.name, "elastic": task.law.elastic, "plastic": task.law.plastic,
+                     "truth": task.data.material.name, "elastic": task.law.part("elastic"),
+                     "plastic": task.law.part("plastic"),
                      "parameters": sum(p.numel() for p in law.parameters()), "initial_rollout_mse": before}
+    initial = copy.deepcopy(law).requires_grad_(False)
     if optimize:
         problem = LawProblem(task, model, truth, law, settings.lr, settings.iterations)
         solve(problem, settings, out_dir, resume=resume, progress=progress)
     after, curve_after = rollout_mse(model, truth, every)
     metrics["final_rollout_mse"] = after
     save_law(law, Path(out_dir) / "law.pt")
+    cases = {}
+    for case in task.evaluate:
+        cases[case.name] = evaluate_case(task, case, {"learned": law, "initial": initial}, dtype, device)
+        metrics[f"eval_{case.name}_mse"] = cases[case.name]["learned"]
+        metrics[f"eval_{case.name}_initial_mse"] = cases[case.name]["initial"]
+    if cases:
+        metrics["evaluation"] = {name: {k: v for k, v in c.items() if k != "curves"} for name, c in cases.items()}
     with torch.no_grad():
         x_after = mpm.rollout(model, truth[0], task.data.steps, None, window=200).states[-1].x
     frames = np.arange(0, task.data.steps + 1, every)
@@ -117,9 +132,63 @@ def run_constitutive_learning(scene_cfg, task: ConstitutiveLearningTask, runtime
     files = _plot(Path(out_dir), frames, {"initial law": curve_before.cpu().numpy(),
                                           "learned law": curve_after.cpu().numpy()},
                   truth[-1].x.cpu().numpy(), {"learned": x_after.cpu().numpy()})
+    if cases:
+        files["evaluation"] = _plot_cases(Path(out_dir), cases)
     metrics["seconds"] = time.perf_counter() - t0
     metrics["files"] = {"law": "law.pt", **files}
+    if task.data.trajectory is None:
+        metrics["files"]["truth"] = "truth.npz"
     return metrics
+
+
+def evaluate_case(task: ConstitutiveLearningTask, case: EvaluationCase, laws: dict[str, torch.nn.Module], dtype,
+                  device) -> dict:
+    """Score ``laws`` (name -> law) on one evaluation trajectory: the truth simulated with the
+    truth material in the case's set-up, each law's free rollout from the same start, NCLaw's
+    metric. A law whose rollout fails (non-finite stresses) scores ``inf``, with the reason.
+
+    Returns:
+        {law name: mean MSE [m^2], "particles", "steps", "curves": {law name: per-frame MSE},
+        "errors": {law name: message} where one failed}.
+    """
+    data = case.data(task.data)
+    truth_model, state = build_setup(data, dtype, device)
+    truth = ground_truth(truth_model, state, data.steps)
+    out: dict = {"particles": truth_model.n_particles, "steps": data.steps, "curves": {}, "errors": {}}
+    for name, law in laws.items():
+        try:
+            mse, curve = rollout_mse(mpm.use_law(truth_model, law, "cube"), truth, task.eval_every)
+        except ValueError as exc:  # the seam's check: a law that produced non-finite values
+            out[name], out["errors"][name] = float("inf"), str(exc)[:300]
+            continue
+        out[name] = mse if math.isfinite(mse) else float("inf")
+        out["curves"][name] = curve.cpu().numpy()
+    if not out["errors"]:
+        del out["errors"]
+    return out
+
+
+def _plot_cases(out_dir: Path, cases: dict[str, dict]) -> str:
+    """One panel per evaluation case: the position MSE over its frames, per law."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffworld.engine.files import atomic_path
+
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.0), constrained_layout=True, squeeze=False)
+    for a, (name, c) in zip(axes[0], cases.items()):
+        for law, curve in c["curves"].items():
+            a.semilogy(np.maximum(curve[1:], 1e-16), label=law)
+        a.set_title(f"{name} ({c['steps']} steps)", fontsize=9)
+        a.set_xlabel("scored frame")
+        a.legend(fontsize=7)
+    axes[0][0].set_ylabel("position MSE [m^2]")
+    with atomic_path(out_dir / "evaluation.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return "evaluation.png"
 
 
 def _run(scene, runtime, out_dir: Path, **kwargs) -> dict:

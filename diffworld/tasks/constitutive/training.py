@@ -5,7 +5,9 @@ teacher-forced loss and the rollout metric (torch ops; the law's weights get gra
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffworld.geometry.sdf import Box
@@ -13,24 +15,36 @@ from diffworld.sims import mpm
 from diffworld.sims.constitutive.neural import ELASTIC_KINDS, PLASTIC_KINDS, NeuralLaw, load_law
 from diffworld.tasks.constitutive.config import ConstitutiveLearningTask, DataConfig, LawConfig
 
-__all__ = ["build_law", "build_setup", "ground_truth", "lambda_at", "rollout_mse", "teacher_forced_loss",
-           "truth_young"]
+__all__ = ["build_law", "build_setup", "ground_truth", "lambda_at", "load_trajectory", "rollout_mse", "save_trajectory",
+           "teacher_forced_loss", "truth_young"]
 
 
 def build_setup(data: DataConfig, dtype: torch.dtype, device) -> tuple[mpm.Model, mpm.State]:
-    """The cube in the unit box with the truth material, and its initial state (velocity plus spin
-    about the cube's centre)."""
+    """The body (the cube, or ``data.shape``) in the unit box with the truth material, and its
+    initial state (velocity plus spin about the body's centre of mass)."""
     grid = mpm.GridSpec.make((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), data.resolution)
-    h = 0.5 * data.size
     lo, hi = grid.inner_box()
-    if 0.5 - h < lo[0] or 0.5 + h > hi[0]:
-        raise ValueError(f"data.size: the cube ({data.size:g} m) reaches into the walls ({grid.bound} cells of "
-                         f"{grid.dx:g} m); use a smaller cube or a finer grid")
-    body = mpm.Body(Box((h, h, h), (0.5, 0.5, 0.5)), data.material.build(), data.velocity, "cube", ppc=data.ppc)
-    model, state = mpm.build_model(grid, [body], dt=data.dt, gravity=data.gravity, wall="slip", dtype=dtype,
-                                   device=device)
-    omega = torch.tensor(data.spin, dtype=dtype, device=device)
+    if data.shape is None:
+        h = 0.5 * data.size
+        if 0.5 - h < lo[0] or 0.5 + h > hi[0]:
+            raise ValueError(f"data.size: the cube ({data.size:g} m) reaches into the walls ({grid.bound} cells of "
+                             f"{grid.dx:g} m); use a smaller cube or a finer grid")
+        sdf = Box((h, h, h), (0.5, 0.5, 0.5))
+    else:
+        sdf = data.shape.build()
+    body = mpm.Body(sdf, data.material.build(), data.velocity, "cube", ppc=data.ppc)
+    try:
+        model, state = mpm.build_model(grid, [body], dt=data.dt, gravity=data.gravity, wall="slip", dtype=dtype,
+                                       device=device)
+    except ValueError as exc:
+        raise ValueError(f"data.shape: {exc}") from None
     x = state.x
+    lo_t, hi_t = x.new_tensor(lo), x.new_tensor(hi)
+    if data.shape is not None and bool(((x < lo_t) | (x > hi_t)).any()):
+        raise ValueError(f"data.shape: the body reaches into the walls ({grid.bound} cells of {grid.dx:g} m): its "
+                         f"particles span {[round(float(v), 4) for v in x.min(0).values]} to "
+                         f"{[round(float(v), 4) for v in x.max(0).values]}, the free box is {list(lo)} to {list(hi)}")
+    omega = torch.tensor(data.spin, dtype=dtype, device=device)
     v = state.v + torch.linalg.cross(omega.expand_as(x), x - x.mean(0))
     limit = mpm.stable_dt(model, cfl=1.0)
     if data.dt > limit:
@@ -45,6 +59,56 @@ def ground_truth(model: mpm.Model, state: mpm.State, steps: int) -> list[mpm.Sta
         return mpm.rollout(model, state, steps, None, window=max(1, min(steps, 200)), record_every=1).states
 
 
+TRAJECTORY_KEYS = {"x": (3,), "v": (3,), "C": (3, 3), "F": (3, 3)}
+
+
+def save_trajectory(states: list[mpm.State], path: str | Path) -> Path:
+    """Write frames as ``path`` (.npz): ``x``, ``v`` (T+1, N, 3), ``C``, ``F`` (T+1, N, 3, 3),
+    float64 (what ``data.trajectory`` reads)."""
+    from diffworld.engine.files import atomic_write
+
+    arrays = {k: torch.stack([getattr(s, k) for s in states]).detach().cpu().double().numpy() for k in TRAJECTORY_KEYS}
+    p = Path(path)
+    atomic_write(p, lambda f: np.savez_compressed(f, **arrays))
+    return p
+
+
+def load_trajectory(path: str | Path, steps: int, n_particles: int, dtype: torch.dtype, device) -> list[mpm.State]:
+    """Read recorded motion for training: ``steps + 1`` frames of ``n_particles`` particles.
+
+    Raises:
+        ValueError: An unreadable file, a missing array, arrays of the wrong shape or length (the
+            file, the key, what was expected and what was found), non-finite values.
+    """
+    p = Path(path)
+    try:
+        data = np.load(p, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same answer
+        raise ValueError(f"data.trajectory: cannot read {p} as .npz ({type(exc).__name__}: {str(exc)[:200]})") from None
+    frames = []
+    for key, tail in TRAJECTORY_KEYS.items():
+        if key not in arrays:
+            raise ValueError(f"data.trajectory: {p} has no array {key!r} (expected x, v, C, F; found "
+                             f"{sorted(arrays)})")
+        a = arrays[key]
+        want = (steps + 1, n_particles, *tail)
+        if a.ndim != len(want) or tuple(a.shape[2:]) != tail:
+            raise ValueError(f"data.trajectory: {p}: {key!r} has shape {tuple(a.shape)}; expected {want} (frames, "
+                             f"particles, ...)")
+        if a.shape[0] != steps + 1:
+            raise ValueError(f"data.trajectory: {p}: {key!r} has {a.shape[0]} frames; data.steps is {steps}, so "
+                             f"{steps + 1} are needed (the first is the start)")
+        if a.shape[1] != n_particles:
+            raise ValueError(f"data.trajectory: {p}: {key!r} has {a.shape[1]} particles; the set-up (shape, "
+                             f"resolution, ppc) makes {n_particles}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"data.trajectory: {p}: {key!r} has non-finite values")
+        frames.append(torch.as_tensor(a, dtype=dtype, device=device))
+    x, v, C, F = frames
+    return [mpm.State(x[t], v[t], C[t], F[t]) for t in range(steps + 1)]
+
+
 def build_law(cfg: LawConfig, young: float, dtype: torch.dtype, device) -> NeuralLaw:
     """The law to learn, freshly initialised (seeded by the caller) or from ``cfg.init``."""
     if cfg.init is not None:
@@ -52,12 +116,11 @@ def build_law(cfg: LawConfig, young: float, dtype: torch.dtype, device) -> Neura
     else:
         scale = cfg.output_scale or young
         kw = dict(width=cfg.width, depth=cfg.depth)
-        elastic = (ELASTIC_KINDS[cfg.elastic](output_scale=scale, **kw) if cfg.elastic in ELASTIC_KINDS
-                   else cfg.elastic)
-        plastic = (None if cfg.plastic == "none" else
-                   PLASTIC_KINDS[cfg.plastic](alpha=cfg.alpha, **kw) if cfg.plastic in PLASTIC_KINDS else cfg.plastic)
+        el, pl = cfg.part("elastic"), cfg.part("plastic")
+        elastic = ELASTIC_KINDS[el](output_scale=scale, **kw) if el in ELASTIC_KINDS else el
+        plastic = (None if pl == "none" else PLASTIC_KINDS[pl](alpha=cfg.alpha, **kw) if pl in PLASTIC_KINDS else pl)
         law = NeuralLaw(elastic, plastic).to(dtype=dtype, device=device)
-        if cfg.elastic in ELASTIC_KINDS:
+        if el in ELASTIC_KINDS:
             # start stress-free: random weights at the truth's stress scale are a material with
             # negative stiffness in some directions, and the first rollout blows up
             with torch.no_grad():
