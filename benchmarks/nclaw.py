@@ -4,8 +4,8 @@ the reference's scheme, same run, same sizes.
 
 Setup (issue 16 item 4; facts from shared/reference/nclaw.md): NCLaw's training scene (a 0.5 m
 cube thrown and spun in the unit box, 20^3 grid, dt 5e-4) with a plasticine truth for the
-particles' density; particles per cell 1, 10 and 100 give 1,000, 9,261 and 97,336 particles
-(the grid stays 20^3). Both sides use the same MPM kernels (diffworld's Warp P2G, grid, G2P) and
+particles' density; 1 and 10 particles per cell on the 20^3 grid give 1,000 and 9,261 particles, 12
+per cell on a 40^3 grid 97,336. Both sides use the same MPM kernels (diffworld's Warp P2G, grid, G2P) and
 NCLaw's architecture (13 invariants, bias-free MLP 13-64-64-9 with GELU, elastic and plastic
 networks), float32, with the same weights:
 
@@ -17,13 +17,13 @@ networks), float32, with the same weights:
 
 Columns: ms per step forward (``mpm.rollout`` under ``no_grad``), and forward + backward (the
 rollout with the law's weights requiring grad, then ``backward()`` of the final positions' squared
-sum), best of 2 runs of ``--steps`` steps (fewer at 100k). Ratio = baseline / ours.
+sum), best of 3 runs of ``--steps`` steps (fewer at larger sizes, the same particle-steps). Ratio = baseline / ours.
 
 Usage::
 
     python benchmarks/nclaw.py [--steps 20] [--quick]
 
-Runtime on a 2-core CPU: about 3 minutes (``--quick``: 1k and 10k only, about 1).
+Runtime on a 2-core CPU: about half a minute (``--quick``: 1k and 10k only).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _laws(seed: int = 0):
 
 def _time(model, state, law, steps: int, backward: bool) -> float:
     best = float("inf")
-    for _ in range(2):
+    for _ in range(3):
         law.zero_grad()
         t = time.perf_counter()
         if backward:
@@ -122,22 +122,24 @@ def _time(model, state, law, steps: int, backward: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="steps per timed run (1k; fewer at larger sizes)")
+    ap.add_argument("--steps", type=int, default=50, help="steps per timed run (1k; fewer at larger sizes)")
     ap.add_argument("--quick", action="store_true", help="1k and 10k particles only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     init_warp()
-    sizes = [1, 10] if args.quick else [1, 10, 100]
+    # (grid resolution, particles per cell): ~1k and ~10k on NCLaw's 20^3 grid, ~100k on a 40^3 one
+    sizes = [(20, 1), (20, 10)] if args.quick else [(20, 1), (20, 10), (40, 12)]
     print("| particles | baseline fwd [ms/step] | ours fwd | ratio | baseline fwd+bwd [ms/step] | ours fwd+bwd | "
           "ratio | max abs diff of x after the run [m] |")
     print("|---|---|---|---|---|---|---|---|")
     per_particle = []
-    for ppc in sizes:
-        task = ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "plasticine"}, "ppc": ppc}})
+    for res, ppc in sizes:
+        task = ConstitutiveLearningTask.model_validate({"data": {"material": {"name": "plasticine"}, "ppc": ppc,
+                                                                 "resolution": res}})
         model, state = build_setup(task.data, torch.float32, "cpu")
         ours, base = _laws()
         m_ours, m_base = mpm.use_law(model, ours, "cube"), mpm.use_law(model, base, "cube")
-        steps = max(2, args.steps // ppc) if ppc > 1 else args.steps
+        steps = max(2, args.steps * 1000 // model.n_particles)
         with torch.no_grad():
             xa = mpm.rollout(m_ours, state, steps, None, window=steps).states[-1].x
             xb = mpm.rollout(m_base, state, steps, None, window=steps).states[-1].x
