@@ -498,7 +498,7 @@ def _mesh_to_target(points: torch.Tensor, normals: torch.Tensor, target: torch.T
 
 
 def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeights, n_samples: int,
-                          generator: torch.Generator, progress: float = 0.0
+                          generator: torch.Generator, progress: float = 0.0, mesh_terms=None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its weighted-in terms for one iteration.
 
@@ -510,6 +510,8 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         n_samples: Points sampled on the extracted mesh and drawn from the target per iteration.
         generator: CPU generator for the sampling (determinism).
         progress: Fraction of the stage done, in [0, 1] (for the ``sdf_sign`` schedule).
+        mesh_terms: Optional ``f(vertices, faces) -> {name: (weight, value)}``: more terms on the
+            extracted mesh (the image losses of image targets: the renderer lives elsewhere).
 
     Returns:
         ``(total, terms)``; terms are unweighted values for logging.
@@ -524,7 +526,8 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
     h2 = h ** 2
     terms: dict[str, torch.Tensor] = {}
     flexible = isinstance(rep, FlexiCubesGrid)
-    if weights.uses_mesh():
+    extra: dict[str, float] = {}
+    if weights.uses_mesh() or mesh_terms is not None:
         # Training mode: FlexiCubes' 4-triangle split is differentiable in gamma.
         mesh = rep.extract(training=True)
         with_normals = bool(weights.mesh_normal) and n is not None
@@ -549,6 +552,9 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
                 terms["weight_norm"] = rep.weight_norm(fc.cubes)
         if isinstance(rep, GShellGrid) and (weights.msdf_negative or weights.msdf_positive):
             terms["msdf_negative"], terms["msdf_positive"] = rep.msdf_terms(mesh, pts, nrm)
+        if mesh_terms is not None:
+            for name, (w, value) in mesh_terms(mesh.vertices, mesh.faces).items():
+                terms[name], extra[name] = value, w
     if weights.surface:
         terms["surface"] = rep.field(p).pow(2).mean() / h2
     if weights.normal and n is not None:
@@ -572,7 +578,7 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         terms["eikonal"] = rep.eikonal()
     if weights.smoothness:
         terms["smoothness"] = rep.smoothness()
-    scale = {k: getattr(weights, k) for k in terms}
+    scale = {k: extra[k] if k in extra else getattr(weights, k) for k in terms}
     if flexible and weights.sdf_sign_at(progress):
         terms["sdf_sign"] = sdf_sign_loss(rep.values)
         scale["sdf_sign"] = weights.sdf_sign_at(progress)

@@ -27,7 +27,7 @@ def reduced(scene_path: Path) -> dict:
     else:
         over["task.representation.resolution"] = 20
         over["optimizer.iterations"] = 25
-    if task.target.type != "points":
+    if task.target.type in ("shape", "mesh"):
         over["task.target.n_points"] = 10000
     return over
 

@@ -3,7 +3,7 @@ registry of procedural target shapes."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, PositiveInt, create_model, field_validator, model_validator
 
@@ -19,6 +19,8 @@ __all__ = [
     "EvaluationConfig",
     "FLEXIBLE",
     "FlexiCubesRepresentationConfig",
+    "ImageWeights",
+    "ImagesTarget",
     "GShellRepresentationConfig",
     "GridRepresentationConfig",
     "MeshTarget",
@@ -82,7 +84,52 @@ class PointsTarget(StrictModel):
     _readable = field_validator("path")(readable_asset("points"))
 
 
-TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget], Field(discriminator="type")]
+ImageSource = Annotated[Union[ShapeTarget, MeshTarget], Field(discriminator="type")]
+
+
+class ImagesTarget(StrictModel):
+    """Calibrated images of the object: rendered from a shape or mesh into orbiting views
+    (``source``: synthetic, with exact metrics), or read from a folder (``path``: a
+    transforms.json, masks from the images' alpha, optional depth and normal .npy files per
+    frame; see :func:`diffworld.render.images.load_image_target`)."""
+
+    type: Literal["images"]
+    source: Optional[ImageSource] = Field(None, description="A shape or mesh target to render into the views.")
+    path: Optional[str] = Field(None, description="transforms.json of a folder of images; relative to the scene file.")
+    reference: Optional[str] = Field(None, description="With 'path': a mesh file of the object for the metrics "
+                                                       "(in the cameras' frame).")
+    views: int = Field(16, ge=1, le=1024, description="Views orbiting the object (with 'source').")
+    width: int = Field(128, ge=8, le=4096, description="Image width [pixels] (with 'source').")
+    height: int = Field(128, ge=8, le=4096, description="Image height [pixels] (with 'source').")
+    fov_deg: float = Field(40.0, gt=1, lt=170, description="Vertical field of view [degrees] (with 'source').")
+    elevations: list[float] = Field([30.0, -20.0], min_length=1, description="View elevations [degrees], cycled.")
+    channels: list[Literal["mask", "depth", "normal"]] = Field(["mask", "depth", "normal"], min_length=1,
+                                                               description="What the target images hold.")
+
+    _path = field_validator("path")(lambda v, info: None if v is None else scene_file(v, info))
+    _reference = field_validator("reference")(lambda v, info: None if v is None else scene_file(v, info))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.source is None) == (self.path is None):
+            raise ValueError("expected exactly one of 'source' (render a shape or mesh) and 'path' (a transforms.json)")
+        if self.reference is not None and self.path is None:
+            raise ValueError("'reference' goes with 'path' (a synthetic 'source' is its own reference)")
+        if "mask" not in self.channels:
+            raise ValueError(f"channels: the mask is always used, got {self.channels}")
+        return self
+
+
+TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget, ImagesTarget], Field(discriminator="type")]
+
+
+class ImageWeights(StrictModel):
+    """Weights of the image terms (image targets only): mask L1, depth L2 in cells^2 where the
+    render and the target both see the surface, 1 - cos of the normals there."""
+
+    mask: float = Field(1.0, ge=0, le=1e6)
+    depth: float = Field(1.0, ge=0, le=1e6)
+    normal: float = Field(0.5, ge=0, le=1e6)
 
 
 # --- representations (one registry entry each: representations.REPRESENTATIONS) ------------------
@@ -121,6 +168,7 @@ class ReconstructionTask(StrictModel):
     weights: WeightsConfig = WeightsConfig()
     samples: PositiveInt = Field(10000, le=10**8, description="Points per iteration on the mesh and from the target.")
     evaluation: EvaluationConfig = EvaluationConfig()
+    image_weights: ImageWeights = ImageWeights()
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -140,11 +188,20 @@ class ReconstructionTask(StrictModel):
         if w.sdf_sign_final is not None and not w.sdf_sign:
             raise ValueError(f"weights.sdf_sign_final: expected it only with weights.sdf_sign > 0 (the start of "
                              f"the decay), got sdf_sign_final={w.sdf_sign_final} and sdf_sign=0")
-        if self.target.type == "shape" and self.target.shape in OPEN_SHAPES:
+        if self.target.type == "images":
+            explicit = sorted(k for k in POINT_TERMS if k in w.model_fields_set and getattr(w, k))
+            if explicit:
+                raise ValueError(f"weights.{explicit[0]}: an image target has no target points; the point terms "
+                                 f"{list(POINT_TERMS)} do not apply (the image terms are image_weights), got "
+                                 f"{ {k: getattr(w, k) for k in explicit} }")
+        shape_target = self.target.source if self.target.type == "images" else self.target
+        if shape_target is not None and shape_target.type == "shape" and shape_target.shape in OPEN_SHAPES:
             if rep != "gshell":
                 raise ValueError(f"representation.type: expected 'gshell' for the open target shape "
-                                 f"{self.target.shape!r} (the other representations make closed surfaces), "
+                                 f"{shape_target.shape!r} (the other representations make closed surfaces), "
                                  f"got {rep!r}")
+            if self.target.type == "images":
+                return self
             if w.sign and w.sign_band is None:
                 raise ValueError(f"weights.sign_band: expected a band in cells with weights.sign > 0 and the "
                                  f"open target shape {self.target.shape!r} (far from an open surface the side of "
@@ -160,6 +217,8 @@ SHAPES = Registry("shape")
 # representations extracted with FlexiCubes
 FLEXIBLE = tuple(n for n in REPRESENTATIONS.names() if REPRESENTATIONS.builder(n).flexicubes)
 OPEN_SHAPES = ("open_cup",)  # registry shapes that are open surfaces (shapes.OpenSurface)
+# loss terms that need target points (not applicable to image targets)
+POINT_TERMS = ("surface", "normal", "sign", "chamfer", "mesh_normal", "msdf_negative", "msdf_positive")
 
 
 def _register_shapes() -> None:

@@ -12,7 +12,7 @@ from diffworld.engine.config.registry import TASKS
 from diffworld.engine.driver import status
 from diffworld.engine.problem import BaseProblem, solve
 from diffworld.geometry.reconstruction import LossWeights, ReconstructionTarget, reconstruction_losses
-from diffworld.tasks.reconstruction.config import ReconstructionTask
+from diffworld.tasks.reconstruction.config import POINT_TERMS, ReconstructionTask
 from diffworld.tasks.reconstruction.representations import REPRESENTATIONS
 from diffworld.tasks.reconstruction.evaluation import result_metrics
 from diffworld.tasks.reconstruction.reference import Reference
@@ -36,17 +36,19 @@ class ReconstructionStage(BaseProblem):
     """
 
     def __init__(self, stage: str, rep, params, target, weights: LossWeights, n_samples: int,
-                 generator: torch.Generator, iterations: int) -> None:
+                 generator: torch.Generator, iterations: int, mesh_terms=None) -> None:
         self.stage, self.rep, self._params = stage, rep, params
         self.target, self.weights, self.n_samples, self.generator = target, weights, n_samples, generator
         self.iterations = max(iterations, 1)
+        self.mesh_terms = mesh_terms
 
     def params(self):
         return self._params
 
     def loss_fn(self, iteration: int):
         return reconstruction_losses(self.rep, self.target, self.weights, self.n_samples, self.generator,
-                                     progress=iteration / self.iterations)
+                                     progress=iteration / self.iterations,
+                                     mesh_terms=None if self.mesh_terms is None else self.mesh_terms(self.rep))
 
     def state_dict(self) -> dict:
         # the sampling generator advances every iteration: a resumed stage must continue from here
@@ -69,11 +71,20 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
 
     dtype, device = runtime.dtype, runtime.device
     gen = torch.Generator().manual_seed(scene.seed)
-    ref = Reference(task.target, task.bounds, scene.seed, task.evaluation.n_points, dtype)
-    target = ReconstructionTarget(ref.target.points.to(device), None if ref.target.normals is None
-                                  else ref.target.normals.to(device), ref.target.oriented)
     w = task.weights
     weights = LossWeights(**{f.name: getattr(w, f.name) for f in dataclasses.fields(LossWeights)})
+    images = mesh_terms = None
+    if task.target.type == "images":
+        from diffworld.tasks.reconstruction.images import image_reference, image_terms
+
+        ref, images = image_reference(task, scene.seed, dtype, device)
+        target = ReconstructionTarget(torch.zeros((0, 3), dtype=dtype, device=device), None, True)
+        weights = dataclasses.replace(weights, **{k: 0.0 for k in POINT_TERMS})
+        mesh_terms = image_terms(images, task.image_weights)
+    else:
+        ref = Reference(task.target, task.bounds, scene.seed, task.evaluation.n_points, dtype)
+        target = ReconstructionTarget(ref.target.points.to(device), None if ref.target.normals is None
+                                      else ref.target.normals.to(device), ref.target.oriented)
     init = Sphere(task.representation.init_radius).to(dtype)
 
     entry = REPRESENTATIONS.builder(task.representation.type)(task.representation, task.bounds, scene.seed, dtype,
@@ -94,7 +105,7 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         lr, params = entry.optimizer(rep, scene.optimizer.lr, final)
         settings = scene.optimizer.settings(seed=scene.seed, lr=lr)
         problem = ReconstructionStage(stage, rep, params, target, stage_weights, task.samples, gen,
-                                      settings.iterations)
+                                      settings.iterations, mesh_terms)
         result = solve(problem, settings, out_dir, resume=resume, progress=progress)
         history.extend(result.history)
     fit_seconds = time.perf_counter() - t0
@@ -103,16 +114,27 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         mesh = rep.extract()
     # Metrics and renders take seconds with no iterations to show: say what is running.
     with status("computing metrics", progress):
-        metrics = {"result": result_metrics(mesh.vertices, mesh.faces, ref, task.evaluation, scene.seed),
-                   "fit_seconds": fit_seconds, "iterations": len(history),
-                   **_baseline_metrics(entry, ref, task, stages[-1][1], scene.seed)}
+        metrics = {"fit_seconds": fit_seconds, "iterations": len(history)}
+        if ref is not None:
+            metrics["result"] = result_metrics(mesh.vertices, mesh.faces, ref, task.evaluation, scene.seed)
+            metrics.update(_baseline_metrics(entry, ref, task, stages[-1][1], scene.seed))
+        if images is not None:
+            from diffworld.tasks.reconstruction.images import image_metrics, save_view_grid
+
+            metrics["images"] = image_metrics(mesh.vertices.detach(), mesh.faces, images)
+            save_view_grid(out_dir / "views.png", mesh.vertices.detach(), mesh.faces, images)
     if scene.output.save_mesh and mesh.faces.shape[0]:
         from diffworld.geometry.io import save_mesh
 
         save_mesh(out_dir / "result.ply", mesh.vertices.detach().cpu(), mesh.faces.cpu())
         entry.save(mesh, out_dir)
     with status("rendering", progress and (scene.output.render or scene.output.turntable)):
-        _render(scene, task, ref, mesh, out_dir)
+        if ref is not None:
+            _render(scene, task, ref, mesh, out_dir)
+        elif scene.output.turntable and mesh.faces.shape[0]:
+            from diffworld.viz import render_turntable
+
+            render_turntable(out_dir / "turntable.gif", mesh.vertices.detach().cpu(), mesh.faces.cpu())
     return metrics
 
 
