@@ -60,6 +60,7 @@ __all__ = [
     "mesh_metrics",
     "mesh_to_points_metrics",
     "point_metrics",
+    "triangle_quality",
 ]
 
 _COS_5DEG = math.cos(math.radians(5.0))
@@ -423,3 +424,30 @@ def chamfer_loss(pred_points: torch.Tensor, target_points: torch.Tensor, target_
         normal = pred_to_target.new_zeros(())
     total = pred_to_target + target_to_pred + normal_weight * normal
     return ChamferLoss(total, pred_to_target, target_to_pred, normal)
+
+
+def triangle_quality(vertices: torch.Tensor, faces: torch.Tensor, small_angle_deg: float = 10.0) -> dict[str, float]:
+    """Shape quality of a triangle mesh: the spread of its edge lengths (standard deviation over
+    mean, 0 for equal edges) and the share of triangles whose smallest angle is under
+    ``small_angle_deg`` (slivers), with the smallest angle [degrees].
+
+    Degenerate triangles (zero area) count as slivers with angle 0.
+    """
+    v = vertices.detach().double()
+    f = faces.long()
+    if f.shape[0] == 0:
+        return {"edge_length_spread": 0.0, "small_angle_share": 0.0, "min_angle_deg": 0.0}
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    lengths = torch.stack([(b - a).norm(dim=1), (c - b).norm(dim=1), (a - c).norm(dim=1)], 1)
+
+    def angle(p, q, r):  # at p
+        u, w = q - p, r - p
+        den = (u.norm(dim=1) * w.norm(dim=1)).clamp_min(1e-300)
+        return torch.rad2deg(torch.acos(((u * w).sum(1) / den).clamp(-1, 1)))
+
+    ang = torch.stack([angle(a, b, c), angle(b, c, a), angle(c, a, b)], 1).min(1).values
+    ang = torch.where(lengths.min(1).values > 0, ang, torch.zeros_like(ang))
+    e = lengths.reshape(-1)
+    return {"edge_length_spread": float(e.std() / e.mean().clamp_min(1e-300)),
+            "small_angle_share": float((ang < small_angle_deg).double().mean()),
+            "min_angle_deg": float(ang.min())}

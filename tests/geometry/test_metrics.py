@@ -309,3 +309,23 @@ def test_kd_tree_work_is_bounded_and_near_matches_see_every_point(monkeypatch):
     assert [tree for tree, _, bounded in calls if bounded] == [n, n], calls
     assert (m.queried_pred, m.queried_gt) == (MAX_QUERIES, MAX_QUERIES)
     assert 0.35 < m.chamfer_l1 < 0.4 and m.fscore == 0.0
+
+
+def test_triangle_quality_on_known_triangles():
+    from diffworld.geometry.metrics import triangle_quality
+
+    s3 = 3 ** 0.5
+    # an equilateral triangle, a 30-60-90 one and a degenerate one
+    v = torch.tensor([[0, 0, 0], [1, 0, 0], [0.5, s3 / 2, 0], [0, 0, 1], [s3, 0, 1], [0, 1, 1],
+                      [0, 0, 2], [1, 0, 2], [2, 0, 2]], dtype=torch.float64)
+    q = triangle_quality(v, torch.tensor([[0, 1, 2]]))
+    assert q["edge_length_spread"] < 1e-12 and q["small_angle_share"] == 0.0
+    assert abs(q["min_angle_deg"] - 60.0) < 1e-9
+    q = triangle_quality(v, torch.tensor([[3, 4, 5]]))
+    assert abs(q["min_angle_deg"] - 30.0) < 1e-9 and q["small_angle_share"] == 0.0
+    q = triangle_quality(v, torch.tensor([[0, 1, 2], [6, 7, 8]]))
+    assert q["small_angle_share"] == 0.5 and q["min_angle_deg"] == 0.0
+    # a sliver of 5 degrees
+    t = torch.tensor([[0, 0, 0], [1, 0, 0], [0.5, 0.5 * math.tan(math.radians(5.0)), 0]], dtype=torch.float64)
+    q = triangle_quality(t, torch.tensor([[0, 1, 2]]))
+    assert abs(q["min_angle_deg"] - 5.0) < 1e-9 and q["small_angle_share"] == 1.0

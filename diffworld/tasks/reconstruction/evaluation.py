@@ -61,6 +61,9 @@ def result_metrics(vertices, faces, ref: Reference, cfg: EvaluationConfig, seed:
                edge_manifold=bool(rep.edge_manifold), consistently_oriented=bool(rep.consistently_oriented),
                genus=None if rep.genus is None else float(rep.genus),
                components=int(rep.n_components), euler_characteristic=int(rep.euler_characteristic))
+    from diffworld.geometry.metrics import triangle_quality
+
+    out.update(triangle_quality(vertices, faces))
     b = _boundary_edges(faces)
     loops, simple = _boundary_loops(b)
     v = vertices.detach().double()
