@@ -23,6 +23,7 @@ MODULES = [
     "diffworld.geometry.kernels_flexicubes_dual",
     "diffworld.geometry.kernels_isosurface",
     "diffworld.geometry.kernels_sdf",
+    "diffworld.render.raster",
     "diffworld.sims.cable.kernels",
     "diffworld.sims.constitutive.kernels_neural",
     "diffworld.sims.coupling.fem_cable",
