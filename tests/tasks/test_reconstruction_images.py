@@ -33,7 +33,7 @@ def _scene(tmp_path, target, **task):
 @pytest.mark.parametrize("target,weights,want", [
     ({"type": "images"}, {}, "exactly one of 'source'"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "path": "t.json"}, {}, "exactly one of"),
-    ({"type": "images", "source": {"type": "shape", "shape": "sphere"}}, {"surface": 1.0},
+    ({"type": "images", "source": {"type": "shape", "shape": "sphere"}}, {"surface": 2.0},
      "weights.surface: an image target has no target points"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "channels": ["depth"]}, {},
      "the mask is always used"),

@@ -189,7 +189,11 @@ class ReconstructionTask(StrictModel):
             raise ValueError(f"weights.sdf_sign_final: expected it only with weights.sdf_sign > 0 (the start of "
                              f"the decay), got sdf_sign_final={w.sdf_sign_final} and sdf_sign=0")
         if self.target.type == "images":
-            explicit = sorted(k for k in POINT_TERMS if k in w.model_fields_set and getattr(w, k))
+            # a point term set to anything but its default is a mistake; at their defaults they
+            # are ignored (a run's saved scene.yaml writes every default out)
+            fields = type(w).model_fields
+            explicit = sorted(k for k in POINT_TERMS if k in w.model_fields_set and getattr(w, k)
+                              and getattr(w, k) != fields[k].default)
             if explicit:
                 raise ValueError(f"weights.{explicit[0]}: an image target has no target points; the point terms "
                                  f"{list(POINT_TERMS)} do not apply (the image terms are image_weights), got "
