@@ -125,11 +125,15 @@ TargetConfig = Annotated[Union[ShapeTarget, MeshTarget, PointsTarget, ImagesTarg
 
 class ImageWeights(StrictModel):
     """Weights of the image terms (image targets only): mask L1, depth L2 in cells^2 where the
-    render and the target both see the surface, 1 - cos of the normals there."""
+    render and the target both see the surface, 1 - cos of the normals there, and space carving."""
 
     mask: float = Field(1.0, ge=0, le=1e6)
     depth: float = Field(1.0, ge=0, le=1e6)
     normal: float = Field(0.5, ge=0, le=1e6)
+    carve: float = Field(0.0, ge=0, le=1e6, description="Space carving: field points a view sees on an empty "
+                                                        "target pixel must be outside (squared cells). Needed "
+                                                        "when few views leave the surface room to grow past the "
+                                                        "images' borders.")
 
 
 # --- representations (one registry entry each: representations.REPRESENTATIONS) ------------------

@@ -12,7 +12,7 @@ import torch
 from diffworld.render.camera import Views, orbit_views
 from diffworld.render.images import ImageTarget, image_losses, load_image_target, render_views, target_from_mesh
 
-__all__ = ["image_metrics", "image_reference", "image_terms", "reference_mesh", "save_view_grid", "views_around"]
+__all__ = ["carve_term", "image_metrics", "image_reference", "image_terms", "reference_mesh", "save_view_grid", "views_around"]
 
 
 def reference_mesh(ref, bounds, resolution: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,11 +73,41 @@ def image_terms(images: ImageTarget, weights):
         def terms(vertices, faces):
             r = render_views(vertices, faces, images.views)
             out = image_losses(r, images, depth_scale=float(rep.cell))
-            return {f"image_{k}": (getattr(weights, k), v) for k, v in out.items() if getattr(weights, k)}
+            result = {f"image_{k}": (getattr(weights, k), v) for k, v in out.items() if getattr(weights, k)}
+            if weights.carve:
+                result["image_carve"] = (weights.carve, carve_term(rep, images))
+            return result
 
         return terms
 
     return for_rep
+
+
+def carve_term(rep, images: ImageTarget, margin_cells: float = 0.5) -> torch.Tensor:
+    """Space carving: the field's probe points (a grid's nodes, a network's random box points)
+    that some view sees on a background pixel of its target mask must be outside, by at least
+    ``margin_cells`` cells: mean of ``relu(margin - s)^2`` over them, in squared cells.
+
+    The mask term alone moves only silhouettes that are in the image: a surface that grows past
+    every image border (or a blob in front of the object) has none, and nothing pulls it back.
+    """
+    x, values = rep.probe()
+    if values is None:
+        values = rep.field(x)
+    v = images.views
+    with torch.no_grad():
+        uvz = v.project(x.detach().to(images.mask.dtype))  # (V, N, 3)
+        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
+        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
+        px = u.clamp(0, v.width - 1).long()
+        py = w.clamp(0, v.height - 1).long()
+        views = torch.arange(len(v), device=x.device)[:, None].expand_as(px)
+        empty = images.mask[views, py, px] < 0.5
+        out = (seen & empty).any(0)
+    h = float(rep.cell)
+    if not bool(out.any()):
+        return values.sum() * 0.0
+    return torch.relu(margin_cells * h - values[out]).pow(2).mean() / h ** 2
 
 
 def image_metrics(vertices: torch.Tensor, faces: torch.Tensor, images: ImageTarget) -> dict:
