@@ -510,8 +510,9 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         n_samples: Points sampled on the extracted mesh and drawn from the target per iteration.
         generator: CPU generator for the sampling (determinism).
         progress: Fraction of the stage done, in [0, 1] (for the ``sdf_sign`` schedule).
-        mesh_terms: Optional ``f(vertices, faces) -> {name: (weight, value)}``: more terms on the
-            extracted mesh (the image losses of image targets: the renderer lives elsewhere).
+        mesh_terms: Optional ``f(mesh) -> {name: (weight, value)}``: more terms on the extracted
+            mesh (``vertices``, ``faces``; for G-Shell also its ``template``): the image losses of
+            image targets (the renderer lives elsewhere).
 
     Returns:
         ``(total, terms)``; terms are unweighted values for logging.
@@ -553,7 +554,7 @@ def reconstruction_losses(rep, target: ReconstructionTarget, weights: LossWeight
         if isinstance(rep, GShellGrid) and (weights.msdf_negative or weights.msdf_positive):
             terms["msdf_negative"], terms["msdf_positive"] = rep.msdf_terms(mesh, pts, nrm)
         if mesh_terms is not None:
-            for name, (w, value) in mesh_terms(mesh.vertices, mesh.faces).items():
+            for name, (w, value) in mesh_terms(mesh).items():
                 terms[name], extra[name] = value, w
     if weights.surface:
         terms["surface"] = rep.field(p).pow(2).mean() / h2

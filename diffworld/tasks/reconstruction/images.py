@@ -70,8 +70,8 @@ def image_terms(images: ImageTarget, weights):
     :func:`~diffworld.geometry.reconstruction.reconstruction_losses`, depth in cells of ``rep``."""
 
     def for_rep(rep):
-        def terms(vertices, faces):
-            r = render_views(vertices, faces, images.views)
+        def terms(mesh):
+            r = render_views(mesh.vertices, mesh.faces, images.views)
             out = image_losses(r, images, depth_scale=float(rep.cell))
             result = {f"image_{k}": (getattr(weights, k), v) for k, v in out.items() if getattr(weights, k)}
             if weights.carve:
@@ -81,6 +81,20 @@ def image_terms(images: ImageTarget, weights):
         return terms
 
     return for_rep
+
+
+def _seen_on_background(points: torch.Tensor, images: ImageTarget) -> torch.Tensor:
+    """(N,) True where some view sees the point (in front, inside the image) on a pixel whose
+    target mask is < 0.5."""
+    v = images.views
+    with torch.no_grad():
+        uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
+        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
+        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
+        px = u.clamp(0, v.width - 1).long()
+        py = w.clamp(0, v.height - 1).long()
+        views = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
+        return (seen & (images.mask[views, py, px] < 0.5)).any(0)
 
 
 def carve_term(rep, images: ImageTarget, margin_cells: float = 0.5) -> torch.Tensor:
@@ -94,16 +108,7 @@ def carve_term(rep, images: ImageTarget, margin_cells: float = 0.5) -> torch.Ten
     x, values = rep.probe()
     if values is None:
         values = rep.field(x)
-    v = images.views
-    with torch.no_grad():
-        uvz = v.project(x.detach().to(images.mask.dtype))  # (V, N, 3)
-        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
-        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
-        px = u.clamp(0, v.width - 1).long()
-        py = w.clamp(0, v.height - 1).long()
-        views = torch.arange(len(v), device=x.device)[:, None].expand_as(px)
-        empty = images.mask[views, py, px] < 0.5
-        out = (seen & empty).any(0)
+    out = _seen_on_background(x, images)
     h = float(rep.cell)
     if not bool(out.any()):
         return values.sum() * 0.0
