@@ -60,6 +60,7 @@ __all__ = [
     "GShellGrid",
     "GridSDF",
     "LossWeights",
+    "MarchingTetsGrid",
     "NeuralSDFRepresentation",
     "ReconstructionTarget",
     "reconstruction_losses",
@@ -202,6 +203,20 @@ class GridSDF:
     def upsampled(self, resolution: int) -> "GridSDF":
         """The same field on a finer grid (trilinear, so the zero set is kept)."""
         return GridSDF(_upsample(self.values, resolution), self.bounds)
+
+
+class MarchingTetsGrid(GridSDF):
+    """An SDF grid extracted with marching tetrahedra (DMTet's template: every cube split into 6
+    tets, :func:`~diffworld.geometry.marching_tets.marching_tets`); the vertices are the linear
+    zero crossings on cut edges, differentiable w.r.t. the node values directly."""
+
+    def extract(self, training: bool = False):
+        from diffworld.geometry.marching_tets import marching_tets
+
+        return marching_tets(self.values, self.bounds)
+
+    def upsampled(self, resolution: int) -> "MarchingTetsGrid":
+        return MarchingTetsGrid(_upsample(self.values, resolution), self.bounds)
 
 
 class FlexiCubesGrid(GridSDF):

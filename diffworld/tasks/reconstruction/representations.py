@@ -20,7 +20,7 @@ from diffworld.engine.config.schema import StrictModel
 
 __all__ = [
     "FlexiCubesRepresentationConfig", "GShellRepresentationConfig", "GridRepresentationConfig",
-    "NeuralRepresentationConfig", "REPRESENTATIONS", "Representation",
+    "NeuralRepresentationConfig", "REPRESENTATIONS", "Representation", "TetsRepresentationConfig",
 ]
 
 
@@ -41,6 +41,13 @@ class GridRepresentationConfig(StrictModel):
         if v[0] < 4 or v[-1] > 512:
             raise ValueError(f"resolutions must be in [4, 512], got {v}")
         return v
+
+
+class TetsRepresentationConfig(GridRepresentationConfig):
+    """An SDF grid like ``grid``, extracted with marching tetrahedra (6 tets per cube) instead of
+    marching cubes."""
+
+    type: Literal["tets"]
 
 
 class NeuralRepresentationConfig(StrictModel):
@@ -155,6 +162,15 @@ class GridEntry(Representation):
         return lr * (rep.cell * self._scale(final)), rep.parameters()
 
 
+class TetsEntry(GridEntry):
+    """A marching-tets grid: the grid's stages and learning rates."""
+
+    def initial(self, init):
+        from diffworld.geometry.reconstruction import MarchingTetsGrid
+
+        return MarchingTetsGrid(super().initial(init).values, self.bounds)
+
+
 class FlexiCubesEntry(GridEntry):
     """A FlexiCubes grid: node values, per-cube weights and node offsets, each with its learning rate."""
 
@@ -231,6 +247,7 @@ class NeuralEntry(Representation):
 
 REPRESENTATIONS = Registry("representation")
 for _name, _model, _entry in (("grid", GridRepresentationConfig, GridEntry),
+                              ("tets", TetsRepresentationConfig, TetsEntry),
                               ("neural", NeuralRepresentationConfig, NeuralEntry),
                               ("flexicubes", FlexiCubesRepresentationConfig, FlexiCubesEntry),
                               ("gshell", GShellRepresentationConfig, GShellEntry)):
