@@ -24,6 +24,7 @@ from diffworld.engine.runtime import init_warp, warp_device
 
 __all__ = [
     "TapeFunction",
+    "cached_view",
     "check_tensor",
     "launch",
     "on_torch_stream",
@@ -70,6 +71,31 @@ def to_warp(t: torch.Tensor, dtype: Any = None, requires_grad: bool = False):
     if not t.is_contiguous():
         t = t.contiguous()
     return wp.from_torch(t, dtype=dtype, requires_grad=requires_grad)
+
+
+_VIEWS: dict[tuple, Any] = {}
+
+
+def cached_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
+    """A Warp array viewing the contiguous tensor ``t`` as ``shape`` elements of ``dtype``, cached
+    by address, shape, type and device: wrapping a tensor (``wp.from_torch``, ~40 us) costs more
+    than a small kernel, and torch's allocator hands the same addresses out again and again.
+
+    The cache only holds views (no memory), so a stale entry is harmless: an address reused by
+    another tensor of the same shape and type is viewed the same way.
+    """
+    key = (t.data_ptr(), tuple(shape), dtype, t.device)
+    a = _VIEWS.get(key)
+    if a is None:
+        wp = init_warp()
+        if not t.is_contiguous():
+            raise ValueError("cached_view: expected a contiguous tensor")
+        if len(_VIEWS) > 4096:
+            _VIEWS.clear()
+        dev = "cpu" if t.device.type == "cpu" else f"cuda:{t.device.index or 0}"
+        a = wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
+        _VIEWS[key] = a
+    return a
 
 
 def torch_stream(device: torch.device | str):

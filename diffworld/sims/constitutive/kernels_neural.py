@@ -289,23 +289,10 @@ for _t, _s in ((torch.float32, wp.float32), (torch.float64, wp.float64)):
         "head_adj": wp.overload(_head_adj, [_am, _am, _a2, _s, wp.int32, _am, _am, _am, _a2]),
     }
 
-_VIEWS: dict[tuple, Any] = {}
-
-
 def _view(t: torch.Tensor, dtype, shape: tuple[int, ...]):
-    """A Warp view of a contiguous tensor, cached by address, shape and type: wrapping a tensor
-    costs more than these kernels at a thousand particles."""
-    key = (t.data_ptr(), tuple(shape), dtype, t.device)
-    a = _VIEWS.get(key)
-    if a is None:
-        if not t.is_contiguous():
-            raise ValueError("internal: expected a contiguous tensor")
-        if len(_VIEWS) > 4096:
-            _VIEWS.clear()
-        dev = "cpu" if t.device.type == "cpu" else f"cuda:{t.device.index or 0}"
-        a = wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
-        _VIEWS[key] = a
-    return a
+    from diffworld.engine.bridge import cached_view
+
+    return cached_view(t, dtype, shape)
 
 
 def _launch(kernel, n: int, args: list, device: torch.device) -> None:
