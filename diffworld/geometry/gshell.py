@@ -159,7 +159,7 @@ class MSDFRegularizers(NamedTuple):
     """The two G-Shell msdf regularizers, dimensionless 0-d tensors attached to the graph of nu.
 
     Attributes:
-        negative: Mean over the unsupervised vertices of ``relu(nu + eps)^2 / eps^2`` (0 when
+        negative: Mean over the unsupervised (or the named) vertices of ``relu(nu + eps)^2 / eps^2`` (0 when
             there are none): pushes their msdf down to ``-eps`` and no further.
         positive: Mean over the supervised vertices of ``relu(eps - nu)^2 / eps^2`` (0 when
             there are none): pushes their msdf up to ``+eps`` and no further.
@@ -225,11 +225,13 @@ def msdf_supervision(vertices: torch.Tensor, target_points: torch.Tensor, radius
     return near.to(vertices.device)
 
 
-def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float) -> MSDFRegularizers:
+def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float,
+                      negative: torch.Tensor | None = None) -> MSDFRegularizers:
     """G-Shell's msdf regularizers on the template vertices.
 
-    Unsupervised template vertices (no target near them) are pushed to ``nu <= -eps`` so that
-    the template is cut away where nothing asks for a surface; supervised ones to ``nu >= +eps``
+    Unsupervised template vertices (no target near them; or those ``negative`` names, when
+    given) are pushed to ``nu <= -eps`` so that the template is cut away where nothing asks for
+    a surface; supervised ones to ``nu >= +eps``
     so that the surface is kept, and its boundary pushed outwards, wherever the target is.
     One-sided (hinge) penalties: past the margin msdf is left to the other terms (it is a
     distance along the surface and may grow beyond ``eps``); squared, so that the push fades
@@ -240,6 +242,10 @@ def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float) ->
             differentiable.
         supervised: (V,) bool, e.g. from :func:`msdf_supervision`.
         eps: Margin [m], > 0 (about a cell).
+        negative: Optional (V,) bool, the vertices to push down (default ``~supervised``). Image
+            targets know three kinds of vertex: on the observed surface, in observed free space,
+            and hidden from every view; the hidden ones are left alone. A vertex in both masks
+            is pushed both ways; callers keep them disjoint.
 
     Returns:
         :class:`MSDFRegularizers`.
@@ -252,6 +258,11 @@ def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float) ->
     if supervised.shape != nu.shape or supervised.dtype != torch.bool:
         raise ValueError(f"'supervised': expected a bool tensor of shape {tuple(nu.shape)}, "
                          f"got {supervised.dtype} {tuple(supervised.shape)}")
+    if negative is None:
+        negative = ~supervised
+    elif negative.shape != nu.shape or negative.dtype != torch.bool:
+        raise ValueError(f"'negative': expected a bool tensor of shape {tuple(nu.shape)}, "
+                         f"got {negative.dtype} {tuple(negative.shape)}")
     if not float(eps) > 0:
         raise ValueError(f"'eps': expected a margin > 0 [m], got {eps!r}")
     eps = float(eps)
@@ -260,6 +271,6 @@ def msdf_regularizers(nu: torch.Tensor, supervised: torch.Tensor, eps: float) ->
     def mean(x: torch.Tensor) -> torch.Tensor:
         return x.mean() if x.numel() else zero
 
-    negative = mean(torch.relu(nu[~supervised] + eps).pow(2)) / eps ** 2
+    negative = mean(torch.relu(nu[negative] + eps).pow(2)) / eps ** 2
     positive = mean(torch.relu(eps - nu[supervised]).pow(2)) / eps ** 2
     return MSDFRegularizers(negative, positive)

@@ -60,10 +60,15 @@ def render_views(vertices: torch.Tensor, faces: torch.Tensor, views: Views, topo
     return RenderedImages(mask, fr.depth, face_normals(vertices, faces, fr), fr)
 
 
-def image_losses(rendered: RenderedImages, target: ImageTarget, depth_scale: float = 1.0) -> dict[str, torch.Tensor]:
+def image_losses(rendered: RenderedImages, target: ImageTarget, depth_scale: float = 1.0,
+                 two_sided: bool = False) -> dict[str, torch.Tensor]:
     """Unweighted image terms: ``mask`` (mean |m - m*| over all pixels), and where the target has
     them, ``depth`` (mean ((z - z*) / depth_scale)^2) and ``normal`` (mean 1 - cos(n, n*)) over
-    the pixels both the render and the target see."""
+    the pixels both the render and the target see.
+
+    ``two_sided``: normals of an open surface have no outside; compare them up to sign
+    (1 - |cos|), since a view may see either side of the sheet and the target's and the
+    result's windings need not agree."""
     terms = {"mask": (rendered.mask - target.mask.to(rendered.mask)).abs().mean()}
     both = (rendered.fragments.face >= 0) & (target.mask > 0.5)
     zero = rendered.depth.sum() * 0.0
@@ -72,6 +77,8 @@ def image_losses(rendered: RenderedImages, target: ImageTarget, depth_scale: flo
         terms["depth"] = (d ** 2).mean() if d.numel() else zero
     if target.normal is not None:
         cos = (rendered.normal * target.normal.to(rendered.normal)).sum(-1)[both]
+        if two_sided:
+            cos = cos.abs()
         terms["normal"] = (1.0 - cos).mean() if cos.numel() else zero
     return terms
 

@@ -109,6 +109,12 @@ task:
         (BASE.replace("shape: sphere", "shape: open_cup").replace("type: grid", "type: gshell"),
          "weights.sign_band: expected a band in cells"),
         (BASE.replace("type: grid", "type: gshell") + "  weights: {sign_band: -1}\n", "task.weights.sign_band"),
+        (BASE + "output: {turntable: avi}\n", "output.turntable: Input should be False, True, 'gif' or 'mp4' "
+                                              "(given: 'avi')"),
+        (BASE.replace("target: {type: shape, shape: sphere}",
+                      "target: {type: images, source: {type: shape, shape: open_cup}, channels: [mask, normal]}")
+         .replace("type: grid", "type: gshell"),
+         "target.channels: representation gshell learns where to cut its template from depth maps"),
         ("version: 1\ntask: [1, 2\n", "invalid YAML"),
         ("- just\n- a list\n", "expected a mapping"),
     ],

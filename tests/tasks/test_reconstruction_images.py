@@ -34,7 +34,9 @@ def _scene(tmp_path, target, **task):
     ({"type": "images"}, {}, "exactly one of 'source'"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "path": "t.json"}, {}, "exactly one of"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}}, {"surface": 2.0},
-     "weights.surface: an image target has no target points"),
+     "weights.surface: an image target without observed_points has no target points"),
+    ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "channels": ["mask", "normal"],
+      "observed_points": True}, {}, "observed_points: the points come from the depth maps"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "channels": ["depth"]}, {},
      "the mask is always used"),
     ({"type": "images", "source": {"type": "shape", "shape": "sphere"}, "reference": "m.obj"}, {},
@@ -130,3 +132,121 @@ def test_single_view_neural_scene_reduced(tmp_path):
     m = run_scene(scene, get_runtime("cpu", "float32"), tmp_path, progress=False)
     assert m["images"]["mask_iou"] > 0.85, m["images"]
     assert m["result"]["watertight"] and m["result"]["genus"] == 1, m["result"]
+
+
+def _sphere_target(radius=0.3, views=8, size=48, frame=0.3):
+    from diffworld.render.camera import orbit_views
+    from diffworld.render.images import target_from_mesh
+
+    m = trimesh.creation.icosphere(subdivisions=5, radius=radius)
+    v, f = torch.tensor(m.vertices, dtype=torch.float64), torch.tensor(m.faces)
+    return target_from_mesh(v, f, orbit_views((0, 0, 0), frame, views, size, size, dtype=torch.float64))
+
+
+def test_observed_space_on_random_points_around_a_sphere():
+    """What images of a sphere (r = 0.3 m, 8 orbiting views at +-20 degrees) say about random
+    points: every point on the sphere is observed surface and never free space; every point
+    outside that some view sees clearly (its ray misses the sphere by margin plus 4 pixels, or
+    hits it well behind the point, 2 pixels inside the image) is free and none is surface;
+    points well inside are neither (hidden from every view)."""
+    from diffworld.tasks.reconstruction.images import observed_space
+
+    images = _sphere_target(size=96, frame=0.5)  # framing the points around the sphere too
+    margin = 0.02
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(600, 3, generator=g, dtype=torch.float64), dim=-1)
+    dirs = dirs[dirs[:, 2].abs() < 0.25]  # where the views (elevations +-20 deg) see the sphere face on
+    on = dirs * 0.3
+    free, surface = observed_space(on, images, margin)
+    assert not bool(free.any()) and bool(surface.all()), (int(free.sum()), int((~surface).sum()))
+    # outside: free wherever some view judges it clearly; the truth from ray-sphere geometry
+    r = 0.3 + margin + 0.02 + 0.15 * torch.rand(len(dirs), 1, generator=g, dtype=torch.float64)
+    p = dirs * r
+    free, surface = observed_space(p, images, margin)
+    assert not bool(surface.any())
+    v = images.views
+    uvz = v.project(p)
+    d = p[None] - v.eyes[:, None]  # (V, N, 3) rays eye -> point
+    dist = d.norm(dim=-1)
+    theta = torch.acos(((-v.eyes[:, None]) * d).sum(-1) / (v.eyes.norm(dim=-1)[:, None] * dist))
+    alpha = torch.asin(0.3 / v.eyes.norm(dim=-1))[:, None]  # the sphere's angular radius
+    pixel = 1.0 / v.fx[:, None]  # radians per pixel near the image centre
+    inside = (uvz[..., 0] > 2) & (uvz[..., 0] < v.width - 2) & (uvz[..., 1] > 2) & (uvz[..., 1] < v.height - 2)
+    # the first hit along the ray, as a distance from the eye, and the point's
+    b = (d / dist[..., None] * v.eyes[:, None]).sum(-1)
+    disc = b ** 2 - (v.eyes.norm(dim=-1)[:, None] ** 2 - 0.09)
+    hit = -b - disc.clamp_min(0).sqrt()
+    clear_bg = inside & (theta - alpha > margin / uvz[..., 2] + 4 * pixel)
+    clear_front = inside & (theta < alpha - 4 * pixel) & (dist < hit - 2 * margin - 0.05)
+    judged = (clear_bg | clear_front).any(0)
+    assert int(judged.sum()) > 0.7 * len(p) and bool(free[judged].all()), (int(judged.sum()), int(free[judged].sum()))
+    inside = dirs * (0.3 - margin - 0.05) * torch.rand(len(dirs), 1, generator=g, dtype=torch.float64)
+    free, surface = observed_space(inside, images, margin)
+    assert not bool(free.any()) and not bool(surface.any())
+    with pytest.raises(ValueError, match="needs depth maps"):
+        from diffworld.render.images import ImageTarget
+
+        observed_space(on, ImageTarget(images.views, images.mask), margin)
+
+
+def test_observed_points_lie_on_the_surface_with_its_normals():
+    from diffworld.tasks.reconstruction.images import observed_points
+
+    images = _sphere_target()
+    pts, nrm = observed_points(images, max_points=5000)
+    assert 1000 < pts.shape[0] <= 5000
+    # icosphere (level 5) chords sag at most r (1 - cos(edge/2r)) ~ 0.1 mm below the sphere
+    assert float((pts.norm(dim=-1) - 0.3).abs().max()) < 2e-3
+    cos = (nrm * torch.nn.functional.normalize(pts, dim=-1)).sum(-1)
+    assert float(cos.min()) > 0.99
+
+
+def test_two_sided_normal_term_ignores_the_winding():
+    """An open surface's normals have no outside: with ``two_sided`` the normal term of a
+    render is the same for either winding of the same triangles; one-sided it is not."""
+    from diffworld.render.images import image_losses, render_views
+
+    images = _sphere_target()
+    m = trimesh.creation.icosphere(subdivisions=3, radius=0.29)
+    v, f = torch.tensor(m.vertices, dtype=torch.float64), torch.tensor(m.faces)
+    a = image_losses(render_views(v, f, images.views), images, two_sided=True)["normal"]
+    b = image_losses(render_views(v, f.flip(1), images.views), images, two_sided=True)["normal"]
+    c = image_losses(render_views(v, f.flip(1), images.views), images)["normal"]
+    assert abs(float(a - b)) < 1e-12 and float(a) < 0.02 and float(c) > 1.9
+
+
+def test_msdf_terms_from_images_leave_hidden_template_vertices_alone():
+    """The msdf regularizers from images push free-space vertices down and observed-surface
+    ones up, and give no gradient to vertices no view can judge."""
+    from diffworld.geometry.gshell import msdf_regularizers
+
+    nu = torch.tensor([0.3, -0.2, 0.0, 0.5, -0.5], dtype=torch.float64, requires_grad=True)
+    surface = torch.tensor([True, False, False, False, False])
+    free = torch.tensor([False, True, False, True, False])
+    reg = msdf_regularizers(nu, surface, 0.1, negative=free)
+    # free: (-0.2 + 0.1) -> 0, (0.5 + 0.1)^2 / 0.01 = 36 -> mean 18; surface: 0.3 >= 0.1 -> 0
+    assert abs(float(reg.negative.detach()) - 18.0) < 1e-9 and float(reg.positive.detach()) == 0.0
+    (g,) = torch.autograd.grad(reg.negative + reg.positive, nu)
+    assert g[2] == 0 and g[4] == 0 and g[0] == 0 and g[3] > 0
+    with pytest.raises(ValueError, match="'negative': expected a bool tensor"):
+        msdf_regularizers(nu, surface, 0.1, negative=free[:3])
+
+
+def test_open_cup_template_is_classified_from_its_views():
+    """On the cup's own G-Shell fields, the images (16 views of 96^2 with depth) never put a
+    vertex of the cup in free space, and put nearly all of the lid there: what the msdf terms
+    need to cut the lid away and keep the cup."""
+    from diffworld.app.scenes import load_scene as load
+    from diffworld.tasks.reconstruction.images import image_reference, observed_space
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scenes" / "reconstruct_images_gshell.yaml"
+    scene = load(path, {"task.target.width": 96, "task.target.height": 96, "task.evaluation.n_points": 2000})
+    ref, images = image_reference(scene.task, 0, torch.float64, "cpu")
+    base = ref.baseline_gshell(32, scene.task.bounds, torch.float64)
+    t = base.template
+    kept = t.attributes[:, 0] > 0
+    free, surface = observed_space(t.vertices, images, 1.0 / 32)
+    assert not bool((free & kept).any())
+    assert float(surface[kept].double().mean()) > 0.98
+    assert float(free[~kept].double().mean()) > 0.9, float(free[~kept].double().mean())

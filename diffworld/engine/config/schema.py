@@ -48,8 +48,9 @@ MAX_INT = 2**31 - 1
 
 
 def _takes_bool(annotation: Any) -> bool:
-    """Whether a field's type admits a boolean somewhere (bool, Any, a union or container with one)."""
-    if annotation is bool or annotation is Any:
+    """Whether a field's type admits a boolean somewhere (bool, Any, a literal true or false, a
+    union or container with one)."""
+    if annotation is bool or annotation is Any or isinstance(annotation, bool):
         return True
     return any(_takes_bool(a) for a in typing.get_args(annotation))
 
@@ -155,7 +156,15 @@ class OutputConfig(StrictModel):
     """What a run writes besides log, loss curve, metrics and checkpoints."""
 
     render: bool = Field(True, description="Render result beside target (PNG).")
-    turntable: bool = Field(False, description="Write a turntable GIF of the result.")
+    turntable: Literal[False, True, "gif", "mp4"] = Field(
+        False, description="Write a turntable of the result: true or 'gif' (turntable.gif), 'mp4' (turntable.mp4, "
+                           "H.264), false (none).")
+
+    def turntable_name(self) -> str | None:
+        """The turntable's file name, or None when none is asked for."""
+        if self.turntable is False:
+            return None
+        return "turntable.mp4" if self.turntable == "mp4" else "turntable.gif"
     save_mesh: bool = Field(True, description="Write the result mesh (PLY).")
 
 

@@ -105,6 +105,10 @@ class ImagesTarget(StrictModel):
     elevations: list[float] = Field([30.0, -20.0], min_length=1, description="View elevations [degrees], cycled.")
     channels: list[Literal["mask", "depth", "normal"]] = Field(["mask", "depth", "normal"], min_length=1,
                                                                description="What the target images hold.")
+    observed_points: bool = Field(False, description="Also lift the depth maps to a target point cloud (with "
+                                                     "the normal maps' normals, taken as outward), so that the "
+                                                     "point terms in 'weights' apply as for a point target. "
+                                                     "Needs depth.")
 
     _path = field_validator("path")(lambda v, info: None if v is None else scene_file(v, info))
     _reference = field_validator("reference")(lambda v, info: None if v is None else scene_file(v, info))
@@ -117,6 +121,9 @@ class ImagesTarget(StrictModel):
             raise ValueError("'reference' goes with 'path' (a synthetic 'source' is its own reference)")
         if "mask" not in self.channels:
             raise ValueError(f"channels: the mask is always used, got {self.channels}")
+        if self.observed_points and "depth" not in self.channels:
+            raise ValueError(f"observed_points: the points come from the depth maps; expected 'depth' among the "
+                             f"channels, got {self.channels}")
         return self
 
 
@@ -134,6 +141,10 @@ class ImageWeights(StrictModel):
                                                         "target pixel must be outside (squared cells). Needed "
                                                         "when few views leave the surface room to grow past the "
                                                         "images' borders.")
+    msdf: float = Field(1.0, ge=0, le=1e6, description="Representation gshell: the msdf regularizers from the "
+                                                       "images (template vertices in observed free space "
+                                                       "pushed to msdf <= -msdf_eps, those within msdf_radius "
+                                                       "of the observed depth to >= +msdf_eps). Needs depth maps.")
 
 
 # --- representations (one registry entry each: representations.REPRESENTATIONS) ------------------
@@ -192,27 +203,33 @@ class ReconstructionTask(StrictModel):
         if w.sdf_sign_final is not None and not w.sdf_sign:
             raise ValueError(f"weights.sdf_sign_final: expected it only with weights.sdf_sign > 0 (the start of "
                              f"the decay), got sdf_sign_final={w.sdf_sign_final} and sdf_sign=0")
-        if self.target.type == "images":
+        if self.target.type == "images" and not self.target.observed_points:
             # a point term set to anything but its default is a mistake; at their defaults they
             # are ignored (a run's saved scene.yaml writes every default out)
             fields = type(w).model_fields
             explicit = sorted(k for k in POINT_TERMS if k in w.model_fields_set and getattr(w, k)
                               and getattr(w, k) != fields[k].default)
             if explicit:
-                raise ValueError(f"weights.{explicit[0]}: an image target has no target points; the point terms "
+                raise ValueError(f"weights.{explicit[0]}: an image target without observed_points has no target "
+                                 f"points; the point terms "
                                  f"{list(POINT_TERMS)} do not apply (the image terms are image_weights), got "
                                  f"{ {k: getattr(w, k) for k in explicit} }")
+        if self.target.type == "images" and rep == "gshell" and self.image_weights.msdf \
+                and "depth" not in self.target.channels:
+            raise ValueError(f"target.channels: representation gshell learns where to cut its template from "
+                             f"depth maps (a mask alone cannot tell an opening from a lid inside the silhouette); "
+                             f"expected 'depth' among the channels, got {self.target.channels}")
         shape_target = self.target.source if self.target.type == "images" else self.target
         if shape_target is not None and shape_target.type == "shape" and shape_target.shape in OPEN_SHAPES:
             if rep != "gshell":
                 raise ValueError(f"representation.type: expected 'gshell' for the open target shape "
                                  f"{shape_target.shape!r} (the other representations make closed surfaces), "
                                  f"got {rep!r}")
-            if self.target.type == "images":
+            if self.target.type == "images" and not self.target.observed_points:
                 return self
             if w.sign and w.sign_band is None:
                 raise ValueError(f"weights.sign_band: expected a band in cells with weights.sign > 0 and the "
-                                 f"open target shape {self.target.shape!r} (far from an open surface the side of "
+                                 f"open target shape {shape_target.shape!r} (far from an open surface the side of "
                                  f"its nearest point means nothing), got None")
         return self
 

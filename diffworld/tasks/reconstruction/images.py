@@ -12,7 +12,8 @@ import torch
 from diffworld.render.camera import Views, orbit_views
 from diffworld.render.images import ImageTarget, image_losses, load_image_target, render_views, target_from_mesh
 
-__all__ = ["carve_term", "image_metrics", "image_reference", "image_terms", "reference_mesh", "save_view_grid", "views_around"]
+__all__ = ["carve_term", "image_metrics", "image_reference", "image_terms", "msdf_image_terms", "observed_points", "observed_space",
+           "reference_mesh", "save_view_grid", "views_around"]
 
 
 def reference_mesh(ref, bounds, resolution: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +70,20 @@ def image_terms(images: ImageTarget, weights):
     """``rep -> (vertices, faces) -> {name: (weight, value)}``: the image terms for
     :func:`~diffworld.geometry.reconstruction.reconstruction_losses`, depth in cells of ``rep``."""
 
+    free_nodes: dict = {}  # the grid nodes in observed free space, per grid shape
+
     def for_rep(rep):
         def terms(mesh):
+            open_surface = hasattr(mesh, "template")  # G-Shell: the cut part of a template
             r = render_views(mesh.vertices, mesh.faces, images.views)
-            out = image_losses(r, images, depth_scale=float(rep.cell))
+            out = image_losses(r, images, depth_scale=float(rep.cell), two_sided=open_surface)
             result = {f"image_{k}": (getattr(weights, k), v) for k, v in out.items() if getattr(weights, k)}
             if weights.carve:
                 result["image_carve"] = (weights.carve, carve_term(rep, images))
+            if open_surface and weights.msdf:
+                reg = msdf_image_terms(mesh, images, rep.msdf_radius, rep.msdf_eps, rep, free_nodes)
+                result["msdf_negative"] = (weights.msdf, reg.negative)
+                result["msdf_positive"] = (weights.msdf, reg.positive)
             return result
 
         return terms
@@ -97,6 +105,143 @@ def _seen_on_background(points: torch.Tensor, images: ImageTarget) -> torch.Tens
         return (seen & (images.mask[views, py, px] < 0.5)).any(0)
 
 
+def observed_space(points: torch.Tensor, images: ImageTarget, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the target images say about points: (free, surface), each (N,) bool.
+
+    ``free``: some view sees the point on background (no foreground pixel within the margin's
+    footprint in the image, plus 1.5 pixels, of its projection; or outside the frame of a view
+    whose mask does not touch the image border, so that it holds the whole object), or in front of the observed surface (every pixel of the
+    block is foreground and the point is nearer than their nearest depth by more than
+    ``margin`` plus the block's depth range: at grazing angles a pixel spans a wide range of
+    depths), or no view images it at all (outside every frame: whatever is there, no view
+    observed it as surface). ``surface``: not free, and some view sees it within ``margin`` of the depth
+    range of the foreground pixels of its block. Points hidden behind the surface in every view
+    that images them are neither. The 3x3 blocks keep
+    silhouettes and steep depth edges, where one pixel's value says little about a point that
+    projects near it, from marking points on the true surface as free.
+
+    Args:
+        points: World points [m], shape (N, 3) (read detached).
+        images: Target with masks and depth maps (depth is required: a mask alone cannot tell
+            an opening from a lid inside the silhouette).
+        margin: Depth tolerance [m], > 0 (about a cell).
+
+    Raises:
+        ValueError: The target has no depth maps.
+    """
+    if images.depth is None:
+        raise ValueError("images: telling observed surface from free space needs depth maps (channels "
+                         "'depth'), got a target with masks only")
+    import torch.nn.functional as nnf
+
+    v = images.views
+    with torch.no_grad():
+        mask = images.mask[:, None]
+        fg = mask > 0.5
+        depth = images.depth[:, None]
+        inf = torch.tensor(float("inf"), dtype=depth.dtype, device=depth.device)
+        # distance [px] from each pixel centre to the nearest foreground pixel centre
+        from scipy.ndimage import distance_transform_edt
+
+        to_fg = torch.from_numpy(np.stack([distance_transform_edt(~m) for m in fg[:, 0].cpu().numpy()])).to(
+            depth.device, depth.dtype)
+        all_fg = -nnf.max_pool2d(-mask, 3, 1, 1)[:, 0] > 0.5
+        near = -nnf.max_pool2d(-torch.where(fg, depth, inf), 3, 1, 1)[:, 0]
+        far = nnf.max_pool2d(torch.where(fg, depth, -inf), 3, 1, 1)[:, 0]
+        uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
+        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
+        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
+        px = u.clamp(0, v.width - 1).long()
+        py = w.clamp(0, v.height - 1).long()
+        k = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
+        # on background when no foreground pixel lies within the margin's footprint plus one
+        # pixel (a point within the margin of the surface may project that far past the silhouette)
+        reach = margin * torch.maximum(v.fx, v.fy)[:, None] / z.clamp_min(1e-9) + 1.5
+        # A view whose mask does not touch its border holds the whole object: there, a point in
+        # front of the camera but outside the frame is on background too (the visual hull's
+        # assumption, checked per view instead of assumed).
+        edge = torch.cat([fg[:, 0, 0, :], fg[:, 0, -1, :], fg[:, 0, :, 0], fg[:, 0, :, -1]], 1)
+        whole = ~edge.any(1)
+        background = (seen & (to_fg[k, py, px] > reach)) | ((z > 0) & ~seen & whole[:, None])
+        # in front: nearer than the block's nearest depth by the margin plus the block's depth
+        # range (a surface seen at a grazing angle spans a wide range of depths in one pixel)
+        lo, hi = near[k, py, px], far[k, py, px]
+        in_front = seen & all_fg[k, py, px] & (z < lo - margin - (hi - lo))
+        # a point no view images at all (outside every frame) is no part of an observed surface
+        free = (background | in_front).any(0) | ~seen.any(0)
+        on = (seen & fg[:, 0][k, py, px] & (z >= near[k, py, px] - margin)
+              & (z <= far[k, py, px] + margin))
+        return free, on.any(0) & ~free
+
+
+def observed_points(images: ImageTarget, max_points: int = 100000, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The surface the depth maps observed, as a point target: every foreground pixel whose 3x3
+    block is all foreground (silhouette pixels mix surface and background) lifted to its depth
+    along its ray, with the normal map's normal there; a seeded subset of at most ``max_points``.
+
+    Returns:
+        (points (P, 3) [m], unit normals (P, 3) or None without normal maps).
+
+    Raises:
+        ValueError: The target has no depth maps, or no pixel qualifies.
+    """
+    if images.depth is None:
+        raise ValueError("images: the observed surface points need depth maps (channels 'depth'), got a target "
+                         "with masks only")
+    import torch.nn.functional as nnf
+
+    with torch.no_grad():
+        inner = (-nnf.max_pool2d(-images.mask[:, None], 3, 1, 1)[:, 0] > 0.5) & (images.depth > 0)
+        d = images.views.ray_directions()
+        pts = (images.views.eyes[:, None, None, :] + images.depth[..., None] * d)[inner]
+        nrm = None
+        if images.normal is not None:
+            nrm = torch.nn.functional.normalize(images.normal[inner], dim=-1)
+            good = nrm.norm(dim=-1) > 0.5  # a zero normal in a file: drop the pixel
+            pts, nrm = pts[good], nrm[good]
+        if pts.shape[0] == 0:
+            raise ValueError("images: no foreground pixel with depth away from the silhouettes")
+        if pts.shape[0] > max_points:
+            keep = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
+            pts = pts[keep.to(pts.device)]
+            nrm = None if nrm is None else nrm[keep.to(pts.device)]
+    return pts, nrm
+
+
+def msdf_image_terms(mesh, images: ImageTarget, margin: float, eps: float, rep=None, cache: dict | None = None):
+    """G-Shell's msdf regularizers from images (:func:`observed_space`,
+    :func:`~diffworld.geometry.gshell.msdf_regularizers`): template vertices on the observed
+    surface are pushed to msdf >= +eps (kept); those in observed free space, and with ``rep``
+    also the grid nodes there, to msdf <= -eps (cut away); hidden ones are left to the other
+    terms.
+
+    The nodes matter because the template moves: where it moves into free space that no
+    template vertex crossed before (a lid rising in the last stage), the msdf it meets is
+    already negative, instead of the initial positive value that the vertex term would need
+    many steps to push down. Which nodes are free depends only on the grid and the images:
+    ``cache`` (a dict kept by the caller) holds it per grid shape.
+    """
+    from diffworld.geometry.gshell import msdf_regularizers
+
+    t = mesh.template
+    free, surface = observed_space(t.vertices, images, margin)
+    nu = t.attributes[:, 0]
+    if rep is not None:
+        nodes, _ = rep.probe()
+        key = tuple(rep.msdf.shape)
+        hit = None if cache is None else cache.get(key)
+        if hit is None:
+            hit = observed_space(nodes, images, margin)[0]
+            if cache is not None:
+                cache.clear()
+                cache[key] = hit
+        nu = torch.cat([nu, rep.msdf.reshape(-1)])
+        free = torch.cat([free, hit])
+        surface = torch.cat([surface, torch.zeros_like(hit)])
+    return msdf_regularizers(nu, surface, eps, negative=free)
+
+
 def carve_term(rep, images: ImageTarget, margin_cells: float = 0.5) -> torch.Tensor:
     """Space carving: the field's probe points (a grid's nodes, a network's random box points)
     that some view sees on a background pixel of its target mask must be outside, by at least
@@ -115,9 +260,10 @@ def carve_term(rep, images: ImageTarget, margin_cells: float = 0.5) -> torch.Ten
     return torch.relu(margin_cells * h - values[out]).pow(2).mean() / h ** 2
 
 
-def image_metrics(vertices: torch.Tensor, faces: torch.Tensor, images: ImageTarget) -> dict:
+def image_metrics(vertices: torch.Tensor, faces: torch.Tensor, images: ImageTarget, two_sided: bool = False) -> dict:
     """How well the result reproduces the images: mask IoU (at 0.5, mean over views), depth RMSE [m]
-    and mean normal angle [degrees] where both see the surface."""
+    and mean normal angle [degrees] where both see the surface (``two_sided``: up to sign, for
+    open surfaces)."""
     with torch.no_grad():
         r = render_views(vertices.to(images.mask.dtype), faces, images.views)
         a, b = r.mask > 0.5, images.mask > 0.5
@@ -127,7 +273,8 @@ def image_metrics(vertices: torch.Tensor, faces: torch.Tensor, images: ImageTarg
         if images.depth is not None and bool(both.any()):
             out["depth_rmse"] = float(((r.depth - images.depth)[both] ** 2).mean().sqrt())
         if images.normal is not None and bool(both.any()):
-            cos = (r.normal * images.normal).sum(-1)[both].clamp(-1, 1)
+            cos = (r.normal * images.normal).sum(-1)[both]
+            cos = (cos.abs() if two_sided else cos).clamp(-1, 1)
             out["normal_angle_deg"] = float(torch.rad2deg(torch.acos(cos)).mean())
     return out
 

@@ -78,8 +78,14 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         from diffworld.tasks.reconstruction.images import image_reference, image_terms
 
         ref, images = image_reference(task, scene.seed, dtype, device)
-        target = ReconstructionTarget(torch.zeros((0, 3), dtype=dtype, device=device), None, True)
-        weights = dataclasses.replace(weights, **{k: 0.0 for k in POINT_TERMS})
+        if task.target.observed_points:
+            from diffworld.tasks.reconstruction.images import observed_points
+
+            pts, nrm = observed_points(images, seed=scene.seed)
+            target = ReconstructionTarget(pts, nrm, nrm is not None)
+        else:
+            target = ReconstructionTarget(torch.zeros((0, 3), dtype=dtype, device=device), None, True)
+            weights = dataclasses.replace(weights, **{k: 0.0 for k in POINT_TERMS})
         mesh_terms = image_terms(images, task.image_weights)
     else:
         ref = Reference(task.target, task.bounds, scene.seed, task.evaluation.n_points, dtype)
@@ -121,7 +127,8 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         if images is not None:
             from diffworld.tasks.reconstruction.images import image_metrics, save_view_grid
 
-            metrics["images"] = image_metrics(mesh.vertices.detach(), mesh.faces, images)
+            metrics["images"] = image_metrics(mesh.vertices.detach(), mesh.faces, images,
+                                              two_sided=hasattr(mesh, "template"))
             save_view_grid(out_dir / "views.png", mesh.vertices.detach(), mesh.faces, images)
     if scene.output.save_mesh and mesh.faces.shape[0]:
         from diffworld.geometry.io import save_mesh
@@ -134,7 +141,7 @@ def run_reconstruction(scene, task: ReconstructionTask, runtime, out_dir: Path, 
         elif scene.output.turntable and mesh.faces.shape[0]:
             from diffworld.viz import render_turntable
 
-            render_turntable(out_dir / "turntable.gif", mesh.vertices.detach().cpu(), mesh.faces.cpu())
+            render_turntable(out_dir / scene.output.turntable_name(), mesh.vertices.detach().cpu(), mesh.faces.cpu())
     return metrics
 
 
@@ -158,7 +165,8 @@ def _baseline_metrics(entry, ref: Reference, task: ReconstructionTask, final_res
 
 
 def _render(scene, task: ReconstructionTask, ref: Reference, mesh, out_dir: Path) -> None:
-    """render.png (result beside the target) and turntable.gif, as the scene's output section asks."""
+    """render.png (result beside the target) and the turntable (.gif or .mp4), as the scene's output section
+    asks."""
     if scene.output.render and mesh.faces.shape[0]:
         from diffworld.viz import render_side_by_side
 
@@ -175,7 +183,7 @@ def _render(scene, task: ReconstructionTask, ref: Reference, mesh, out_dir: Path
     if scene.output.turntable and mesh.faces.shape[0]:
         from diffworld.viz import render_turntable
 
-        render_turntable(out_dir / "turntable.gif", mesh.vertices.detach().cpu(), mesh.faces.cpu())
+        render_turntable(out_dir / scene.output.turntable_name(), mesh.vertices.detach().cpu(), mesh.faces.cpu())
 
 
 def _run(scene, runtime, out_dir: Path, **kwargs) -> dict:
