@@ -61,19 +61,26 @@ def render_views(vertices: torch.Tensor, faces: torch.Tensor, views: Views, topo
 
 
 def image_losses(rendered: RenderedImages, target: ImageTarget, depth_scale: float = 1.0,
-                 two_sided: bool = False) -> dict[str, torch.Tensor]:
+                 two_sided: bool = False, depth_truncation: float | None = None) -> dict[str, torch.Tensor]:
     """Unweighted image terms: ``mask`` (mean |m - m*| over all pixels), and where the target has
     them, ``depth`` (mean ((z - z*) / depth_scale)^2) and ``normal`` (mean 1 - cos(n, n*)) over
     the pixels both the render and the target see.
 
     ``two_sided``: normals of an open surface have no outside; compare them up to sign
     (1 - |cos|), since a view may see either side of the sheet and the target's and the
-    result's windings need not agree."""
+    result's windings need not agree.
+
+    ``depth_truncation`` (in units of ``depth_scale``): the depth term is the mean of
+    ``min(r, t)^2``, so a pixel whose render and target see different layers (a rim one pixel
+    off, the far wall behind it) adds a bounded constant and no gradient, instead of dominating
+    the mean with a push along its ray."""
     terms = {"mask": (rendered.mask - target.mask.to(rendered.mask)).abs().mean()}
     both = (rendered.fragments.face >= 0) & (target.mask > 0.5)
     zero = rendered.depth.sum() * 0.0
     if target.depth is not None:
         d = (rendered.depth - target.depth.to(rendered.depth))[both] / depth_scale
+        if depth_truncation is not None:
+            d = d.abs().clamp_max(float(depth_truncation))
         terms["depth"] = (d ** 2).mean() if d.numel() else zero
     if target.normal is not None:
         cos = (rendered.normal * target.normal.to(rendered.normal)).sum(-1)[both]

@@ -57,6 +57,41 @@ def test_a_rendered_target_has_the_sphere_s_depth_and_normals():
     assert float(image_losses(render_views(v, f, views), t)["mask"]) == 0.0
 
 
+def test_truncated_depth_term_bounds_layer_mismatches():
+    """With ``depth_truncation`` t, pixels whose depth residual is beyond t cost t^2 and give no
+    gradient; within it the term and its gradient are plain L2's."""
+    from diffworld.render.images import ImageTarget
+
+    v, f = _sphere()
+    views = orbit_views((0, 0, 0), 0.3, 2, 32, 32, dtype=F64)
+    t = target_from_mesh(v, f, views)
+    near = t.depth.clone()
+    far = t.depth.clone()
+    seen = t.mask > 0.5
+    far[:, :16][seen[:, :16]] += 0.5  # half of the image sees another layer, 0.5 m behind
+    far[:, 16:][seen[:, 16:]] += 0.015  # the other half 1.5 units off: within the cap
+    vv = v.clone().requires_grad_(True)
+    r = render_views(vv, f, views)
+    scale, cap = 0.01, 3.0
+    ref = image_losses(r, ImageTarget(views, t.mask, near), depth_scale=scale)["depth"]
+    cut = image_losses(r, ImageTarget(views, t.mask, near), depth_scale=scale, depth_truncation=cap)["depth"]
+    # every residual is within the cap here (the render of the same mesh): identical terms
+    assert float(ref.detach()) < cap ** 2 and torch.equal(ref, cut)
+    out = image_losses(r, ImageTarget(views, t.mask, far), depth_scale=scale, depth_truncation=cap)["depth"]
+    both = (r.fragments.face >= 0) & seen
+    res = ((r.depth - far)[both] / scale).abs()
+    assert float(out.detach()) == pytest.approx(float(res.detach().clamp_max(cap).pow(2).mean()), rel=1e-12)
+    # the far half adds no gradient: the same as the near half alone with the far pixels at the cap
+    (g,) = torch.autograd.grad(out, vv, retain_graph=True)
+    mask_far = torch.zeros_like(seen)
+    mask_far[:, :16] = True
+    n = float(both.sum())
+    within = both & ~(mask_far & seen)
+    expect = ((r.depth - far)[within] / scale).pow(2).sum() / n
+    (g2,) = torch.autograd.grad(expect, vv)
+    assert float(g2.abs().max()) > 1e-3 and torch.allclose(g, g2, atol=1e-12)
+
+
 def test_a_folder_of_images_round_trips(tmp_path):
     v, f = _sphere()
     t = target_from_mesh(v, f, orbit_views((0, 0, 0), 0.3, 3, 40, 32, dtype=F64))

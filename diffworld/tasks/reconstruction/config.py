@@ -137,6 +137,10 @@ class ImageWeights(StrictModel):
     mask: float = Field(1.0, ge=0, le=1e6)
     depth: float = Field(1.0, ge=0, le=1e6)
     normal: float = Field(0.5, ge=0, le=1e6)
+    depth_truncation: Optional[float] = Field(None, gt=0, le=1e6, description="Depth residuals are clamped at "
+                                              "this many cells (no gradient beyond): a pixel where the render and "
+                                              "the target see different layers, e.g. at an open rim, then cannot "
+                                              "dominate the depth term. None: plain L2.")
     carve: float = Field(0.0, ge=0, le=1e6, description="Space carving: field points a view sees on an empty "
                                                         "target pixel must be outside (squared cells). Needed "
                                                         "when few views leave the surface room to grow past the "

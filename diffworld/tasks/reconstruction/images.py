@@ -76,7 +76,8 @@ def image_terms(images: ImageTarget, weights):
         def terms(mesh):
             open_surface = hasattr(mesh, "template")  # G-Shell: the cut part of a template
             r = render_views(mesh.vertices, mesh.faces, images.views)
-            out = image_losses(r, images, depth_scale=float(rep.cell), two_sided=open_surface)
+            out = image_losses(r, images, depth_scale=float(rep.cell), two_sided=open_surface,
+                               depth_truncation=weights.depth_truncation)
             result = {f"image_{k}": (getattr(weights, k), v) for k, v in out.items() if getattr(weights, k)}
             if weights.carve:
                 result["image_carve"] = (weights.carve, carve_term(rep, images))
