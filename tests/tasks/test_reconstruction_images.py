@@ -250,3 +250,30 @@ def test_open_cup_template_is_classified_from_its_views():
     assert not bool((free & kept).any())
     assert float(surface[kept].double().mean()) > 0.98
     assert float(free[~kept].double().mean()) > 0.9, float(free[~kept].double().mean())
+
+
+def test_msdf_image_terms_push_the_free_grid_nodes():
+    """G-Shell on a sphere's own SDF, images of that sphere: no template vertex is in free space,
+    so the negative msdf term's gradient is exactly on the grid nodes the views see as free
+    (computed once per grid shape and cached), and none of them is on the sphere."""
+    from diffworld.geometry.reconstruction import GShellGrid
+    from diffworld.geometry.grid import Grid
+    from diffworld.geometry.sdf import Sphere, sample_grid
+    from diffworld.tasks.reconstruction.images import msdf_image_terms, observed_space
+
+    images = _sphere_target(size=64, frame=0.45)
+    bounds = ((-0.5,) * 3, (0.5,) * 3)
+    h = 1.0 / 16
+    values = sample_grid(Sphere(0.3).double(), Grid.make(16, bounds), dtype=torch.float64)
+    rep = GShellGrid(values, torch.full_like(values, h), bounds, msdf_eps=h, msdf_radius=h)
+    mesh = rep.extract()
+    t_free, t_surface = observed_space(mesh.template.vertices, images, h)
+    assert not bool(t_free.any()) and float(t_surface.double().mean()) > 0.9
+    cache = {}
+    reg = msdf_image_terms(mesh, images, h, h, rep, cache)
+    (g,) = torch.autograd.grad(reg.negative, rep.msdf)
+    nodes, _ = rep.probe()
+    free = observed_space(nodes, images, h)[0]
+    assert list(cache) == [tuple(rep.msdf.shape)] and torch.equal(cache[tuple(rep.msdf.shape)], free)
+    assert bool((g.reshape(-1)[free] > 0).all()) and bool((g.reshape(-1)[~free] == 0).all())
+    assert int(free.sum()) > 1000 and not bool((free & ((nodes.norm(dim=-1) - 0.3).abs() < 0.5 * h)).any())
