@@ -5,6 +5,7 @@ the per-view picture."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,8 +13,8 @@ import torch
 from diffworld.render.camera import Views, orbit_views
 from diffworld.render.images import ImageTarget, image_losses, load_image_target, render_views, target_from_mesh
 
-__all__ = ["carve_term", "image_metrics", "image_reference", "image_terms", "msdf_image_terms", "observed_points", "observed_space",
-           "reference_mesh", "save_view_grid", "views_around"]
+__all__ = ["ObservedMaps", "carve_term", "image_metrics", "image_reference", "image_terms", "msdf_image_terms",
+           "observed_maps", "observed_points", "observed_space", "reference_mesh", "save_view_grid", "views_around"]
 
 
 def reference_mesh(ref, bounds, resolution: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,8 @@ def image_terms(images: ImageTarget, weights):
     """``rep -> (vertices, faces) -> {name: (weight, value)}``: the image terms for
     :func:`~diffworld.geometry.reconstruction.reconstruction_losses`, depth in cells of ``rep``."""
 
-    free_nodes: dict = {}  # the grid nodes in observed free space, per grid shape
+    # what does not change between iterations: the images' maps, the free grid nodes per shape
+    free_nodes: dict = {"nodes": {}}
 
     def for_rep(rep):
         def terms(mesh):
@@ -82,7 +84,10 @@ def image_terms(images: ImageTarget, weights):
             if weights.carve:
                 result["image_carve"] = (weights.carve, carve_term(rep, images))
             if open_surface and weights.msdf:
-                reg = msdf_image_terms(mesh, images, rep.msdf_radius, rep.msdf_eps, rep, free_nodes)
+                if "maps" not in free_nodes:
+                    free_nodes["maps"] = observed_maps(images)
+                reg = msdf_image_terms(mesh, images, rep.msdf_radius, rep.msdf_eps, rep, free_nodes["nodes"],
+                                       free_nodes["maps"])
                 result["msdf_negative"] = (weights.msdf, reg.negative)
                 result["msdf_positive"] = (weights.msdf, reg.positive)
             return result
@@ -106,72 +111,85 @@ def _seen_on_background(points: torch.Tensor, images: ImageTarget) -> torch.Tens
         return (seen & (images.mask[views, py, px] < 0.5)).any(0)
 
 
-def observed_space(points: torch.Tensor, images: ImageTarget, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+class ObservedMaps(NamedTuple):
+    """Per-pixel maps of an image target that :func:`observed_space` reads, (V, H, W) each
+    (``whole``: (V,)); they depend on the images only, so a caller computes them once."""
+
+    fg: torch.Tensor  # bool: target mask > 0.5
+    to_fg: torch.Tensor  # distance [px] to the nearest foreground pixel centre
+    all_fg: torch.Tensor  # bool: the whole 3x3 block is foreground
+    near: torch.Tensor  # nearest foreground depth in the 3x3 block [m] (inf: none)
+    far: torch.Tensor  # farthest foreground depth in the 3x3 block [m] (-inf: none)
+    whole: torch.Tensor  # bool per view: the mask does not touch the image border
+
+
+def observed_maps(images: ImageTarget) -> ObservedMaps:
+    """The maps of :class:`ObservedMaps` (needs depth maps)."""
+    if images.depth is None:
+        raise ValueError("images: telling observed surface from free space needs depth maps (channels "
+                         "'depth'), got a target with masks only")
+    import torch.nn.functional as nnf
+    from scipy.ndimage import distance_transform_edt
+
+    with torch.no_grad():
+        mask = images.mask[:, None]
+        fg = (mask > 0.5)[:, 0]
+        depth = images.depth
+        inf = torch.tensor(float("inf"), dtype=depth.dtype, device=depth.device)
+        to_fg = torch.from_numpy(np.stack([distance_transform_edt(~m) for m in fg.cpu().numpy()])).to(
+            depth.device, depth.dtype)
+        all_fg = -nnf.max_pool2d(-mask, 3, 1, 1)[:, 0] > 0.5
+        near = -nnf.max_pool2d(-torch.where(fg, depth, inf)[:, None], 3, 1, 1)[:, 0]
+        far = nnf.max_pool2d(torch.where(fg, depth, -inf)[:, None], 3, 1, 1)[:, 0]
+        edge = torch.cat([fg[:, 0, :], fg[:, -1, :], fg[:, :, 0], fg[:, :, -1]], 1)
+        return ObservedMaps(fg, to_fg, all_fg, near, far, ~edge.any(1))
+
+
+def observed_space(points: torch.Tensor, images: ImageTarget, margin: float, maps: ObservedMaps | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the target images say about points: (free, surface), each (N,) bool.
 
-    ``free``: some view sees the point on background (no foreground pixel within the margin's
-    footprint in the image, plus 1.5 pixels, of its projection; or outside the frame of a view
-    whose mask does not touch the image border, so that it holds the whole object), or in front of the observed surface (every pixel of the
-    block is foreground and the point is nearer than their nearest depth by more than
-    ``margin`` plus the block's depth range: at grazing angles a pixel spans a wide range of
-    depths), or no view images it at all (outside every frame: whatever is there, no view
-    observed it as surface). ``surface``: not free, and some view sees it within ``margin`` of the depth
-    range of the foreground pixels of its block. Points hidden behind the surface in every view
-    that images them are neither. The 3x3 blocks keep
-    silhouettes and steep depth edges, where one pixel's value says little about a point that
-    projects near it, from marking points on the true surface as free.
+    ``free``: some view sees the point on background, or in front of the observed surface, or
+    no view images it at all:
+
+    * on background: no foreground pixel within the margin's footprint in the image, plus 1.5
+      pixels, of its projection (a point within the margin of the surface may project that far
+      past the silhouette); or outside the frame of a view whose mask does not touch the image
+      border, so that it holds the whole object (the visual hull's assumption, checked per view);
+    * in front: every pixel of the 3x3 block around its projection is foreground and the point
+      is nearer than their nearest depth by more than ``margin`` plus the block's depth range
+      (at grazing angles one pixel spans a wide range of depths);
+    * outside every frame: whatever is there, no view observed it as a surface.
+
+    ``surface``: not free, and some view sees it within ``margin`` of the depth range of the
+    foreground pixels of its block. Points hidden behind the surface in every view that images
+    them are neither.
 
     Args:
         points: World points [m], shape (N, 3) (read detached).
         images: Target with masks and depth maps (depth is required: a mask alone cannot tell
             an opening from a lid inside the silhouette).
         margin: Depth tolerance [m], > 0 (about a cell).
+        maps: :func:`observed_maps` of ``images`` (computed here when None).
 
     Raises:
         ValueError: The target has no depth maps.
     """
-    if images.depth is None:
-        raise ValueError("images: telling observed surface from free space needs depth maps (channels "
-                         "'depth'), got a target with masks only")
-    import torch.nn.functional as nnf
-
+    m = observed_maps(images) if maps is None else maps
     v = images.views
     with torch.no_grad():
-        mask = images.mask[:, None]
-        fg = mask > 0.5
-        depth = images.depth[:, None]
-        inf = torch.tensor(float("inf"), dtype=depth.dtype, device=depth.device)
-        # distance [px] from each pixel centre to the nearest foreground pixel centre
-        from scipy.ndimage import distance_transform_edt
-
-        to_fg = torch.from_numpy(np.stack([distance_transform_edt(~m) for m in fg[:, 0].cpu().numpy()])).to(
-            depth.device, depth.dtype)
-        all_fg = -nnf.max_pool2d(-mask, 3, 1, 1)[:, 0] > 0.5
-        near = -nnf.max_pool2d(-torch.where(fg, depth, inf), 3, 1, 1)[:, 0]
-        far = nnf.max_pool2d(torch.where(fg, depth, -inf), 3, 1, 1)[:, 0]
         uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
         u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
         seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
         px = u.clamp(0, v.width - 1).long()
         py = w.clamp(0, v.height - 1).long()
         k = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
-        # on background when no foreground pixel lies within the margin's footprint plus one
-        # pixel (a point within the margin of the surface may project that far past the silhouette)
         reach = margin * torch.maximum(v.fx, v.fy)[:, None] / z.clamp_min(1e-9) + 1.5
-        # A view whose mask does not touch its border holds the whole object: there, a point in
-        # front of the camera but outside the frame is on background too (the visual hull's
-        # assumption, checked per view instead of assumed).
-        edge = torch.cat([fg[:, 0, 0, :], fg[:, 0, -1, :], fg[:, 0, :, 0], fg[:, 0, :, -1]], 1)
-        whole = ~edge.any(1)
-        background = (seen & (to_fg[k, py, px] > reach)) | ((z > 0) & ~seen & whole[:, None])
-        # in front: nearer than the block's nearest depth by the margin plus the block's depth
-        # range (a surface seen at a grazing angle spans a wide range of depths in one pixel)
-        lo, hi = near[k, py, px], far[k, py, px]
-        in_front = seen & all_fg[k, py, px] & (z < lo - margin - (hi - lo))
-        # a point no view images at all (outside every frame) is no part of an observed surface
+        background = (seen & (m.to_fg[k, py, px] > reach)) | ((z > 0) & ~seen & m.whole[:, None])
+        lo, hi = m.near[k, py, px], m.far[k, py, px]
+        in_front = seen & m.all_fg[k, py, px] & (z < lo - margin - (hi - lo))
         free = (background | in_front).any(0) | ~seen.any(0)
-        on = (seen & fg[:, 0][k, py, px] & (z >= near[k, py, px] - margin)
-              & (z <= far[k, py, px] + margin))
+        on = seen & m.fg[k, py, px] & (z >= lo - margin) & (z <= hi + margin)
         return free, on.any(0) & ~free
 
 
@@ -210,7 +228,8 @@ def observed_points(images: ImageTarget, max_points: int = 100000, seed: int = 0
     return pts, nrm
 
 
-def msdf_image_terms(mesh, images: ImageTarget, margin: float, eps: float, rep=None, cache: dict | None = None):
+def msdf_image_terms(mesh, images: ImageTarget, margin: float, eps: float, rep=None, cache: dict | None = None,
+                     maps: ObservedMaps | None = None):
     """G-Shell's msdf regularizers from images (:func:`observed_space`,
     :func:`~diffworld.geometry.gshell.msdf_regularizers`): template vertices on the observed
     surface are pushed to msdf >= +eps (kept); those in observed free space, and with ``rep``
@@ -221,19 +240,22 @@ def msdf_image_terms(mesh, images: ImageTarget, margin: float, eps: float, rep=N
     template vertex crossed before (a lid rising in the last stage), the msdf it meets is
     already negative, instead of the initial positive value that the vertex term would need
     many steps to push down. Which nodes are free depends only on the grid and the images:
-    ``cache`` (a dict kept by the caller) holds it per grid shape.
+    ``cache`` (a dict kept by the caller) holds it per grid shape; ``maps``: the images'
+    :func:`observed_maps`, computed once by the caller.
     """
     from diffworld.geometry.gshell import msdf_regularizers
 
     t = mesh.template
-    free, surface = observed_space(t.vertices, images, margin)
+    if maps is None:
+        maps = observed_maps(images)
+    free, surface = observed_space(t.vertices, images, margin, maps)
     nu = t.attributes[:, 0]
     if rep is not None:
         nodes, _ = rep.probe()
         key = tuple(rep.msdf.shape)
         hit = None if cache is None else cache.get(key)
         if hit is None:
-            hit = observed_space(nodes, images, margin)[0]
+            hit = observed_space(nodes, images, margin, maps)[0]
             if cache is not None:
                 cache.clear()
                 cache[key] = hit
