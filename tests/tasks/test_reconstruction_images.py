@@ -277,3 +277,16 @@ def test_msdf_image_terms_push_the_free_grid_nodes():
     assert list(cache) == [tuple(rep.msdf.shape)] and torch.equal(cache[tuple(rep.msdf.shape)], free)
     assert bool((g.reshape(-1)[free] > 0).all()) and bool((g.reshape(-1)[~free] == 0).all())
     assert int(free.sum()) > 1000 and not bool((free & ((nodes.norm(dim=-1) - 0.3).abs() < 0.5 * h)).any())
+
+
+def test_observed_points_refuse_targets_without_usable_depth():
+    from diffworld.render.images import ImageTarget
+    from diffworld.tasks.reconstruction.images import observed_points
+
+    t = _sphere_target()
+    with pytest.raises(ValueError, match="need depth maps"):
+        observed_points(ImageTarget(t.views, t.mask))
+    with pytest.raises(ValueError, match="no foreground pixel with depth"):
+        observed_points(ImageTarget(t.views, t.mask, torch.zeros_like(t.depth)))
+    with pytest.raises(ValueError, match="no foreground pixel with depth"):  # zero normals everywhere
+        observed_points(ImageTarget(t.views, t.mask, t.depth, torch.zeros_like(t.normal)))
