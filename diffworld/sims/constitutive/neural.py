@@ -181,22 +181,48 @@ def invariants(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(*batch, N_INVARIANTS), R.reshape(*batch, 3, 3)
 
 
+def _mlp_forward(weights, x: torch.Tensor, keep: bool = True):
+    """The bias-free GELU MLP ``x (n, k) -> y (n, m)`` with weights ``W_0 .. W_L``; with ``keep``
+    also what :func:`_mlp_backward` needs (each layer's input and pre-activation)."""
+    a, saved = x, []
+    for k, W in enumerate(weights):
+        h = torch.mm(a, W.t())
+        if k < len(weights) - 1:
+            if keep:
+                saved += [a, h]
+            a = torch.nn.functional.gelu(h)
+        elif keep:
+            saved.append(a)
+    return h, saved
+
+
+def _mlp_backward(weights, saved, g: torch.Tensor, need_x: bool, need_w) -> tuple:
+    """(d loss / dx or None, [d loss / dW_k or None]) of :func:`_mlp_forward` from d loss / dy;
+    ``need_w``: which weights' gradients to compute."""
+    L = len(weights)
+    gw = [None] * L
+    gx = None
+    g = g.contiguous()
+    for k in range(L - 1, -1, -1):
+        a = saved[2 * k]  # the layer's input
+        if need_w[k]:
+            gw[k] = torch.mm(g.t(), a)
+        if k == 0:
+            if need_x:
+                gx = torch.mm(g, weights[0])
+            break
+        g = torch.ops.aten.gelu_backward(torch.mm(g, weights[k]), saved[2 * k - 1])
+    return gx, gw
+
+
 class _BiasFreeMLP(torch.autograd.Function):
-    """The bias-free GELU MLP ``x (n, k) -> y (n, m)`` (weights ``W_0 .. W_L``) as one op with a
-    hand-written backward: the same matrix products and ``gelu_backward`` as autograd's, without
-    its per-node overhead (the MLP runs twice per MPM substep on a thousand rows, where that
-    overhead is a third of the backward)."""
+    """The bias-free GELU MLP as one op with a hand-written backward: the same matrix products
+    and ``gelu_backward`` as autograd's, without its per-node overhead (the MLP runs twice per
+    MPM substep on a thousand rows, where that overhead is a third of the backward)."""
 
     @staticmethod
     def forward(ctx, x, *weights):
-        a, saved = x, []
-        for k, W in enumerate(weights):
-            h = torch.mm(a, W.t())
-            if k < len(weights) - 1:
-                saved += [a, h]
-                a = torch.nn.functional.gelu(h)
-            else:
-                saved.append(a)
+        h, saved = _mlp_forward(weights, x)
         ctx.save_for_backward(*weights, *saved)
         ctx.n_layers = len(weights)
         return h
@@ -206,20 +232,9 @@ class _BiasFreeMLP(torch.autograd.Function):
     def backward(ctx, g):
         L = ctx.n_layers
         tensors = ctx.saved_tensors
-        weights, saved = tensors[:L], tensors[L:]
         need = ctx.needs_input_grad
-        grads = [None] * (L + 1)
-        g = g.contiguous()
-        for k in range(L - 1, -1, -1):
-            a = saved[2 * k]  # the layer's input
-            if need[1 + k]:
-                grads[1 + k] = torch.mm(g.t(), a)
-            if k == 0:
-                if need[0]:
-                    grads[0] = torch.mm(g, weights[0])
-                break
-            g = torch.ops.aten.gelu_backward(torch.mm(g, weights[k]), saved[2 * k - 1])
-        return tuple(grads)
+        gx, gw = _mlp_backward(tensors[:L], tensors[L:], g, need[0], need[1:])
+        return (gx, *gw)
 
 
 def _mlp(mlp: "_MLP", x: torch.Tensor) -> torch.Tensor:
@@ -396,6 +411,67 @@ class NeuralLaw(TorchLaw):
         if isinstance(self.plastic, BuiltinTorchLaw):
             return self.plastic.project(F, params)
         return self.plastic(F)
+
+    # -- the substep stage without autograd (used by the MPM solver) ------------------------------
+
+    def _stage_parts(self):
+        """(plastic, elastic) where both are the plain invariant networks (not subclasses that
+        change ``forward``) and no module hook is registered, else None."""
+        p, e = self.plastic, self.elastic
+        if not (isinstance(p, InvariantPlasticity) and type(p).forward is InvariantPlasticity.forward
+                and isinstance(e, InvariantElasticity) and type(e).forward is InvariantElasticity.forward):
+            return None
+        nn = torch.nn.modules.module
+        if nn._global_forward_hooks or nn._global_forward_pre_hooks or any(
+                m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+            return None
+        return p, e
+
+    def substep_stage(self, F: torch.Tensor, keep: bool):
+        """``forward(F, {})`` (the return map, then the stress there) for F (n, 3, 3) without
+        autograd: the same kernels and matrix products as the autograd path, so the same numbers.
+
+        Returns ``(F', tau, saved)`` (``saved``: what :meth:`substep_stage_adjoint` needs, None
+        without ``keep``), or None where this law has no such path (the caller then uses autograd).
+        """
+        from diffworld.sims.constitutive.kernels_neural import head_forward, invariants_forward
+
+        parts = self._stage_parts()
+        if parts is None or F.dim() != 3:
+            return None
+        outs, saved = [F.detach()], []
+        with torch.no_grad():
+            for part, coef, mode in ((parts[0], parts[0].alpha, 1), (parts[1], parts[1].output_scale, 0)):
+                weights = [layer.weight for layer in part.mlp.layers]
+                Fi = outs[-1]
+                inv_scale = 1.0 / part.input_scale.to(Fi)
+                x, R, usv = invariants_forward(Fi, inv_scale)
+                N, mlp_saved = _mlp_forward(weights, x, keep)
+                outs.append(head_forward(Fi, R, N, coef, mode))
+                if keep:
+                    saved.append((Fi, inv_scale, usv, R, N, weights, mlp_saved, coef, mode))
+        return outs[1], outs[2], (saved if keep else None)
+
+    def substep_stage_adjoint(self, saved, g_F_new: torch.Tensor, g_tau: torch.Tensor):
+        """Adjoint of :meth:`substep_stage` (``saved`` its last output) from d loss / dF' and
+        d loss / d tau: returns (d loss / dF, the gradients of ``self.parameters()`` in order,
+        None for those that do not require one)."""
+        from diffworld.sims.constitutive.kernels_neural import head_adjoint, invariants_adjoint
+
+        grads: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            g_out, g_in = g_tau, g_F_new  # d loss / d (the part's output), d loss / d (its input) so far
+            for Fi, inv_scale, usv, R, N, weights, mlp_saved, coef, mode in reversed(saved):
+                gF, gR, gN = head_adjoint(Fi, R, N, coef, mode, g_out)
+                gx, gw = _mlp_backward(weights, mlp_saved, gN.to(N.dtype), True, [w.requires_grad for w in weights])
+                for w, g in zip(weights, gw):
+                    if g is not None:
+                        grads[id(w)] = g
+                gF = gF + invariants_adjoint(Fi, inv_scale, usv, gx, gR)
+                if g_in is not None:
+                    gF = g_in + gF
+                g_out, g_in = gF, None
+        return g_out, [grads.get(id(p)) for p in self.parameters()]
 
     def config(self) -> dict:
         """The architecture (what :func:`load_law` needs besides the weights)."""

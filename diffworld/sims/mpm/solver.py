@@ -280,6 +280,13 @@ class _Substep(NamedTuple):
     law_graphs: list | None = None
 
 
+class _Staged(NamedTuple):
+    """What a torch law's own ``substep_stage`` kept for its ``substep_stage_adjoint`` (an entry
+    of :attr:`_Substep.law_graphs` in place of an autograd graph)."""
+
+    saved: Any
+
+
 class GridForce(Protocol):
     """A hook that adds impulses to the grid momentum in a substep (external or coupling forces).
 
@@ -352,6 +359,10 @@ class Stepper:
         self._prepare_colliders()
         self.rigid = None
         self.torch_laws = list(model.torch_laws)
+        # bindings whose index is every particle in order (their rows need no gather or scatter)
+        everyone = torch.arange(n, device=self.device)
+        self._law_all = [b.index.numel() == n and bool(torch.equal(b.index.to(everyone.dtype), everyone))
+                         for b in self.torch_laws]
         is_rigid = model.law == kernels.LAW["rigid"]
         if bool(is_rigid.any()):
             index = is_rigid.nonzero()[:, 0]
@@ -561,7 +572,22 @@ class Stepper:
         per substep instead of twice (the recomputed forward and the adjoint)."""
         graphs = [] if keep else None
         with torch.set_grad_enabled(keep):
-            for b in self.torch_laws:
+            for j, b in enumerate(self.torch_laws):
+                full = self._law_all[j]
+                stage = getattr(b.law, "substep_stage", None) if F_out is not None and not b.law.material_parameters \
+                    else None
+                res = stage(F if full else F[b.index], keep) if stage is not None else None
+                if res is not None:  # the law's own adjoint, without autograd (same numbers)
+                    Fn = self._checked(b, "return map (project)", res[0], step)
+                    tau = self._checked(b, "stress", res[1], step)
+                    if full:
+                        F_out.copy_(Fn)
+                        tau_out.copy_(tau)
+                    else:
+                        F_out[b.index], tau_out[b.index] = Fn, tau
+                    if keep:
+                        graphs.append(_Staged(res[2]))
+                    continue
                 Fi, inputs = F[b.index], self._law_inputs(b, pp)
                 if keep:
                     Fi = Fi.detach().requires_grad_()
@@ -602,6 +628,21 @@ class Stepper:
         slot = len(PARTICLE_PARAMS)
         for j, b in enumerate(self.torch_laws):
             own = list(b.law.parameters())
+            if graphs is not None and isinstance(graphs[j], _Staged):
+                saved, graphs[j] = graphs[j].saved, None
+                full = self._law_all[j]
+                g_F = adj_F_out if full else adj_F_out[b.index]
+                g_tau = adj_tau_out if full else adj_tau_out[b.index]
+                g_in, g_own = b.law.substep_stage_adjoint(saved, g_F.contiguous(), g_tau.contiguous())
+                if full:
+                    adj_F += g_in
+                else:
+                    adj_F.index_add_(0, b.index, g_in)
+                for k, (p, g) in enumerate(zip(own, g_own)):
+                    if g is not None and p.requires_grad:
+                        adj_params[slot + k].add_(g)
+                slot += len(own)
+                continue
             with torch.enable_grad():
                 gouts = (adj_tau_out[b.index],) if adj_F_out is None else (adj_F_out[b.index], adj_tau_out[b.index])
                 if graphs is not None and graphs[j] is not None:
