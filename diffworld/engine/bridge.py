@@ -141,10 +141,27 @@ try:
 
     _FAST_CPU = all(hasattr(_wpc, name) for name in (
         "invoke", "pack_arg", "runtime", "_normalize_launch_dim", "_build_launch_bounds_from_tuple",
-        "_validate_kernel_tid_extents")) and hasattr(_wpt, "types_equal")
+        "_validate_kernel_tid_extents")) and all(hasattr(_wpt, name) for name in (
+            "types_equal", "is_array", "scalar_types", "float16"))
 except ImportError:  # another Warp layout: always the general path
     _FAST_CPU = False
 _FAST: dict[int, tuple] = {}
+_BOUNDS: dict[tuple, tuple] = {}
+
+
+def _arg_kind(arg_type) -> int:
+    """How the short launch path packs an argument: 1 array, 2 scalar (not half precision),
+    3 vector/matrix, 0 through Warp's pack_arg."""
+    import ctypes
+
+    if _wpt.is_array(arg_type):
+        concrete = getattr(_wpt, "concrete_array_type", None)
+        return 1 if concrete is not None and concrete(arg_type) is _wpt.array else 0
+    if arg_type in _wpt.scalar_types and arg_type not in (_wpt.float16, getattr(_wpt, "bfloat16", _wpt.float16)):
+        return 2
+    if isinstance(arg_type, type) and issubclass(arg_type, ctypes.Array):
+        return 3
+    return 0
 
 
 def _launch_cpu(wp, kernel, dim, fwd_args: Sequence[Any], adj_args: Sequence[Any], adjoint: bool) -> bool:
@@ -166,7 +183,7 @@ def _launch_cpu(wp, kernel, dim, fwd_args: Sequence[Any], adj_args: Sequence[Any
         det = getattr(hooks, "det_launch_meta", None)
         if (det is not None and det.needs_deterministic) or (hooks.backward if adjoint else hooks.forward) is None:
             return False
-        specs = tuple((a.type, a.label, _wpt.is_array(a.type)) for a in kernel.adj.args)
+        specs = tuple((a.type, a.label, _arg_kind(a.type)) for a in kernel.adj.args)
         entry = (kernel, module_exec, hooks, specs)
         if len(_FAST) > 4096:
             _FAST.clear()
@@ -174,18 +191,39 @@ def _launch_cpu(wp, kernel, dim, fwd_args: Sequence[Any], adj_args: Sequence[Any
     hooks, specs = entry[2], entry[3]
     if len(fwd_args) != len(specs) or (adjoint and len(adj_args) != len(specs)):
         return False  # let wp.launch report it
-    dims, total = _wpc._normalize_launch_dim(dim)
-    _wpc._validate_kernel_tid_extents(kernel, dims, total, 1)
-    params = [_wpc._build_launch_bounds_from_tuple(dims, kernel.adj.kernel_dim)]
+    key = (dim if isinstance(dim, int) else tuple(dim), kernel.adj.kernel_dim)
+    bounds = _BOUNDS.get(key)
+    if bounds is None:
+        dims, total = _wpc._normalize_launch_dim(dim)
+        bounds = (dims, total, _wpc._build_launch_bounds_from_tuple(dims, kernel.adj.kernel_dim))
+        if len(_BOUNDS) > 4096:
+            _BOUNDS.clear()
+        _BOUNDS[key] = bounds
+    _wpc._validate_kernel_tid_extents(kernel, bounds[0], bounds[1], 1)
+    params = [bounds[2]]  # only read by the kernel
     array_class = wp.array
     pack = _wpc.pack_arg
     for args, adj in ((fwd_args, False), (adj_args, True)) if adjoint else ((fwd_args, False),):
-        for value, (arg_type, label, is_arr) in zip(args, specs):
-            if (is_arr and type(value) is array_class and value.ndim == arg_type.ndim
-                    and (value.dtype is arg_type.dtype or _wpt.types_equal(value.dtype, arg_type.dtype))):
-                params.append(value.__ctype__())
-            else:
-                params.append(pack(kernel, arg_type, label, value, device, adj))
+        for value, (arg_type, label, kind) in zip(args, specs):
+            if kind == 1:  # an array
+                if (type(value) is array_class and value.ndim == arg_type.ndim
+                        and (value.dtype is arg_type.dtype or _wpt.types_equal(value.dtype, arg_type.dtype))):
+                    params.append(value.__ctype__())
+                    continue
+            elif kind == 2:  # a scalar (what pack_arg does for these values)
+                if type(value) is arg_type:
+                    params.append(arg_type._type_(value.value))
+                    continue
+                if type(value) in (int, float, bool):
+                    try:
+                        params.append(arg_type._type_(value))
+                        continue
+                    except TypeError:  # pack_arg's message
+                        pass
+            elif kind == 3 and type(value) is arg_type:  # a vector or matrix value of the exact type
+                params.append(value)
+                continue
+            params.append(pack(kernel, arg_type, label, value, device, adj))
     _wpc.invoke(kernel, hooks, params, adjoint)
     return True
 

@@ -9,6 +9,7 @@ stencils touch, see ``solver.Stepper``)::
     grid_velocity     per node       momentum, mass      -> grid v               (automatic adjoint)
     grid_collider     per node, one launch per collider  -> grid v               (automatic adjoint)
     grid_walls        per node       grid v              -> grid v               (automatic adjoint)
+    (without colliders, grid_velocity_walls does both grid_velocity and grid_walls in one launch)
     g2p               per particle   x, F, grid v        -> x', v', C', F_trial  (hand adjoint: g2p_adjoint, a scatter)
     plasticity_stress per particle   F_trial, material   -> F', tau(F')          (hand adjoint: plasticity_stress_adjoint)
 
@@ -707,6 +708,21 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         grid_v_out[i, j, k] = v
 
     @wp.kernel
+    def grid_velocity_walls(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3, dt: f,
+                            min_mass: f, origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int, mu: f,
+                            grid_v_out: wp.array3d(dtype=vec3)):
+        # grid_velocity then grid_walls in one pass (a model without colliders): the same arithmetic
+        i, j, k = wp.tid()
+        mass = grid_m[i, j, k]
+        v = vec3(f(0.0))
+        if mass > f(0.0):
+            v = grid_mv[i, j, k] / wp.max(mass, min_mass) + gravity * dt
+        v = wall(v, origin[0] + i, full[0], 0, bound, mode, mu)
+        v = wall(v, origin[1] + j, full[1], 1, bound, mode, mu)
+        v = wall(v, origin[2] + k, full[2], 2, bound, mode, mu)
+        grid_v_out[i, j, k] = v
+
+    @wp.kernel
     def stress_eval(F: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
                     nu: wp.array(dtype=f), tau: wp.array(dtype=mat33)):
         # Test and inspection helper: tau(F) of each law.
@@ -728,6 +744,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         "grid_velocity": grid_velocity,
         "grid_collider": grid_collider,
         "grid_walls": grid_walls,
+        "grid_velocity_walls": grid_velocity_walls,
         "stress_eval": stress_eval,
         "vec3": vec3,
         "mat33": mat33,

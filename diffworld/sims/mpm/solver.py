@@ -26,6 +26,7 @@ import torch
 from diffworld.engine.bridge import launch
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.common.colliders import COLLIDER_STATE, Collider
+from diffworld.sims.constitutive.laws import EXTERNAL
 from diffworld.sims.constitutive.torch_law import TorchLaw
 from diffworld.sims.mpm import kernels
 from diffworld.sims.mpm.emitters import EmitterParticles, place_emitted
@@ -264,7 +265,8 @@ class _Substep(NamedTuple):
     box: GridBox
     grid_mv: torch.Tensor
     grid_m: torch.Tensor
-    grid_v: list  # velocity after division, then after each collider, then after the walls
+    grid_v: list  # velocity after division, then after each collider, then after the walls (without
+    # colliders only the last: grid_velocity_walls does both in one launch)
     C_out: torch.Tensor
     F_trial: torch.Tensor
     control: torch.Tensor | None
@@ -363,6 +365,10 @@ class Stepper:
         everyone = torch.arange(n, device=self.device)
         self._law_all = [b.index.numel() == n and bool(torch.equal(b.index.to(everyone.dtype), everyone))
                          for b in self.torch_laws]
+        # every particle on one torch law: the Warp return map and its adjoint do nothing for them
+        # (law code EXTERNAL: F' = F_trial, tau = 0, zero adjoints) and the law writes every row
+        self._law_only = (n > 0 and self._law_all == [True]
+                          and bool((model.law == EXTERNAL).all()))
         is_rigid = model.law == kernels.LAW["rigid"]
         if bool(is_rigid.any()):
             index = is_rigid.nonzero()[:, 0]
@@ -428,7 +434,7 @@ class Stepper:
         g = self.model.grid
         if x.shape[0] == 0:
             return GridBox((0, 0, 0), (1, 1, 1), g.lower)
-        ext = torch.stack([x.amin(0), x.amax(0)]).tolist()  # one device -> host copy
+        ext = torch.stack(torch.aminmax(x, dim=0)).tolist()  # one pass, one device -> host copy
         origin, shape = [], []
         for a in range(3):
             lo, hi = ext[0][a], ext[1][a]
@@ -732,18 +738,25 @@ class Stepper:
             hook = (grid_force, hook_saved)
         gv = torch.empty_like(grid_mv)
         wgm = w(grid_m)
-        self._run(k["grid_velocity"], box.shape, [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass],
-                  [v3(gv)])
-        grids = [gv]
-        for ci, args in enumerate(self.col_args):
-            out = torch.empty_like(gv)
-            self._run(k["grid_collider"], box.shape, self._collider_inputs(grids[-1], wgm, blo, args, control[ci]),
-                      [v3(out)])
-            grids.append(out)
-        gw = torch.empty_like(gv)
-        self._run(k["grid_walls"], box.shape, [v3(grids[-1]), self._wp.vec3i(*box.origin), self.full,
-                                               self.model.grid.bound, self.wall_mode, self.wall_mu], [v3(gw)])
-        grids.append(gw)
+        if not self.col_args:  # velocity and walls in one launch; grids = [the result]
+            self._run(k["grid_velocity_walls"], box.shape,
+                      [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass, self._wp.vec3i(*box.origin), self.full,
+                       self.model.grid.bound, self.wall_mode, self.wall_mu], [v3(gv)])
+            grids = [gv]
+            gw = gv
+        else:
+            self._run(k["grid_velocity"], box.shape, [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass],
+                      [v3(gv)])
+            grids = [gv]
+            for ci, args in enumerate(self.col_args):
+                out = torch.empty_like(gv)
+                self._run(k["grid_collider"], box.shape,
+                          self._collider_inputs(grids[-1], wgm, blo, args, control[ci]), [v3(out)])
+                grids.append(out)
+            gw = torch.empty_like(gv)
+            self._run(k["grid_walls"], box.shape, [v3(grids[-1]), self._wp.vec3i(*box.origin), self.full,
+                                                   self.model.grid.bound, self.wall_mode, self.wall_mu], [v3(gw)])
+            grids.append(gw)
         x1, v1 = torch.empty_like(x), torch.empty_like(v)
         C1, Ft, F1 = torch.empty_like(C), torch.empty_like(F), torch.empty_like(F)
         tau1 = torch.empty_like(F)
@@ -753,8 +766,9 @@ class Stepper:
             s = slice(a, b)
             self._run(k["g2p"], b - a, [v3(x[s]), m33(F[s]), i32(act[s]), wgw, blo, self.dx, self.dt],
                       [v3(x1[s]), v3(v1[s]), m33(C1[s]), m33(Ft[s])])
-            self._run(k["plasticity_stress"], b - a, [m33(Ft[s]), i32(law[s]), w(E[s]), w(nu[s]), w(ys[s]),
-                                                       w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
+            if not self._law_only:
+                self._run(k["plasticity_stress"], b - a, [m33(Ft[s]), i32(law[s]), w(E[s]), w(nu[s]), w(ys[s]),
+                                                           w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
 
         self._parallel(to_particles)
         law_graphs = self._torch_laws_forward(Ft, pp, tau1, F1, step, keep=keep and bool(self.torch_laws))
@@ -812,10 +826,11 @@ class Stepper:
         def from_particles(c, a, b):
             q = slice(a, b)
             # plastic projection and the stress at F' (hand-written, one SVD)
-            self._run(k["plasticity_stress_adjoint"], b - a,
-                      [m33(s.F_trial[q]), i32(law[q]), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
-                       w(ts[q]), m33(gF[q]), m33(g_tau1[q]), m33(adj_Ft[q]), w(aE[q]), w(anu[q]),
-                       w(ays[q]), w(afa[q]), w(atc[q]), w(ats[q])])
+            if not self._law_only:
+                self._run(k["plasticity_stress_adjoint"], b - a,
+                          [m33(s.F_trial[q]), i32(law[q]), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
+                           w(ts[q]), m33(gF[q]), m33(g_tau1[q]), m33(adj_Ft[q]), w(aE[q]), w(anu[q]),
+                           w(ays[q]), w(afa[q]), w(atc[q]), w(ats[q])])
             # g2p (hand-written: a scatter into this chunk's grid)
             self._run(k["g2p_adjoint"], b - a,
                       [v3(s.x[q]), m33(s.F[q]), i32(act[q]), wgw, m33(s.C_out[q]), blo, self.dx,
@@ -824,35 +839,43 @@ class Stepper:
 
         self._parallel(from_particles)
         adj_gv = gv_parts.sum(0) if many else gv_parts[0]
-        # walls
-        adj_prev = torch.zeros_like(adj_gv)
-        self._run(k["grid_walls"], box.shape, [v3(s.grid_v[-2]), self._wp.vec3i(*box.origin), self.full,
-                                               self.model.grid.bound, self.wall_mode, self.wall_mu],
-                  [v3(s.grid_v[-1])], adjoint=True,
-                  adj_inputs=[v3(adj_prev), self._wp.vec3i(), self._wp.vec3i(), 0, 0, self.zero],
-                  adj_outputs=[v3(adj_gv)])
-        adj_gv = adj_prev
+        z = self.zero
         wgm = w(s.grid_m)
         adj_grid_m = torch.zeros_like(s.grid_m)
         wagm = w(adj_grid_m)
-        # colliders in reverse
-        z = self.zero
-        for ci in range(len(self.col_args) - 1, -1, -1):
-            a = self.col_args[ci]
-            adj_prev = torch.zeros_like(adj_gv)
-            # the kernel's adjoint accumulates into the collider's row of adj_control
-            adj_row = adj_control[ci] if adj_control is not None else _zeros((COLLIDER_STATE,), dt_, dev)
-            ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
-            adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, 0, None, 0, a["dims"], a["glo"],
-                       z, w(adj_row)]
-            self._run(k["grid_collider"], box.shape, ins, [v3(s.grid_v[ci + 1])], adjoint=True,
-                      adj_inputs=adj_ins, adj_outputs=[v3(adj_gv)])
-            adj_gv = adj_prev
-        # grid velocity: momentum / mass + g dt
         adj_grid_mv = torch.zeros_like(s.grid_mv)
-        self._run(k["grid_velocity"], box.shape, [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass],
-                  [v3(s.grid_v[0])], adjoint=True,
-                  adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z], adj_outputs=[v3(adj_gv)])
+        if not self.col_args:  # grid_velocity_walls: one launch (grid_v holds its result only)
+            self._run(k["grid_velocity_walls"], box.shape,
+                      [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass, self._wp.vec3i(*box.origin),
+                       self.full, self.model.grid.bound, self.wall_mode, self.wall_mu],
+                      [v3(s.grid_v[-1])], adjoint=True,
+                      adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z, self._wp.vec3i(), self._wp.vec3i(), 0, 0, z],
+                      adj_outputs=[v3(adj_gv)])
+        else:
+            # walls
+            adj_prev = torch.zeros_like(adj_gv)
+            self._run(k["grid_walls"], box.shape, [v3(s.grid_v[-2]), self._wp.vec3i(*box.origin), self.full,
+                                                   self.model.grid.bound, self.wall_mode, self.wall_mu],
+                      [v3(s.grid_v[-1])], adjoint=True,
+                      adj_inputs=[v3(adj_prev), self._wp.vec3i(), self._wp.vec3i(), 0, 0, self.zero],
+                      adj_outputs=[v3(adj_gv)])
+            adj_gv = adj_prev
+            # colliders in reverse
+            for ci in range(len(self.col_args) - 1, -1, -1):
+                a = self.col_args[ci]
+                adj_prev = torch.zeros_like(adj_gv)
+                # the kernel's adjoint accumulates into the collider's row of adj_control
+                adj_row = adj_control[ci] if adj_control is not None else _zeros((COLLIDER_STATE,), dt_, dev)
+                ins = self._collider_inputs(s.grid_v[ci], wgm, blo, a, s.control[ci])
+                adj_ins = [v3(adj_prev), wagm, k["vec3"](), z, 0, a["size"], z, z, 0, 0, None, 0, a["dims"],
+                           a["glo"], z, w(adj_row)]
+                self._run(k["grid_collider"], box.shape, ins, [v3(s.grid_v[ci + 1])], adjoint=True,
+                          adj_inputs=adj_ins, adj_outputs=[v3(adj_gv)])
+                adj_gv = adj_prev
+            # grid velocity: momentum / mass + g dt
+            self._run(k["grid_velocity"], box.shape, [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass],
+                      [v3(s.grid_v[0])], adjoint=True,
+                      adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z], adj_outputs=[v3(adj_gv)])
         if s.grid_force is not None:  # grid_mv = P2G momentum + impulse(P2G momentum, mass, ...)
             hook, hook_saved = s.grid_force
             a_mv, a_m = hook.adjoint(hook_saved, adj_grid_mv.clone())
