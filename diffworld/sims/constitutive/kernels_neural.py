@@ -158,13 +158,59 @@ def _svd_signed(F: wp.mat33d):
     A = wp.transpose(F) @ F
     V = wp.identity(3, dtype=wp.float64)
     for sweep in range(12):
-        off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
-        diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
-        if off <= wp.float64(1.0e-34) * diag:
+        if _converged(A):
             break
         A, V = _jacobi01(A, V)
         A, V = _jacobi02(A, V)
         A, V = _jacobi12(A, V)
+    return _svd_finish(F, A, V)
+
+
+@wp.func
+def _converged(A: wp.mat33d):
+    """The Jacobi stopping test of :func:`_svd_signed`: off-diagonal negligible (to round-off)."""
+    off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
+    diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
+    return off <= wp.float64(1.0e-34) * diag
+
+
+@wp.func
+def _jacobi_pair(F0: wp.mat33d, F1: wp.mat33d):
+    """The Jacobi sweeps of :func:`_svd_signed` for two matrices at once, rotation by rotation in
+    turn: each one's arithmetic (and result) is exactly that of its own call, and the CPU overlaps
+    the two chains of divisions and square roots (one matrix's chain leaves it mostly idle).
+    Returns (A0, V0, A1, V1)."""
+    A0 = wp.transpose(F0) @ F0
+    V0 = wp.identity(3, dtype=wp.float64)
+    A1 = wp.transpose(F1) @ F1
+    V1 = wp.identity(3, dtype=wp.float64)
+    done0 = bool(False)
+    done1 = bool(False)
+    for sweep in range(12):
+        if not done0:
+            done0 = _converged(A0)
+        if not done1:
+            done1 = _converged(A1)
+        if done0 and done1:
+            break
+        if not done0:
+            A0, V0 = _jacobi01(A0, V0)
+        if not done1:
+            A1, V1 = _jacobi01(A1, V1)
+        if not done0:
+            A0, V0 = _jacobi02(A0, V0)
+        if not done1:
+            A1, V1 = _jacobi02(A1, V1)
+        if not done0:
+            A0, V0 = _jacobi12(A0, V0)
+        if not done1:
+            A1, V1 = _jacobi12(A1, V1)
+    return A0, V0, A1, V1
+
+
+@wp.func
+def _svd_finish(F: wp.mat33d, A: wp.mat33d, V: wp.mat33d):
+    """:func:`_svd_signed` after the sweeps (A = V^T F^T F V diagonal to round-off)."""
     # eigenvalues of F^T F descending, V's columns with them
     l0 = A[0, 0]
     l1 = A[1, 1]
@@ -238,13 +284,11 @@ def _signed_svd(F: wp.array(dtype=Any), U_out: wp.array(dtype=Any), s_out: wp.ar
     V_out[i] = type(F[i])(V)
 
 
-@wp.kernel
-def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: wp.array2d(dtype=Any),
-                    R: wp.array(dtype=Any), U_out: wp.array(dtype=wp.mat33d), s_out: wp.array(dtype=wp.vec3d),
-                    V_out: wp.array(dtype=wp.mat33d)):
-    i = wp.tid()
-    Fi = F[i]
-    U, s, V = _svd_signed(wp.mat33d(Fi))
+@wp.func
+def _invariants_store(i: int, Fi: Any, U: wp.mat33d, s: wp.vec3d, V: wp.mat33d, inv_scale: wp.array(dtype=Any),
+                      x: wp.array2d(dtype=Any), R: wp.array(dtype=Any), U_out: wp.array(dtype=wp.mat33d),
+                      s_out: wp.array(dtype=wp.vec3d), V_out: wp.array(dtype=wp.mat33d)):
+    """Row i of :func:`invariants_forward`'s outputs from F_i's signed SVD."""
     if _exact_orthogonal(Fi):
         s = wp.vec3d(_sign(s[0]), _sign(s[1]), _sign(s[2]))
     U_out[i] = U
@@ -261,6 +305,27 @@ def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: w
                 c = c - one
             x[i, 3 + 3 * a + b] = c * inv_scale[3 + 3 * a + b]
     x[i, 12] = (type(one)(s[0] * s[1] * s[2]) - one) * inv_scale[12]
+
+
+@wp.kernel
+def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: wp.array2d(dtype=Any),
+                    R: wp.array(dtype=Any), U_out: wp.array(dtype=wp.mat33d), s_out: wp.array(dtype=wp.vec3d),
+                    V_out: wp.array(dtype=wp.mat33d), half: int, n: int):
+    # rows i and i + half (when there is one) per thread, their SVD sweeps interleaved
+    # (:func:`_jacobi_pair`; each row's numbers are those of its own :func:`_svd_signed`)
+    i = wp.tid()
+    j = i + half
+    Fi = F[i]
+    if j < n:
+        Fj = F[j]
+        A0, V0, A1, V1 = _jacobi_pair(wp.mat33d(Fi), wp.mat33d(Fj))
+        U, s, V = _svd_finish(wp.mat33d(Fi), A0, V0)
+        _invariants_store(i, Fi, U, s, V, inv_scale, x, R, U_out, s_out, V_out)
+        Uj, sj, Vj = _svd_finish(wp.mat33d(Fj), A1, V1)
+        _invariants_store(j, Fj, Uj, sj, Vj, inv_scale, x, R, U_out, s_out, V_out)
+    else:
+        U, s, V = _svd_signed(wp.mat33d(Fi))
+        _invariants_store(i, Fi, U, s, V, inv_scale, x, R, U_out, s_out, V_out)
 
 
 @wp.kernel
@@ -347,7 +412,7 @@ for _t, _s in ((torch.float32, wp.float32), (torch.float64, wp.float64)):
     _K[_t] = {
         "m33": _m33, "v3": _v3, "s": _s,
         "svd": wp.overload(_signed_svd, [_am, _am, _av, _am]),
-        "inv_fwd": wp.overload(_invariants_fwd, [_am, _as, _a2, _am, _a64m, _a64v, _a64m]),
+        "inv_fwd": wp.overload(_invariants_fwd, [_am, _as, _a2, _am, _a64m, _a64v, _a64m, wp.int32, wp.int32]),
         "inv_adj": wp.overload(_invariants_adj, [_am, _as, _a64m, _a64v, _a64m, _a2, _am, wp.float64, _am]),
         "head_fwd": wp.overload(_head_fwd, [_am, _am, _a2, _s, wp.int32, _am]),
         "head_adj": wp.overload(_head_adj, [_am, _am, _a2, _s, wp.int32, _am, _am, _am, _a2]),
@@ -411,9 +476,10 @@ def invariants_forward(F: torch.Tensor, inv_scale: torch.Tensor):
     V = torch.empty_like(U)
     s = torch.empty((n, 3), dtype=torch.float64, device=F.device)
     inv_scale = inv_scale.detach().to(F.dtype).contiguous()
-    _launch(k["inv_fwd"], n, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)), _view(x, k["s"], (n, N_INVARIANTS)),
-                              _m(k, R), _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)),
-                              _view(V, wp.mat33d, (n,))], F.device)
+    half = n - n // 2  # two rows per thread (see _invariants_fwd)
+    _launch(k["inv_fwd"], half, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)),
+                                 _view(x, k["s"], (n, N_INVARIANTS)), _m(k, R), _view(U, wp.mat33d, (n,)),
+                                 _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)), half, n], F.device)
     return x, R, (U, s, V)
 
 
