@@ -129,105 +129,6 @@ def on_torch_stream(device: torch.device | str) -> Iterator[None]:
         yield
 
 
-# CPU launches skip ``wp.launch``'s general argument handling (its per-launch Python work is
-# ~20 us, more than a small kernel at a thousand particles): the kernel's hooks are looked up once
-# per module build, Warp arrays are passed as their cached descriptors, and every other argument
-# goes through Warp's own ``pack_arg``. Where a Warp feature needs the general path (a recording
-# tape, a graph capture, deterministic mode, CPU blocks, launch checks or printing, a generic
-# kernel) the launch goes through ``wp.launch``.
-try:
-    from warp._src import context as _wpc
-    from warp._src import types as _wpt
-
-    _FAST_CPU = all(hasattr(_wpc, name) for name in (
-        "invoke", "pack_arg", "runtime", "_normalize_launch_dim", "_build_launch_bounds_from_tuple",
-        "_validate_kernel_tid_extents")) and all(hasattr(_wpt, name) for name in (
-            "types_equal", "is_array", "scalar_types", "float16"))
-except ImportError:  # another Warp layout: always the general path
-    _FAST_CPU = False
-_FAST: dict[int, tuple] = {}
-_BOUNDS: dict[tuple, tuple] = {}
-
-
-def _arg_kind(arg_type) -> int:
-    """How the short launch path packs an argument: 1 array, 2 scalar (not half precision),
-    3 vector/matrix, 0 through Warp's pack_arg."""
-    import ctypes
-
-    if _wpt.is_array(arg_type):
-        concrete = getattr(_wpt, "concrete_array_type", None)
-        return 1 if concrete is not None and concrete(arg_type) is _wpt.array else 0
-    if arg_type in _wpt.scalar_types and arg_type not in (_wpt.float16, getattr(_wpt, "bfloat16", _wpt.float16)):
-        return 2
-    if isinstance(arg_type, type) and issubclass(arg_type, ctypes.Array):
-        return 3
-    return 0
-
-
-def _launch_cpu(wp, kernel, dim, fwd_args: Sequence[Any], adj_args: Sequence[Any], adjoint: bool) -> bool:
-    """Run a CPU launch by the short path; False (nothing done) where the general path is needed."""
-    rt = _wpc.runtime
-    cfg = wp.config
-    if (rt is None or rt.tape is not None or getattr(rt, "_apic_capture", None) is not None or kernel.is_generic
-            or cfg.print_launches or getattr(cfg, "enable_cpu_blocks", False)
-            or (hasattr(cfg, "LaunchArrayAccessMode")
-                and cfg.launch_array_access_mode != cfg.LaunchArrayAccessMode.RELAXED)):
-        return False
-    device = rt.get_device("cpu")
-    module_exec = kernel.module.load(device, 1)
-    if not module_exec:
-        return False
-    entry = _FAST.get(id(kernel))
-    if entry is None or entry[0] is not kernel or entry[1] is not module_exec:
-        hooks = module_exec.get_kernel_hooks(kernel)
-        det = getattr(hooks, "det_launch_meta", None)
-        if (det is not None and det.needs_deterministic) or (hooks.backward if adjoint else hooks.forward) is None:
-            return False
-        specs = tuple((a.type, a.label, _arg_kind(a.type)) for a in kernel.adj.args)
-        entry = (kernel, module_exec, hooks, specs)
-        if len(_FAST) > 4096:
-            _FAST.clear()
-        _FAST[id(kernel)] = entry
-    hooks, specs = entry[2], entry[3]
-    if len(fwd_args) != len(specs) or (adjoint and len(adj_args) != len(specs)):
-        return False  # let wp.launch report it
-    key = (dim if isinstance(dim, int) else tuple(dim), kernel.adj.kernel_dim)
-    bounds = _BOUNDS.get(key)
-    if bounds is None:
-        dims, total = _wpc._normalize_launch_dim(dim)
-        bounds = (dims, total, _wpc._build_launch_bounds_from_tuple(dims, kernel.adj.kernel_dim))
-        if len(_BOUNDS) > 4096:
-            _BOUNDS.clear()
-        _BOUNDS[key] = bounds
-    _wpc._validate_kernel_tid_extents(kernel, bounds[0], bounds[1], 1)
-    params = [bounds[2]]  # only read by the kernel
-    array_class = wp.array
-    pack = _wpc.pack_arg
-    for args, adj in ((fwd_args, False), (adj_args, True)) if adjoint else ((fwd_args, False),):
-        for value, (arg_type, label, kind) in zip(args, specs):
-            if kind == 1:  # an array
-                if (type(value) is array_class and value.ndim == arg_type.ndim
-                        and (value.dtype is arg_type.dtype or _wpt.types_equal(value.dtype, arg_type.dtype))):
-                    params.append(value.__ctype__())
-                    continue
-            elif kind == 2:  # a scalar (what pack_arg does for these values)
-                if type(value) is arg_type:
-                    params.append(arg_type._type_(value.value))
-                    continue
-                if type(value) in (int, float, bool):
-                    try:
-                        params.append(arg_type._type_(value))
-                        continue
-                    except TypeError:  # pack_arg's message
-                        pass
-            elif kind == 3 and type(value) is arg_type:  # a vector or matrix value of the exact type
-                params.append(value)
-                continue
-            params.append(pack(kernel, arg_type, label, value, device, adj))
-    _wpc.invoke(kernel, hooks, params, adjoint)
-    return True
-
-
 def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torch.device | str,
            outputs: Sequence[Any] = (), adjoint: bool = False, adj_inputs=None, adj_outputs=None) -> None:
     """Launch a Warp kernel on the torch device ``device``; a zero-size launch is skipped.
@@ -237,11 +138,6 @@ def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torc
     wp = init_warp()
     if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
         return
-    if _FAST_CPU and (device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")):
-        fwd = [*inputs, *outputs]
-        adj = [*(adj_inputs or ()), *(adj_outputs or ())] if adjoint else ()
-        if _launch_cpu(wp, kernel, dim, fwd, adj, adjoint):
-            return
     kwargs: dict[str, Any] = {}
     if adjoint:
         kwargs = dict(adjoint=True, adj_inputs=list(adj_inputs or []), adj_outputs=list(adj_outputs or []))
