@@ -248,6 +248,41 @@ def test_weight_gradients_through_a_rollout_match_central_differences(kind):
         assert abs(analytic - numeric) <= 1e-5 * abs(numeric), (analytic, numeric)
 
 
+@pytest.mark.parametrize("everyone", [False, True])
+def test_the_laws_own_substep_adjoint_equals_autograd(monkeypatch, everyone):
+    """NeuralLaw's ``substep_stage`` (return map and stress without autograd, its hand-written
+    adjoint) gives the autograd path's positions and gradients (weights, initial velocities),
+    for a law on one body among others and for a law on every particle (the solver then skips
+    the Warp return map)."""
+    model, state = _scene_only_cube() if everyone else _scene()
+    runs = []
+    for staged in (True, False):
+        law = _law("invariant")
+        if not staged:
+            monkeypatch.setattr(type(law), "substep_stage", lambda self, F, keep: None)
+        bound = mpm.use_law(model, law, "cube")
+        v = state.v.clone().requires_grad_(True)
+        loss = _loss(bound, mpm.State(state.x, v, state.C, state.F), window=5)
+        grads = torch.autograd.grad(loss, [v, *law.parameters()])
+        runs.append((float(loss.detach()), grads))
+        monkeypatch.undo()
+    (la, ga), (lb, gb) = runs
+    assert la == pytest.approx(lb, rel=1e-13, abs=0.0)
+    for a, b in zip(ga, gb):
+        assert float((a - b).abs().max()) <= 1e-11 * max(float(b.abs().max()), 1e-30)
+
+
+def _scene_only_cube():
+    init_warp()
+    grid = mpm.GridSpec.make((0, 0, 0), (1, 1, 1), resolution=16)
+    bodies = [mpm.Body(Box((0.1, 0.1, 0.1), (0.45, 0.5, 0.45)), mpm.material("neo_hookean", E=3e3), ppc=8,
+                       velocity=(0.5, -0.4, -0.6), name="cube")]
+    model, state = mpm.build_model(grid, bodies, dt=1e-3, dtype=F64)
+    c = state.x.mean(0)
+    spin = torch.linalg.cross(torch.tensor([4.0, 4.0, 4.0], dtype=F64).expand_as(state.x), state.x - c)
+    return model, mpm.State(state.x, state.v + 0.1 * spin, state.C, state.F)
+
+
 def test_weight_gradients_do_not_depend_on_the_window():
     model, state = _scene()
     law = _law("invariant")
