@@ -97,18 +97,25 @@ def image_terms(images: ImageTarget, weights):
     return for_rep
 
 
+def _pixels(points: torch.Tensor, images: ImageTarget):
+    """Where each view images each point: (z (V, N) camera depth, seen (V, N) in front and inside
+    the image, and the indices (view, row, column) of its pixel, clamped into the image)."""
+    v = images.views
+    uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
+    u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
+    seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
+    px = u.clamp(0, v.width - 1).long()
+    py = w.clamp(0, v.height - 1).long()
+    k = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
+    return z, seen, k, py, px
+
+
 def _seen_on_background(points: torch.Tensor, images: ImageTarget) -> torch.Tensor:
     """(N,) True where some view sees the point (in front, inside the image) on a pixel whose
     target mask is < 0.5."""
-    v = images.views
     with torch.no_grad():
-        uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
-        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
-        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
-        px = u.clamp(0, v.width - 1).long()
-        py = w.clamp(0, v.height - 1).long()
-        views = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
-        return (seen & (images.mask[views, py, px] < 0.5)).any(0)
+        _, seen, k, py, px = _pixels(points, images)
+        return (seen & (images.mask[k, py, px] < 0.5)).any(0)
 
 
 class ObservedMaps(NamedTuple):
@@ -178,12 +185,7 @@ def observed_space(points: torch.Tensor, images: ImageTarget, margin: float, map
     m = observed_maps(images) if maps is None else maps
     v = images.views
     with torch.no_grad():
-        uvz = v.project(points.detach().to(images.mask.dtype))  # (V, N, 3)
-        u, w, z = uvz[..., 0], uvz[..., 1], uvz[..., 2]
-        seen = (z > 0) & (u >= 0) & (u < v.width) & (w >= 0) & (w < v.height)
-        px = u.clamp(0, v.width - 1).long()
-        py = w.clamp(0, v.height - 1).long()
-        k = torch.arange(len(v), device=points.device)[:, None].expand_as(px)
+        z, seen, k, py, px = _pixels(points, images)
         reach = margin * torch.maximum(v.fx, v.fy)[:, None] / z.clamp_min(1e-9) + 1.5
         background = (seen & (m.to_fg[k, py, px] > reach)) | ((z > 0) & ~seen & m.whole[:, None])
         lo, hi = m.near[k, py, px], m.far[k, py, px]
