@@ -16,6 +16,8 @@ Two ways to write the backward are supported:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -24,6 +26,7 @@ from diffworld.engine.runtime import init_warp, warp_device
 
 __all__ = [
     "TapeFunction",
+    "arg_view",
     "cached_view",
     "check_tensor",
     "launch",
@@ -129,22 +132,109 @@ def on_torch_stream(device: torch.device | str) -> Iterator[None]:
         yield
 
 
+_ARGS: dict[tuple, Any] = {}
+
+
+def arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
+    """The contiguous tensor ``t`` as a kernel argument: a Warp array descriptor (``wp.from_torch(...,
+    return_ctype=True)``) of ``shape`` elements of ``dtype``, cached like :func:`cached_view`.
+
+    A descriptor is what a launch packs a ``wp.array`` into; passing it (to :func:`launch` or
+    ``wp.launch``) skips that packing, and it is cheaper to create than an array. It can only be
+    launched on (no ``.numpy()``, no copies): use :func:`cached_view` for anything else.
+    """
+    key = (t.data_ptr(), shape, dtype, t.is_cuda)  # (CPU and CUDA addresses are different spaces)
+    a = _ARGS.get(key)
+    if a is None:
+        wp = init_warp()
+        if not t.is_contiguous():
+            raise ValueError("arg_view: expected a contiguous tensor")
+        if len(_ARGS) > 4096:
+            _ARGS.clear()
+        a = wp.from_torch(t, dtype=dtype, return_ctype=True)
+        if tuple(a.shape[:a.ndim]) != tuple(shape):
+            raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype} has shape "
+                             f"{tuple(a.shape[:a.ndim])}, not {tuple(shape)}")
+        _ARGS[key] = a
+    return a
+
+
+# Recorded CPU launches (``wp.launch(..., record_cmd=True)``) by (kernel, dim, adjoint, thread):
+# replaying one and setting only the arguments that changed costs a fraction of ``wp.launch``,
+# which packs every argument again (~1.5 us each; 10-20 arguments per MPM kernel). Per thread,
+# because a recorded launch holds its arguments and the MPM runs particle chunks concurrently.
+_RECORDED: dict[tuple, Any] = {}
+_RECORDED_MAX = 1024
+
+
+_AGAIN = object()  # stands for an argument that is set again at every replay
+
+
+def _kept(v: Any) -> Any:
+    """What a recorded launch remembers of argument ``v`` to skip setting it again when the very
+    same object comes back: array descriptors (:func:`arg_view`; they own no memory) and immutable
+    Python numbers. Anything else (``wp.array``, which may own memory the record must not keep
+    alive; vectors and structs, which are mutable) is set at every replay."""
+    if v is None or type(v) in (int, float, bool) or isinstance(v, ctypes.Structure):
+        return v
+    return _AGAIN
+
+
 def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torch.device | str,
-           outputs: Sequence[Any] = (), adjoint: bool = False, adj_inputs=None, adj_outputs=None) -> None:
+           outputs: Sequence[Any] = (), adjoint: bool = False, adj_inputs=None, adj_outputs=None,
+           replay: bool = False) -> None:
     """Launch a Warp kernel on the torch device ``device``; a zero-size launch is skipped.
 
     On CUDA the kernel runs on torch's current stream (:func:`torch_stream`).
+
+    ``replay`` (CPU; for hot loops of many small launches, such as the MPM substep): the launch is
+    recorded once per kernel, size and thread and replayed, with only the changed arguments set
+    (Warp's ``Launch`` API); the first launch of each goes through ``wp.launch``, which checks
+    every argument's type, and later ones check those that are not array descriptors
+    (:func:`arg_view`) as they are set. Only for concrete kernels (not generic ones, whose
+    overload ``wp.launch`` picks by the argument types) and outside a ``wp.Tape`` (a replay is not
+    recorded on it).
     """
     wp = init_warp()
     if (isinstance(dim, int) and dim == 0) or (not isinstance(dim, int) and 0 in tuple(dim)):
         return
+    stream = torch_stream(device)
+    fwd = [*inputs, *outputs]
+    adj = [*(adj_inputs or []), *(adj_outputs or [])] if adjoint else []
+    if stream is None and replay:
+        key = (kernel, dim if isinstance(dim, int) else tuple(dim), adjoint, threading.get_ident())
+        rec = _RECORDED.get(key)
+        if rec is not None and len(fwd) == len(rec[1]) and len(adj) == len(rec[2]):
+            cmd, last, last_adj = rec
+            for values, prev, is_adj in ((fwd, last, False), (adj, last_adj, True)):
+                for i, v in enumerate(values):
+                    if v is not prev[i]:
+                        if isinstance(v, ctypes.Structure):  # an array descriptor (arg_view)
+                            cmd.set_param_at_index_from_ctype(i, v, adjoint=is_adj)
+                        else:
+                            cmd.set_param_at_index(i, v, adjoint=is_adj)
+                        prev[i] = _kept(v)
+            cmd.launch()
+            return
     kwargs: dict[str, Any] = {}
     if adjoint:
         kwargs = dict(adjoint=True, adj_inputs=list(adj_inputs or []), adj_outputs=list(adj_outputs or []))
-    stream = torch_stream(device)
     if stream is not None:
         kwargs["stream"] = stream
-    wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device), **kwargs)
+        wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device), **kwargs)
+        return
+    if not replay:
+        wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device), **kwargs)
+        return
+    cmd = wp.launch(kernel, dim=dim, inputs=list(inputs), outputs=list(outputs), device=warp_device(device),
+                    record_cmd=True, **kwargs)
+    # the record keeps no argument alive: Warp's copies of them (for CPU graph capture, not used
+    # here) are dropped, and only what _kept allows is remembered
+    cmd.fwd_args = cmd.adj_args = None
+    if len(_RECORDED) >= _RECORDED_MAX:
+        _RECORDED.clear()
+    _RECORDED[key] = (cmd, [_kept(v) for v in fwd], [_kept(v) for v in adj])
+    cmd.launch()
 
 
 def check_tensor(name: str, t: Any, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,

@@ -390,3 +390,70 @@ def test_signed_svd_on_hostile_matrices():
         err = ((s - ref).abs() / ref[:, :1].clamp_min(1e-300)).max()
         assert float(err) < 1e-12, (name, float(err))
         assert bool((s[:, 0] >= s[:, 1] - 1e-12 * s[:, 0]).all() and (s[:, 1] >= s[:, 2].abs() - 1e-12 * s[:, 0]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_stage_kernels_equal_their_parts(dtype):
+    """stage_mid_forward (plastic update + the elastic invariants, its Jacobi sweeps started from
+    a given V) against head_forward then invariants_forward (sweeps from V = I): F' bitwise, x and
+    R to round-off, for the return map's V as the start and for arbitrary rotations as the start,
+    on random, near-identity, stretched, inverted, identity, rank-deficient and zero F; and
+    stage_mid_adjoint bitwise equal to head_adjoint / invariants_adjoint composed as the law's
+    adjoint composes them."""
+    from diffworld.sims.constitutive.kernels_neural import (HEAD_PLASTIC, head_adjoint, head_forward,
+                                                            invariants_adjoint, invariants_forward,
+                                                            stage_mid_adjoint, stage_mid_forward)
+
+    eye = torch.eye(3, dtype=F64)
+    F = torch.cat([_random_F(100, 41), eye.expand(5, 3, 3), torch.zeros(3, 3, 3),
+                   torch.randn(4, 3, 1, dtype=F64) @ torch.randn(4, 1, 3, dtype=F64)]).to(dtype).contiguous()
+    n = F.shape[0]
+    g = torch.Generator().manual_seed(42)
+    N = (0.5 * torch.randn(n, 9, generator=g, dtype=F64)).to(dtype)
+    inv_p = (1.0 / (0.5 + torch.rand(13, generator=g, dtype=F64))).to(dtype)
+    inv_e = (1.0 / (0.5 + torch.rand(13, generator=g, dtype=F64))).to(dtype)
+    alpha = 0.05
+    _, R, usv = invariants_forward(F, inv_p)
+    F_ref = head_forward(F, R, N, alpha, HEAD_PLASTIC)
+    x_ref, R_ref, usv_ref = invariants_forward(F_ref, inv_e)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6  # (float32: also the looser sweep tolerance)
+    svd_tol = 1e-12 if dtype == torch.float64 else 1e-8
+    s_ref = usv_ref[1]
+    # R = U V^T is unique where s_1 + s_2 > 0 and as sensitive as 1 / (s_1 + s_2): compare there
+    cond = (s_ref[:, 0].abs() / (s_ref[:, 1] + s_ref[:, 2]).clamp_min(1e-300)).clamp(1.0, 1e6)
+    unique = (s_ref[:, 1] + s_ref[:, 2]) > 1e-6 * s_ref[:, 0].abs()
+    for start in (usv[2], _rotations(n, 43)):
+        F_new, x, R_new, usv_new = stage_mid_forward(F, R, N, alpha, start.contiguous(), inv_e)
+        assert torch.equal(F_new, F_ref)
+        assert float((x - x_ref).abs().max()) <= tol * max(1.0, float(x_ref.abs().max()))
+        dR = (R_new - R_ref).double().abs().amax((-2, -1))
+        assert bool((dR[unique] <= tol * cond[unique]).all())
+        U, s, V = usv_new
+        rec = U @ torch.diag_embed(s) @ V.transpose(-1, -2) - F_new.double()
+        assert float(rec.abs().max()) <= svd_tol * max(1.0, float(F_new.abs().max()))
+        assert float((s - s_ref).abs().max()) <= svd_tol * max(1.0, float(s.abs().max()))
+    # the adjoint: bitwise the composition (same arithmetic, same order of the sums)
+    gx, gR, g_head, g_in = (torch.randn(shape, generator=g, dtype=F64).to(dtype)
+                            for shape in ((n, 13), (n, 3, 3), (n, 3, 3), (n, 3, 3)))
+    g_F, g_R, g_N = stage_mid_adjoint(F_ref, inv_e, usv_ref, gx, gR, g_head, g_in, R, N, alpha)
+    g_ref = g_in + (g_head + invariants_adjoint(F_ref, inv_e, usv_ref, gx, gR))
+    gF2, gR2, gN2 = head_adjoint(F, R, N, alpha, HEAD_PLASTIC, g_ref)
+    assert torch.equal(g_F, g_ref) and torch.equal(g_F, gF2)
+    assert torch.equal(g_R, gR2) and torch.equal(g_N, gN2)
+
+
+def test_float32_invariants_stop_sweeping_earlier_but_agree_with_float64():
+    """sweep_tolerance: float32 deformation gradients stop the Jacobi sweeps at off-diagonals of
+    1e-9 of the diagonal; x and R still agree with the float64 ones to float32 round-off, on the
+    hostile F of the SVD test."""
+    from diffworld.sims.constitutive.kernels_neural import invariants_forward, sweep_tolerance
+
+    assert sweep_tolerance(torch.float32) > sweep_tolerance(torch.float64)
+    F = _random_F(200, 51)
+    inv = torch.ones(13, dtype=F64)
+    x64, R64, _ = invariants_forward(F, inv)
+    x32, R32, (U, s, V) = invariants_forward(F.float(), inv.float())
+    assert float((R32.double() - R64).abs().max()) < 1e-5
+    assert float(((x32.double() - x64).abs() / (1.0 + x64.abs())).max()) < 1e-5
+    F32 = F.float().double()
+    assert float((U @ torch.diag_embed(s) @ V.transpose(-1, -2) - F32).abs().max()) < 1e-7 * float(F32.abs().max())

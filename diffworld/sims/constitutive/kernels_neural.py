@@ -13,6 +13,13 @@ are one Warp kernel each, forward and adjoint:
   repeat), from the factors the forward kept.
 * :func:`head_forward` / :func:`head_adjoint`: the network output N (9 per particle) made a
   stress ``tau = c R sym(N) F^T`` or a plastic update ``F' = F + c R sym(N)``.
+* :func:`stage_mid_forward` / :func:`stage_mid_adjoint`: the middle of a substep's stage (return
+  map, then the stress at its result) in one kernel each way: the plastic update, then the
+  invariants of F' with the Jacobi sweeps started from the return map's V (F' is within
+  ``alpha |N|`` of F: about a third fewer rotations than from V = I).
+
+The Jacobi sweeps stop at float64 round-off for float64 F and at off-diagonals of 1e-9 of the
+diagonal for float32 F (:func:`sweep_tolerance`): past that a sweep changes nothing float32 holds.
 
 In torch the same arithmetic is some thirty small ops per evaluation, each costing more than the
 kernel that replaces them at a thousand particles (measured in ``benchmarks/nclaw.py``).
@@ -25,10 +32,22 @@ from typing import Any
 import torch
 import warp as wp
 
-__all__ = ["head_adjoint", "head_forward", "invariants_adjoint", "invariants_forward", "signed_svd"]
+__all__ = ["head_adjoint", "head_forward", "invariants_adjoint", "invariants_forward", "signed_svd",
+           "stage_mid_adjoint", "stage_mid_forward", "sweep_tolerance"]
 
 N_INVARIANTS = 13
 HEAD_STRESS, HEAD_PLASTIC = 0, 1
+# Jacobi stopping tolerance (off-diagonal^2 / diagonal^2 of V^T F^T F V) to float64 round-off
+TIGHT = wp.constant(wp.float64(1.0e-34))
+
+
+def sweep_tolerance(dtype: torch.dtype) -> float:
+    """The Jacobi stopping tolerance for deformation gradients of ``dtype``: float64 round-off for
+    float64; for float32, off-diagonal entries below 1e-9 of the diagonal (eigenvalues then carry
+    a relative error of ~1e-18, rotations ~1e-9 / relative gap: below float32's round-off in
+    what the law returns, x and R). Jacobi converges quadratically, so this saves the last sweep
+    (about one in three) that float64 round-off would take."""
+    return 1.0e-34 if dtype == torch.float64 else 1.0e-18
 
 
 @wp.func
@@ -155,42 +174,53 @@ def _svd_signed(F: wp.mat33d):
     practice); U's columns come from F V (normalised, Gram-Schmidt, a cross product), so that
     ``s_2 = u_2 . F v_2`` carries det F's sign. Warp's ``svd3`` takes about three times as long
     on the CPU (measured: 1.1 us vs ~0.3 us per matrix, float64)."""
-    A = wp.transpose(F) @ F
-    V = wp.identity(3, dtype=wp.float64)
-    for sweep in range(12):
-        if _converged(A):
-            break
-        A, V = _jacobi01(A, V)
-        A, V = _jacobi02(A, V)
-        A, V = _jacobi12(A, V)
+    A, V = _jacobi_from(wp.transpose(F) @ F, wp.identity(3, dtype=wp.float64), TIGHT)
     return _svd_finish(F, A, V)
 
 
 @wp.func
-def _converged(A: wp.mat33d):
-    """The Jacobi stopping test of :func:`_svd_signed`: off-diagonal negligible (to round-off)."""
-    off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
-    diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
-    return off <= wp.float64(1.0e-34) * diag
+def _jacobi_from(A: wp.mat33d, V: wp.mat33d, tol: wp.float64):
+    """Cyclic Jacobi sweeps of the symmetric A = V^T F^T F V (V orthogonal: the start) until
+    :func:`_converged`; returns (A diagonal to ``tol``, V)."""
+    for sweep in range(12):
+        if _converged(A, tol):
+            break
+        A, V = _jacobi01(A, V)
+        A, V = _jacobi02(A, V)
+        A, V = _jacobi12(A, V)
+    return A, V
 
 
 @wp.func
-def _jacobi_pair(F0: wp.mat33d, F1: wp.mat33d):
-    """The Jacobi sweeps of :func:`_svd_signed` for two matrices at once, rotation by rotation in
-    turn: each one's arithmetic (and result) is exactly that of its own call, and the CPU overlaps
-    the two chains of divisions and square roots (one matrix's chain leaves it mostly idle).
-    Returns (A0, V0, A1, V1)."""
-    A0 = wp.transpose(F0) @ F0
-    V0 = wp.identity(3, dtype=wp.float64)
-    A1 = wp.transpose(F1) @ F1
-    V1 = wp.identity(3, dtype=wp.float64)
+def _converged(A: wp.mat33d, tol: wp.float64):
+    """The Jacobi stopping test: off-diagonal negligible, ``sum_offdiag A^2 <= tol sum_diag A^2``
+    (:data:`TIGHT`: to float64 round-off; see :func:`sweep_tolerance`)."""
+    off = A[0, 1] * A[0, 1] + A[0, 2] * A[0, 2] + A[1, 2] * A[1, 2]
+    diag = A[0, 0] * A[0, 0] + A[1, 1] * A[1, 1] + A[2, 2] * A[2, 2]
+    return off <= tol * diag
+
+
+@wp.func
+def _jacobi_pair(F0: wp.mat33d, F1: wp.mat33d, tol: wp.float64):
+    """The Jacobi sweeps of :func:`_svd_signed` for two matrices at once from V = I (see
+    :func:`_jacobi_pair_from`). Returns (A0, V0, A1, V1)."""
+    return _jacobi_pair_from(wp.transpose(F0) @ F0, wp.identity(3, dtype=wp.float64),
+                             wp.transpose(F1) @ F1, wp.identity(3, dtype=wp.float64), tol)
+
+
+@wp.func
+def _jacobi_pair_from(A0: wp.mat33d, V0: wp.mat33d, A1: wp.mat33d, V1: wp.mat33d, tol: wp.float64):
+    """Jacobi sweeps of two symmetric matrices at once, rotation by rotation in turn, each from
+    its start (A = V^T F^T F V with V orthogonal): each one's arithmetic (and result) is exactly
+    that of its own sweeps, and the CPU overlaps the two chains of divisions and square roots
+    (one matrix's chain leaves it mostly idle). Returns (A0, V0, A1, V1)."""
     done0 = bool(False)
     done1 = bool(False)
     for sweep in range(12):
         if not done0:
-            done0 = _converged(A0)
+            done0 = _converged(A0, tol)
         if not done1:
-            done1 = _converged(A1)
+            done1 = _converged(A1, tol)
         if done0 and done1:
             break
         if not done0:
@@ -310,29 +340,74 @@ def _invariants_store(i: int, Fi: Any, U: wp.mat33d, s: wp.vec3d, V: wp.mat33d, 
 @wp.kernel
 def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: wp.array2d(dtype=Any),
                     R: wp.array(dtype=Any), U_out: wp.array(dtype=wp.mat33d), s_out: wp.array(dtype=wp.vec3d),
-                    V_out: wp.array(dtype=wp.mat33d), half: int, n: int):
+                    V_out: wp.array(dtype=wp.mat33d), tol: wp.float64, half: int, n: int):
     # rows i and i + half (when there is one) per thread, their SVD sweeps interleaved
-    # (:func:`_jacobi_pair`; each row's numbers are those of its own :func:`_svd_signed`)
+    # (:func:`_jacobi_pair_from`; each row's numbers are those of its own sweeps)
     i = wp.tid()
     j = i + half
     Fi = F[i]
     if j < n:
         Fj = F[j]
-        A0, V0, A1, V1 = _jacobi_pair(wp.mat33d(Fi), wp.mat33d(Fj))
+        A0, V0, A1, V1 = _jacobi_pair(wp.mat33d(Fi), wp.mat33d(Fj), tol)
         U, s, V = _svd_finish(wp.mat33d(Fi), A0, V0)
         _invariants_store(i, Fi, U, s, V, inv_scale, x, R, U_out, s_out, V_out)
         Uj, sj, Vj = _svd_finish(wp.mat33d(Fj), A1, V1)
         _invariants_store(j, Fj, Uj, sj, Vj, inv_scale, x, R, U_out, s_out, V_out)
     else:
-        U, s, V = _svd_signed(wp.mat33d(Fi))
+        A, V = _jacobi_from(wp.transpose(wp.mat33d(Fi)) @ wp.mat33d(Fi), wp.identity(3, dtype=wp.float64), tol)
+        U, s, V = _svd_finish(wp.mat33d(Fi), A, V)
         _invariants_store(i, Fi, U, s, V, inv_scale, x, R, U_out, s_out, V_out)
 
 
+@wp.func
+def _plastic_update(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any, i: int):
+    """Row i of :func:`head_forward` in mode :data:`HEAD_PLASTIC`: ``F + c R sym(N)``."""
+    Fi = F[i]
+    S = type(Fi)()
+    for a in range(3):
+        for b in range(3):
+            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    return Fi + coef * (R[i] @ S)
+
+
 @wp.kernel
-def _invariants_adj(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U_in: wp.array(dtype=wp.mat33d),
-                    s_in: wp.array(dtype=wp.vec3d), V_in: wp.array(dtype=wp.mat33d), gx: wp.array2d(dtype=Any),
-                    gR: wp.array(dtype=Any), tiny: wp.float64, gF: wp.array(dtype=Any)):
+def _stage_mid_fwd(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any,
+                   V_start: wp.array(dtype=wp.mat33d), inv_scale: wp.array(dtype=Any), tol: wp.float64, half: int,
+                   n: int, F_new: wp.array(dtype=Any), x: wp.array2d(dtype=Any), R_new: wp.array(dtype=Any),
+                   U_out: wp.array(dtype=wp.mat33d), s_out: wp.array(dtype=wp.vec3d),
+                   V_out: wp.array(dtype=wp.mat33d)):
+    # the plastic update F' = F + c R sym(N) (head_forward, mode 1), then invariants_forward of F'
+    # with its Jacobi sweeps started from F's V (F' - F is small: c ~ 1e-3, so V^T F'^T F' V is
+    # nearly diagonal and the sweeps converge in fewer rotations; the result is the SVD of F' to
+    # the same tolerance, from a different start: it differs from a cold start by round-off)
     i = wp.tid()
+    j = i + half
+    Fi = _plastic_update(F, R, N, coef, i)
+    F_new[i] = Fi
+    Vi = V_start[i]
+    Ai = wp.transpose(Vi) @ (wp.transpose(wp.mat33d(Fi)) @ wp.mat33d(Fi)) @ Vi
+    if j < n:
+        Fj = _plastic_update(F, R, N, coef, j)
+        F_new[j] = Fj
+        Vj = V_start[j]
+        Aj = wp.transpose(Vj) @ (wp.transpose(wp.mat33d(Fj)) @ wp.mat33d(Fj)) @ Vj
+        A0, V0, A1, V1 = _jacobi_pair_from(Ai, Vi, Aj, Vj, tol)
+        U, s, V = _svd_finish(wp.mat33d(Fi), A0, V0)
+        _invariants_store(i, Fi, U, s, V, inv_scale, x, R_new, U_out, s_out, V_out)
+        Uj, sj, Vj2 = _svd_finish(wp.mat33d(Fj), A1, V1)
+        _invariants_store(j, Fj, Uj, sj, Vj2, inv_scale, x, R_new, U_out, s_out, V_out)
+    else:
+        A, V = _jacobi_from(Ai, Vi, tol)
+        U, s, V = _svd_finish(wp.mat33d(Fi), A, V)
+        _invariants_store(i, Fi, U, s, V, inv_scale, x, R_new, U_out, s_out, V_out)
+
+
+@wp.func
+def _invariants_adj_row(i: int, F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any),
+                        U_in: wp.array(dtype=wp.mat33d), s_in: wp.array(dtype=wp.vec3d),
+                        V_in: wp.array(dtype=wp.mat33d), gx: wp.array2d(dtype=Any), gR: wp.array(dtype=Any),
+                        tiny: wp.float64):
+    """Row i of :func:`invariants_adjoint` (float64)."""
     Fi = wp.mat33d(F[i])
     U = U_in[i]
     s = s_in[i]
@@ -357,8 +432,38 @@ def _invariants_adj(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U_in
                 if wp.abs(d) < tiny:  # s_i + s_j -> 0 only under (near) inversion: keep the sign
                     d = tiny * _sign(d)
                 G[a, b] = G[a, b] + (M[a, b] - M[b, a]) / d
-    out = out + U @ G @ wp.transpose(V)
-    gF[i] = type(F[i])(out)
+    return out + U @ G @ wp.transpose(V)
+
+
+@wp.kernel
+def _invariants_adj(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U_in: wp.array(dtype=wp.mat33d),
+                    s_in: wp.array(dtype=wp.vec3d), V_in: wp.array(dtype=wp.mat33d), gx: wp.array2d(dtype=Any),
+                    gR: wp.array(dtype=Any), tiny: wp.float64, gF: wp.array(dtype=Any)):
+    i = wp.tid()
+    gF[i] = type(F[i])(_invariants_adj_row(i, F, inv_scale, U_in, s_in, V_in, gx, gR, tiny))
+
+
+@wp.kernel
+def _stage_mid_adj(F_new: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U_in: wp.array(dtype=wp.mat33d),
+                   s_in: wp.array(dtype=wp.vec3d), V_in: wp.array(dtype=wp.mat33d), gx: wp.array2d(dtype=Any),
+                   gR: wp.array(dtype=Any), tiny: wp.float64, g_head: wp.array(dtype=Any),
+                   g_in: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any,
+                   g_F_new: wp.array(dtype=Any), gR_plastic: wp.array(dtype=Any), gN_plastic: wp.array2d(dtype=Any)):
+    # adjoint of _stage_mid_fwd: d loss / dF' = its direct adjoint g_in + the stress head's g_head
+    # + invariants_adjoint(F'); then head_adjoint of the plastic update (mode 1) with it
+    i = wp.tid()
+    Fn = F_new[i]
+    g = g_in[i] + (g_head[i] + type(Fn)(_invariants_adj_row(i, F_new, inv_scale, U_in, s_in, V_in, gx, gR, tiny)))
+    g_F_new[i] = g
+    S = type(Fn)()
+    for a in range(3):
+        for b in range(3):
+            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    gR_plastic[i] = coef * (g @ S)
+    gS = coef * (wp.transpose(R[i]) @ g)
+    for a in range(3):
+        for b in range(3):
+            gN_plastic[i, 3 * a + b] = type(coef)(0.5) * (gS[a, b] + gS[b, a])
 
 
 @wp.kernel
@@ -412,22 +517,27 @@ for _t, _s in ((torch.float32, wp.float32), (torch.float64, wp.float64)):
     _K[_t] = {
         "m33": _m33, "v3": _v3, "s": _s,
         "svd": wp.overload(_signed_svd, [_am, _am, _av, _am]),
-        "inv_fwd": wp.overload(_invariants_fwd, [_am, _as, _a2, _am, _a64m, _a64v, _a64m, wp.int32, wp.int32]),
+        "inv_fwd": wp.overload(_invariants_fwd, [_am, _as, _a2, _am, _a64m, _a64v, _a64m, wp.float64, wp.int32,
+                                                 wp.int32]),
+        "mid_fwd": wp.overload(_stage_mid_fwd, [_am, _am, _a2, _s, _a64m, _as, wp.float64, wp.int32, wp.int32, _am,
+                                                _a2, _am, _a64m, _a64v, _a64m]),
+        "mid_adj": wp.overload(_stage_mid_adj, [_am, _as, _a64m, _a64v, _a64m, _a2, _am, wp.float64, _am, _am, _am,
+                                                _a2, _s, _am, _am, _a2]),
         "inv_adj": wp.overload(_invariants_adj, [_am, _as, _a64m, _a64v, _a64m, _a2, _am, wp.float64, _am]),
         "head_fwd": wp.overload(_head_fwd, [_am, _am, _a2, _s, wp.int32, _am]),
         "head_adj": wp.overload(_head_adj, [_am, _am, _a2, _s, wp.int32, _am, _am, _am, _a2]),
     }
 
 def _view(t: torch.Tensor, dtype, shape: tuple[int, ...]):
-    from diffworld.engine.bridge import cached_view
+    from diffworld.engine.bridge import arg_view
 
-    return cached_view(t, dtype, shape)
+    return arg_view(t, dtype, shape)
 
 
 def _launch(kernel, n: int, args: list, device: torch.device) -> None:
     from diffworld.engine.bridge import launch
 
-    launch(kernel, n, args, device)
+    launch(kernel, n, args, device, replay=True)  # (the kernels are wp.overload-concrete)
 
 
 def _check(F: torch.Tensor) -> dict[str, Any]:
@@ -479,8 +589,70 @@ def invariants_forward(F: torch.Tensor, inv_scale: torch.Tensor):
     half = n - n // 2  # two rows per thread (see _invariants_fwd)
     _launch(k["inv_fwd"], half, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)),
                                  _view(x, k["s"], (n, N_INVARIANTS)), _m(k, R), _view(U, wp.mat33d, (n,)),
-                                 _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)), half, n], F.device)
+                                 _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)), sweep_tolerance(F.dtype),
+                                 half, n], F.device)
     return x, R, (U, s, V)
+
+
+def stage_mid_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float, V_start: torch.Tensor,
+                      inv_scale: torch.Tensor):
+    """``head_forward(F, R, N, coef, HEAD_PLASTIC)`` and :func:`invariants_forward` of its result in
+    one kernel: the middle of a neural law's substep stage (return map, then the stress there).
+
+    Args:
+        F: Trial deformation gradients (n, 3, 3), float32 or float64.
+        R: Their rotations (n, 3, 3) and N (n, 9) the plastic network's output.
+        coef: The plastic step alpha.
+        V_start: (n, 3, 3) float64, F's right singular vectors (:func:`invariants_forward`'s
+            ``saved[2]``): the Jacobi sweeps of F' start there (F' is close to F).
+        inv_scale: (13,) the elastic network's reciprocal input normalisation.
+
+    Returns:
+        (F' (n, 3, 3), x (n, 13), R' (n, 3, 3), saved): as :func:`invariants_forward` for F'.
+    """
+    k = _check(F)
+    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    V_start = V_start.detach().contiguous()
+    n = F.shape[0]
+    F_new, R_new = torch.empty_like(F), torch.empty_like(F)
+    x = torch.empty((n, N_INVARIANTS), dtype=F.dtype, device=F.device)
+    U = torch.empty((n, 3, 3), dtype=torch.float64, device=F.device)
+    V = torch.empty_like(U)
+    s = torch.empty((n, 3), dtype=torch.float64, device=F.device)
+    inv_scale = inv_scale.detach().to(F.dtype).contiguous()
+    half = n - n // 2
+    _launch(k["mid_fwd"], half, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef),
+                                 _view(V_start, wp.mat33d, (n,)),
+                                 _view(inv_scale, k["s"], (N_INVARIANTS,)), sweep_tolerance(F.dtype), half, n,
+                                 _m(k, F_new), _view(x, k["s"], (n, N_INVARIANTS)), _m(k, R_new),
+                                 _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,))],
+            F.device)
+    return F_new, x, R_new, (U, s, V)
+
+
+def stage_mid_adjoint(F_new: torch.Tensor, inv_scale: torch.Tensor, saved, gx: torch.Tensor, gR: torch.Tensor,
+                      g_head: torch.Tensor, g_in: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float):
+    """Adjoint of :func:`stage_mid_forward`, fused with what surrounds it in a substep stage's
+    adjoint: d loss / dF' is ``g_in`` (its direct adjoint) + ``g_head`` (the stress head's
+    d loss / dF') + :func:`invariants_adjoint` of F' from ``gx``, ``gR``; returned with the plastic
+    update's (:func:`head_adjoint`, mode :data:`HEAD_PLASTIC`) d loss / dR and d loss / dN:
+    ``(g_F_new (n, 3, 3), gR (n, 3, 3), gN (n, 9))``; d loss / dF of the update is ``g_F_new``."""
+    k = _check(F_new)
+    n = F_new.shape[0]
+    U, s, V = saved
+    inv_scale = inv_scale.detach().to(F_new.dtype).contiguous()
+    # (kept in locals: a wp view does not hold its tensor alive)
+    dt = F_new.dtype
+    F_new, N, R = F_new.detach().contiguous(), N.detach().to(dt).contiguous(), R.detach().contiguous()
+    gx, gR, g_head, g_in = (t.to(dt).contiguous() for t in (gx, gR, g_head, g_in))
+    g_F, g_R, g_N = torch.empty_like(F_new), torch.empty_like(F_new), torch.empty_like(N)
+    tiny = float(torch.finfo(F_new.dtype).eps ** 0.5)
+    _launch(k["mid_adj"], n, [_m(k, F_new), _view(inv_scale, k["s"], (N_INVARIANTS,)),
+                              _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
+                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), wp.float64(tiny), _m(k, g_head),
+                              _m(k, g_in), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), _m(k, g_F),
+                              _m(k, g_R), _view(g_N, k["s"], (n, 9))], F_new.device)
+    return g_F, g_R, g_N
 
 
 def invariants_adjoint(F: torch.Tensor, inv_scale: torch.Tensor, saved, gx: torch.Tensor | None,

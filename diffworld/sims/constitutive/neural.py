@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -429,49 +429,58 @@ class NeuralLaw(TorchLaw):
 
     def substep_stage(self, F: torch.Tensor, keep: bool):
         """``forward(F, {})`` (the return map, then the stress there) for F (n, 3, 3) without
-        autograd: the same kernels and matrix products as the autograd path, so the same numbers.
+        autograd: the kernels and matrix products of the autograd path, with the plastic update
+        and the elastic invariants in one kernel (:func:`~.kernels_neural.stage_mid_forward`,
+        whose SVD starts from the return map's: the numbers differ from the autograd path's by
+        round-off).
 
         Returns ``(F', tau, saved)`` (``saved``: what :meth:`substep_stage_adjoint` needs, None
         without ``keep``), or None where this law has no such path (the caller then uses autograd).
         """
-        from diffworld.sims.constitutive.kernels_neural import head_forward, invariants_forward
+        from diffworld.sims.constitutive.kernels_neural import (HEAD_STRESS, head_forward, invariants_forward,
+                                                                stage_mid_forward)
 
         parts = self._stage_parts()
         if parts is None or F.dim() != 3:
             return None
-        outs, saved = [F.detach()], []
+        p, e = parts
+        F = F.detach()
         with torch.no_grad():
-            for part, coef, mode in ((parts[0], parts[0].alpha, 1), (parts[1], parts[1].output_scale, 0)):
-                weights = [layer.weight for layer in part.mlp.layers]
-                Fi = outs[-1]
-                inv_scale = 1.0 / part.input_scale.to(Fi)
-                x, R, usv = invariants_forward(Fi, inv_scale)
-                N, mlp_saved = _mlp_forward(weights, x, keep)
-                outs.append(head_forward(Fi, R, N, coef, mode))
-                if keep:
-                    saved.append((Fi, inv_scale, usv, R, N, weights, mlp_saved, coef, mode))
-        return outs[1], outs[2], (saved if keep else None)
+            w_p = [layer.weight for layer in p.mlp.layers]
+            w_e = [layer.weight for layer in e.mlp.layers]
+            inv_p, inv_e = 1.0 / p.input_scale.to(F), 1.0 / e.input_scale.to(F)
+            x_p, R_p, usv_p = invariants_forward(F, inv_p)
+            N_p, mlp_p = _mlp_forward(w_p, x_p, keep)
+            F_new, x_e, R_e, usv_e = stage_mid_forward(F, R_p, N_p, p.alpha, usv_p[2], inv_e)
+            N_e, mlp_e = _mlp_forward(w_e, x_e, keep)
+            tau = head_forward(F_new, R_e, N_e, e.output_scale, HEAD_STRESS)
+        saved = None
+        if keep:
+            saved = (F, inv_p, usv_p, R_p, N_p, w_p, mlp_p, p.alpha,
+                     F_new, inv_e, usv_e, R_e, N_e, w_e, mlp_e, e.output_scale)
+        return F_new, tau, saved
 
-    def substep_stage_adjoint(self, saved, g_F_new: torch.Tensor, g_tau: torch.Tensor):
+    def substep_stage_adjoint(self, saved, g_F_new: torch.Tensor | None, g_tau: torch.Tensor,
+                              params: Sequence[torch.Tensor] | None = None):
         """Adjoint of :meth:`substep_stage` (``saved`` its last output) from d loss / dF' and
-        d loss / d tau: returns (d loss / dF, the gradients of ``self.parameters()`` in order,
-        None for those that do not require one)."""
-        from diffworld.sims.constitutive.kernels_neural import head_adjoint, invariants_adjoint
+        d loss / d tau: returns (d loss / dF, the gradients of ``params`` in order, None for those
+        that do not require one); ``params``: ``list(self.parameters())`` (None: computed here;
+        the solver passes the list it already holds)."""
+        from diffworld.sims.constitutive.kernels_neural import (HEAD_STRESS, head_adjoint, invariants_adjoint,
+                                                                stage_mid_adjoint)
 
-        grads: dict[int, torch.Tensor] = {}
+        F, inv_p, usv_p, R_p, N_p, w_p, mlp_p, alpha, F_new, inv_e, usv_e, R_e, N_e, w_e, mlp_e, coef_e = saved
         with torch.no_grad():
-            g_out, g_in = g_tau, g_F_new  # d loss / d (the part's output), d loss / d (its input) so far
-            for Fi, inv_scale, usv, R, N, weights, mlp_saved, coef, mode in reversed(saved):
-                gF, gR, gN = head_adjoint(Fi, R, N, coef, mode, g_out)
-                gx, gw = _mlp_backward(weights, mlp_saved, gN.to(N.dtype), True, [w.requires_grad for w in weights])
-                for w, g in zip(weights, gw):
-                    if g is not None:
-                        grads[id(w)] = g
-                gF = gF + invariants_adjoint(Fi, inv_scale, usv, gx, gR)
-                if g_in is not None:
-                    gF = g_in + gF
-                g_out, g_in = gF, None
-        return g_out, [grads.get(id(p)) for p in self.parameters()]
+            gF_head, gR_e, gN_e = head_adjoint(F_new, R_e, N_e, coef_e, HEAD_STRESS, g_tau)
+            gx_e, gw_e = _mlp_backward(w_e, mlp_e, gN_e.to(N_e.dtype), True, [w.requires_grad for w in w_e])
+            if g_F_new is None:
+                g_F_new = torch.zeros_like(F_new)
+            g_mid, gR_p, gN_p = stage_mid_adjoint(F_new, inv_e, usv_e, gx_e, gR_e, gF_head, g_F_new, R_p, N_p,
+                                                  alpha)
+            gx_p, gw_p = _mlp_backward(w_p, mlp_p, gN_p.to(N_p.dtype), True, [w.requires_grad for w in w_p])
+            g_F = g_mid + invariants_adjoint(F, inv_p, usv_p, gx_p, gR_p)
+        grads = {id(w): g for w, g in zip(w_p + w_e, gw_p + gw_e) if g is not None}
+        return g_F, [grads.get(id(q)) for q in (self.parameters() if params is None else params)]
 
     def config(self) -> dict:
         """The architecture (what :func:`load_law` needs besides the weights)."""

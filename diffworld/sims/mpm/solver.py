@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol, Sequence
 
 import torch
 
-from diffworld.engine.bridge import launch
+from diffworld.engine.bridge import arg_view, launch
 from diffworld.engine.runtime import init_warp, warp_device
 from diffworld.sims.common.colliders import COLLIDER_STATE, Collider
 from diffworld.sims.constitutive.laws import EXTERNAL
@@ -333,7 +333,6 @@ class Stepper:
         self.dtype = model.dtype
         self._wdev = warp_device(self.device)
         self._wp = wp
-        self._cache: dict = {}
         g = model.grid
         self.dx = self.k["scalar"](g.dx)
         self.inv_dx = self.k["scalar"](1.0 / g.dx)
@@ -386,18 +385,10 @@ class Stepper:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _view(self, t: torch.Tensor, dtype, shape: tuple[int, ...]):
-        """Warp view of a contiguous tensor, cached by address, shape and dtype: wrapping costs more
-        than a small kernel."""
-        key = (t.data_ptr(), t.shape, dtype)
-        a = self._cache.get(key)
-        if a is None:
-            if not t.is_contiguous():
-                raise ValueError("internal: expected a contiguous tensor")
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            a = self._wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=self._wdev)
-            self._cache[key] = a
-        return a
+        """Kernel-argument view of a contiguous tensor (:func:`~diffworld.engine.bridge.arg_view`:
+        a Warp array descriptor, cached by address, shape and dtype: wrapping costs more than a
+        small kernel)."""
+        return arg_view(t, dtype, tuple(shape))
 
     def _scalars(self, t: torch.Tensor):
         """Warp view of a float tensor, element by element."""
@@ -416,7 +407,9 @@ class Stepper:
         return self._view(t, self._wp.int32, t.shape)
 
     def _run(self, kernel, dim, inputs, outputs=(), **adjoint) -> None:
-        launch(kernel, dim, inputs, self.device, outputs, **adjoint)
+        # replay: the substep's launches are many and small (its kernels are concrete, built per
+        # precision, and never run on a wp.Tape)
+        launch(kernel, dim, inputs, self.device, outputs, replay=True, **adjoint)
 
     def _parallel(self, fn) -> None:
         """Call ``fn(w, a, b)`` for every particle chunk [a, b), concurrently on CPU."""
@@ -643,7 +636,7 @@ class Stepper:
                 full = self._law_all[j]
                 g_F = adj_F_out if full else adj_F_out[b.index]
                 g_tau = adj_tau_out if full else adj_tau_out[b.index]
-                g_in, g_own = b.law.substep_stage_adjoint(saved, g_F.contiguous(), g_tau.contiguous())
+                g_in, g_own = b.law.substep_stage_adjoint(saved, g_F.contiguous(), g_tau.contiguous(), own)
                 if full:
                     adj_F += g_in
                 else:
