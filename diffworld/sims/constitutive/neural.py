@@ -292,6 +292,17 @@ class _Part(torch.nn.Module):
         return {"kind": self.kind, "width": self.width, "depth": self.depth,
                 "input_scale": [float(v) for v in self.input_scale.tolist()]}
 
+    def _inverse_scale(self, F: torch.Tensor) -> torch.Tensor:
+        """``1 / input_scale`` in F's dtype and device, kept until the buffer changes (its version,
+        dtype or device): the law's substep stage needs it twice per substep."""
+        scale = self.input_scale
+        key = (scale.data_ptr(), scale._version, F.dtype, F.device)
+        cached = self.__dict__.get("_inverse_scale_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, (1.0 / scale.to(F)).contiguous())
+            self.__dict__["_inverse_scale_cache"] = cached
+        return cached[1]
+
     def _net(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x / self.input_scale.to(x)).reshape(*x.shape[:-1], 3, 3)
 
@@ -448,7 +459,7 @@ class NeuralLaw(TorchLaw):
         with torch.no_grad():
             w_p = [layer.weight for layer in p.mlp.layers]
             w_e = [layer.weight for layer in e.mlp.layers]
-            inv_p, inv_e = 1.0 / p.input_scale.to(F), 1.0 / e.input_scale.to(F)
+            inv_p, inv_e = p._inverse_scale(F), e._inverse_scale(F)
             x_p, R_p, usv_p = invariants_forward(F, inv_p)
             N_p, mlp_p = _mlp_forward(w_p, x_p, keep)
             F_new, x_e, R_e, usv_e = stage_mid_forward(F, R_p, N_p, p.alpha, usv_p[2], inv_e)

@@ -577,8 +577,10 @@ class Stepper:
                     else None
                 res = stage(F if full else F[b.index], keep) if stage is not None else None
                 if res is not None:  # the law's own adjoint, without autograd (same numbers)
-                    Fn = self._checked(b, "return map (project)", res[0], step)
-                    tau = self._checked(b, "stress", res[1], step)
+                    Fn, tau = res[0], res[1]
+                    if not self._both_fine(b, Fn, tau):  # one reduction for both; else name the bad one
+                        Fn = self._checked(b, "return map (project)", Fn, step)
+                        tau = self._checked(b, "stress", tau, step)
                     if full:
                         F_out.copy_(Fn)
                         tau_out.copy_(tau)
@@ -601,6 +603,14 @@ class Stepper:
                 if keep:
                     graphs.append((Fi, inputs, outs))
         return graphs
+
+    @staticmethod
+    def _both_fine(b: LawBinding, F_new: Any, tau: Any) -> bool:
+        """Whether two torch-law outputs both have shape (n, 3, 3) and finite entries (one
+        reduction: the sum of both is finite where all entries are)."""
+        shape = (int(b.index.numel()), 3, 3)
+        return (isinstance(F_new, torch.Tensor) and isinstance(tau, torch.Tensor) and tuple(F_new.shape) == shape
+                and tuple(tau.shape) == shape and bool(torch.isfinite(F_new.sum() + tau.sum())))
 
     def _checked(self, b: LawBinding, what: str, out: Any, step: int | None) -> torch.Tensor:
         """A torch law's output, or a ValueError naming the law, the body, the substep and the
