@@ -457,3 +457,28 @@ def test_float32_invariants_stop_sweeping_earlier_but_agree_with_float64():
     assert float(((x32.double() - x64).abs() / (1.0 + x64.abs())).max()) < 1e-5
     F32 = F.float().double()
     assert float((U @ torch.diag_embed(s) @ V.transpose(-1, -2) - F32).abs().max()) < 1e-7 * float(F32.abs().max())
+
+
+def test_the_staged_law_follows_a_changed_input_scale():
+    """substep_stage keeps 1 / input_scale between calls: a scale changed in place (as
+    load_state_dict does) or a law moved to another dtype is seen at the next call."""
+    torch.manual_seed(3)
+    law = NeuralLaw(InvariantElasticity(width=16, output_scale=1e3), InvariantPlasticity(width=16, alpha=0.05)).to(F64)
+    F = _random_F(20, 61)
+    for change in (None, "in place", "state dict", "float32"):
+        if change == "in place":
+            with torch.no_grad():
+                law.elastic.input_scale.mul_(1.7)
+        elif change == "state dict":
+            sd = law.state_dict()
+            sd["plastic.input_scale"] = sd["plastic.input_scale"] * 0.6
+            law.load_state_dict(sd)
+        elif change == "float32":
+            law = law.float()
+        Fx = F.to(law.elastic.input_scale.dtype)
+        F_new, tau, _ = law.substep_stage(Fx, keep=False)
+        with torch.no_grad():
+            F_ref, tau_ref = law(Fx, {})
+        tol = 1e-10 if Fx.dtype == F64 else 1e-4
+        assert float((F_new - F_ref).abs().max()) <= tol * float(F_ref.abs().max()), change
+        assert float((tau - tau_ref).abs().max()) <= tol * float(tau_ref.abs().max()), change
