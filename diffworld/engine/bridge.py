@@ -87,17 +87,23 @@ def cached_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
     The cache only holds views (no memory), so a stale entry is harmless: an address reused by
     another tensor of the same shape and type is viewed the same way.
     """
-    key = (t.data_ptr(), tuple(shape), dtype, t.device)
-    a = _VIEWS.get(key)
-    if a is None:
-        wp = init_warp()
-        if not t.is_contiguous():
-            raise ValueError("cached_view: expected a contiguous tensor")
-        if len(_VIEWS) > 4096:
-            _VIEWS.clear()
+    def make():
         dev = "cpu" if t.device.type == "cpu" else f"cuda:{t.device.index or 0}"
-        a = wp.array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
-        _VIEWS[key] = a
+        return init_warp().array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
+
+    return _cached(_VIEWS, (t.data_ptr(), tuple(shape), dtype, t.device), t, "cached_view", make)
+
+
+def _cached(store: dict, key: tuple, t: torch.Tensor, who: str, make: Callable[[], Any]) -> Any:
+    """``store[key]``, made by ``make()`` on a miss for the contiguous tensor ``t`` (else a
+    ValueError naming ``who``); the store is emptied past 4096 entries."""
+    a = store.get(key)
+    if a is None:
+        if not t.is_contiguous():
+            raise ValueError(f"{who}: expected a contiguous tensor")
+        if len(store) > 4096:
+            store.clear()
+        a = store[key] = make()
     return a
 
 
@@ -143,20 +149,15 @@ def arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
     ``wp.launch``) skips that packing, and it is cheaper to create than an array. It can only be
     launched on (no ``.numpy()``, no copies): use :func:`cached_view` for anything else.
     """
-    key = (t.data_ptr(), shape, dtype, t.is_cuda)  # (CPU and CUDA addresses are different spaces)
-    a = _ARGS.get(key)
-    if a is None:
-        wp = init_warp()
-        if not t.is_contiguous():
-            raise ValueError("arg_view: expected a contiguous tensor")
-        if len(_ARGS) > 4096:
-            _ARGS.clear()
-        a = wp.from_torch(t, dtype=dtype, return_ctype=True)
+    def make():
+        a = init_warp().from_torch(t, dtype=dtype, return_ctype=True)
         if tuple(a.shape[:a.ndim]) != tuple(shape):
             raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype} has shape "
                              f"{tuple(a.shape[:a.ndim])}, not {tuple(shape)}")
-        _ARGS[key] = a
-    return a
+        return a
+
+    # (CPU and CUDA addresses are different spaces)
+    return _cached(_ARGS, (t.data_ptr(), shape, dtype, t.is_cuda), t, "arg_view", make)
 
 
 # Recorded CPU launches (``wp.launch(..., record_cmd=True)``) by (kernel, dim, adjoint, thread):
