@@ -576,7 +576,7 @@ class Stepper:
                 stage = getattr(b.law, "substep_stage", None) if F_out is not None and not b.law.material_parameters \
                     else None
                 res = stage(F if full else F[b.index], keep) if stage is not None else None
-                if res is not None:  # the law's own adjoint, without autograd (the autograd path's numbers to round-off)
+                if res is not None:  # its own adjoint, no autograd (autograd's numbers to round-off)
                     Fn, tau = res[0], res[1]
                     if not self._both_fine(b, Fn, tau):  # one reduction for both; else name the bad one
                         Fn = self._checked(b, "return map (project)", Fn, step)
