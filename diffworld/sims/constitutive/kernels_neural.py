@@ -360,13 +360,29 @@ def _invariants_fwd(F: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), x: w
 
 
 @wp.func
+def _sym_row(N: wp.array2d(dtype=Any), i: int, S: Any):
+    """``sym(N_i)``: row i of N (9 values, row-major 3 x 3) symmetrised into S (its type's zero)."""
+    half = type(N[i, 0])(0.5)
+    for a in range(3):
+        for b in range(3):
+            S[a, b] = half * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    return S
+
+
+@wp.func
+def _store_sym_row(gN: wp.array2d(dtype=Any), i: int, gS: Any):
+    """The adjoint of :func:`_sym_row`: row i of gN from d loss / dS."""
+    half = type(gS[0, 0])(0.5)
+    for a in range(3):
+        for b in range(3):
+            gN[i, 3 * a + b] = half * (gS[a, b] + gS[b, a])
+
+
+@wp.func
 def _plastic_update(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtype=Any), coef: Any, i: int):
     """Row i of :func:`head_forward` in mode :data:`HEAD_PLASTIC`: ``F + c R sym(N)``."""
     Fi = F[i]
-    S = type(Fi)()
-    for a in range(3):
-        for b in range(3):
-            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    S = _sym_row(N, i, type(Fi)())
     return Fi + coef * (R[i] @ S)
 
 
@@ -455,15 +471,10 @@ def _stage_mid_adj(F_new: wp.array(dtype=Any), inv_scale: wp.array(dtype=Any), U
     Fn = F_new[i]
     g = g_in[i] + (g_head[i] + type(Fn)(_invariants_adj_row(i, F_new, inv_scale, U_in, s_in, V_in, gx, gR, tiny)))
     g_F_new[i] = g
-    S = type(Fn)()
-    for a in range(3):
-        for b in range(3):
-            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    S = _sym_row(N, i, type(Fn)())
     gR_plastic[i] = coef * (g @ S)
     gS = coef * (wp.transpose(R[i]) @ g)
-    for a in range(3):
-        for b in range(3):
-            gN_plastic[i, 3 * a + b] = type(coef)(0.5) * (gS[a, b] + gS[b, a])
+    _store_sym_row(gN_plastic, i, gS)
 
 
 @wp.kernel
@@ -471,10 +482,7 @@ def _head_fwd(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtyp
               out: wp.array(dtype=Any)):
     i = wp.tid()
     Fi = F[i]
-    S = type(Fi)()
-    for a in range(3):
-        for b in range(3):
-            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    S = _sym_row(N, i, type(Fi)())
     if mode == 0:
         out[i] = coef * (R[i] @ S @ wp.transpose(Fi))
     else:
@@ -488,10 +496,7 @@ def _head_adj(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtyp
     Fi = F[i]
     Ri = R[i]
     gi = g[i]
-    S = type(Fi)()
-    for a in range(3):
-        for b in range(3):
-            S[a, b] = type(coef)(0.5) * (N[i, 3 * a + b] + N[i, 3 * b + a])
+    S = _sym_row(N, i, type(Fi)())
     if mode == 0:  # tau = c R S F^T
         gR[i] = coef * (gi @ Fi @ S)
         gS = coef * (wp.transpose(Ri) @ gi @ Fi)
@@ -500,9 +505,7 @@ def _head_adj(F: wp.array(dtype=Any), R: wp.array(dtype=Any), N: wp.array2d(dtyp
         gR[i] = coef * (gi @ S)
         gS = coef * (wp.transpose(Ri) @ gi)
         gF[i] = gi
-    for a in range(3):
-        for b in range(3):
-            gN[i, 3 * a + b] = type(coef)(0.5) * (gS[a, b] + gS[b, a])
+    _store_sym_row(gN, i, gS)
 
 
 def _types(s):
