@@ -22,7 +22,7 @@ sum), best of 3 runs of ``--steps`` steps (fewer at larger sizes, the same parti
 
 Usage::
 
-    python benchmarks/nclaw.py [--steps 20] [--quick]
+    python benchmarks/nclaw.py [--steps 20] [--quick] [--baseline-threads 2]
 
 Runtime on a 2-core CPU: about half a minute (``--quick``: 1k and 10k only).
 """
@@ -125,6 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50, help="steps per timed run (1k; fewer at larger sizes)")
     ap.add_argument("--quick", action="store_true", help="1k and 10k particles only")
+    ap.add_argument("--baseline-threads", type=int, default=1,
+                    help="torch threads while the baseline runs (ours always runs torch on one thread; the "
+                         "solver's own CPU threads serve both)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     init_warp()
@@ -150,8 +153,10 @@ def main() -> None:
             xa = mpm.rollout(m_ours, state, steps, None, window=steps).states[-1].x
             xb = mpm.rollout(m_base, state, steps, None, window=steps).states[-1].x
         diff = float((xa - xb).abs().max())
-        fb, fo = _time(m_base, state, base, steps, False), _time(m_ours, state, ours, steps, False)
-        bb, bo = _time(m_base, state, base, steps, True), _time(m_ours, state, ours, steps, True)
+        torch.set_num_threads(args.baseline_threads)
+        fb, bb = _time(m_base, state, base, steps, False), _time(m_base, state, base, steps, True)
+        torch.set_num_threads(1)
+        fo, bo = _time(m_ours, state, ours, steps, False), _time(m_ours, state, ours, steps, True)
         n = model.n_particles
         per_particle.append((n, bo / n * 1e3))
         print(f"| {n:,} | {fb:.2f} | {fo:.2f} | {fb / fo:.2f} | {bb:.2f} | {bo:.2f} | {bb / bo:.2f} | {diff:.1e} |",
