@@ -236,6 +236,12 @@ MIN_CHUNK = 2048
 MIN_LAW_CHUNK = 1024
 
 
+def _split(n: int, workers: int) -> list[tuple[int, int]]:
+    """``workers`` contiguous ranges [a, b) covering 0..n, as even as rounding allows."""
+    bounds = [round(n * w / workers) for w in range(workers + 1)]
+    return [(bounds[w], bounds[w + 1]) for w in range(workers)]
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE < workers:
@@ -362,8 +368,7 @@ class Stepper:
             workers = 1
         self._law_workers = max(1, int(workers))
         workers = max(1, min(int(workers), n // MIN_CHUNK if n >= MIN_CHUNK else 1))
-        bounds = [round(n * w / workers) for w in range(workers + 1)]
-        self.chunks = [(bounds[w], bounds[w + 1]) for w in range(workers)]
+        self.chunks = _split(n, workers)
         self._prepare_colliders()
         self.rigid = None
         self.torch_laws = list(model.torch_laws)
@@ -418,16 +423,16 @@ class Stepper:
         # precision, and never run on a wp.Tape)
         launch(kernel, dim, inputs, self.device, outputs, replay=True, **adjoint)
 
-    def _parallel(self, fn) -> None:
-        """Call ``fn(w, a, b)`` for every particle chunk [a, b), concurrently on CPU."""
-        if len(self.chunks) == 1:
-            fn(0, *self.chunks[0])
-            return
-        pool = _pool(len(self.chunks) - 1)
-        futures = [pool.submit(fn, w, a, b) for w, (a, b) in enumerate(self.chunks) if w > 0]
-        fn(0, *self.chunks[0])
-        for fut in futures:
-            fut.result()
+    def _parallel(self, fn, chunks: list | None = None) -> list:
+        """``[fn(w, a, b) for w, (a, b) in enumerate(chunks)]``, the chunks (default: the particle
+        chunks) run concurrently on CPU threads."""
+        chunks = self.chunks if chunks is None else chunks
+        if len(chunks) == 1:
+            return [fn(0, *chunks[0])]
+        pool = _pool(len(chunks) - 1)
+        futures = [pool.submit(fn, w, a, b) for w, (a, b) in enumerate(chunks) if w > 0]
+        first = fn(0, *chunks[0])
+        return [first] + [fut.result() for fut in futures]
 
     def _box(self, x: torch.Tensor) -> GridBox:
         """Nodes the particles at ``x`` touch: their B-spline stencils plus one node of margin."""
@@ -614,19 +619,7 @@ class Stepper:
     def _row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Contiguous row chunks [a, b) for a torch law's stage over ``rows`` rows: one per CPU
         worker, at least :data:`MIN_LAW_CHUNK` rows each (one chunk on CUDA or for few rows)."""
-        workers = 1 if self.device.type != "cpu" else max(1, min(self._law_workers, rows // MIN_LAW_CHUNK))
-        bounds = [round(rows * w / workers) for w in range(workers + 1)]
-        return [(bounds[w], bounds[w + 1]) for w in range(workers)]
-
-    def _in_chunks(self, fn, bounds: list) -> list:
-        """``[fn(w, a, b) for w, (a, b) in enumerate(bounds)]``, the chunks concurrently on CPU
-        threads (the law's kernels and matrix products release the GIL)."""
-        if len(bounds) == 1:
-            return [fn(0, *bounds[0])]
-        pool = _pool(len(bounds) - 1)
-        futures = [pool.submit(fn, w, a, b) for w, (a, b) in enumerate(bounds) if w > 0]
-        first = fn(0, *bounds[0])
-        return [first] + [f.result() for f in futures]
+        return _split(rows, max(1, min(self._law_workers, rows // MIN_LAW_CHUNK)))
 
     def _staged_forward(self, stage, F: torch.Tensor, keep: bool):
         """A law's own ``substep_stage`` over the rows F (n, 3, 3), in row chunks on the CPU
@@ -634,7 +627,7 @@ class Stepper:
         no stage for these rows. Every row's numbers are the unchunked ones (the stage is per
         row), except the MLP's matrix products, whose blocking may round differently."""
         bounds = self._row_chunks(F.shape[0])
-        parts = self._in_chunks(lambda w, a, b: stage(F[a:b], keep), bounds)
+        parts = self._parallel(lambda w, a, b: stage(F[a:b], keep), bounds)  # (kernels, mm release the GIL)
         if any(p is None for p in parts):
             return None
         if len(parts) == 1:
@@ -648,7 +641,7 @@ class Stepper:
         the chunks' weight gradients summed in chunk order, so the result is deterministic for a
         given thread count)."""
         bounds = staged.bounds
-        parts = self._in_chunks(
+        parts = self._parallel(
             lambda w, a, b: law.substep_stage_adjoint(staged.saved[w], g_F[a:b].contiguous(),
                                                    g_tau[a:b].contiguous(), own), bounds)
         if len(parts) == 1:
