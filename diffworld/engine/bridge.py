@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -139,22 +140,62 @@ def on_torch_stream(device: torch.device | str) -> Iterator[None]:
 
 
 _ARGS: dict[tuple, Any] = {}
+_LAYOUTS: dict[tuple, tuple] = {}
+_ARRAY_T: list = []
+
+
+def _array_t() -> type:
+    """Warp's array descriptor type (``array_t(data, grad, ndim, shape, strides)``), taken from
+    what its public ``from_torch(..., return_ctype=True)`` returns (the class is not exported)."""
+    if not _ARRAY_T:
+        _ARRAY_T.append(type(init_warp().from_torch(torch.zeros(1), return_ctype=True)))
+    return _ARRAY_T[0]
+
+
+def _layout(dtype: Any, shape: tuple[int, ...]) -> tuple[torch.dtype, int, tuple[int, ...]]:
+    """(torch dtype of the scalars, scalars per element, byte strides) of a contiguous Warp array
+    of ``shape`` elements of ``dtype``."""
+    lay = _LAYOUTS.get((dtype, shape))
+    if lay is None:
+        wp = init_warp()
+        scalar = getattr(dtype, "_wp_scalar_type_", dtype)
+        size = wp.types.type_size_in_bytes(dtype)
+        strides, stride = [], size
+        for d in reversed(shape):
+            strides.append(stride)
+            stride *= d
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        lay = _LAYOUTS[(dtype, shape)] = (wp.dtype_to_torch(scalar), size // wp.types.type_size_in_bytes(scalar),
+                                          tuple(reversed(strides)))
+    return lay
 
 
 def arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
-    """The contiguous tensor ``t`` as a kernel argument: a Warp array descriptor (``wp.from_torch(...,
-    return_ctype=True)``) of ``shape`` elements of ``dtype``, cached like :func:`cached_view`.
+    """The contiguous tensor ``t`` as a kernel argument: a Warp array descriptor (``array_t``, what
+    a launch packs a ``wp.array`` into) of ``shape`` elements of ``dtype``, cached like
+    :func:`cached_view`.
 
-    A descriptor is what a launch packs a ``wp.array`` into; passing it (to :func:`launch` or
-    ``wp.launch``) skips that packing, and it is cheaper to create than an array. It can only be
-    launched on (no ``.numpy()``, no copies): use :func:`cached_view` for anything else.
+    ``t``'s leading dimensions must be ``shape`` and the rest must hold one element of ``dtype``
+    (e.g. (n, 3, 3) float32 as ``wp.mat33`` with shape (n,)), in ``dtype``'s scalar type.
+
+    Passing a descriptor (to :func:`launch` or ``wp.launch``) skips the packing, and it is cheaper
+    to create than an array: it is built here from the tensor's address (~1 us; ``wp.from_torch(...,
+    return_ctype=True)`` costs several and keeps the tensor alive from the cache). It holds no
+    reference to ``t``: keep ``t`` alive until the launch has run. It can only be launched on (no
+    ``.numpy()``, no copies): use :func:`cached_view` for anything else.
     """
     def make():
-        a = init_warp().from_torch(t, dtype=dtype, return_ctype=True)
-        if tuple(a.shape[:a.ndim]) != tuple(shape):
-            raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype} has shape "
-                             f"{tuple(a.shape[:a.ndim])}, not {tuple(shape)}")
-        return a
+        torch_dtype, per_element, strides = _layout(dtype, shape)
+        if t.dtype != torch_dtype:
+            raise ValueError(f"arg_view: a {t.dtype} tensor cannot be viewed as {dtype.__name__} "
+                             f"(its scalars are {torch_dtype})")
+        k = len(shape)
+        if tuple(t.shape[:k]) != tuple(shape) or math.prod(t.shape[k:]) != per_element:
+            raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype.__name__} does not "
+                             f"have shape {tuple(shape)} (expected {tuple(shape)} followed by dimensions of "
+                             f"{per_element} scalars in all)")
+        return _array_t()(t.data_ptr(), 0, k, shape, strides)
 
     # (CPU and CUDA addresses are different spaces)
     return _cached(_ARGS, (t.data_ptr(), shape, dtype, t.is_cuda), t, "arg_view", make)

@@ -107,3 +107,25 @@ def test_arg_view_checks_the_shape():
         arg_view(t, wp.mat33, (5,))
     with pytest.raises(ValueError, match="contiguous"):
         arg_view(torch.zeros(3, 6).t(), wp.float32, (6, 3))
+
+
+def test_arg_view_checks_the_dtype_and_keeps_no_tensor_alive():
+    with pytest.raises(ValueError, match="arg_view: a torch.float64 tensor cannot be viewed as mat33f"):
+        arg_view(torch.zeros(4, 3, 3, dtype=torch.float64), wp.mat33, (4,))
+    with pytest.raises(ValueError, match=r"arg_view: a tensor of shape \(4, 9\) viewed as mat33f"):
+        arg_view(torch.zeros(4, 9), wp.mat33, (4, 1))
+    # the same bytes in other legal shapes: (n, 3, 3) as n mat33, as (n, 9) scalars, (n, 3) as n vec3
+    t = torch.arange(36, dtype=torch.float64).reshape(4, 3, 3)
+    for dtype, shape in ((wp.mat33d, (4,)), (wp.float64, (4, 3, 3)), (wp.vec3d, (4, 3))):
+        d = arg_view(t, dtype, shape)
+        assert d.data == t.data_ptr() and d.ndim == len(shape) and tuple(d.shape[:d.ndim]) == shape
+        assert tuple(d.strides[:d.ndim]) == tuple(s * 8 for s in t.reshape(*shape, -1).stride()[:len(shape)])
+    x = torch.zeros(1000, 3, dtype=torch.float64)
+    ref = weakref.ref(x)
+    y = torch.empty_like(x)
+    launch(_affine, 1000, [arg_view(x, wp.vec3d, (1000,)), 1.0, wp.vec3d(1.0, 2.0, 3.0), 1], "cpu",
+           [arg_view(y, wp.vec3d, (1000,))], replay=True)
+    assert torch.equal(y, x + torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    del x
+    gc.collect()
+    assert ref() is None  # the cached descriptor does not own the tensor

@@ -181,12 +181,26 @@ def invariants(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(*batch, N_INVARIANTS), R.reshape(*batch, 3, 3)
 
 
+# Below this many columns, a product's result is computed as its transpose: ``A @ B`` as
+# ``(B^T A^T)^T``. With a thousand rows and 9 or 13 columns, BLAS (MKL) runs the transposed form
+# about twice as fast (measured: 1000 x 64 times 64 x 9, 51 -> 25 us; 64 x 1000 times 1000 x 13,
+# 65 -> 29 us); at 64 columns both forms cost the same.
+_NARROW = 16
+
+
+def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` (2-d), contiguous, in the faster of the two operand orders (see :data:`_NARROW`)."""
+    if B.shape[1] < _NARROW:
+        return torch.mm(B.t(), A.t()).t().contiguous()
+    return torch.mm(A, B)
+
+
 def _mlp_forward(weights, x: torch.Tensor, keep: bool = True):
     """The bias-free GELU MLP ``x (n, k) -> y (n, m)`` with weights ``W_0 .. W_L``; with ``keep``
     also what :func:`_mlp_backward` needs (each layer's input and pre-activation)."""
     a, saved = x, []
     for k, W in enumerate(weights):
-        h = torch.mm(a, W.t())
+        h = _mm(a, W.t())
         if k < len(weights) - 1:
             if keep:
                 saved += [a, h]
@@ -206,12 +220,12 @@ def _mlp_backward(weights, saved, g: torch.Tensor, need_x: bool, need_w) -> tupl
     for k in range(L - 1, -1, -1):
         a = saved[2 * k]  # the layer's input
         if need_w[k]:
-            gw[k] = torch.mm(g.t(), a)
+            gw[k] = _mm(g.t(), a)
         if k == 0:
             if need_x:
-                gx = torch.mm(g, weights[0])
+                gx = _mm(g, weights[0])
             break
-        g = torch.ops.aten.gelu_backward(torch.mm(g, weights[k]), saved[2 * k - 1])
+        g = torch.ops.aten.gelu_backward(_mm(g, weights[k]), saved[2 * k - 1])
     return gx, gw
 
 
