@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import re
 import traceback
 from dataclasses import dataclass
@@ -96,10 +97,17 @@ def run_point(scene_path: str, values: dict[str, Any], out_dir: str, iterations:
     """Run one point (in whatever process calls it): load the scene with the overrides, run it into
     ``out_dir`` as ``diffworld optimize`` does, and return ``{"status": "ok", "metrics": ...}`` or
     ``{"status": "failed", "error": ...}`` (also written to ``error.txt``). Never raises."""
+    import torch
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # one core per point: the workers share the machine. Torch and the MPM solver's own threads
+    # (DIFFWORLD_CPU_THREADS) are set so, and restored afterwards (a test may run a point in its
+    # own process)
+    threads, threads_env = torch.get_num_threads(), os.environ.get("DIFFWORLD_CPU_THREADS")
+    torch.set_num_threads(1)
+    os.environ["DIFFWORLD_CPU_THREADS"] = "1"
     try:
-        import torch
         import yaml
 
         from diffworld.app.scenes import load_scene
@@ -107,7 +115,6 @@ def run_point(scene_path: str, values: dict[str, Any], out_dir: str, iterations:
         from diffworld.engine.run import run_scene
         from diffworld.engine.runtime import get_runtime
 
-        torch.set_num_threads(1)  # one core per point: the workers share the machine
         overrides = dict(values)
         if iterations is not None:
             overrides["optimizer.iterations"] = iterations
@@ -124,6 +131,12 @@ def run_point(scene_path: str, values: dict[str, Any], out_dir: str, iterations:
         msg = f"{type(exc).__name__}: {exc}"
         (out / "error.txt").write_text(msg + "\n\n" + traceback.format_exc())
         return {"status": "failed", "error": msg.splitlines()[0][:500]}
+    finally:
+        torch.set_num_threads(threads)
+        if threads_env is None:
+            os.environ.pop("DIFFWORLD_CPU_THREADS", None)
+        else:
+            os.environ["DIFFWORLD_CPU_THREADS"] = threads_env
 
 
 def _finished(folder: Path) -> Optional[dict]:

@@ -126,3 +126,41 @@ def test_plasticity_stress_matches_reference_and_its_adjoint_the_automatic_one(l
               ins + [_wrap(gF, "m"), _wrap(gT, "m"), _wrap(hand["F"], "m")] + [_wrap(hand[n]) for n in names[1:]],
               device="cpu")
     _close(hand, auto, names, law)
+
+
+@pytest.mark.parametrize("mode", sorted(K.WALL.values()))
+def test_grid_velocity_walls_adjoint_matches_automatic(mode):
+    """Every node of a box that touches all six walls (bound 3): zero masses, masses below, at and
+    above the floor, velocities into and out of the walls, components exactly 0, friction that
+    stops the tangential motion and friction that only slows it."""
+    gen = torch.Generator().manual_seed(10 + mode)
+    shape, origin, full, bound = (9, 8, 7), (0, 1, 0), (9, 9, 7), 3
+    n = shape[0] * shape[1] * shape[2]
+    min_mass = 1e-6
+    m = torch.rand(n, generator=gen, dtype=torch.float64)
+    m[::5] = 0.0
+    m[1::11] = 0.3 * min_mass
+    m[2::13] = min_mass
+    mv = torch.randn(n, 3, generator=gen, dtype=torch.float64) * m[:, None].clamp_min(min_mass)
+    mv[3::7, 1] = 0.0  # v components exactly 0 (with g = 0 along that axis): no hit
+    mv[4::9] *= 1e-3  # slow nodes: small normal components
+    gravity, dt, mu = KF["vec3"](0.0, 0.0, -9.8), 1e-3, 0.7
+    g_out = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    v3d = lambda t: wp.from_torch(t.reshape(*shape, 3).contiguous(), dtype=KF["vec3"])  # noqa: E731
+    ins = [v3d(mv), wp.from_torch(m.reshape(shape)), gravity, dt, min_mass, wp.vec3i(*origin), wp.vec3i(*full), bound,
+           mode, mu]
+    out = torch.empty(n, 3, dtype=torch.float64)
+    auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    wp.launch(KF["grid_velocity_walls"], shape, ins, [v3d(out)], device="cpu")
+    wp.launch(KF["grid_velocity_walls"], shape, ins, [v3d(out)], device="cpu", adjoint=True,
+              adj_inputs=[v3d(auto_mv), wp.from_torch(auto_m.reshape(shape)), KF["vec3"](), 0.0, 0.0, wp.vec3i(),
+                          wp.vec3i(), 0, 0, 0.0],
+              adj_outputs=[v3d(g_out)])
+    hand_mv, hand_m = torch.full((n, 3), float("nan"), dtype=torch.float64), torch.full((n,), float("nan"),
+                                                                                           dtype=torch.float64)
+    wp.launch(KF["grid_velocity_walls_adjoint"], shape, ins + [v3d(g_out), v3d(hand_mv),
+                                                                wp.from_torch(hand_m.reshape(shape))], device="cpu")
+    # the case mix the test claims: nodes on walls, hits with and without clamped friction
+    v = out.reshape(*shape, 3)
+    assert bool((v == 0).all(-1).any()) and bool((v != 0).all(-1).any())
+    _close({"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}, ["mv", "m"], f"grid_velocity_walls mode {mode}")

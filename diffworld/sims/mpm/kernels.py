@@ -9,7 +9,8 @@ stencils touch, see ``solver.Stepper``)::
     grid_velocity     per node       momentum, mass      -> grid v               (automatic adjoint)
     grid_collider     per node, one launch per collider  -> grid v               (automatic adjoint)
     grid_walls        per node       grid v              -> grid v               (automatic adjoint)
-    (without colliders, grid_velocity_walls does both grid_velocity and grid_walls in one launch)
+    (without colliders, grid_velocity_walls does both grid_velocity and grid_walls in one launch;
+     hand adjoint: grid_velocity_walls_adjoint)
     g2p               per particle   x, F, grid v        -> x', v', C', F_trial  (hand adjoint: g2p_adjoint, a scatter)
     plasticity_stress per particle   F_trial, material   -> F', tau(F')          (hand adjoint: plasticity_stress_adjoint)
 
@@ -26,7 +27,8 @@ transfer (``rollout.check_state`` reports it).
 Warp's automatic adjoints of the transfer kernels re-run their 27-node loops and cost ~7x the
 forward on CPU; those of the stress and plasticity kernels re-run the SVD two or three times. All
 of them are written by hand (tested against finite differences and against Warp's automatic
-adjoints). The per-node kernels are pure maps: their automatic adjoints are cheap.
+adjoints). The per-node kernels are pure maps: their automatic adjoints cost 2-3x their forward,
+and the one every model without colliders runs, ``grid_velocity_walls``, has a hand-written one.
 
 The constitutive stage (stress, return map, their adjoints) calls the law device functions of
 :mod:`diffworld.sims.constitutive.warp_laws`, dispatched on each particle's law code; particles
@@ -722,6 +724,70 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         v = wall(v, origin[2] + k, full[2], 2, bound, mode, mu)
         grid_v_out[i, j, k] = v
 
+    @wp.func
+    def wall_adjoint(v: vec3, g: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
+        """d loss / dv of ``wall(v, ...)`` from d loss / d(its result) ``g``."""
+        n = vec3(f(0.0))
+        hit = int(0)
+        if idx < bound and v[axis] < f(0.0):
+            n[axis] = f(1.0)
+            hit = 1
+        if idx >= n_nodes - bound and v[axis] > f(0.0):
+            n[axis] = f(-1.0)
+            hit = 1
+        out = g
+        if hit == 1:
+            if mode == 1:  # sticky: the result is 0
+                out = vec3(f(0.0))
+            else:
+                # collide(v, 0, n, 1, mu, 0) with v . n < 0 (a hit): vt * scale, vt = v - n (v . n),
+                # scale = max(0, tl + mu vn) / tl, tl = |vt| (regularised)
+                fr = f(0.0)
+                if mode == 2:
+                    fr = mu
+                vn = wp.dot(v, n)
+                vt = v - n * vn
+                tl = wp.sqrt(wp.dot(vt, vt) + f(1.0e-20))
+                x = tl + fr * vn
+                g_vt = vec3(f(0.0))
+                g_vn = f(0.0)
+                if x >= f(0.0):  # (Warp's max(0, x) passes the gradient to x at x = 0 as well)
+                    # d scale = mu dvn / tl - mu vn dtl / tl^2, dtl = vt . dvt / tl
+                    sg = wp.dot(g, vt)
+                    g_vt = g * (x / tl) - vt * (sg * fr * vn / (tl * tl * tl))
+                    g_vn = sg * fr / tl
+                out = g_vt - n * wp.dot(n, g_vt) + n * g_vn
+        return out
+
+    @wp.kernel
+    def grid_velocity_walls_adjoint(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3,
+                                    dt: f, min_mass: f, origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int,
+                                    mu: f, adj_grid_v: wp.array3d(dtype=vec3), adj_grid_mv: wp.array3d(dtype=vec3),
+                                    adj_grid_m: wp.array3d(dtype=f)):
+        # Adjoint of grid_velocity_walls (writes, does not accumulate): the forward's three wall
+        # inputs recomputed, then back through the walls and the division. Warp's automatic
+        # adjoint of the same kernel costs ~2.4x its forward on CPU; this one about one forward.
+        i, j, k = wp.tid()
+        mass = grid_m[i, j, k]
+        M = wp.max(mass, min_mass)
+        mv = grid_mv[i, j, k]
+        v0 = vec3(f(0.0))
+        if mass > f(0.0):
+            v0 = mv / M + gravity * dt
+        v1 = wall(v0, origin[0] + i, full[0], 0, bound, mode, mu)
+        v2 = wall(v1, origin[1] + j, full[1], 1, bound, mode, mu)
+        g = wall_adjoint(v2, adj_grid_v[i, j, k], origin[2] + k, full[2], 2, bound, mode, mu)
+        g = wall_adjoint(v1, g, origin[1] + j, full[1], 1, bound, mode, mu)
+        g = wall_adjoint(v0, g, origin[0] + i, full[0], 0, bound, mode, mu)
+        g_mv = vec3(f(0.0))
+        g_m = f(0.0)
+        if mass > f(0.0):
+            g_mv = g / M
+            if mass > min_mass:  # (else M is the floor, a constant)
+                g_m = -wp.dot(g, mv) / (M * M)
+        adj_grid_mv[i, j, k] = g_mv
+        adj_grid_m[i, j, k] = g_m
+
     @wp.kernel
     def stress_eval(F: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),
                     nu: wp.array(dtype=f), tau: wp.array(dtype=mat33)):
@@ -745,6 +811,7 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         "grid_collider": grid_collider,
         "grid_walls": grid_walls,
         "grid_velocity_walls": grid_velocity_walls,
+        "grid_velocity_walls_adjoint": grid_velocity_walls_adjoint,
         "stress_eval": stress_eval,
         "vec3": vec3,
         "mat33": mat33,

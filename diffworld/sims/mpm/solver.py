@@ -15,6 +15,7 @@ reads is ever overwritten). :mod:`diffworld.sims.mpm.rollout` wraps spans into t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -234,6 +235,8 @@ MIN_CHUNK = 2048
 # ~1.5 us per particle against the kernels' ~0.1: measured on 2 cores, 2 x 1000 rows run 10 %
 # faster than 2000 on one thread, 2 x 500 rows 15 % slower than 1000 (GIL hand-offs).
 MIN_LAW_CHUNK = 1024
+# Rows per torch thread in a law stage that runs as one chunk (:meth:`Stepper._law_threads`).
+MIN_LAW_ROWS_PER_THREAD = 500
 
 
 def _split(n: int, workers: int) -> list[tuple[int, int]]:
@@ -621,13 +624,36 @@ class Stepper:
         worker, at least :data:`MIN_LAW_CHUNK` rows each (one chunk on CUDA or for few rows)."""
         return _split(rows, max(1, min(self._law_workers, rows // MIN_LAW_CHUNK)))
 
+    @contextlib.contextmanager
+    def _law_threads(self, bounds: list):
+        """Torch's intra-op threads for a law stage in one row chunk on a CPU whose other cores
+        the chunk leaves idle: they share the stage's matrix products and GELUs (OpenMP inside
+        torch, no GIL hand-offs; measured at 1,000 rows, 2 cores: the MLP forward + backward
+        0.84 -> 0.63 ms), one per :data:`MIN_LAW_ROWS_PER_THREAD` rows. Restored afterwards; never
+        fewer than torch already has. ``DIFFWORLD_CPU_THREADS=1`` turns it off (``diffworld sweep``
+        sets it for its points, which share the machine)."""
+        before = torch.get_num_threads()
+        want = before
+        if len(bounds) == 1 and self.device.type == "cpu":
+            rows = bounds[0][1] - bounds[0][0]
+            want = min(self._law_workers, max(1, rows // MIN_LAW_ROWS_PER_THREAD))
+        if want <= before:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def _staged_forward(self, stage, F: torch.Tensor, keep: bool):
         """A law's own ``substep_stage`` over the rows F (n, 3, 3), in row chunks on the CPU
         threads (:meth:`_row_chunks`): ``(F', tau, _Staged or None)``, or None where the law has
         no stage for these rows. Every row's numbers are the unchunked ones (the stage is per
         row), except the MLP's matrix products, whose blocking may round differently."""
         bounds = self._row_chunks(F.shape[0])
-        parts = self._parallel(lambda w, a, b: stage(F[a:b], keep), bounds)  # (kernels, mm release the GIL)
+        with self._law_threads(bounds):
+            parts = self._parallel(lambda w, a, b: stage(F[a:b], keep), bounds)  # (kernels, mm release the GIL)
         if any(p is None for p in parts):
             return None
         if len(parts) == 1:
@@ -641,9 +667,10 @@ class Stepper:
         the chunks' weight gradients summed in chunk order, so the result is deterministic for a
         given thread count)."""
         bounds = staged.bounds
-        parts = self._parallel(
-            lambda w, a, b: law.substep_stage_adjoint(staged.saved[w], g_F[a:b].contiguous(),
-                                                   g_tau[a:b].contiguous(), own), bounds)
+        with self._law_threads(bounds):
+            parts = self._parallel(
+                lambda w, a, b: law.substep_stage_adjoint(staged.saved[w], g_F[a:b].contiguous(),
+                                                       g_tau[a:b].contiguous(), own), bounds)
         if len(parts) == 1:
             return parts[0]
         g_in = torch.cat([p[0] for p in parts])
@@ -893,17 +920,16 @@ class Stepper:
         adj_gv = gv_parts.sum(0) if many else gv_parts[0]
         z = self.zero
         wgm = w(s.grid_m)
-        adj_grid_m = torch.zeros_like(s.grid_m)
-        wagm = w(adj_grid_m)
-        adj_grid_mv = torch.zeros_like(s.grid_mv)
-        if not self.col_args:  # grid_velocity_walls: one launch (grid_v holds its result only)
-            self._run(k["grid_velocity_walls"], box.shape,
+        if not self.col_args:  # grid_velocity_walls: one launch, hand adjoint (writes every node)
+            adj_grid_m, adj_grid_mv = torch.empty_like(s.grid_m), torch.empty_like(s.grid_mv)
+            wagm = w(adj_grid_m)
+            self._run(k["grid_velocity_walls_adjoint"], box.shape,
                       [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass, self._wp.vec3i(*box.origin),
-                       self.full, self.model.grid.bound, self.wall_mode, self.wall_mu],
-                      [v3(s.grid_v[-1])], adjoint=True,
-                      adj_inputs=[v3(adj_grid_mv), wagm, k["vec3"](), z, z, self._wp.vec3i(), self._wp.vec3i(), 0, 0, z],
-                      adj_outputs=[v3(adj_gv)])
+                       self.full, self.model.grid.bound, self.wall_mode, self.wall_mu, v3(adj_gv), v3(adj_grid_mv),
+                       wagm])
         else:
+            adj_grid_m, adj_grid_mv = torch.zeros_like(s.grid_m), torch.zeros_like(s.grid_mv)
+            wagm = w(adj_grid_m)
             # walls
             adj_prev = torch.zeros_like(adj_gv)
             self._run(k["grid_walls"], box.shape, [v3(s.grid_v[-2]), self._wp.vec3i(*box.origin), self.full,
