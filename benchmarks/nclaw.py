@@ -18,18 +18,22 @@ networks), float32, with the same weights:
 Each timed run starts from the truth's state after 300 steps (past the cube's impact: F away
 from the identity, where an iterative SVD does its full work). Columns: ms per step forward (``mpm.rollout`` under ``no_grad``), and forward + backward (the
 rollout with the law's weights requiring grad, then ``backward()`` of the final positions' squared
-sum), best of 3 runs of ``--steps`` steps (fewer at larger sizes, the same particle-steps). Ratio = baseline / ours.
+sum), ``--steps`` steps (fewer at larger sizes, the same particle-steps), in ``--rounds`` rounds that
+time both sides in turn (a shared machine drifts by tens of percent over minutes: pairing the
+sides in each round keeps that drift out of the ratio); medians, and ratio = the median of the
+rounds' baseline / ours.
 
 Usage::
 
-    python benchmarks/nclaw.py [--steps 20] [--quick] [--baseline-threads 2]
+    python benchmarks/nclaw.py [--steps 50] [--rounds 5] [--quick] [--baseline-threads 2]
 
-Runtime on a 2-core CPU: about half a minute (``--quick``: 1k and 10k only).
+Runtime on a 2-core CPU: about two minutes (``--quick``: 1k and 10k only, half a minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -107,18 +111,32 @@ def _laws(seed: int = 0):
 
 
 def _time(model, state, law, steps: int, backward: bool) -> float:
-    best = float("inf")
-    for _ in range(3):
-        law.zero_grad()
-        t = time.perf_counter()
-        if backward:
-            out = mpm.rollout(model, state, steps, None, window=steps)
-            (out.states[-1].x ** 2).sum().backward()
-        else:
-            with torch.no_grad():
-                mpm.rollout(model, state, steps, None, window=steps)
-        best = min(best, time.perf_counter() - t)
-    return best / steps * 1e3
+    """ms per step of one ``steps``-step rollout (with ``backward``: and its backward)."""
+    law.zero_grad()
+    t = time.perf_counter()
+    if backward:
+        out = mpm.rollout(model, state, steps, None, window=steps)
+        (out.states[-1].x ** 2).sum().backward()
+    else:
+        with torch.no_grad():
+            mpm.rollout(model, state, steps, None, window=steps)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def _rounds(sides: dict, state, steps: int, rounds: int, baseline_threads: int) -> dict:
+    """Per side and mode (forward, forward + backward): the ms per step of each round. A round
+    times every side and mode once, in turn, so that the machine's drift (10-50 % over minutes on
+    a shared VM) reaches both sides alike; a warm-up round is not counted."""
+    times = {(name, bwd): [] for name in sides for bwd in (False, True)}
+    for r in range(rounds + 1):
+        for name, (model, law) in sides.items():
+            torch.set_num_threads(baseline_threads if name == "baseline" else 1)
+            for bwd in (False, True):
+                t = _time(model, state, law, steps, bwd)
+                if r:
+                    times[(name, bwd)].append(t)
+    torch.set_num_threads(1)
+    return times
 
 
 def main() -> None:
@@ -128,11 +146,14 @@ def main() -> None:
     ap.add_argument("--baseline-threads", type=int, default=1,
                     help="torch threads while the baseline runs (ours always runs torch on one thread; the "
                          "solver's own CPU threads serve both)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each times both sides once, in turn)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     init_warp()
     # (grid resolution, particles per cell): ~1k and ~10k on NCLaw's 20^3 grid, ~100k on a 40^3 one
     sizes = [(20, 1), (20, 10)] if args.quick else [(20, 1), (20, 10), (40, 12)]
+    print(f"baseline on {args.baseline_threads} torch thread(s); medians of {args.rounds} rounds; ratio = median of "
+          "the rounds' baseline / ours (their range in brackets)\n")
     print("| particles | baseline fwd [ms/step] | ours fwd | ratio | baseline fwd+bwd [ms/step] | ours fwd+bwd | "
           "ratio | max abs diff of x after the run [m] |")
     print("|---|---|---|---|---|---|---|---|")
@@ -153,14 +174,17 @@ def main() -> None:
             xa = mpm.rollout(m_ours, state, steps, None, window=steps).states[-1].x
             xb = mpm.rollout(m_base, state, steps, None, window=steps).states[-1].x
         diff = float((xa - xb).abs().max())
-        torch.set_num_threads(args.baseline_threads)
-        fb, bb = _time(m_base, state, base, steps, False), _time(m_base, state, base, steps, True)
-        torch.set_num_threads(1)
-        fo, bo = _time(m_ours, state, ours, steps, False), _time(m_ours, state, ours, steps, True)
+        t = _rounds({"baseline": (m_base, base), "ours": (m_ours, ours)}, state, steps, args.rounds,
+                    args.baseline_threads)
+        cols = []
+        for bwd in (False, True):
+            b, o = t[("baseline", bwd)], t[("ours", bwd)]
+            ratios = [x / y for x, y in zip(b, o)]
+            cols.append(f"{statistics.median(b):.2f} | {statistics.median(o):.2f} | {statistics.median(ratios):.2f} "
+                        f"({min(ratios):.2f}-{max(ratios):.2f})")
         n = model.n_particles
-        per_particle.append((n, bo / n * 1e3))
-        print(f"| {n:,} | {fb:.2f} | {fo:.2f} | {fb / fo:.2f} | {bb:.2f} | {bo:.2f} | {bb / bo:.2f} | {diff:.1e} |",
-              flush=True)
+        per_particle.append((n, statistics.median(t[("ours", True)]) / n * 1e3))
+        print(f"| {n:,} | {cols[0]} | {cols[1]} | {diff:.1e} |", flush=True)
     print("\nours fwd+bwd per particle [us/step]: " + ", ".join(f"{n:,}: {t:.2f}" for n, t in per_particle))
 
 
