@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import struct
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -92,16 +93,16 @@ def cached_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
         dev = "cpu" if t.device.type == "cpu" else f"cuda:{t.device.index or 0}"
         return init_warp().array(ptr=t.data_ptr(), dtype=dtype, shape=tuple(shape), device=dev)
 
-    return _cached(_VIEWS, (t.data_ptr(), tuple(shape), dtype, t.device), t, "cached_view", make)
+    return _cached(_VIEWS, (t.data_ptr(), tuple(shape), dtype, t.dtype, t.device), t, "cached_view", make)
 
 
 def _cached(store: dict, key: tuple, t: torch.Tensor, who: str, make: Callable[[], Any]) -> Any:
     """``store[key]``, made by ``make()`` on a miss for the contiguous tensor ``t`` (else a
     ValueError naming ``who``); the store is emptied past 4096 entries."""
+    if not t.is_contiguous():  # (also on a hit: a transposed view shares address and shape)
+        raise ValueError(f"{who}: expected a contiguous tensor")
     a = store.get(key)
     if a is None:
-        if not t.is_contiguous():
-            raise ValueError(f"{who}: expected a contiguous tensor")
         if len(store) > 4096:
             store.clear()
         a = store[key] = make()
@@ -185,20 +186,32 @@ def arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
     reference to ``t``: keep ``t`` alive until the launch has run. It can only be launched on (no
     ``.numpy()``, no copies): use :func:`cached_view` for anything else.
     """
-    def make():
-        torch_dtype, per_element, strides = _layout(dtype, shape)
-        if t.dtype != torch_dtype:
-            raise ValueError(f"arg_view: a {t.dtype} tensor cannot be viewed as {dtype.__name__} "
-                             f"(its scalars are {torch_dtype})")
-        k = len(shape)
-        if tuple(t.shape[:k]) != tuple(shape) or math.prod(t.shape[k:]) != per_element:
-            raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype.__name__} does not "
-                             f"have shape {tuple(shape)} (expected {tuple(shape)} followed by dimensions of "
-                             f"{per_element} scalars in all)")
-        return _array_t()(t.data_ptr(), 0, k, shape, strides)
+    # (CPU and CUDA addresses are different spaces; the hit path is kept short: ~100 look-ups
+    # per MPM substep)
+    key = (t.data_ptr(), shape, dtype, t.dtype, t.is_cuda)
+    a = _ARGS.get(key)
+    if a is None or not t.is_contiguous():  # (a transposed view shares address and shape)
+        a = _new_arg_view(t, dtype, shape, key)
+    return a
 
-    # (CPU and CUDA addresses are different spaces)
-    return _cached(_ARGS, (t.data_ptr(), shape, dtype, t.is_cuda), t, "arg_view", make)
+
+def _new_arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...], key: tuple):
+    """:func:`arg_view`'s descriptor for ``t``, checked and cached under ``key``."""
+    if not t.is_contiguous():
+        raise ValueError("arg_view: expected a contiguous tensor")
+    torch_dtype, per_element, strides = _layout(dtype, shape)
+    if t.dtype != torch_dtype:
+        raise ValueError(f"arg_view: a {t.dtype} tensor cannot be viewed as {dtype.__name__} "
+                         f"(its scalars are {torch_dtype})")
+    k = len(shape)
+    if tuple(t.shape[:k]) != tuple(shape) or math.prod(t.shape[k:]) != per_element:
+        raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype.__name__} does not "
+                         f"have shape {tuple(shape)} (expected {tuple(shape)} followed by dimensions of "
+                         f"{per_element} scalars in all)")
+    if len(_ARGS) > 4096:
+        _ARGS.clear()
+    a = _ARGS[key] = _array_t()(t.data_ptr(), 0, k, shape, strides)
+    return a
 
 
 # Recorded CPU launches (``wp.launch(..., record_cmd=True)``) by (kernel, dim, adjoint, thread):
@@ -213,13 +226,55 @@ _AGAIN = object()  # stands for an argument that is set again at every replay
 
 
 def _kept(v: Any) -> Any:
-    """What a recorded launch remembers of argument ``v`` to skip setting it again when the very
-    same object comes back: array descriptors (:func:`arg_view`; they own no memory) and immutable
-    Python numbers. Anything else (``wp.array``, which may own memory the record must not keep
-    alive; vectors and structs, which are mutable) is set at every replay."""
-    if v is None or type(v) in (int, float, bool) or isinstance(v, ctypes.Structure):
+    """What a recorded launch remembers of argument ``v`` to skip setting it again when an equal
+    one comes back (:func:`_same`): array descriptors (:func:`arg_view`; they own no memory) by
+    identity; numbers, Warp scalars and Warp vectors and matrices by type and exact value (their
+    bytes, so -0.0 is not 0.0; a vector changed in place is a changed value). Anything else
+    (``wp.array``, which may own memory the record must not keep alive; structs) is set at every
+    replay."""
+    if v is None:
+        return None
+    t = type(v)
+    kind = _KINDS.get(t)
+    if kind is None:
+        kind = _KINDS[t] = _kind(t)
+    if kind == _DESCRIPTOR:
         return v
+    if kind == _INT:
+        return (t, v)
+    if kind == _FLOAT:
+        return (t, _F64.pack(v))
+    if kind == _VECTOR:
+        return (t, bytes(v))
+    if kind == _WARP_SCALAR:
+        return (t, repr(v.value))
     return _AGAIN
+
+
+def _same(memo: Any, prev: Any) -> bool:
+    """Whether a :func:`_kept` memo equals the recorded one (descriptors: the same object)."""
+    return memo is prev or (type(memo) is tuple and memo == prev)
+
+
+_DESCRIPTOR, _INT, _FLOAT, _VECTOR, _WARP_SCALAR, _OTHER = range(6)
+_KINDS: dict[type, int] = {}
+_F64 = struct.Struct("<d")
+
+
+def _kind(t: type) -> int:
+    """How :func:`_kept` remembers a value of type ``t``."""
+    if issubclass(t, ctypes.Structure):
+        return _DESCRIPTOR
+    if t is int or t is bool:
+        return _INT
+    if t is float:
+        return _FLOAT
+    if issubclass(t, ctypes.Array):  # wp.vec*, wp.mat*
+        return _VECTOR
+    # Warp's scalar types (wp.float32(x) etc.) share a base class that is not exported
+    if issubclass(t, type(init_warp().float32(0.0)).__mro__[-2]):
+        return _WARP_SCALAR
+    return _OTHER
 
 
 def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torch.device | str,
@@ -250,12 +305,16 @@ def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torc
             cmd, last, last_adj = rec
             for values, prev, is_adj in ((fwd, last, False), (adj, last_adj, True)):
                 for i, v in enumerate(values):
-                    if v is not prev[i]:
-                        if isinstance(v, ctypes.Structure):  # an array descriptor (arg_view)
-                            cmd.set_param_at_index_from_ctype(i, v, adjoint=is_adj)
-                        else:
-                            cmd.set_param_at_index(i, v, adjoint=is_adj)
-                        prev[i] = _kept(v)
+                    if v is prev[i]:  # (a descriptor or None again)
+                        continue
+                    memo = _kept(v)
+                    if memo is not _AGAIN and _same(memo, prev[i]):
+                        continue
+                    if isinstance(v, ctypes.Structure):  # an array descriptor (arg_view)
+                        cmd.set_param_at_index_from_ctype(i, v, adjoint=is_adj)
+                    else:
+                        cmd.set_param_at_index(i, v, adjoint=is_adj)
+                    prev[i] = memo
             cmd.launch()
             return
     kwargs: dict[str, Any] = {}

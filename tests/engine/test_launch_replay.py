@@ -107,6 +107,11 @@ def test_arg_view_checks_the_shape():
         arg_view(t, wp.mat33, (5,))
     with pytest.raises(ValueError, match="contiguous"):
         arg_view(torch.zeros(3, 6).t(), wp.float32, (6, 3))
+    # a transposed view of a viewed tensor: the same address and shape, refused all the same
+    sq = torch.zeros(4, 4)
+    arg_view(sq, wp.float32, (4, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        arg_view(sq.t(), wp.float32, (4, 4))
 
 
 def test_arg_view_checks_the_dtype_and_keeps_no_tensor_alive():
@@ -129,3 +134,27 @@ def test_arg_view_checks_the_dtype_and_keeps_no_tensor_alive():
     del x
     gc.collect()
     assert ref() is None  # the cached descriptor does not own the tensor
+
+
+def test_replay_skips_only_arguments_equal_to_the_recorded_ones():
+    """Numbers, Warp scalars and vectors are compared by exact value (new objects of the same value
+    need no re-set; -0.0 is not 0.0; a vector changed in place is a change)."""
+    n = 8
+    x = torch.rand(n, 3, dtype=torch.float64) + 0.5
+    xv = arg_view(x, wp.vec3d, (n,))
+    b = wp.vec3d(-0.0, -0.0, -0.0)
+    cases = [(0.0, 1000, False), (-0.0, 1000, True), (-0.0, int("1000"), True), (0.0, 999 + 1, False),
+             (wp.float64(0.0), 1000, False), (wp.float64(-0.0), 1000, True), (2.0, 3, False)]
+    for a, k, negative_zero in cases:
+        y = torch.empty(n, 3, dtype=torch.float64)
+        launch(_affine, n, [xv, a, b, k], "cpu", [arg_view(y, wp.vec3d, (n,))], replay=True)
+        a_val = a.value if hasattr(a, "value") else a
+        assert torch.equal(y, a_val * x * k + torch.tensor(tuple(b), dtype=torch.float64))
+        if a_val == 0.0:
+            assert bool(torch.signbit(y).all()) == negative_zero, (a, k)
+    c = wp.vec3d(1.0, 2.0, 3.0)
+    for value in (1.0, 5.0, 5.0, -1.0):
+        c[1] = value  # the same vector object, changed in place
+        y = torch.empty(n, 3, dtype=torch.float64)
+        launch(_affine, n, [xv, 1.0, c, 1], "cpu", [arg_view(y, wp.vec3d, (n,))], replay=True)
+        assert torch.equal(y, x + torch.tensor((1.0, value, 3.0), dtype=torch.float64))

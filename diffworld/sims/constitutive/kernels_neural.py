@@ -531,6 +531,12 @@ for _t, _s in ((torch.float32, wp.float32), (torch.float64, wp.float64)):
         "head_adj": wp.overload(_head_adj, [_am, _am, _a2, _s, wp.int32, _am, _am, _am, _a2]),
     }
 
+# The adjoints' bound on |sigma_i + sigma_j| (sqrt of the dtype's epsilon). Scalars go to the
+# launches as Python numbers, the same objects each call: a replayed launch then skips setting
+# them again (a new Warp scalar object costs a ~5 us re-pack per launch).
+_TINY = {dt: float(torch.finfo(dt).eps ** 0.5) for dt in (torch.float32, torch.float64)}
+
+
 def _view(t: torch.Tensor, dtype, shape: tuple[int, ...]):
     from diffworld.engine.bridge import arg_view
 
@@ -624,7 +630,7 @@ def stage_mid_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: f
     s = torch.empty((n, 3), dtype=torch.float64, device=F.device)
     inv_scale = inv_scale.detach().to(F.dtype).contiguous()
     half = n - n // 2
-    _launch(k["mid_fwd"], half, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef),
+    _launch(k["mid_fwd"], half, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef),
                                  _view(V_start, wp.mat33d, (n,)),
                                  _view(inv_scale, k["s"], (N_INVARIANTS,)), sweep_tolerance(F.dtype), half, n,
                                  _m(k, F_new), _view(x, k["s"], (n, N_INVARIANTS)), _m(k, R_new),
@@ -649,11 +655,11 @@ def stage_mid_adjoint(F_new: torch.Tensor, inv_scale: torch.Tensor, saved, gx: t
     F_new, N, R = F_new.detach().contiguous(), N.detach().to(dt).contiguous(), R.detach().contiguous()
     gx, gR, g_head, g_in = (t.to(dt).contiguous() for t in (gx, gR, g_head, g_in))
     g_F, g_R, g_N = torch.empty_like(F_new), torch.empty_like(F_new), torch.empty_like(N)
-    tiny = float(torch.finfo(F_new.dtype).eps ** 0.5)
+    tiny = _TINY[F_new.dtype]
     _launch(k["mid_adj"], n, [_m(k, F_new), _view(inv_scale, k["s"], (N_INVARIANTS,)),
                               _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
-                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), wp.float64(tiny), _m(k, g_head),
-                              _m(k, g_in), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), _m(k, g_F),
+                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), tiny, _m(k, g_head),
+                              _m(k, g_in), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), _m(k, g_F),
                               _m(k, g_R), _view(g_N, k["s"], (n, 9))], F_new.device)
     return g_F, g_R, g_N
 
@@ -669,10 +675,10 @@ def invariants_adjoint(F: torch.Tensor, inv_scale: torch.Tensor, saved, gx: torc
     gR = torch.zeros_like(F) if gR is None else gR.to(F.dtype).contiguous()
     inv_scale = inv_scale.detach().to(F.dtype).contiguous()
     gF = torch.empty_like(F)
-    tiny = float(torch.finfo(F.dtype).eps ** 0.5)
+    tiny = _TINY[F.dtype]
     _launch(k["inv_adj"], n, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)), _view(U, wp.mat33d, (n,)),
                               _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
-                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), wp.float64(tiny), _m(k, gF)], F.device)
+                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), tiny, _m(k, gF)], F.device)
     return gF
 
 
@@ -683,7 +689,7 @@ def head_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float,
     F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
     n = F.shape[0]
     out = torch.empty_like(F)
-    _launch(k["head_fwd"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), int(mode), _m(k, out)],
+    _launch(k["head_fwd"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), int(mode), _m(k, out)],
             F.device)
     return out
 
@@ -695,6 +701,6 @@ def head_adjoint(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float,
     g = g.to(F.dtype).contiguous()
     n = F.shape[0]
     gF, gR, gN = torch.empty_like(F), torch.empty_like(F), torch.empty_like(N)
-    _launch(k["head_adj"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), k["s"](coef), int(mode), _m(k, g),
+    _launch(k["head_adj"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), int(mode), _m(k, g),
                                _m(k, gF), _m(k, gR), _view(gN, k["s"], (n, 9))], F.device)
     return gF, gR, gN
