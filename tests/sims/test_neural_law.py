@@ -509,3 +509,33 @@ def test_the_staged_law_follows_a_changed_input_scale():
         tol = 1e-10 if Fx.dtype == F64 else 1e-4
         assert float((F_new - F_ref).abs().max()) <= tol * float(F_ref.abs().max()), change
         assert float((tau - tau_ref).abs().max()) <= tol * float(tau_ref.abs().max()), change
+
+
+def test_the_staged_law_steps_aside_where_the_module_path_would_differ():
+    """substep_stage replaces the modules' forward calls: where those would do something else (a
+    forward hook or pre-hook on any module they call, a layer with a bias or of another type, a
+    global hook) it returns None and the solver takes the autograd path."""
+    torch.manual_seed(4)
+    F = _random_F(12, 62)
+
+    def law():
+        return NeuralLaw(InvariantElasticity(width=8), InvariantPlasticity(width=8)).to(F64)
+
+    assert law().substep_stage(F, keep=False) is not None
+    changes = {
+        "hook on a layer": lambda L: L.elastic.mlp.layers[1].register_forward_hook(lambda m, i, o: 2 * o),
+        "pre-hook on an MLP": lambda L: L.plastic.mlp.register_forward_pre_hook(lambda m, i: None),
+        "hook on a part": lambda L: L.plastic.register_forward_hook(lambda m, i, o: o),
+        "hook on the law": lambda L: L.register_forward_hook(lambda m, i, o: o),
+        "a biased layer": lambda L: L.elastic.mlp.layers.__setitem__(0, torch.nn.Linear(13, 8).to(F64)),
+        "another layer type": lambda L: L.plastic.mlp.layers.__setitem__(2, torch.nn.Bilinear(8, 8, 9).to(F64)),
+    }
+    for name, change in changes.items():
+        L = law()
+        change(L)
+        assert L.substep_stage(F, keep=False) is None, name
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        assert law().substep_stage(F, keep=False) is None, "global hook"
+    finally:
+        handle.remove()
