@@ -16,9 +16,9 @@ networks), float32, with the same weights:
   Warp kernel (float64 inside) and its adjoint by the polar decomposition's closed form.
 
 Each timed run starts from the truth's state after 300 steps (past the cube's impact: F away
-from the identity, where an iterative SVD does its full work). Columns: ms per step forward (``mpm.rollout`` under ``no_grad``), and forward + backward (the
-rollout with the law's weights requiring grad, then ``backward()`` of the final positions' squared
-sum), ``--steps`` steps (fewer at larger sizes, the same particle-steps), in ``--rounds`` rounds that
+from the identity, where an iterative SVD does its full work). Columns: ms per step forward
+(``mpm.rollout`` under ``no_grad``), and forward + backward (the rollout with the law's weights
+requiring grad, then ``backward()`` of the final positions' squared sum), ``--steps`` steps (fewer at larger sizes, the same particle-steps), in ``--rounds`` rounds that
 time both sides in turn (a shared machine drifts by tens of percent over minutes: pairing the
 sides in each round keeps that drift out of the ratio); medians, and ratio = the median of the
 rounds' baseline / ours.
