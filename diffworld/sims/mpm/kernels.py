@@ -679,17 +679,21 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         grid_v_out[i, j, k] = v
 
     @wp.func
-    def wall(v: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
+    def wall_normal(v: vec3, idx: int, n_nodes: int, axis: int, bound: int):
+        """The normal (into the domain) of the face along ``axis`` that node ``idx`` moving at v
+        pushes against (within ``bound`` nodes of it, moving out), else 0."""
         n = vec3(f(0.0))
-        hit = int(0)
         if idx < bound and v[axis] < f(0.0):
             n[axis] = f(1.0)
-            hit = 1
         if idx >= n_nodes - bound and v[axis] > f(0.0):
             n[axis] = f(-1.0)
-            hit = 1
+        return n
+
+    @wp.func
+    def wall(v: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
+        n = wall_normal(v, idx, n_nodes, axis, bound)
         out = v
-        if hit == 1:
+        if n[axis] != f(0.0):
             if mode == 1:
                 out = vec3(f(0.0))
             elif mode == 2:
@@ -727,16 +731,9 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
     @wp.func
     def wall_adjoint(v: vec3, g: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
         """d loss / dv of ``wall(v, ...)`` from d loss / d(its result) ``g``."""
-        n = vec3(f(0.0))
-        hit = int(0)
-        if idx < bound and v[axis] < f(0.0):
-            n[axis] = f(1.0)
-            hit = 1
-        if idx >= n_nodes - bound and v[axis] > f(0.0):
-            n[axis] = f(-1.0)
-            hit = 1
+        n = wall_normal(v, idx, n_nodes, axis, bound)
         out = g
-        if hit == 1:
+        if n[axis] != f(0.0):
             if mode == 1:  # sticky: the result is 0
                 out = vec3(f(0.0))
             else:
