@@ -1,6 +1,7 @@
 """bridge.launch(replay=True): a recorded CPU launch replayed with only the changed arguments set
-gives what wp.launch gives, forward and adjoint, whatever changes between calls; it keeps no
-array alive; concurrent threads replay their own records."""
+gives what wp.launch gives, forward and adjoint, whatever changes between calls, both through the
+kept argument structures (the direct call) and through Warp's ``Launch.launch`` (its fallback);
+it keeps no array alive; concurrent threads replay their own records."""
 
 import gc
 import threading
@@ -10,10 +11,21 @@ import pytest
 import torch
 import warp as wp
 
+from diffworld.engine import bridge
 from diffworld.engine.bridge import arg_view, launch
 from diffworld.engine.runtime import init_warp
 
 init_warp()
+
+
+@pytest.fixture(params=["direct call", "Launch.launch"])
+def replay_path(request, monkeypatch):
+    """Each replay test runs through both replay paths, from fresh records."""
+    if request.param == "Launch.launch":
+        monkeypatch.setattr(bridge._DirectCall, "of", classmethod(lambda cls, cmd: None))
+    bridge._RECORDED.clear()
+    yield request.param
+    bridge._RECORDED.clear()
 
 
 @wp.kernel
@@ -26,7 +38,7 @@ def _reference(x, a, b, k):
     return a * x * k + torch.tensor(b, dtype=torch.float64)
 
 
-def test_replay_matches_fresh_launches_when_any_argument_changes():
+def test_replay_matches_fresh_launches_when_any_argument_changes(replay_path):
     g = torch.Generator().manual_seed(0)
     n = 37
     xs = [torch.randn(n, 3, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -48,7 +60,7 @@ def test_replay_matches_fresh_launches_when_any_argument_changes():
         assert torch.equal(y, _reference(xs[xi], 2.0, tuple(b_same), 2))
 
 
-def test_replayed_adjoint_matches_the_analytic_adjoint():
+def test_replayed_adjoint_matches_the_analytic_adjoint(replay_path):
     n = 11
     g = torch.Generator().manual_seed(1)
     for rep in range(3):
@@ -75,7 +87,7 @@ def test_a_record_keeps_no_array_alive():
     assert all(r() is None for r in refs)
 
 
-def test_threads_replay_their_own_records():
+def test_threads_replay_their_own_records(replay_path):
     n = 4096
     results, errors = {}, []
 
@@ -136,7 +148,7 @@ def test_arg_view_checks_the_dtype_and_keeps_no_tensor_alive():
     assert ref() is None  # the cached descriptor does not own the tensor
 
 
-def test_replay_skips_only_arguments_equal_to_the_recorded_ones():
+def test_replay_skips_only_arguments_equal_to_the_recorded_ones(replay_path):
     """Numbers, Warp scalars and vectors are compared by exact value (new objects of the same value
     need no re-set; -0.0 is not 0.0; a vector changed in place is a change)."""
     n = 8
@@ -158,3 +170,19 @@ def test_replay_skips_only_arguments_equal_to_the_recorded_ones():
         y = torch.empty(n, 3, dtype=torch.float64)
         launch(_affine, n, [xv, 1.0, c, 1], "cpu", [arg_view(y, wp.vec3d, (n,))], replay=True)
         assert torch.equal(y, x + torch.tensor((1.0, value, 3.0), dtype=torch.float64))
+
+
+def test_replays_call_the_kernel_directly_with_this_warp():
+    """The fast path is taken (a Warp whose argument structures are laid out otherwise would fall
+    back to Launch.launch silently: this test says so instead), forward and adjoint."""
+    bridge._RECORDED.clear()
+    n = 3
+    x, y, gx, gy = (torch.zeros(n, 3, dtype=torch.float64) for _ in range(4))
+    for adjoint in (False, True):
+        kw = dict(adjoint=True, adj_inputs=[arg_view(gx, wp.vec3d, (n,)), 0.0, wp.vec3d(), 0],
+                  adj_outputs=[arg_view(gy, wp.vec3d, (n,))]) if adjoint else {}
+        launch(_affine, n, [arg_view(x, wp.vec3d, (n,)), 1.0, wp.vec3d(), 1], "cpu", [arg_view(y, wp.vec3d, (n,))],
+               replay=True, **kw)
+    records = [rec for key, rec in bridge._RECORDED.items() if key[0] is _affine]
+    assert len(records) == 2 and all(isinstance(rec[3], bridge._DirectCall) for rec in records)
+    bridge._RECORDED.clear()
