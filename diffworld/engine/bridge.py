@@ -34,6 +34,7 @@ __all__ = [
     "launch",
     "on_torch_stream",
     "scalar_type",
+    "strided_arg_view",
     "tape_apply",
     "to_warp",
     "torch_stream",
@@ -196,21 +197,66 @@ def arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...]):
 
 
 def _new_arg_view(t: torch.Tensor, dtype: Any, shape: tuple[int, ...], key: tuple):
-    """:func:`arg_view`'s descriptor for ``t``, checked and cached under ``key``."""
+    """:func:`arg_view`'s descriptor for ``t``, checked and cached under ``key``.
+
+    A miss is the common case in a rollout (every substep's new tensors have new addresses), so
+    the checks and the descriptor's fields are kept per layout (what they depend on: the Warp type
+    and shape, the tensor's dtype and shape), and a miss only copies that layout's template and
+    sets the address (~1 us, against ~4 us for the checks and a fresh ``array_t``)."""
     if not t.is_contiguous():
         raise ValueError("arg_view: expected a contiguous tensor")
-    torch_dtype, per_element, strides = _layout(dtype, shape)
-    if t.dtype != torch_dtype:
-        raise ValueError(f"arg_view: a {t.dtype} tensor cannot be viewed as {dtype.__name__} "
-                         f"(its scalars are {torch_dtype})")
-    k = len(shape)
-    if tuple(t.shape[:k]) != tuple(shape) or math.prod(t.shape[k:]) != per_element:
-        raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype.__name__} does not "
-                         f"have shape {tuple(shape)} (expected {tuple(shape)} followed by dimensions of "
-                         f"{per_element} scalars in all)")
+    lay = (dtype, shape, t.dtype, t.shape)
+    template = _TEMPLATES.get(lay)
+    if template is None:
+        torch_dtype, per_element, strides = _layout(dtype, shape)
+        if t.dtype != torch_dtype:
+            raise ValueError(f"arg_view: a {t.dtype} tensor cannot be viewed as {dtype.__name__} "
+                             f"(its scalars are {torch_dtype})")
+        k = len(shape)
+        if tuple(t.shape[:k]) != tuple(shape) or math.prod(t.shape[k:]) != per_element:
+            raise ValueError(f"arg_view: a tensor of shape {tuple(t.shape)} viewed as {dtype.__name__} does not "
+                             f"have shape {tuple(shape)} (expected {tuple(shape)} followed by dimensions of "
+                             f"{per_element} scalars in all)")
+        if len(_TEMPLATES) > 4096:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[lay] = _array_t()(0, 0, k, shape, strides)
+    return _store(key, template, t.data_ptr())
+
+
+def _store(key: tuple, template: Any, address: int) -> Any:
+    """A copy of the descriptor ``template`` at ``address``, cached in :data:`_ARGS` under ``key``."""
+    a = type(template).from_buffer_copy(template)
+    a.data = address
     if len(_ARGS) > 4096:
         _ARGS.clear()
-    a = _ARGS[key] = _array_t()(t.data_ptr(), 0, k, shape, strides)
+    _ARGS[key] = a
+    return a
+
+
+_TEMPLATES: dict[tuple, Any] = {}  # descriptors at address 0 by layout (see _new_arg_view)
+
+
+def strided_arg_view(t: torch.Tensor, dtype: Any):
+    """The tensor ``t`` of ``dtype``'s scalars (a Warp scalar type: ``wp.float32``, ...) as a
+    kernel argument of ``t``'s shape and ``t``'s strides, whatever they are: a transposed or a
+    column-sliced matrix is read in place (a kernel indexes ``a[i, j]`` through the strides), with
+    no copy. For inputs: a tensor whose elements overlap (zero strides) must not be written.
+
+    Cached and built like :func:`arg_view` (no reference to ``t`` is kept)."""
+    key = (t.data_ptr(), t.shape, t.stride(), dtype, t.dtype, t.is_cuda)
+    a = _ARGS.get(key)
+    if a is None:
+        torch_dtype, per_element, _ = _layout(dtype, ())
+        if per_element != 1:
+            raise ValueError(f"strided_arg_view: expected a Warp scalar type (wp.float32, ...), got {dtype.__name__}")
+        if t.dtype != torch_dtype:
+            raise ValueError(f"strided_arg_view: expected a tensor of {dtype.__name__} scalars ({torch_dtype}), "
+                             f"got {t.dtype}")
+        if not 1 <= t.dim() <= 4:
+            raise ValueError(f"strided_arg_view: expected 1 to 4 dimensions, got shape {tuple(t.shape)}")
+        size = t.element_size()
+        template = _array_t()(0, 0, t.dim(), tuple(t.shape), tuple(s * size for s in t.stride()))
+        a = _store(key, template, t.data_ptr())
     return a
 
 

@@ -186,3 +186,44 @@ def test_replays_call_the_kernel_directly_with_this_warp():
     records = [rec for key, rec in bridge._RECORDED.items() if key[0] is _affine]
     assert len(records) == 2 and all(isinstance(rec[3], bridge._DirectCall) for rec in records)
     bridge._RECORDED.clear()
+
+
+@wp.kernel
+def _read2d(a: wp.array2d(dtype=wp.float32), out: wp.array2d(dtype=wp.float32)):
+    i, j = wp.tid()
+    out[i, j] = a[i, j] * 2.0
+
+
+def test_strided_arg_view_reads_transposed_and_sliced_matrices_in_place():
+    from diffworld.engine.bridge import strided_arg_view
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 40, generator=g)
+    wide = torch.randn(40, 16, generator=g)
+    for view in (base.t(), wide[:, :9], wide[:, 3:12], base.t()[5:35], torch.randn(40, 9, generator=g)):
+        out = torch.empty(view.shape)
+        for _ in range(2):  # a fresh descriptor, then the cached one
+            launch(_read2d, tuple(view.shape), [strided_arg_view(view, wp.float32)], "cpu",
+                   [arg_view(out, wp.float32, tuple(out.shape))], replay=True)
+            assert torch.equal(out, view * 2.0)
+    with pytest.raises(ValueError, match="strided_arg_view: expected a tensor of float32 scalars"):
+        strided_arg_view(torch.zeros(4, 9, dtype=torch.float64), wp.float32)
+    with pytest.raises(ValueError, match="strided_arg_view: expected a Warp scalar type"):
+        strided_arg_view(torch.zeros(4, 3), wp.vec3)
+    with pytest.raises(ValueError, match="1 to 4 dimensions"):
+        strided_arg_view(torch.zeros(()), wp.float32)
+
+
+def test_arg_view_misses_reuse_the_layout_checks_but_not_the_address():
+    """A miss copies its layout's template: every new tensor of a known layout gets its own
+    address, and a tensor of the same shape but another dtype is still refused."""
+    ts = [torch.full((6, 3), float(i), dtype=torch.float64) for i in range(50)]
+    views = [arg_view(t, wp.vec3d, (6,)) for t in ts]
+    assert [v.data for v in views] == [t.data_ptr() for t in ts]
+    for t in ts[:5]:
+        y = torch.empty_like(t)
+        launch(_affine, 6, [arg_view(t, wp.vec3d, (6,)), 1.0, wp.vec3d(), 1], "cpu", [arg_view(y, wp.vec3d, (6,))],
+               replay=True)
+        assert torch.equal(y, t)
+    with pytest.raises(ValueError, match="float32 tensor cannot be viewed as vec3d"):
+        arg_view(torch.zeros(6, 3), wp.vec3d, (6,))

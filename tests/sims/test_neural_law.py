@@ -467,6 +467,19 @@ def test_the_fused_stage_kernels_equal_their_parts(dtype):
     gF2, gR2, gN2 = head_adjoint(F, R, N, alpha, HEAD_PLASTIC, g_ref)
     assert torch.equal(g_F, g_ref) and torch.equal(g_F, gF2)
     assert torch.equal(g_R, gR2) and torch.equal(g_N, gN2)
+    # N and d loss / dx as the MLP hands them over (transposed views, read in place through their
+    # strides): bitwise the same results; a wrong shape is refused by name
+    N_t, gx_t = N.t().contiguous().t(), gx.t().contiguous().t()
+    assert not N_t.is_contiguous() and torch.equal(N_t, N)
+    assert torch.equal(head_forward(F, R, N_t, alpha, HEAD_PLASTIC), F_ref)
+    assert torch.equal(stage_mid_forward(F, R, N_t, alpha, usv[2].contiguous(), inv_e)[0], F_ref)
+    for a, b in zip(stage_mid_adjoint(F_ref, inv_e, usv_ref, gx_t, gR, g_head, g_in, R, N_t, alpha),
+                    (g_F, g_R, g_N)):
+        assert torch.equal(a, b)
+    assert torch.equal(invariants_adjoint(F_ref, inv_e, usv_ref, gx_t, gR),
+                       invariants_adjoint(F_ref, inv_e, usv_ref, gx, gR))
+    with pytest.raises(ValueError, match=r"expected N of shape \(%d, 9\), got \(%d, 8\)" % (n, n)):
+        head_forward(F, R, N[:, :8], alpha, HEAD_PLASTIC)
 
 
 def test_float32_invariants_stop_sweeping_earlier_but_agree_with_float64():

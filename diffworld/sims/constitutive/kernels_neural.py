@@ -562,6 +562,18 @@ def _m(k, t):
     return _view(t, k["m33"], t.shape[:1])
 
 
+def _rows(k, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int], what: str):
+    """(the kernels' 2-d scalar argument for ``t``, the tensor it views: keep it alive until the
+    launch), read through ``t``'s strides: the MLP's narrow outputs (N (n, 9), d loss / dx (n, 13))
+    arrive as transposed views (``neural._mm``), which a copy would cost as much as the product."""
+    from diffworld.engine.bridge import strided_arg_view
+
+    t = t.detach().to(dtype)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"neural law kernels: expected {what} of shape {shape}, got {tuple(t.shape)}")
+    return strided_arg_view(t, k["s"]), t
+
+
 def signed_svd(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F = U diag(s) V^T`` for F (n, 3, 3) float32/float64 on the CPU or a CUDA device, with U, V
     proper rotations, ``|s|`` descending and ``s_2 < 0`` where ``det F < 0``; computed in float64,
@@ -620,9 +632,10 @@ def stage_mid_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: f
         (F' (n, 3, 3), x (n, 13), R' (n, 3, 3), saved): as :func:`invariants_forward` for F'.
     """
     k = _check(F)
-    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    F, R = F.detach().contiguous(), R.detach().contiguous()
     V_start = V_start.detach().contiguous()
     n = F.shape[0]
+    N_arg, N = _rows(k, N, F.dtype, (n, 9), "N")
     F_new, R_new = torch.empty_like(F), torch.empty_like(F)
     x = torch.empty((n, N_INVARIANTS), dtype=F.dtype, device=F.device)
     U = torch.empty((n, 3, 3), dtype=torch.float64, device=F.device)
@@ -630,7 +643,7 @@ def stage_mid_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: f
     s = torch.empty((n, 3), dtype=torch.float64, device=F.device)
     inv_scale = inv_scale.detach().to(F.dtype).contiguous()
     half = n - n // 2
-    _launch(k["mid_fwd"], half, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef),
+    _launch(k["mid_fwd"], half, [_m(k, F), _m(k, R), N_arg, float(coef),
                                  _view(V_start, wp.mat33d, (n,)),
                                  _view(inv_scale, k["s"], (N_INVARIANTS,)), sweep_tolerance(F.dtype), half, n,
                                  _m(k, F_new), _view(x, k["s"], (n, N_INVARIANTS)), _m(k, R_new),
@@ -652,14 +665,17 @@ def stage_mid_adjoint(F_new: torch.Tensor, inv_scale: torch.Tensor, saved, gx: t
     inv_scale = inv_scale.detach().to(F_new.dtype).contiguous()
     # (kept in locals: a wp view does not hold its tensor alive)
     dt = F_new.dtype
-    F_new, N, R = F_new.detach().contiguous(), N.detach().to(dt).contiguous(), R.detach().contiguous()
-    gx, gR, g_head, g_in = (t.to(dt).contiguous() for t in (gx, gR, g_head, g_in))
-    g_F, g_R, g_N = torch.empty_like(F_new), torch.empty_like(F_new), torch.empty_like(N)
+    F_new, R = F_new.detach().contiguous(), R.detach().contiguous()
+    N_arg, N = _rows(k, N, dt, (n, 9), "N")
+    gx_arg, gx = _rows(k, gx, dt, (n, N_INVARIANTS), "d loss / dx")
+    gR, g_head, g_in = (t.to(dt).contiguous() for t in (gR, g_head, g_in))
+    g_F, g_R = torch.empty_like(F_new), torch.empty_like(F_new)
+    g_N = torch.empty((n, 9), dtype=dt, device=F_new.device)
     tiny = _TINY[F_new.dtype]
     _launch(k["mid_adj"], n, [_m(k, F_new), _view(inv_scale, k["s"], (N_INVARIANTS,)),
                               _view(U, wp.mat33d, (n,)), _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
-                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), tiny, _m(k, g_head),
-                              _m(k, g_in), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), _m(k, g_F),
+                              gx_arg, _m(k, gR), tiny, _m(k, g_head),
+                              _m(k, g_in), _m(k, R), N_arg, float(coef), _m(k, g_F),
                               _m(k, g_R), _view(g_N, k["s"], (n, 9))], F_new.device)
     return g_F, g_R, g_N
 
@@ -671,14 +687,15 @@ def invariants_adjoint(F: torch.Tensor, inv_scale: torch.Tensor, saved, gx: torc
     F = F.detach().contiguous()
     n = F.shape[0]
     U, s, V = saved
-    gx = torch.zeros((n, N_INVARIANTS), dtype=F.dtype, device=F.device) if gx is None else gx.to(F.dtype).contiguous()
+    gx_arg, gx = _rows(k, torch.zeros((n, N_INVARIANTS), dtype=F.dtype, device=F.device) if gx is None else gx,
+                       F.dtype, (n, N_INVARIANTS), "d loss / dx")
     gR = torch.zeros_like(F) if gR is None else gR.to(F.dtype).contiguous()
     inv_scale = inv_scale.detach().to(F.dtype).contiguous()
     gF = torch.empty_like(F)
     tiny = _TINY[F.dtype]
     _launch(k["inv_adj"], n, [_m(k, F), _view(inv_scale, k["s"], (N_INVARIANTS,)), _view(U, wp.mat33d, (n,)),
                               _view(s, wp.vec3d, (n,)), _view(V, wp.mat33d, (n,)),
-                              _view(gx, k["s"], (n, N_INVARIANTS)), _m(k, gR), tiny, _m(k, gF)], F.device)
+                              gx_arg, _m(k, gR), tiny, _m(k, gF)], F.device)
     return gF
 
 
@@ -686,21 +703,23 @@ def head_forward(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float,
     """``c R sym(N) F^T`` (mode :data:`HEAD_STRESS`) or ``F + c R sym(N)`` (:data:`HEAD_PLASTIC`)
     for F, R (n, 3, 3) and N (n, 9) (row-major 3 x 3)."""
     k = _check(F)
-    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    F, R = F.detach().contiguous(), R.detach().contiguous()
     n = F.shape[0]
+    N_arg, N = _rows(k, N, F.dtype, (n, 9), "N")
     out = torch.empty_like(F)
-    _launch(k["head_fwd"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), int(mode), _m(k, out)],
-            F.device)
+    _launch(k["head_fwd"], n, [_m(k, F), _m(k, R), N_arg, float(coef), int(mode), _m(k, out)], F.device)
     return out
 
 
 def head_adjoint(F: torch.Tensor, R: torch.Tensor, N: torch.Tensor, coef: float, mode: int, g: torch.Tensor):
     """(d loss / dF, d loss / dR, d loss / dN) of :func:`head_forward` from d loss / d out."""
     k = _check(F)
-    F, R, N = F.detach().contiguous(), R.detach().contiguous(), N.detach().to(F.dtype).contiguous()
+    F, R = F.detach().contiguous(), R.detach().contiguous()
     g = g.to(F.dtype).contiguous()
     n = F.shape[0]
-    gF, gR, gN = torch.empty_like(F), torch.empty_like(F), torch.empty_like(N)
-    _launch(k["head_adj"], n, [_m(k, F), _m(k, R), _view(N, k["s"], (n, 9)), float(coef), int(mode), _m(k, g),
+    N_arg, N = _rows(k, N, F.dtype, (n, 9), "N")
+    gF, gR = torch.empty_like(F), torch.empty_like(F)
+    gN = torch.empty((n, 9), dtype=F.dtype, device=F.device)
+    _launch(k["head_adj"], n, [_m(k, F), _m(k, R), N_arg, float(coef), int(mode), _m(k, g),
                                _m(k, gF), _m(k, gR), _view(gN, k["s"], (n, 9))], F.device)
     return gF, gR, gN

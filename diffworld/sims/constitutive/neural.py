@@ -188,20 +188,26 @@ def invariants(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _NARROW = 16
 
 
-def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` (2-d), contiguous, in the faster of the two operand orders (see :data:`_NARROW`)."""
+def _mm(A: torch.Tensor, B: torch.Tensor, flat: bool = True) -> torch.Tensor:
+    """``A @ B`` (2-d) in the faster of the two operand orders (see :data:`_NARROW`); contiguous
+    with ``flat``, else a narrow result may come as the transpose of a contiguous matrix (copying
+    a thousand such rows costs about as much as the product: the substep stage's kernels read it
+    in place, through its strides)."""
     if B.shape[1] < _NARROW:
-        return torch.mm(B.t(), A.t()).t().contiguous()
+        out = torch.mm(B.t(), A.t()).t()
+        return out.contiguous() if flat else out
     return torch.mm(A, B)
 
 
-def _mlp_forward(weights, x: torch.Tensor, keep: bool = True):
+def _mlp_forward(weights, x: torch.Tensor, keep: bool = True, flat: bool = True):
     """The bias-free GELU MLP ``x (n, k) -> y (n, m)`` with weights ``W_0 .. W_L``; with ``keep``
-    also what :func:`_mlp_backward` needs (each layer's input and pre-activation)."""
+    also what :func:`_mlp_backward` needs (each layer's input and pre-activation); y is contiguous
+    with ``flat``, else possibly a transposed view (:func:`_mm`)."""
     a, saved = x, []
+    last = len(weights) - 1
     for k, W in enumerate(weights):
-        h = _mm(a, W.t())
-        if k < len(weights) - 1:
+        h = _mm(a, W.t(), flat or k < last)
+        if k < last:
             if keep:
                 saved += [a, h]
             a = torch.nn.functional.gelu(h)
@@ -210,9 +216,10 @@ def _mlp_forward(weights, x: torch.Tensor, keep: bool = True):
     return h, saved
 
 
-def _mlp_backward(weights, saved, g: torch.Tensor, need_x: bool, need_w) -> tuple:
+def _mlp_backward(weights, saved, g: torch.Tensor, need_x: bool, need_w, flat: bool = True) -> tuple:
     """(d loss / dx or None, [d loss / dW_k or None]) of :func:`_mlp_forward` from d loss / dy;
-    ``need_w``: which weights' gradients to compute."""
+    ``need_w``: which weights' gradients to compute; d loss / dx is contiguous with ``flat``, else
+    possibly a transposed view (:func:`_mm`)."""
     L = len(weights)
     gw = [None] * L
     gx = None
@@ -223,7 +230,7 @@ def _mlp_backward(weights, saved, g: torch.Tensor, need_x: bool, need_w) -> tupl
             gw[k] = _mm(g.t(), a)
         if k == 0:
             if need_x:
-                gx = _mm(g, weights[0])
+                gx = _mm(g, weights[0], flat)
             break
         g = torch.ops.aten.gelu_backward(_mm(g, weights[k]), saved[2 * k - 1])
     return gx, gw
@@ -485,9 +492,9 @@ class NeuralLaw(TorchLaw):
             w_e = [layer.weight for layer in e.mlp.layers]
             inv_p, inv_e = p._inverse_scale(F), e._inverse_scale(F)
             x_p, R_p, usv_p = invariants_forward(F, inv_p)
-            N_p, mlp_p = _mlp_forward(w_p, x_p, keep)
+            N_p, mlp_p = _mlp_forward(w_p, x_p, keep, flat=False)
             F_new, x_e, R_e, usv_e = stage_mid_forward(F, R_p, N_p, p.alpha, usv_p[2], inv_e)
-            N_e, mlp_e = _mlp_forward(w_e, x_e, keep)
+            N_e, mlp_e = _mlp_forward(w_e, x_e, keep, flat=False)
             tau = head_forward(F_new, R_e, N_e, e.output_scale, HEAD_STRESS)
         saved = None
         if keep:
@@ -507,12 +514,14 @@ class NeuralLaw(TorchLaw):
         F, inv_p, usv_p, R_p, N_p, w_p, mlp_p, alpha, F_new, inv_e, usv_e, R_e, N_e, w_e, mlp_e, coef_e = saved
         with torch.no_grad():
             gF_head, gR_e, gN_e = head_adjoint(F_new, R_e, N_e, coef_e, HEAD_STRESS, g_tau)
-            gx_e, gw_e = _mlp_backward(w_e, mlp_e, gN_e.to(N_e.dtype), True, [w.requires_grad for w in w_e])
+            gx_e, gw_e = _mlp_backward(w_e, mlp_e, gN_e.to(N_e.dtype), True, [w.requires_grad for w in w_e],
+                                       flat=False)
             if g_F_new is None:
                 g_F_new = torch.zeros_like(F_new)
             g_mid, gR_p, gN_p = stage_mid_adjoint(F_new, inv_e, usv_e, gx_e, gR_e, gF_head, g_F_new, R_p, N_p,
                                                   alpha)
-            gx_p, gw_p = _mlp_backward(w_p, mlp_p, gN_p.to(N_p.dtype), True, [w.requires_grad for w in w_p])
+            gx_p, gw_p = _mlp_backward(w_p, mlp_p, gN_p.to(N_p.dtype), True, [w.requires_grad for w in w_p],
+                                       flat=False)
             g_F = g_mid + invariants_adjoint(F, inv_p, usv_p, gx_p, gR_p)
         grads = {id(w): g for w, g in zip(w_p + w_e, gw_p + gw_e) if g is not None}
         return g_F, [grads.get(id(q)) for q in (self.parameters() if params is None else params)]
