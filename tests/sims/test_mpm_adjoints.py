@@ -128,11 +128,11 @@ def test_plasticity_stress_matches_reference_and_its_adjoint_the_automatic_one(l
     _close(hand, auto, names, law)
 
 
-@pytest.mark.parametrize("mode", sorted(K.WALL.values()))
-def test_grid_velocity_walls_adjoint_matches_automatic(mode):
-    """Every node of a box that touches all six walls (bound 3): zero masses, masses below, at and
-    above the floor, velocities into and out of the walls, components exactly 0, friction that
-    stops the tangential motion and friction that only slows it."""
+def _wall_box(mode: int):
+    """A box that touches all six walls (bound 3): zero masses, masses below, at and above the
+    floor, velocities into and out of the walls, components exactly 0, friction that stops the
+    tangential motion and friction that only slows it. Returns (shape, origin, full, bound,
+    min_mass, m (n,), mv (n, 3), gravity, dt, mu)."""
     gen = torch.Generator().manual_seed(10 + mode)
     shape, origin, full, bound = (9, 8, 7), (0, 1, 0), (9, 9, 7), 3
     n = shape[0] * shape[1] * shape[2]
@@ -144,22 +144,51 @@ def test_grid_velocity_walls_adjoint_matches_automatic(mode):
     mv = torch.randn(n, 3, generator=gen, dtype=torch.float64) * m[:, None].clamp_min(min_mass)
     mv[3::7, 1] = 0.0  # v components exactly 0 (with g = 0 along that axis): no hit
     mv[4::9] *= 1e-3  # slow nodes: small normal components
-    gravity, dt, mu = KF["vec3"](0.0, 0.0, -9.8), 1e-3, 0.7
+    return shape, origin, full, bound, min_mass, m, mv, KF["vec3"](0.0, 0.0, -9.8), 1e-3, 0.7
+
+
+@pytest.mark.parametrize("mode", sorted(K.WALL.values()))
+def test_grid_velocity_walls_equals_grid_velocity_then_grid_walls(mode):
+    """The fused flat kernel (one thread per box node, its (i, j, k) from the flat index) against
+    the two 3-d kernels it fuses, bitwise, on a box whose origin is off the grid's corner: a
+    wrong node index would put the walls elsewhere."""
+    shape, origin, full, bound, min_mass, m, mv, gravity, dt, mu = _wall_box(mode)
+    n = m.numel()
+    v3d = lambda t: wp.from_torch(t.reshape(*shape, 3), dtype=KF["vec3"])  # noqa: E731
+    v_mid, v_ref, v = (torch.full((n, 3), float("nan"), dtype=torch.float64) for _ in range(3))
+    wp.launch(KF["grid_velocity"], shape, [v3d(mv), wp.from_torch(m.reshape(shape)), gravity, dt, min_mass],
+              [v3d(v_mid)], device="cpu")
+    wp.launch(KF["grid_walls"], shape, [v3d(v_mid), wp.vec3i(*origin), wp.vec3i(*full), bound, mode, mu],
+              [v3d(v_ref)], device="cpu")
+    wp.launch(KF["grid_velocity_walls"], n, [wp.from_torch(mv, dtype=KF["vec3"]), wp.from_torch(m), gravity, dt,
+                                             min_mass, wp.vec3i(*shape), wp.vec3i(*origin), wp.vec3i(*full), bound,
+                                             mode, mu], [wp.from_torch(v, dtype=KF["vec3"])], device="cpu")
+    assert torch.equal(v, v_ref)
+    changed = (v_ref != v_mid).any(-1)  # the walls acted: on nodes near the faces only
+    assert bool(changed.any())
+
+
+@pytest.mark.parametrize("mode", sorted(K.WALL.values()))
+def test_grid_velocity_walls_adjoint_matches_automatic(mode):
+    """The hand adjoint against Warp's automatic one on every node of :func:`_wall_box`."""
+    shape, origin, full, bound, min_mass, m, mv, gravity, dt, mu = _wall_box(mode)
+    n = m.numel()
+    gen = torch.Generator().manual_seed(20 + mode)
     g_out = torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    v3d = lambda t: wp.from_torch(t.reshape(*shape, 3).contiguous(), dtype=KF["vec3"])  # noqa: E731
-    ins = [v3d(mv), wp.from_torch(m.reshape(shape)), gravity, dt, min_mass, wp.vec3i(*origin), wp.vec3i(*full), bound,
-           mode, mu]
+    v3 = lambda t: wp.from_torch(t, dtype=KF["vec3"])  # noqa: E731
+    ins = [v3(mv), wp.from_torch(m), gravity, dt, min_mass, wp.vec3i(*shape), wp.vec3i(*origin), wp.vec3i(*full),
+           bound, mode, mu]
     out = torch.empty(n, 3, dtype=torch.float64)
     auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    wp.launch(KF["grid_velocity_walls"], shape, ins, [v3d(out)], device="cpu")
-    wp.launch(KF["grid_velocity_walls"], shape, ins, [v3d(out)], device="cpu", adjoint=True,
-              adj_inputs=[v3d(auto_mv), wp.from_torch(auto_m.reshape(shape)), KF["vec3"](), 0.0, 0.0, wp.vec3i(),
+    wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu")
+    wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu", adjoint=True,
+              adj_inputs=[v3(auto_mv), wp.from_torch(auto_m), KF["vec3"](), 0.0, 0.0, wp.vec3i(), wp.vec3i(),
                           wp.vec3i(), 0, 0, 0.0],
-              adj_outputs=[v3d(g_out)])
+              adj_outputs=[v3(g_out)])
     hand_mv, hand_m = torch.full((n, 3), float("nan"), dtype=torch.float64), torch.full((n,), float("nan"),
                                                                                            dtype=torch.float64)
-    wp.launch(KF["grid_velocity_walls_adjoint"], shape, ins + [v3d(g_out), v3d(hand_mv),
-                                                                wp.from_torch(hand_m.reshape(shape))], device="cpu")
+    wp.launch(KF["grid_velocity_walls_adjoint"], n, ins + [v3(g_out), v3(hand_mv), wp.from_torch(hand_m)],
+              device="cpu")
     # the case mix the test claims: nodes on walls, hits with and without clamped friction
     v = out.reshape(*shape, 3)
     assert bool((v == 0).all(-1).any()) and bool((v != 0).all(-1).any())

@@ -713,20 +713,33 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         v = wall(v, origin[2] + k, full[2], 2, bound, mode, mu)
         grid_v_out[i, j, k] = v
 
+    @wp.func
+    def box_node(n: int, dims: wp.vec3i):
+        """(i, j, k) of node ``n`` of a box of ``dims`` nodes stored row-major (torch's layout)."""
+        yz = dims[1] * dims[2]
+        i = n / yz
+        r = n - i * yz
+        j = r / dims[2]
+        return wp.vec3i(i, j, r - j * dims[2])
+
     @wp.kernel
-    def grid_velocity_walls(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3, dt: f,
-                            min_mass: f, origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int, mu: f,
-                            grid_v_out: wp.array3d(dtype=vec3)):
-        # grid_velocity then grid_walls in one pass (a model without colliders): the same arithmetic
-        i, j, k = wp.tid()
-        mass = grid_m[i, j, k]
-        v = vec3(f(0.0))
-        if mass > f(0.0):
-            v = grid_mv[i, j, k] / wp.max(mass, min_mass) + gravity * dt
-        v = wall(v, origin[0] + i, full[0], 0, bound, mode, mu)
-        v = wall(v, origin[1] + j, full[1], 1, bound, mode, mu)
-        v = wall(v, origin[2] + k, full[2], 2, bound, mode, mu)
-        grid_v_out[i, j, k] = v
+    def grid_velocity_walls(grid_mv: wp.array(dtype=vec3), grid_m: wp.array(dtype=f), gravity: vec3, dt: f,
+                            min_mass: f, dims: wp.vec3i, origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int,
+                            mu: f, grid_v_out: wp.array(dtype=vec3)):
+        # grid_velocity then grid_walls in one pass (a model without colliders): the same arithmetic.
+        # One thread per node of the box (dims nodes, flat): a 3-d launch spends ~4 ns a thread on
+        # the CPU in index arithmetic, and most nodes of a particle box are empty, which need none.
+        n = wp.tid()
+        mass = grid_m[n]
+        if not (mass > f(0.0)):  # (also NaN) v = 0, which no wall changes
+            grid_v_out[n] = vec3(f(0.0))
+            return
+        v = grid_mv[n] / wp.max(mass, min_mass) + gravity * dt
+        ijk = box_node(n, dims) + origin
+        v = wall(v, ijk[0], full[0], 0, bound, mode, mu)
+        v = wall(v, ijk[1], full[1], 1, bound, mode, mu)
+        v = wall(v, ijk[2], full[2], 2, bound, mode, mu)
+        grid_v_out[n] = v
 
     @wp.func
     def wall_adjoint(v: vec3, g: vec3, idx: int, n_nodes: int, axis: int, bound: int, mode: int, mu: f):
@@ -757,33 +770,33 @@ def _build(dtype):  # noqa: C901 - one closure holds one precision's kernels
         return out
 
     @wp.kernel
-    def grid_velocity_walls_adjoint(grid_mv: wp.array3d(dtype=vec3), grid_m: wp.array3d(dtype=f), gravity: vec3,
-                                    dt: f, min_mass: f, origin: wp.vec3i, full: wp.vec3i, bound: int, mode: int,
-                                    mu: f, adj_grid_v: wp.array3d(dtype=vec3), adj_grid_mv: wp.array3d(dtype=vec3),
-                                    adj_grid_m: wp.array3d(dtype=f)):
+    def grid_velocity_walls_adjoint(grid_mv: wp.array(dtype=vec3), grid_m: wp.array(dtype=f), gravity: vec3,
+                                    dt: f, min_mass: f, dims: wp.vec3i, origin: wp.vec3i, full: wp.vec3i, bound: int,
+                                    mode: int, mu: f, adj_grid_v: wp.array(dtype=vec3),
+                                    adj_grid_mv: wp.array(dtype=vec3), adj_grid_m: wp.array(dtype=f)):
         # Adjoint of grid_velocity_walls (writes, does not accumulate): the forward's three wall
         # inputs recomputed, then back through the walls and the division. Warp's automatic
         # adjoint of the same kernel costs ~2.4x its forward on CPU; this one about one forward.
-        i, j, k = wp.tid()
-        mass = grid_m[i, j, k]
+        n = wp.tid()
+        mass = grid_m[n]
+        if not (mass > f(0.0)):  # (also NaN) v = 0 does not depend on the inputs
+            adj_grid_mv[n] = vec3(f(0.0))
+            adj_grid_m[n] = f(0.0)
+            return
         M = wp.max(mass, min_mass)
-        mv = grid_mv[i, j, k]
-        v0 = vec3(f(0.0))
-        if mass > f(0.0):
-            v0 = mv / M + gravity * dt
-        v1 = wall(v0, origin[0] + i, full[0], 0, bound, mode, mu)
-        v2 = wall(v1, origin[1] + j, full[1], 1, bound, mode, mu)
-        g = wall_adjoint(v2, adj_grid_v[i, j, k], origin[2] + k, full[2], 2, bound, mode, mu)
-        g = wall_adjoint(v1, g, origin[1] + j, full[1], 1, bound, mode, mu)
-        g = wall_adjoint(v0, g, origin[0] + i, full[0], 0, bound, mode, mu)
-        g_mv = vec3(f(0.0))
+        mv = grid_mv[n]
+        v0 = mv / M + gravity * dt
+        ijk = box_node(n, dims) + origin
+        v1 = wall(v0, ijk[0], full[0], 0, bound, mode, mu)
+        v2 = wall(v1, ijk[1], full[1], 1, bound, mode, mu)
+        g = wall_adjoint(v2, adj_grid_v[n], ijk[2], full[2], 2, bound, mode, mu)
+        g = wall_adjoint(v1, g, ijk[1], full[1], 1, bound, mode, mu)
+        g = wall_adjoint(v0, g, ijk[0], full[0], 0, bound, mode, mu)
         g_m = f(0.0)
-        if mass > f(0.0):
-            g_mv = g / M
-            if mass > min_mass:  # (else M is the floor, a constant)
-                g_m = -wp.dot(g, mv) / (M * M)
-        adj_grid_mv[i, j, k] = g_mv
-        adj_grid_m[i, j, k] = g_m
+        if mass > min_mass:  # (else M is the floor, a constant)
+            g_m = -wp.dot(g, mv) / (M * M)
+        adj_grid_mv[n] = g / M
+        adj_grid_m[n] = g_m
 
     @wp.kernel
     def stress_eval(F: wp.array(dtype=mat33), law: wp.array(dtype=wp.int32), E: wp.array(dtype=f),

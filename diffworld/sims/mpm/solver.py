@@ -620,10 +620,11 @@ class Stepper(TorchLawStages):
             hook = (grid_force, hook_saved)
         gv = torch.empty_like(grid_mv)
         wgm = w(grid_m)
-        if not self.col_args:  # velocity and walls in one launch; grids = [the result]
-            self._run(k["grid_velocity_walls"], box.shape,
-                      [v3(grid_mv), wgm, self.gravity, self.dt, self.min_mass, self._wp.vec3i(*box.origin), self.full,
-                       self.model.grid.bound, self.wall_mode, self.wall_mu], [v3(gv)])
+        if not self.col_args:  # velocity and walls in one launch (flat over the box); grids = [the result]
+            self._run(k["grid_velocity_walls"], grid_m.numel(),
+                      [v3(grid_mv.view(-1, 3)), w(grid_m.view(-1)), self.gravity, self.dt, self.min_mass,
+                       self._wp.vec3i(*box.shape), self._wp.vec3i(*box.origin), self.full, self.model.grid.bound,
+                       self.wall_mode, self.wall_mu], [v3(gv.view(-1, 3))])
             grids = [gv]
             gw = gv
         else:
@@ -726,10 +727,11 @@ class Stepper(TorchLawStages):
         if not self.col_args:  # grid_velocity_walls: one launch, hand adjoint (writes every node)
             adj_grid_m, adj_grid_mv = torch.empty_like(s.grid_m), torch.empty_like(s.grid_mv)
             wagm = w(adj_grid_m)
-            self._run(k["grid_velocity_walls_adjoint"], box.shape,
-                      [v3(s.grid_mv), wgm, self.gravity, self.dt, self.min_mass, self._wp.vec3i(*box.origin),
-                       self.full, self.model.grid.bound, self.wall_mode, self.wall_mu, v3(adj_gv), v3(adj_grid_mv),
-                       wagm])
+            self._run(k["grid_velocity_walls_adjoint"], s.grid_m.numel(),
+                      [v3(s.grid_mv.view(-1, 3)), w(s.grid_m.view(-1)), self.gravity, self.dt, self.min_mass,
+                       self._wp.vec3i(*box.shape), self._wp.vec3i(*box.origin), self.full, self.model.grid.bound,
+                       self.wall_mode, self.wall_mu, v3(adj_gv.view(-1, 3)), v3(adj_grid_mv.view(-1, 3)),
+                       w(adj_grid_m.view(-1))])
         else:
             adj_grid_m, adj_grid_mv = torch.zeros_like(s.grid_m), torch.zeros_like(s.grid_mv)
             wagm = w(adj_grid_m)
