@@ -19,7 +19,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -237,6 +237,10 @@ MIN_CHUNK = 2048
 MIN_LAW_CHUNK = 1024
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _split(n: int, workers: int) -> list[tuple[int, int]]:
     """``workers`` contiguous ranges [a, b) covering 0..n, as even as rounding allows."""
     bounds = [round(n * w / workers) for w in range(workers + 1)]
@@ -410,6 +414,14 @@ class Stepper(TorchLawStages):
         """Warp view of an int32 tensor."""
         return self._view(t, self._wp.int32, t.shape)
 
+    @staticmethod
+    def _cut(a: int, b: int, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Rows [a, b) of the chunk's tensors of ``n`` rows: the tensors themselves when that is
+        all of them (the one-chunk case, where a slice per argument cost ~2 us, ~50 a substep)."""
+        if a == 0 and b == n:
+            return _whole
+        return lambda t: t[a:b]
+
     def _run(self, kernel, dim, inputs, outputs=(), **adjoint) -> None:
         # replay: the substep's launches are many and small (its kernels are concrete, built per
         # precision, and never run on a wp.Tape)
@@ -526,9 +538,9 @@ class Stepper(TorchLawStages):
         tau = torch.empty_like(F)
 
         def run(c, a, b):
-            q = slice(a, b)
-            self._run(k["stress_eval"], b - a, [m33(F[q]), i32(self.law_t[q]), w(E[q]), w(nu[q])],
-                      [m33(tau[q])])
+            cut = self._cut(a, b, F.shape[0])  # (the whole rows: no slice, ~2 us a tensor)
+            self._run(k["stress_eval"], b - a, [m33(cut(F)), i32(cut(self.law_t)), w(cut(E)), w(cut(nu))],
+                      [m33(cut(tau))])
 
         self._parallel(run)
         self._torch_laws_forward(F, pp, tau, step=step)
@@ -545,9 +557,9 @@ class Stepper(TorchLawStages):
         aE, anu = adj.E, adj.nu
 
         def run(c, a, b):
-            q = slice(a, b)
-            self._run(k["stress_adjoint"], b - a, [m33(F[q]), i32(self.law_t[q]), w(E[q]), w(nu[q]),
-                                                    m33(adj_tau[q]), m33(adj_F[q]), w(aE[q]), w(anu[q])])
+            cut = self._cut(a, b, F.shape[0])  # (the whole rows: no slice, ~2 us a tensor)
+            self._run(k["stress_adjoint"], b - a, [m33(cut(F)), i32(cut(self.law_t)), w(cut(E)), w(cut(nu)),
+                                                    m33(cut(adj_tau)), m33(cut(adj_F)), w(cut(aE)), w(cut(anu))])
 
         self._parallel(run)
         self._torch_laws_adjoint(F, pp, None, adj_tau, adj_F, adj_params)
@@ -598,12 +610,12 @@ class Stepper(TorchLawStages):
         m_parts = self._scatter_grids(box, 1)
 
         def to_grid(c, a, b):
-            s = slice(a, b)
+            cut = self._cut(a, b, n)  # (the whole rows: no slice, ~2 us a tensor)
             self._run(k["particle_affine"], b - a,
-                      [m33(F[s]), m33(C[s]), v3(v[s]), m33(tau[s]), i32(act[s]), w(eta[s]), w(rho[s]),
-                       w(vol[s]), self.dt, self.inv_dx],
-                      [m33(A[s]), v3(p[s]), w(m[s])])
-            self._run(k["p2g"], b - a, [v3(x[s]), v3(p[s]), m33(A[s]), w(m[s]), i32(act[s]), blo,
+                      [m33(cut(F)), m33(cut(C)), v3(cut(v)), m33(cut(tau)), i32(cut(act)), w(cut(eta)), w(cut(rho)),
+                       w(cut(vol)), self.dt, self.inv_dx],
+                      [m33(cut(A)), v3(cut(p)), w(cut(m))])
+            self._run(k["p2g"], b - a, [v3(cut(x)), v3(cut(p)), m33(cut(A)), w(cut(m)), i32(cut(act)), blo,
                                          self.dx], [v3(mv_parts[c]), w(m_parts[c])])
 
         self._parallel(to_grid)
@@ -646,12 +658,13 @@ class Stepper(TorchLawStages):
         wgw = v3(gw)
 
         def to_particles(c, a, b):
-            s = slice(a, b)
-            self._run(k["g2p"], b - a, [v3(x[s]), m33(F[s]), i32(act[s]), wgw, blo, self.dx, self.dt],
-                      [v3(x1[s]), v3(v1[s]), m33(C1[s]), m33(Ft[s])])
+            cut = self._cut(a, b, n)  # (the whole rows: no slice, ~2 us a tensor)
+            self._run(k["g2p"], b - a, [v3(cut(x)), m33(cut(F)), i32(cut(act)), wgw, blo, self.dx, self.dt],
+                      [v3(cut(x1)), v3(cut(v1)), m33(cut(C1)), m33(cut(Ft))])
             if not self._law_only:
-                self._run(k["plasticity_stress"], b - a, [m33(Ft[s]), i32(law[s]), w(E[s]), w(nu[s]), w(ys[s]),
-                                                           w(fa[s]), w(tc[s]), w(ts[s])], [m33(F1[s]), m33(tau1[s])])
+                self._run(k["plasticity_stress"], b - a,
+                          [m33(cut(Ft)), i32(cut(law)), w(cut(E)), w(cut(nu)), w(cut(ys)), w(cut(fa)), w(cut(tc)),
+                           w(cut(ts))], [m33(cut(F1)), m33(cut(tau1))])
 
         self._parallel(to_particles)
         law_graphs = self._torch_laws_forward(Ft, pp, tau1, F1, step, keep=keep and bool(self.torch_laws))
@@ -707,18 +720,18 @@ class Stepper(TorchLawStages):
         self._torch_laws_adjoint(s.F_trial, pp, gF, g_tau1, adj_Ft, adj_params, s.law_graphs)
 
         def from_particles(c, a, b):
-            q = slice(a, b)
+            cut = self._cut(a, b, n)  # (the whole rows: no slice, ~2 us a tensor)
             # plastic projection and the stress at F' (hand-written, one SVD)
             if not self._law_only:
                 self._run(k["plasticity_stress_adjoint"], b - a,
-                          [m33(s.F_trial[q]), i32(law[q]), w(E[q]), w(nu[q]), w(ys[q]), w(fa[q]), w(tc[q]),
-                           w(ts[q]), m33(gF[q]), m33(g_tau1[q]), m33(adj_Ft[q]), w(aE[q]), w(anu[q]),
-                           w(ays[q]), w(afa[q]), w(atc[q]), w(ats[q])])
+                          [m33(cut(s.F_trial)), i32(cut(law)), w(cut(E)), w(cut(nu)), w(cut(ys)), w(cut(fa)),
+                           w(cut(tc)), w(cut(ts)), m33(cut(gF)), m33(cut(g_tau1)), m33(cut(adj_Ft)), w(cut(aE)),
+                           w(cut(anu)), w(cut(ays)), w(cut(afa)), w(cut(atc)), w(cut(ats))])
             # g2p (hand-written: a scatter into this chunk's grid)
             self._run(k["g2p_adjoint"], b - a,
-                      [v3(s.x[q]), m33(s.F[q]), i32(act[q]), wgw, m33(s.C_out[q]), blo, self.dx,
-                       self.dt, v3(gx[q]), v3(gv[q]), m33(gC[q]), m33(adj_Ft[q]), v3(adj_x[q]),
-                       m33(adj_F[q]), v3(gv_parts[c])])
+                      [v3(cut(s.x)), m33(cut(s.F)), i32(cut(act)), wgw, m33(cut(s.C_out)), blo, self.dx,
+                       self.dt, v3(cut(gx)), v3(cut(gv)), m33(cut(gC)), m33(cut(adj_Ft)), v3(cut(adj_x)),
+                       m33(cut(adj_F)), v3(gv_parts[c])])
 
         self._parallel(from_particles)
         adj_gv = gv_parts.sum(0) if many else gv_parts[0]
@@ -776,17 +789,17 @@ class Stepper(TorchLawStages):
         wamv = v3(adj_grid_mv)
 
         def from_grid(c, a, b):
-            q = slice(a, b)
+            cut = self._cut(a, b, n)  # (the whole rows: no slice, ~2 us a tensor)
             # p2g (hand-written: a gather)
             self._run(k["p2g_adjoint"], b - a,
-                      [v3(s.x[q]), v3(s.p[q]), m33(s.A[q]), w(s.m[q]), i32(act[q]), blo, self.dx, wamv,
-                       wagm, v3(adj_x[q]), v3(adj_p[q]), m33(adj_A[q]), w(adj_m[q])])
+                      [v3(cut(s.x)), v3(cut(s.p)), m33(cut(s.A)), w(cut(s.m)), i32(cut(act)), blo, self.dx, wamv,
+                       wagm, v3(cut(adj_x)), v3(cut(adj_p)), m33(cut(adj_A)), w(cut(adj_m))])
             # particle affine momentum and stress (hand-written)
             self._run(k["particle_affine_adjoint"], b - a,
-                      [m33(s.F[q]), m33(s.C[q]), v3(s.v[q]), m33(tau[q]), i32(act[q]), w(eta[q]),
-                       w(rho[q]), w(vol[q]), self.dt, self.inv_dx, m33(adj_A[q]), v3(adj_p[q]),
-                       w(adj_m[q]), m33(adj_F[q]), m33(adj_C[q]), v3(adj_v[q]), m33(adj_tau[q]),
-                       w(aeta[q]), w(arho[q]), w(avol[q])])
+                      [m33(cut(s.F)), m33(cut(s.C)), v3(cut(s.v)), m33(cut(tau)), i32(cut(act)), w(cut(eta)),
+                       w(cut(rho)), w(cut(vol)), self.dt, self.inv_dx, m33(cut(adj_A)), v3(cut(adj_p)),
+                       w(cut(adj_m)), m33(cut(adj_F)), m33(cut(adj_C)), v3(cut(adj_v)), m33(cut(adj_tau)),
+                       w(cut(aeta)), w(cut(arho)), w(cut(avol))])
 
         self._parallel(from_grid)
         if rigid_adj is not None:

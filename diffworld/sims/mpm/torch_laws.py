@@ -131,7 +131,8 @@ class TorchLawStages:
         row), except the MLP's matrix products, whose blocking may round differently."""
         bounds = self._row_chunks(F.shape[0])
         with self._law_threads(bounds):
-            parts = self._parallel(lambda w, a, b: stage(F[a:b], keep), bounds)  # (kernels, mm release the GIL)
+            parts = self._parallel(lambda w, a, b: stage(self._cut(a, b, F.shape[0])(F), keep),
+                                   bounds)  # (kernels, mm release the GIL)
         if any(p is None for p in parts):
             return None
         if len(parts) == 1:
@@ -145,10 +146,13 @@ class TorchLawStages:
         the chunks' weight gradients summed in chunk order, so the result is deterministic for a
         given thread count)."""
         bounds = staged.bounds
+
+        def chunk(w, a, b):
+            cut = self._cut(a, b, g_F.shape[0])
+            return law.substep_stage_adjoint(staged.saved[w], cut(g_F).contiguous(), cut(g_tau).contiguous(), own)
+
         with self._law_threads(bounds):
-            parts = self._parallel(
-                lambda w, a, b: law.substep_stage_adjoint(staged.saved[w], g_F[a:b].contiguous(),
-                                                       g_tau[a:b].contiguous(), own), bounds)
+            parts = self._parallel(chunk, bounds)
         if len(parts) == 1:
             return parts[0]
         g_in = torch.cat([p[0] for p in parts])
