@@ -116,7 +116,7 @@ def torch_stream(device: torch.device | str):
     Launching there orders Warp's work with the torch ops around it, also inside a
     ``torch.cuda.stream(...)`` block (Warp's own per-device stream would race with it).
     """
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
     if dev.type != "cuda":
         return None
     wp = init_warp()
@@ -272,58 +272,66 @@ class _DirectCall:
     """A recorded CPU launch's argument structures, kept between replays and passed straight to
     the compiled kernel: ``Launch.launch`` builds them again from every argument at each call
     (~7 us for an MPM kernel's 18 arguments, against ~0.3 us for the call itself). Only the
-    fields of the arguments that changed are set (:meth:`set`).
+    fields of the arguments that changed are set: array descriptors straight into their field
+    (:meth:`put`), other values packed by ``Launch.set_param_at_index`` first (:meth:`copy`). The
+    record's own ``params`` then go stale: a record with a direct call is only ever replayed
+    through it (a graph capture does not replay, see :func:`launch`).
 
     Built from Warp's own structure types (``kernel._invoke_cache``, what ``Launch.launch`` fills);
     :meth:`of` returns None where this Warp version lays them out otherwise, or for a launch that
     ``Launch.launch`` would send elsewhere (tiled CPU kernels), and the replay then calls
     ``Launch.launch``."""
 
-    __slots__ = ("fn", "refs", "structs", "names", "n_fwd", "cmd")
+    __slots__ = ("fn", "refs", "slots", "n_fwd", "cmd")
 
     @classmethod
     def of(cls, cmd) -> "_DirectCall | None":
         try:
-            import warp._src.context as context
             from warp._src.context import _build_cpu_args_structs
 
-            if not _WARP_CONTEXT:
-                _WARP_CONTEXT.append(context)
             if getattr(cmd, "block_dim", 1) > 1 or not cmd.device.is_cpu:
                 return None
             args, adj_args = _build_cpu_args_structs(cmd.kernel, cmd.hooks, cmd.params, cmd.adjoint)
             n_fwd = len(cmd.kernel.adj.args)
             structs = (args,) if adj_args is None else (args, adj_args)
-            names = [name for s in structs for name, _ in type(s)._fields_]
-            if len(names) != len(cmd.params) - 1 or len(type(args)._fields_) != n_fwd:
+            slots = [[(st, name) for name, _ in type(st)._fields_] for st in structs]
+            if sum(map(len, slots)) != len(cmd.params) - 1 or len(slots[0]) != n_fwd:
                 return None
             self = cls()
             self.fn = cmd.hooks.backward if cmd.adjoint else cmd.hooks.forward
-            self.refs = (ctypes.byref(cmd.bounds), *(ctypes.byref(s) for s in structs))
-            self.structs, self.names, self.n_fwd, self.cmd = structs, names, n_fwd, cmd
+            self.refs = (ctypes.byref(cmd.bounds), *(ctypes.byref(st) for st in structs))
+            self.slots = slots if adj_args is not None else [slots[0], []]
+            self.n_fwd, self.cmd = n_fwd, cmd
             return self
         except Exception:  # (another Warp layout: the replay falls back to Launch.launch)
             return None
 
-    def set(self, index: int, adjoint: bool) -> None:
-        """Copy argument ``index`` (of the adjoint half with ``adjoint``) from the recorded launch,
-        where ``set_param_at_index`` has just packed it, into the kept structure."""
-        k = index + self.n_fwd if adjoint else index
-        setattr(self.structs[1 if adjoint else 0], self.names[k], self.cmd.params[1 + k])
+    def put(self, index: int, adjoint: bool, descriptor: ctypes.Structure) -> None:
+        """Set array argument ``index`` (of the adjoint half with ``adjoint``) to ``descriptor``."""
+        st, name = self.slots[adjoint][index]
+        setattr(st, name, descriptor)
 
-    def __call__(self) -> None:
-        if _capturing():  # (a CPU graph capture records launches through Launch.launch)
-            self.cmd.launch()
-        else:
-            self.fn(*self.refs)
+    def copy(self, index: int, adjoint: bool) -> None:
+        """Copy argument ``index`` from the recorded launch, where ``set_param_at_index`` has just
+        packed it (with its type check), into the kept structure."""
+        st, name = self.slots[adjoint][index]
+        setattr(st, name, self.cmd.params[1 + index + (self.n_fwd if adjoint else 0)])
 
 
 def _capturing() -> bool:
-    """Whether a Warp graph capture is recording (``Launch.launch`` then records the launch)."""
-    return getattr(_WARP_CONTEXT[0].runtime, "_apic_capture", None) is not None
+    """Whether a Warp graph capture is recording: launches then go through ``wp.launch``, which
+    records them (a replayed launch would run outside the capture)."""
+    if not _WARP_CONTEXT:
+        try:
+            import warp._src.context as context
+        except ImportError:  # (another Warp layout: replays go through Launch.launch, which records)
+            context = None
+        _WARP_CONTEXT.append(context)
+    ctx = _WARP_CONTEXT[0]
+    return ctx is not None and getattr(ctx.runtime, "_apic_capture", None) is not None
 
 
-_WARP_CONTEXT: list = []  # Warp's context module, set by _DirectCall.of
+_WARP_CONTEXT: list = []  # Warp's context module (None: not found), looked up once
 
 
 _AGAIN = object()  # stands for an argument that is set again at every replay
@@ -402,6 +410,8 @@ def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torc
     stream = torch_stream(device)
     fwd = [*inputs, *outputs]
     adj = [*(adj_inputs or []), *(adj_outputs or [])] if adjoint else []
+    if stream is None and replay and _capturing():
+        replay = False  # (a graph capture records launches made through wp.launch)
     if stream is None and replay:
         key = (kernel, dim if isinstance(dim, int) else tuple(dim), adjoint, threading.get_ident())
         rec = _RECORDED.get(key)
@@ -411,18 +421,22 @@ def launch(kernel, dim: int | Sequence[int], inputs: Sequence[Any], device: torc
                 for i, v in enumerate(values):
                     if v is prev[i]:  # (a descriptor or None again)
                         continue
+                    if isinstance(v, ctypes.Structure):  # an array descriptor (arg_view)
+                        if direct is not None:
+                            direct.put(i, is_adj, v)
+                        else:
+                            cmd.set_param_at_index_from_ctype(i, v, adjoint=is_adj)
+                        prev[i] = v
+                        continue
                     memo = _kept(v)
                     if memo is not _AGAIN and _same(memo, prev[i]):
                         continue
-                    if isinstance(v, ctypes.Structure):  # an array descriptor (arg_view)
-                        cmd.set_param_at_index_from_ctype(i, v, adjoint=is_adj)
-                    else:
-                        cmd.set_param_at_index(i, v, adjoint=is_adj)
+                    cmd.set_param_at_index(i, v, adjoint=is_adj)
                     if direct is not None:
-                        direct.set(i, is_adj)
+                        direct.copy(i, is_adj)
                     prev[i] = memo
             if direct is not None:
-                direct()
+                direct.fn(*direct.refs)
             else:
                 cmd.launch()
             return

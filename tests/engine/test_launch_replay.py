@@ -227,3 +227,28 @@ def test_arg_view_misses_reuse_the_layout_checks_but_not_the_address():
         assert torch.equal(y, t)
     with pytest.raises(ValueError, match="float32 tensor cannot be viewed as vec3d"):
         arg_view(torch.zeros(6, 3), wp.vec3d, (6,))
+
+
+@wp.kernel
+def _plus_one(x: wp.array(dtype=wp.float32), y: wp.array(dtype=wp.float32)):
+    i = wp.tid()
+    y[i] = x[i] + 1.0
+
+
+def test_a_graph_capture_records_replayed_launches():
+    """Under a Warp CPU graph capture a replay=True launch goes through wp.launch, so the graph
+    holds it (a direct call would run once, outside the graph, and the graph would be empty)."""
+    x = wp.array([1.0, 2.0, 3.0], dtype=wp.float32, device="cpu")
+    y = wp.zeros(3, dtype=wp.float32, device="cpu")
+    for _ in range(2):  # a record with its direct call exists
+        launch(_plus_one, 3, [x], "cpu", [y], replay=True)
+    wp.capture_begin(device="cpu")
+    try:
+        launch(_plus_one, 3, [y], "cpu", [x], replay=True)
+    finally:
+        graph = wp.capture_end(device="cpu")
+    x.fill_(-5.0)
+    wp.capture_launch(graph)
+    assert x.numpy().tolist() == [3.0, 4.0, 5.0]
+    launch(_plus_one, 3, [x], "cpu", [y], replay=True)  # and replays go on after the capture
+    assert y.numpy().tolist() == [4.0, 5.0, 6.0]
