@@ -25,9 +25,9 @@ rounds' baseline / ours.
 
 Usage::
 
-    python benchmarks/nclaw.py [--steps 50] [--rounds 5] [--quick] [--baseline-threads 2]
+    python benchmarks/nclaw.py [--steps 50] [--rounds 15] [--quick] [--baseline-threads 2]
 
-Runtime on a 2-core CPU: about two minutes (``--quick``: 1k and 10k only, half a minute).
+Runtime on a 2-core CPU: about two and a half minutes (``--quick``: 1k and 10k only, under a minute).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--baseline-threads", type=int, default=1,
                     help="torch threads while the baseline runs (ours always runs torch on one thread; the "
                          "solver's own CPU threads serve both)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each times both sides once, in turn)")
+    ap.add_argument("--rounds", type=int, default=15, help="timed rounds (each times both sides once, in turn)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     init_warp()
