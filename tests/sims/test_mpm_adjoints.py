@@ -154,7 +154,7 @@ def test_grid_velocity_walls_equals_grid_velocity_then_grid_walls(mode):
     wrong node index would put the walls elsewhere."""
     shape, origin, full, bound, min_mass, m, mv, gravity, dt, mu = _wall_box(mode)
     n = m.numel()
-    v3d = lambda t: wp.from_torch(t.reshape(*shape, 3), dtype=KF["vec3"])  # noqa: E731
+    v3d = lambda t: wp.from_torch(t.reshape(*shape, 3), dtype=KF["vec3"])  # noqa: E731  (shape: late-bound)
     v_mid, v_ref, v = (torch.full((n, 3), float("nan"), dtype=torch.float64) for _ in range(3))
     wp.launch(KF["grid_velocity"], shape, [v3d(mv), wp.from_torch(m.reshape(shape)), gravity, dt, min_mass],
               [v3d(v_mid)], device="cpu")
@@ -166,6 +166,32 @@ def test_grid_velocity_walls_equals_grid_velocity_then_grid_walls(mode):
     assert torch.equal(v, v_ref)
     changed = (v_ref != v_mid).any(-1)  # the walls acted: on nodes near the faces only
     assert bool(changed.any())
+    # random boxes: shapes down to one node thick, origins anywhere in the grid, empty, NaN and
+    # tiny masses, exactly zero momenta (bitwise, NaN masses give v = 0 in both)
+    gen = torch.Generator().manual_seed(30 + mode)
+    for _ in range(40):
+        shape = tuple(int(d) for d in torch.randint(1, 9, (3,), generator=gen))
+        full = tuple(d + int(torch.randint(0, 6, (1,), generator=gen)) for d in shape)
+        origin = tuple(int(torch.randint(0, f - d + 1, (1,), generator=gen)) for d, f in zip(shape, full))
+        n = shape[0] * shape[1] * shape[2]
+        m = torch.rand(n, generator=gen, dtype=torch.float64)
+        pick = torch.rand(n, generator=gen)
+        m[pick < 0.4] = 0.0
+        m[(pick >= 0.4) & (pick < 0.45)] = float("nan")
+        m[(pick >= 0.45) & (pick < 0.5)] = 0.1 * min_mass
+        mv = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        mv[torch.rand(n, 3, generator=gen) < 0.1] = 0.0
+        bound_r = int(torch.randint(0, 4, (1,), generator=gen))
+        v_mid, v_ref, v = (torch.full((n, 3), float("nan"), dtype=torch.float64) for _ in range(3))
+        wp.launch(KF["grid_velocity"], shape, [v3d(mv), wp.from_torch(m.reshape(shape)), gravity, dt, min_mass],
+                  [v3d(v_mid)], device="cpu")
+        wp.launch(KF["grid_walls"], shape, [v3d(v_mid), wp.vec3i(*origin), wp.vec3i(*full), bound_r, mode, mu],
+                  [v3d(v_ref)], device="cpu")
+        wp.launch(KF["grid_velocity_walls"], n, [wp.from_torch(mv, dtype=KF["vec3"]), wp.from_torch(m), gravity,
+                                                 dt, min_mass, wp.vec3i(*shape), wp.vec3i(*origin), wp.vec3i(*full),
+                                                 bound_r, mode, mu], [wp.from_torch(v, dtype=KF["vec3"])],
+                  device="cpu")
+        assert torch.equal(v, v_ref), (shape, origin, full, bound_r)
 
 
 @pytest.mark.parametrize("mode", sorted(K.WALL.values()))
@@ -193,3 +219,28 @@ def test_grid_velocity_walls_adjoint_matches_automatic(mode):
     v = out.reshape(*shape, 3)
     assert bool((v == 0).all(-1).any()) and bool((v != 0).all(-1).any())
     _close({"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}, ["mv", "m"], f"grid_velocity_walls mode {mode}")
+    # random boxes anywhere in a grid, one node thick and up, with empty and tiny masses
+    for _ in range(20):
+        shape = tuple(int(d) for d in torch.randint(1, 8, (3,), generator=gen))
+        full = tuple(d + int(torch.randint(0, 5, (1,), generator=gen)) for d in shape)
+        origin = wp.vec3i(*(int(torch.randint(0, f - d + 1, (1,), generator=gen)) for d, f in zip(shape, full)))
+        n = shape[0] * shape[1] * shape[2]
+        m = torch.rand(n, generator=gen, dtype=torch.float64)
+        m[torch.rand(n, generator=gen) < 0.4] = 0.0
+        m[torch.rand(n, generator=gen) < 0.05] = 0.2 * min_mass
+        mv = torch.randn(n, 3, generator=gen, dtype=torch.float64) * m[:, None].clamp_min(min_mass)
+        g_out = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        ins = [v3(mv), wp.from_torch(m), gravity, dt, min_mass, wp.vec3i(*shape), origin, wp.vec3i(*full), bound, mode,
+               mu]
+        out = torch.empty(n, 3, dtype=torch.float64)
+        auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu", adjoint=True,
+                  adj_inputs=[v3(auto_mv), wp.from_torch(auto_m), KF["vec3"](), 0.0, 0.0, wp.vec3i(), wp.vec3i(),
+                              wp.vec3i(), 0, 0, 0.0],
+                  adj_outputs=[v3(g_out)])
+        hand_mv, hand_m = torch.full((n, 3), float("nan"), dtype=torch.float64), torch.full((n,), float("nan"),
+                                                                                               dtype=torch.float64)
+        wp.launch(KF["grid_velocity_walls_adjoint"], n, ins + [v3(g_out), v3(hand_mv), wp.from_torch(hand_m)],
+                  device="cpu")
+        _close({"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}, ["mv", "m"],
+               f"grid_velocity_walls mode {mode}, box {shape} at {tuple(origin)} of {full}")
