@@ -206,6 +206,19 @@ def test_strided_arg_view_reads_transposed_and_sliced_matrices_in_place():
             launch(_read2d, tuple(view.shape), [strided_arg_view(view, wp.float32)], "cpu",
                    [arg_view(out, wp.float32, tuple(out.shape))], replay=True)
             assert torch.equal(out, view * 2.0)
+    # random views: transposes, column and row slices, row steps, of random sizes (one row or
+    # column included)
+    for _ in range(200):
+        rows, cols = (int(d) for d in torch.randint(1, 30, (2,), generator=g))
+        big = torch.randn(rows * 3 + 2, cols * 2 + 3, generator=g)
+        pick = int(torch.randint(0, 4, (1,), generator=g))
+        a0, b0 = (int(d) for d in torch.randint(0, 3, (2,), generator=g))
+        view = (big[a0:a0 + rows, b0:b0 + cols], big[a0:a0 + 2 * rows:2, b0:b0 + cols],
+                big.t()[b0:b0 + cols, a0:a0 + rows], big[a0:a0 + 3 * rows:3, b0:b0 + 2 * cols:2])[pick]
+        out = torch.empty(view.shape)
+        launch(_read2d, tuple(view.shape), [strided_arg_view(view, wp.float32)], "cpu",
+               [arg_view(out, wp.float32, tuple(out.shape))], replay=True)
+        assert torch.equal(out, view * 2.0), (pick, tuple(view.shape), view.stride())
     with pytest.raises(ValueError, match="strided_arg_view: expected a tensor of float32 scalars"):
         strided_arg_view(torch.zeros(4, 9, dtype=torch.float64), wp.float32)
     with pytest.raises(ValueError, match="strided_arg_view: expected a Warp scalar type"):
