@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from diffworld.sims.mpm.solver import LawBinding, ParticleParams
+    from diffworld.sims.mpm.model import LawBinding, ParticleParams
 
 __all__ = ["MIN_LAW_ROWS_PER_THREAD", "TorchLawStages"]
 
