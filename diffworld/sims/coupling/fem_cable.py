@@ -52,16 +52,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
-import warp as wp
 
-from diffworld.engine.bridge import launch
 from diffworld.engine.rollout import checkpointed_rollout
-from diffworld.engine.runtime import init_warp
 from diffworld.sims.cable.model import Control as RopeControl
 from diffworld.sims.cable.model import Model as RopeModel
 from diffworld.sims.cable.model import State as RopeState
 from diffworld.sims.cable.rollout import check_ground_dt, rope_params
 from diffworld.sims.cable.solver import RopeStepper
+from diffworld.sims.coupling.gel_bvh import GelBvh
 from diffworld.geometry.triangles import SurfaceTopology, closest_point_on_triangle
 from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
 from diffworld.sims.fem.model import Control as FemControl
@@ -75,52 +73,14 @@ __all__ = ["CONTACT_PARAMS", "CableCoupling", "CableGel", "CoupledState", "FemCa
            "GelRopeForces", "closest_faces", "closest_point_on_triangle", "contact_stable_dt", "fem_cable_rollout",
            "gel_rope_forces"]
 
-init_warp()
-
 CONTACT_PARAMS = ("k_n", "k_d", "k_t", "mu", "eps_v")
-
-
-@wp.kernel(enable_backward=False)
-def _closest_face(mesh: wp.uint64, points: wp.array(dtype=wp.vec3f), max_dist: float,
-                  face: wp.array(dtype=wp.int32)):
-    i = wp.tid()
-    q = wp.mesh_query_point_no_sign(mesh, points[i], max_dist)
-    if q.result:
-        face[i] = q.face
-    else:
-        face[i] = -1
-
-
-class _Bvh:
-    """A Warp BVH over one gel's contact triangles, refit to the gel's positions before each query."""
-
-    def __init__(self, faces: torch.Tensor, n_nodes: int, device: torch.device) -> None:
-        self.device = device
-        self.points = torch.zeros((n_nodes, 3), dtype=torch.float32, device=device)
-        self.indices = faces.to(device=device, dtype=torch.int32).reshape(-1).contiguous()
-        self.mesh = None
-
-    def closest_faces(self, x_gel: torch.Tensor, points: torch.Tensor, max_dist: float) -> torch.Tensor:
-        """Closest triangle of each point (K,) int64 (row of the face list), -1 beyond ``max_dist``."""
-        # not differentiated: refitting the one buffer in place is safe
-        self.points.copy_(x_gel.detach())
-        if self.mesh is None:
-            self.mesh = wp.Mesh(points=wp.from_torch(self.points, dtype=wp.vec3f),
-                                indices=wp.from_torch(self.indices, dtype=wp.int32))
-        else:
-            self.mesh.refit()
-        q = points.detach().to(torch.float32).contiguous()
-        out = torch.empty(q.shape[0], dtype=torch.int32, device=self.device)
-        launch(_closest_face, q.shape[0], [self.mesh.id, wp.from_torch(q, dtype=wp.vec3f), float(max_dist),
-                                            wp.from_torch(out, dtype=wp.int32)], self.device)
-        return out.to(torch.int64)
 
 
 def closest_faces(x_gel: torch.Tensor, faces: torch.Tensor, points: torch.Tensor, max_dist: float) -> torch.Tensor:
     """The closest of ``faces`` (F, 3) on a gel at ``x_gel`` (N_g, 3) [m] to each of ``points``
     (K, 3) [m], by a Warp BVH: (K,) int64 rows of ``faces``, -1 where none is within ``max_dist``
     [m]. Not differentiable (a discrete choice)."""
-    return _Bvh(faces, x_gel.shape[0], x_gel.device).closest_faces(x_gel, points, max_dist)
+    return GelBvh(faces, x_gel.shape[0], x_gel.device).query(x_gel, points, max_dist)
 
 
 class GelRopeForces(NamedTuple):
@@ -265,7 +225,7 @@ class FemCableSimulator:
         r = rope.model.radius
         self.query = (coupling.query_distance if coupling.query_distance is not None else
                       2 * r + 20 * coupling.params.penetration_width)
-        self.bvh = [_Bvh(f, s.model.n_nodes, rope.device) for f, s in zip(self.faces, self.gels)]
+        self.bvh = [GelBvh(f, s.model.n_nodes, rope.device) for f, s in zip(self.faces, self.gels)]
         self.topology = [SurfaceTopology(f) for f in self.faces]
         self.row_off = [0]
         for w in gel_widths:
@@ -291,7 +251,7 @@ class FemCableSimulator:
         g = len(self.gels)
         gp, rp, cp = self._split(params)
         xr = state[2 * g]
-        face_ids = [self.bvh[i].closest_faces(state[2 * i], xr, self.query) for i in range(g)]
+        face_ids = [self.bvh[i].query(state[2 * i], xr, self.query) for i in range(g)]
         with torch.no_grad():
             contact = self.forces(state, cp, face_ids)
         self.penetration[index] = torch.stack([c.penetration.max() if c.penetration.numel() else

@@ -75,12 +75,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import warp as wp
 
-from diffworld.engine.bridge import launch, on_torch_stream, to_warp
 from diffworld.engine.rollout import checkpointed_rollout
-from diffworld.engine.runtime import init_warp
 from diffworld.sims.common.colliders import COLLIDER_STATE
+from diffworld.sims.coupling.gel_bvh import GelBvh
 from diffworld.sims.fem import model as fem_model
 from diffworld.geometry.triangles import SurfaceTopology, closest_point_on_triangle
 from diffworld.sims.fem.contact import ContactParams, smooth_min, softplus_ramp
@@ -95,24 +93,12 @@ from diffworld.sims.mpm.solver import Stepper as MpmStepper
 __all__ = ["CONTACT_PARAMS", "CoupledRollout", "Gel", "coupled_rollout", "contact_stable_dt", "gel_surface_distance",
            "particle_stiffness_ratio"]
 
-init_warp()
-
 # Contact parameters that travel as differentiable rollout parameters (one 0-d tensor each, per gel).
 CONTACT_PARAMS = ("k_n", "k_d", "k_t", "mu", "eps_v")
 # FEM step parameters per gel (diffworld.sims.fem.solver.STEP_PARAMS order).
 _GEL_PARAMS = ("E", "nu", "density", "damping", "gravity")
 # The explicit penalty limit 2 / omega is scaled by this, as the FEM's CFL.
 CONTACT_CFL = 0.9
-
-
-@wp.kernel(enable_backward=False)
-def _closest_face(mesh: wp.uint64, points: wp.array(dtype=wp.vec3), max_dist: float, face: wp.array(dtype=wp.int32)):
-    i = wp.tid()
-    q = wp.mesh_query_point_no_sign(mesh, points[i], max_dist)
-    if q.result:
-        face[i] = q.face
-    else:
-        face[i] = -1
 
 
 @dataclass
@@ -195,78 +181,6 @@ def _pair_forces(p, v_node, weight, x_gel, v_gel, tri, cp: Sequence[torch.Tensor
     f = weight.unsqueeze(-1) * (fn.unsqueeze(-1) * n - (ft / s).unsqueeze(-1) * v_t)
     gel = torch.zeros_like(x_gel).index_add(0, tri.reshape(-1), (-bary.unsqueeze(-1) * f.unsqueeze(1)).reshape(-1, 3))
     return _PairForces(f, gel, d)
-
-
-def _one_rings(faces: torch.Tensor) -> torch.Tensor:
-    """For every face, the faces that share a vertex with it (itself included), (F, R) int64,
-    rows padded with the face itself."""
-    n_f = faces.shape[0]
-    fid = torch.arange(n_f, device=faces.device).repeat_interleave(3)
-    vert = faces.reshape(-1)
-    # pairs (face, other face) through each shared vertex
-    order = torch.argsort(vert, stable=True)
-    v_sorted, f_sorted = vert[order], fid[order]
-    _, counts = torch.unique_consecutive(v_sorted, return_counts=True)
-    rings: list[set] = [set() for _ in range(n_f)]
-    for group in f_sorted.split(counts.tolist()):
-        g = group.tolist()
-        for a in g:
-            rings[a].update(g)
-    width = max(len(r) for r in rings)
-    out = torch.arange(n_f, device=faces.device)[:, None].repeat(1, width)
-    for i, r in enumerate(rings):
-        out[i, :len(r)] = torch.tensor(sorted(r), device=faces.device)
-    return out
-
-
-class _Bvh:
-    """A Warp BVH over one gel's triangles, refit to new positions before each query.
-
-    The BVH works in float32; its answer is refined in the model's dtype over the one-ring of the
-    face it returns. Without that, near a fold between two triangles the float32 query picks
-    the farther one about 1e-7 relative of the coordinates too often, a jump in the distance that
-    float64 finite differences see; with it the distance is the exact minimum over the
-    candidates (continuous)."""
-
-    def __init__(self, faces: torch.Tensor, n_nodes: int, device: torch.device) -> None:
-        self.device = device
-        self.faces = faces.to(device)
-        self.rings = _one_rings(self.faces)
-        self.points = torch.zeros((n_nodes, 3), dtype=torch.float32, device=device)
-        self.indices = faces.to(device=device, dtype=torch.int32).reshape(-1).contiguous()
-        self.mesh = None
-
-    def faces_of(self, x_gel: torch.Tensor, points: torch.Tensor, max_dist: float) -> torch.Tensor:
-        """Closest triangle id of each point (K,) int64, -1 beyond ``max_dist`` [m]."""
-        f = self._query(x_gel, points, max_dist)
-        rows = (f >= 0).nonzero()[:, 0]
-        if rows.numel():
-            with torch.no_grad():
-                cand = self.rings[f[rows]]  # (k, R)
-                tri = self.faces[cand]  # (k, R, 3)
-                p = points[rows].detach().unsqueeze(1).expand(-1, cand.shape[1], -1)
-                xg = x_gel.detach()
-                _, _, bary = closest_point_on_triangle(p.reshape(-1, 3), *(xg[tri[..., j].reshape(-1)] for j in range(3)))
-                c = (bary.unsqueeze(-1) * xg[tri.reshape(-1, 3)]).sum(1)
-                dist = ((p.reshape(-1, 3) - c) ** 2).sum(-1).reshape(cand.shape)
-                f = f.clone()
-                f[rows] = cand.gather(1, dist.argmin(1, keepdim=True))[:, 0]
-        return f
-
-    def _query(self, x_gel: torch.Tensor, points: torch.Tensor, max_dist: float) -> torch.Tensor:
-        # nothing recorded reads these buffers (the query is not differentiated), so refitting in
-        # place is safe
-        self.points.copy_(x_gel.detach())
-        with on_torch_stream(self.device):
-            if self.mesh is None:
-                self.mesh = wp.Mesh(points=to_warp(self.points, dtype=wp.vec3), indices=to_warp(self.indices))
-            else:
-                self.mesh.refit()
-        q = points.detach().to(torch.float32).contiguous()
-        out = torch.empty(q.shape[0], dtype=torch.int32, device=self.device)
-        launch(_closest_face, q.shape[0], [self.mesh.id, to_warp(q, dtype=wp.vec3), float(max_dist),
-                                            to_warp(out)], self.device)
-        return out.to(torch.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +294,7 @@ class _CoupledSim:
         self.mpm = mpm_stepper
         self.fem = fem_steppers
         self.faces = faces
-        self.bvh = [_Bvh(f, g.model.n_nodes, g.model.device) for f, g in zip(faces, gels)]
+        self.bvh = [GelBvh(f, g.model.n_nodes, g.model.device) for f, g in zip(faces, gels)]
         self.topology = [SurfaceTopology(f.to(g.model.device)) for f, g in zip(faces, gels)]
         self.laws = [g.contact for g in gels]
         model = mpm_stepper.model
@@ -577,7 +491,7 @@ def gel_surface_distance(gel: Gel, x_gel: torch.Tensor, points: torch.Tensor, ma
     (negative inside the gel; ``+max_dist`` where no triangle is within ``max_dist``). Differentiable
     in the positions (same closest-point computation as the coupling)."""
     faces = _faces("gel", gel)
-    f = _Bvh(faces, gel.model.n_nodes, x_gel.device).faces_of(x_gel, points, max_dist)
+    f = GelBvh(faces, gel.model.n_nodes, x_gel.device).faces_of(x_gel, points, max_dist)
     out = torch.full((points.shape[0],), float(max_dist), dtype=points.dtype, device=points.device)
     rows = (f >= 0).nonzero()[:, 0]
     if rows.numel():
