@@ -194,6 +194,23 @@ def test_grid_velocity_walls_equals_grid_velocity_then_grid_walls(mode):
         assert torch.equal(v, v_ref), (shape, origin, full, bound_r)
 
 
+def _walls_adjoints(ins: list, g_out: torch.Tensor) -> tuple[dict, dict]:
+    """(hand, auto): d loss / d (grid_mv, grid_m) of grid_velocity_walls on the flat launch
+    arguments ``ins`` from d loss / dv ``g_out`` (n, 3), by the hand-written adjoint kernel and by
+    Warp's automatic adjoint of the forward kernel."""
+    n = g_out.shape[0]
+    v3 = lambda t: wp.from_torch(t, dtype=KF["vec3"])  # noqa: E731
+    auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    wp.launch(KF["grid_velocity_walls"], n, ins, [v3(torch.empty(n, 3, dtype=torch.float64))], device="cpu",
+              adjoint=True, adj_inputs=[v3(auto_mv), wp.from_torch(auto_m), KF["vec3"](), 0.0, 0.0, wp.vec3i(),
+                                        wp.vec3i(), wp.vec3i(), 0, 0, 0.0], adj_outputs=[v3(g_out)])
+    hand_mv = torch.full((n, 3), float("nan"), dtype=torch.float64)
+    hand_m = torch.full((n,), float("nan"), dtype=torch.float64)
+    wp.launch(KF["grid_velocity_walls_adjoint"], n, ins + [v3(g_out), v3(hand_mv), wp.from_torch(hand_m)],
+              device="cpu")
+    return {"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}
+
+
 @pytest.mark.parametrize("mode", sorted(K.WALL.values()))
 def test_grid_velocity_walls_adjoint_matches_automatic(mode):
     """The hand adjoint against Warp's automatic one on every node of :func:`_wall_box`."""
@@ -205,20 +222,12 @@ def test_grid_velocity_walls_adjoint_matches_automatic(mode):
     ins = [v3(mv), wp.from_torch(m), gravity, dt, min_mass, wp.vec3i(*shape), wp.vec3i(*origin), wp.vec3i(*full),
            bound, mode, mu]
     out = torch.empty(n, 3, dtype=torch.float64)
-    auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu")
-    wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu", adjoint=True,
-              adj_inputs=[v3(auto_mv), wp.from_torch(auto_m), KF["vec3"](), 0.0, 0.0, wp.vec3i(), wp.vec3i(),
-                          wp.vec3i(), 0, 0, 0.0],
-              adj_outputs=[v3(g_out)])
-    hand_mv, hand_m = torch.full((n, 3), float("nan"), dtype=torch.float64), torch.full((n,), float("nan"),
-                                                                                           dtype=torch.float64)
-    wp.launch(KF["grid_velocity_walls_adjoint"], n, ins + [v3(g_out), v3(hand_mv), wp.from_torch(hand_m)],
-              device="cpu")
     # the case mix the test claims: nodes on walls, hits with and without clamped friction
     v = out.reshape(*shape, 3)
     assert bool((v == 0).all(-1).any()) and bool((v != 0).all(-1).any())
-    _close({"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}, ["mv", "m"], f"grid_velocity_walls mode {mode}")
+    hand, auto = _walls_adjoints(ins, g_out)
+    _close(hand, auto, ["mv", "m"], f"grid_velocity_walls mode {mode}")
     # random boxes anywhere in a grid, one node thick and up, with empty and tiny masses
     for _ in range(20):
         shape = tuple(int(d) for d in torch.randint(1, 8, (3,), generator=gen))
@@ -232,15 +241,5 @@ def test_grid_velocity_walls_adjoint_matches_automatic(mode):
         g_out = torch.randn(n, 3, generator=gen, dtype=torch.float64)
         ins = [v3(mv), wp.from_torch(m), gravity, dt, min_mass, wp.vec3i(*shape), origin, wp.vec3i(*full), bound, mode,
                mu]
-        out = torch.empty(n, 3, dtype=torch.float64)
-        auto_mv, auto_m = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        wp.launch(KF["grid_velocity_walls"], n, ins, [v3(out)], device="cpu", adjoint=True,
-                  adj_inputs=[v3(auto_mv), wp.from_torch(auto_m), KF["vec3"](), 0.0, 0.0, wp.vec3i(), wp.vec3i(),
-                              wp.vec3i(), 0, 0, 0.0],
-                  adj_outputs=[v3(g_out)])
-        hand_mv, hand_m = torch.full((n, 3), float("nan"), dtype=torch.float64), torch.full((n,), float("nan"),
-                                                                                               dtype=torch.float64)
-        wp.launch(KF["grid_velocity_walls_adjoint"], n, ins + [v3(g_out), v3(hand_mv), wp.from_torch(hand_m)],
-                  device="cpu")
-        _close({"mv": hand_mv, "m": hand_m}, {"mv": auto_mv, "m": auto_m}, ["mv", "m"],
-               f"grid_velocity_walls mode {mode}, box {shape} at {tuple(origin)} of {full}")
+        hand, auto = _walls_adjoints(ins, g_out)
+        _close(hand, auto, ["mv", "m"], f"grid_velocity_walls mode {mode}, box {shape} at {tuple(origin)} of {full}")
